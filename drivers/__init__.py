@@ -1,0 +1,1 @@
+"""Hardware: Dynamixel arm buses, RealSense cameras, teleop; drivers/sim stands in below them."""

@@ -1,0 +1,1 @@
+"""What the edge and the centre share: config, the unified policy, versions, registry, CLI."""

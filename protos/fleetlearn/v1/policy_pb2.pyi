@@ -1,0 +1,93 @@
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from typing import ClassVar as _ClassVar, Optional as _Optional
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class WatchRequest(_message.Message):
+    __slots__ = ("cell_id", "current_version", "token")
+    CELL_ID_FIELD_NUMBER: _ClassVar[int]
+    CURRENT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    cell_id: str
+    current_version: str
+    token: str
+    def __init__(self, cell_id: _Optional[str] = ..., current_version: _Optional[str] = ..., token: _Optional[str] = ...) -> None: ...
+
+class Assignment(_message.Message):
+    __slots__ = ("version_id", "manifest_json", "size_bytes", "sha256", "signature", "published_at")
+    VERSION_ID_FIELD_NUMBER: _ClassVar[int]
+    MANIFEST_JSON_FIELD_NUMBER: _ClassVar[int]
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    PUBLISHED_AT_FIELD_NUMBER: _ClassVar[int]
+    version_id: str
+    manifest_json: str
+    size_bytes: int
+    sha256: str
+    signature: str
+    published_at: float
+    def __init__(self, version_id: _Optional[str] = ..., manifest_json: _Optional[str] = ..., size_bytes: _Optional[int] = ..., sha256: _Optional[str] = ..., signature: _Optional[str] = ..., published_at: _Optional[float] = ...) -> None: ...
+
+class FetchRequest(_message.Message):
+    __slots__ = ("cell_id", "version_id", "offset", "chunk_bytes", "token")
+    CELL_ID_FIELD_NUMBER: _ClassVar[int]
+    VERSION_ID_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    cell_id: str
+    version_id: str
+    offset: int
+    chunk_bytes: int
+    token: str
+    def __init__(self, cell_id: _Optional[str] = ..., version_id: _Optional[str] = ..., offset: _Optional[int] = ..., chunk_bytes: _Optional[int] = ..., token: _Optional[str] = ...) -> None: ...
+
+class WeightsChunk(_message.Message):
+    __slots__ = ("offset", "data", "total_bytes")
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    offset: int
+    data: bytes
+    total_bytes: int
+    def __init__(self, offset: _Optional[int] = ..., data: _Optional[bytes] = ..., total_bytes: _Optional[int] = ...) -> None: ...
+
+class Heartbeat(_message.Message):
+    __slots__ = ("cell_id", "version_running", "task", "episodes", "steps_recorded", "steps_acked", "loop_hz", "late_ticks", "last_fault", "sent_at", "versions_adopted_json", "successes", "interventions", "token")
+    CELL_ID_FIELD_NUMBER: _ClassVar[int]
+    VERSION_RUNNING_FIELD_NUMBER: _ClassVar[int]
+    TASK_FIELD_NUMBER: _ClassVar[int]
+    EPISODES_FIELD_NUMBER: _ClassVar[int]
+    STEPS_RECORDED_FIELD_NUMBER: _ClassVar[int]
+    STEPS_ACKED_FIELD_NUMBER: _ClassVar[int]
+    LOOP_HZ_FIELD_NUMBER: _ClassVar[int]
+    LATE_TICKS_FIELD_NUMBER: _ClassVar[int]
+    LAST_FAULT_FIELD_NUMBER: _ClassVar[int]
+    SENT_AT_FIELD_NUMBER: _ClassVar[int]
+    VERSIONS_ADOPTED_JSON_FIELD_NUMBER: _ClassVar[int]
+    SUCCESSES_FIELD_NUMBER: _ClassVar[int]
+    INTERVENTIONS_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    cell_id: str
+    version_running: str
+    task: str
+    episodes: int
+    steps_recorded: int
+    steps_acked: int
+    loop_hz: float
+    late_ticks: int
+    last_fault: str
+    sent_at: float
+    versions_adopted_json: str
+    successes: int
+    interventions: int
+    token: str
+    def __init__(self, cell_id: _Optional[str] = ..., version_running: _Optional[str] = ..., task: _Optional[str] = ..., episodes: _Optional[int] = ..., steps_recorded: _Optional[int] = ..., steps_acked: _Optional[int] = ..., loop_hz: _Optional[float] = ..., late_ticks: _Optional[int] = ..., last_fault: _Optional[str] = ..., sent_at: _Optional[float] = ..., versions_adopted_json: _Optional[str] = ..., successes: _Optional[int] = ..., interventions: _Optional[int] = ..., token: _Optional[str] = ...) -> None: ...
+
+class HeartbeatReply(_message.Message):
+    __slots__ = ("server_time",)
+    SERVER_TIME_FIELD_NUMBER: _ClassVar[int]
+    server_time: float
+    def __init__(self, server_time: _Optional[float] = ...) -> None: ...
