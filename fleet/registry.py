@@ -1,0 +1,328 @@
+"""The fleet registry in Redis: versions, rollout, cell liveness, outcomes, learner progress
+and the event log. Only the centre (learner, dashboard, `fleet` commands) talks to it; cells
+reach it through the learner's gRPC services.
+
+Keys, all under one prefix (default "fleet:"):
+
+    versions                ZSET   version id -> published_at
+    version:<id>            HASH   manifest (JSON), weights_path, published_at
+    rollout                 HASH   mode, stable, candidate
+    cells                   SET    every cell id ever seen
+    cell:<id>               HASH   the cell's last heartbeat (CellState fields)
+    cell:<id>:alive         STRING present while heartbeats keep coming (TTL)
+    outcomes                HASH   JSON [version, task, counter] -> count
+    learner                 HASH   learner progress (free-form scalars)
+    store                   HASH   steps, episodes held by the episode store
+    events                  STREAM append-only log of rollout actions and other events
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import redis
+
+ROLLOUT_MODES = ("immediate",)  # immediate: every cell runs the newest published version
+_OUTCOME_COUNTERS = ("episodes", "successes", "intervention_steps", "steps")
+
+
+@dataclass
+class CellState:
+    """One cell as its last heartbeat described it (`alive`: the heartbeat has not expired)."""
+
+    cell_id: str
+    version_running: str = ""
+    task: str = ""
+    episodes: int = 0
+    steps_recorded: int = 0
+    steps_acked: int = 0
+    loop_hz: float = 0.0
+    late_ticks: int = 0
+    last_fault: str = ""
+    successes: int = 0
+    interventions: int = 0
+    versions_adopted: list[dict] = field(default_factory=list)  # [{"version", "adopted_at"}]
+    last_seen: float = 0.0
+    alive: bool = False
+
+    def to_redis(self) -> dict[str, str]:
+        out = {}
+        for f in fields(self):
+            if f.name == "alive":
+                continue  # liveness is the TTL key, never a stored flag
+            value = getattr(self, f.name)
+            out[f.name] = json.dumps(value) if f.name == "versions_adopted" else str(value)
+        return out
+
+    @classmethod
+    def from_redis(cls, data: dict[str, str], *, alive: bool) -> CellState:
+        kwargs: dict[str, Any] = {"alive": alive}
+        for f in fields(cls):
+            if f.name == "alive" or f.name not in data:
+                continue
+            raw = data[f.name]
+            if f.name == "versions_adopted":
+                kwargs[f.name] = json.loads(raw) if raw else []
+            elif f.type == "int":
+                kwargs[f.name] = int(raw)
+            elif f.type == "float":
+                kwargs[f.name] = float(raw)
+            else:
+                kwargs[f.name] = raw
+        return cls(**kwargs)
+
+
+def _scalar(raw: str) -> int | float | str:
+    """A stored stat back as int, float or str."""
+    for kind in (int, float):
+        try:
+            return kind(raw)
+        except ValueError:
+            pass
+    return raw
+
+
+class Registry:
+    """Typed access to the fleet's Redis keys. Thread-safe (redis-py pools its connections)."""
+
+    def __init__(self, url: str, *, prefix: str = "fleet:", heartbeat_ttl_s: float = 5.0) -> None:
+        client = redis.Redis.from_url(
+            url, decode_responses=True, socket_connect_timeout=5.0, socket_timeout=10.0
+        )
+        self._setup(client, prefix=prefix, heartbeat_ttl_s=heartbeat_ttl_s)
+
+    @classmethod
+    def from_client(
+        cls, client: redis.Redis, *, prefix: str = "fleet:", heartbeat_ttl_s: float = 5.0
+    ) -> Registry:
+        """Wrap an existing client; it must have been made with decode_responses=True."""
+        if not client.get_connection_kwargs().get("decode_responses"):
+            raise ValueError("Registry needs a redis client made with decode_responses=True")
+        self = cls.__new__(cls)
+        self._setup(client, prefix=prefix, heartbeat_ttl_s=heartbeat_ttl_s)
+        return self
+
+    def _setup(self, client: redis.Redis, *, prefix: str, heartbeat_ttl_s: float) -> None:
+        if heartbeat_ttl_s <= 0:
+            raise ValueError(f"heartbeat_ttl_s must be positive, got {heartbeat_ttl_s}")
+        self.r = client
+        self.prefix = prefix
+        self.heartbeat_ttl_s = heartbeat_ttl_s
+
+    def _k(self, *parts: str) -> str:
+        return self.prefix + ":".join(parts)
+
+    # -- versions ------------------------------------------------------------------------
+
+    def add_version(
+        self, manifest_json: str, weights_path: str, *, published_at: float | None = None
+    ) -> None:
+        """Register a published version. Re-adding the identical manifest is a no-op; a
+        different manifest under a known version id is refused (versions are immutable)."""
+        manifest = json.loads(manifest_json)
+        version_id = manifest.get("version_id") if isinstance(manifest, dict) else None
+        if not version_id or not isinstance(version_id, str):
+            raise ValueError("manifest has no version_id")
+        when = time.time() if published_at is None else float(published_at)
+        key = self._k("version", version_id)
+        pipe = self.r.pipeline(transaction=True)
+        pipe.hsetnx(key, "manifest", manifest_json)
+        pipe.hsetnx(key, "weights_path", str(weights_path))
+        pipe.hsetnx(key, "published_at", repr(when))
+        pipe.zadd(self._k("versions"), {version_id: when}, nx=True)
+        pipe.hget(key, "manifest")
+        created, *_, stored = pipe.execute()
+        if not created and stored != manifest_json:
+            raise ValueError(f"version {version_id!r} is already registered with another manifest")
+
+    def _version_record(self, raw: dict[str, str]) -> dict:
+        out = json.loads(raw["manifest"])
+        out["weights_path"] = raw["weights_path"]
+        out["published_at"] = float(raw["published_at"])
+        return out
+
+    def versions(self) -> list[dict]:
+        """Every version, oldest published first: manifest fields + weights_path + published_at."""
+        ids = self.r.zrange(self._k("versions"), 0, -1)
+        pipe = self.r.pipeline(transaction=False)
+        for version_id in ids:
+            pipe.hgetall(self._k("version", version_id))
+        return [self._version_record(raw) for raw in pipe.execute() if raw]
+
+    def version(self, version_id: str) -> dict | None:
+        raw = self.r.hgetall(self._k("version", version_id))
+        return self._version_record(raw) if raw else None
+
+    def latest_version(self) -> str | None:
+        newest = self.r.zrange(self._k("versions"), -1, -1)
+        return newest[0] if newest else None
+
+    # -- rollout -------------------------------------------------------------------------
+
+    def set_rollout_mode(self, mode: str) -> None:
+        if mode not in ROLLOUT_MODES:
+            raise ValueError(f"unknown rollout mode {mode!r}; known: {', '.join(ROLLOUT_MODES)}")
+        self.r.hset(self._k("rollout"), "mode", mode)
+
+    def rollout(self) -> dict:
+        """{"mode", "stable", "candidate"}; unset entries are None."""
+        raw = self.r.hgetall(self._k("rollout"))
+        return {name: raw.get(name) or None for name in ("mode", "stable", "candidate")}
+
+    def set_stable(self, version_id: str, *, actor: str, reason: str) -> None:
+        """Make `version_id` the fleet's stable version and log it as an event."""
+        if not self.r.exists(self._k("version", version_id)):
+            raise KeyError(f"unknown version {version_id!r}")
+        previous = self.r.hget(self._k("rollout"), "stable") or ""
+        pipe = self.r.pipeline(transaction=True)
+        pipe.hset(self._k("rollout"), "stable", version_id)
+        self._add_event(
+            pipe, "set_stable", actor=actor, reason=reason, version=version_id, previous=previous
+        )
+        pipe.execute()
+
+    def assignments(self, cell_ids: Iterable[str]) -> dict[str, str | None]:
+        """The version each cell should run, in one round trip for all of them.
+
+        Precedence once staged rollouts exist: a per-cell pin, then the candidate for cells
+        in its canary set, then stable. Today only stable is set (immediate mode).
+        """
+        stable = self.r.hget(self._k("rollout"), "stable") or None
+        return {cell_id: stable for cell_id in cell_ids}
+
+    def assignment_for(self, cell_id: str) -> str | None:
+        return self.assignments([cell_id])[cell_id]
+
+    # -- cells ---------------------------------------------------------------------------
+
+    def record_heartbeat(self, state: CellState) -> None:
+        """Store the cell's state and (re)arm its liveness key for heartbeat_ttl_s."""
+        if not state.cell_id:
+            raise ValueError("heartbeat without a cell_id")
+        pipe = self.r.pipeline(transaction=True)
+        pipe.hset(self._k("cell", state.cell_id), mapping=state.to_redis())
+        pipe.set(
+            self._k("cell", state.cell_id, "alive"),
+            "1",
+            px=max(1, math.ceil(self.heartbeat_ttl_s * 1000)),
+        )
+        pipe.sadd(self._k("cells"), state.cell_id)
+        pipe.execute()
+
+    def cells(self) -> list[CellState]:
+        """Every cell ever seen, sorted by id; `alive` is False once its heartbeat expired."""
+        ids = sorted(self.r.smembers(self._k("cells")))
+        pipe = self.r.pipeline(transaction=False)
+        for cell_id in ids:
+            pipe.hgetall(self._k("cell", cell_id))
+            pipe.exists(self._k("cell", cell_id, "alive"))
+        replies = pipe.execute()
+        out = []
+        for cell_id, raw, alive in zip(ids, replies[0::2], replies[1::2], strict=True):
+            out.append(CellState.from_redis({"cell_id": cell_id, **raw}, alive=bool(alive)))
+        return out
+
+    # -- outcomes ------------------------------------------------------------------------
+
+    def record_episode(
+        self,
+        *,
+        cell_id: str,
+        version: str,
+        task: str,
+        success: bool,
+        steps: int,
+        intervention_steps: int,
+    ) -> None:
+        """Count one finished episode toward (version, task). Counts are per version and
+        task only; per-cell counters arrive with the cell's heartbeats."""
+        key = self._k("outcomes")
+        pipe = self.r.pipeline(transaction=True)
+        for counter, amount in (
+            ("episodes", 1),
+            ("successes", int(bool(success))),
+            ("intervention_steps", int(intervention_steps)),
+            ("steps", int(steps)),
+        ):
+            pipe.hincrby(key, json.dumps([version, task, counter]), amount)
+        pipe.execute()
+
+    def success_counts(self) -> dict[str, dict[str, dict[str, int]]]:
+        """version -> task -> {"episodes", "successes", "intervention_steps", "steps"}."""
+        out: dict[str, dict[str, dict[str, int]]] = {}
+        for name, count in self.r.hgetall(self._k("outcomes")).items():
+            version, task, counter = json.loads(name)
+            per_task = out.setdefault(version, {}).setdefault(
+                task, dict.fromkeys(_OUTCOME_COUNTERS, 0)
+            )
+            per_task[counter] = int(count)
+        return out
+
+    # -- learner progress ----------------------------------------------------------------
+
+    def set_learner_stats(self, **stats: float | int | str | None) -> None:
+        """Overwrite the given learner stats (others stay); a None value removes the stat."""
+        present = {k: str(v) for k, v in stats.items() if v is not None}
+        absent = [k for k, v in stats.items() if v is None]
+        pipe = self.r.pipeline(transaction=True)
+        if present:
+            pipe.hset(self._k("learner"), mapping=present)
+        if absent:
+            pipe.hdel(self._k("learner"), *absent)
+        pipe.execute()
+
+    def learner_stats(self) -> dict:
+        """The learner stats, numbers parsed back to int or float."""
+        return {k: _scalar(v) for k, v in self.r.hgetall(self._k("learner")).items()}
+
+    def add_store_totals(self, steps: int, episodes: int) -> None:
+        pipe = self.r.pipeline(transaction=True)
+        pipe.hincrby(self._k("store"), "steps", int(steps))
+        pipe.hincrby(self._k("store"), "episodes", int(episodes))
+        pipe.execute()
+
+    def store_totals(self) -> dict:
+        """{"steps", "episodes"} the episode store has taken in."""
+        raw = self.r.hgetall(self._k("store"))
+        return {"steps": int(raw.get("steps", 0)), "episodes": int(raw.get("episodes", 0))}
+
+    # -- events --------------------------------------------------------------------------
+
+    def _add_event(self, target: Any, kind: str, *, actor: str, reason: str, **extra: Any) -> Any:
+        entry = {"kind": kind, "actor": actor, "reason": reason, "ts": repr(time.time())}
+        for name, value in extra.items():
+            if name in entry:
+                raise ValueError(f"event field {name!r} is reserved")
+            entry[name] = str(value)
+        return target.xadd(self._k("events"), entry)
+
+    def log_event(self, kind: str, *, actor: str, reason: str, **fields: str | int | float) -> str:
+        """Append an event (who did what and why) to the log; returns its stream id."""
+        return self._add_event(self.r, kind, actor=actor, reason=reason, **fields)
+
+    def events(self, count: int = 100) -> list[dict]:
+        """The newest `count` events, oldest first: {"id", "kind", "actor", "reason", "ts",
+        ...extra fields as strings}."""
+        newest_first = self.r.xrevrange(self._k("events"), count=count)
+        out = []
+        for event_id, entry in reversed(newest_first):
+            event: dict[str, Any] = {"id": event_id, **entry}
+            event["ts"] = float(entry["ts"])
+            out.append(event)
+        return out
+
+    # -- connection ----------------------------------------------------------------------
+
+    def ping(self) -> bool:
+        try:
+            return bool(self.r.ping())
+        except redis.RedisError:
+            return False
+
+    def close(self) -> None:
+        self.r.close()

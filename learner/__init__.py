@@ -1,0 +1,1 @@
+"""The central learner: ingest, episode store, sampling, training, publishing (Ray)."""

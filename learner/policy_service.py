@@ -1,0 +1,343 @@
+"""PolicyService: how cells learn which version to run, fetch its weights and report in.
+
+Cells never talk to Redis; this servicer is their window onto the registry:
+
+- WatchAssignment: a server stream per cell. It sends the cell's assignment at once, then a
+  new one whenever the registry's answer changes. One background thread polls Redis for all
+  watching cells in one round trip and wakes the streams through a Condition, so a fleet of
+  N cells costs one poll per interval, not N. A stream ends when the client cancels; when
+  the servicer stops it ends with UNAVAILABLE, so the cell reconnects.
+- FetchWeights: the version's safetensors file from an offset, in chunks. Each version's
+  bytes are read from disk (and checked against the manifest's sha256) once and kept in
+  memory for the next cells; the newest few versions stay cached.
+- ReportHeartbeat: the cell's state into the registry, stamped with the learner's clock.
+
+Each open watch (like each upload stream) holds one worker thread of a sync gRPC server for
+its lifetime: size the server's thread pool for it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+import os
+import threading
+import time
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, NoReturn, TypeVar
+
+import grpc
+import redis
+
+from fleet.registry import CellState, Registry
+from protos.fleetlearn.v1 import policy_pb2, policy_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+# A chunk must fit a client's default 4 MiB receive limit with room for the envelope.
+MAX_CHUNK_BYTES = 3 << 20
+_UNSET = object()
+T = TypeVar("T")
+
+
+class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
+    """Assignment watch, chunked weight fetch and heartbeats, backed by the Redis registry."""
+
+    def __init__(
+        self,
+        registry: Registry,
+        *,
+        tokens: Mapping[str, str] | None = None,
+        poll_interval_s: float = 0.25,
+        chunk_bytes: int = 1 << 20,
+        cache_versions: int = 3,
+    ) -> None:
+        if not 0 < chunk_bytes <= MAX_CHUNK_BYTES:
+            raise ValueError(f"chunk_bytes must be in 1..{MAX_CHUNK_BYTES}, got {chunk_bytes}")
+        self.registry = registry
+        self.tokens = dict(tokens) if tokens is not None else None
+        self.poll_interval_s = poll_interval_s
+        self.chunk_bytes = chunk_bytes
+        self.cache_versions = max(1, cache_versions)
+        # Watches: how many streams each cell has open, and its latest known assignment.
+        self._cond = threading.Condition()
+        self._watchers: Counter[str] = Counter()
+        self._assigned: dict[str, str | None] = {}
+        self._stopped = False
+        self._stop_event = threading.Event()
+        self._poller: threading.Thread | None = None
+        # Versions are immutable: their records, Assignment messages and bytes are cached.
+        self._records: dict[str, dict] = {}
+        self._messages: dict[str, policy_pb2.Assignment] = {}
+        self._weights: OrderedDict[str, bytes] = OrderedDict()
+        self._cache_lock = threading.Lock()
+        self._load_lock = threading.Lock()
+
+    # -- RPCs ----------------------------------------------------------------------------
+
+    def WatchAssignment(
+        self, request: policy_pb2.WatchRequest, context: grpc.ServicerContext
+    ) -> Iterator[policy_pb2.Assignment]:
+        cell_id = request.cell_id
+        self._authorise(cell_id, request.token, context)
+        current = self._registry_call(context, self.registry.assignment_for, cell_id)
+        with self._cond:
+            if self._stopped:
+                context.abort(grpc.StatusCode.UNAVAILABLE, "policy service is stopping; reconnect")
+            self._assigned.setdefault(cell_id, current)  # the poller's value, if it has one
+            self._watchers[cell_id] += 1
+            self._ensure_poller()
+        context.add_callback(self._wake_all)
+        log.info("cell %s watches its assignment (runs %r)", cell_id, request.current_version)
+        sent: object = _UNSET
+        try:
+            while True:
+                with self._cond:
+                    while (
+                        not self._stopped
+                        and context.is_active()
+                        and self._assigned.get(cell_id) == sent
+                    ):
+                        self._cond.wait(timeout=1.0)
+                    if self._stopped or not context.is_active():
+                        break
+                    version = self._assigned.get(cell_id)
+                yield self._assignment(version, context)
+                sent = version
+        finally:
+            with self._cond:
+                self._watchers[cell_id] -= 1
+                if self._watchers[cell_id] <= 0:
+                    del self._watchers[cell_id]
+                    self._assigned.pop(cell_id, None)
+        if self._stopped and context.is_active():
+            context.abort(grpc.StatusCode.UNAVAILABLE, "policy service is stopping; reconnect")
+
+    def FetchWeights(
+        self, request: policy_pb2.FetchRequest, context: grpc.ServicerContext
+    ) -> Iterator[policy_pb2.WeightsChunk]:
+        self._authorise(request.cell_id, request.token, context)
+        version_id = request.version_id
+        record = self._record(version_id, context)
+        if record is None:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"unknown policy version {version_id!r}")
+        data = self._weights_bytes(version_id, record, context)
+        total = len(data)
+        offset = request.offset
+        if offset > total:
+            context.abort(
+                grpc.StatusCode.OUT_OF_RANGE,
+                f"offset {offset} is past the end of version {version_id!r} ({total} bytes)",
+            )
+        step = min(request.chunk_bytes or self.chunk_bytes, MAX_CHUNK_BYTES)
+        if offset == total:  # nothing left: say so, with the size, in one empty chunk
+            yield policy_pb2.WeightsChunk(offset=total, data=b"", total_bytes=total)
+            return
+        for start in range(offset, total, step):
+            if not context.is_active():
+                return
+            yield policy_pb2.WeightsChunk(
+                offset=start, data=data[start : start + step], total_bytes=total
+            )
+
+    def ReportHeartbeat(
+        self, request: policy_pb2.Heartbeat, context: grpc.ServicerContext
+    ) -> policy_pb2.HeartbeatReply:
+        self._authorise(request.cell_id, request.token, context)
+        try:
+            adopted = json.loads(request.versions_adopted_json or "[]")
+        except json.JSONDecodeError as exc:
+            context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, f"versions_adopted_json is not JSON: {exc}"
+            )
+        if not isinstance(adopted, list) or not all(isinstance(a, dict) for a in adopted):
+            context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "versions_adopted_json must be a list of {version, adopted_at} objects",
+            )
+        now = time.time()
+        state = CellState(
+            cell_id=request.cell_id,
+            version_running=request.version_running,
+            task=request.task,
+            episodes=request.episodes,
+            steps_recorded=request.steps_recorded,
+            steps_acked=request.steps_acked,
+            loop_hz=request.loop_hz,
+            late_ticks=request.late_ticks,
+            last_fault=request.last_fault,
+            successes=request.successes,
+            interventions=request.interventions,
+            versions_adopted=adopted,
+            last_seen=now,  # the learner's clock: cells' clocks need not agree with it
+            alive=True,
+        )
+        self._registry_call(context, self.registry.record_heartbeat, state)
+        return policy_pb2.HeartbeatReply(server_time=now)
+
+    def stop(self) -> None:
+        """End every watch (UNAVAILABLE) and the poller. Idempotent."""
+        with self._cond:
+            self._stopped = True
+            self._stop_event.set()
+            self._cond.notify_all()
+            poller, self._poller = self._poller, None
+        if poller is not None:
+            poller.join(timeout=5.0)
+
+    # -- watch machinery -----------------------------------------------------------------
+
+    def _wake_all(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
+    def _ensure_poller(self) -> None:
+        """Start the single poll thread (caller holds self._cond)."""
+        if self._poller is None:
+            self._poller = threading.Thread(
+                target=self._poll_loop, name="policy-assignments", daemon=True
+            )
+            self._poller.start()
+
+    def _poll_loop(self) -> None:
+        failing = False
+        while True:
+            with self._cond:
+                while not self._stopped and not self._watchers:
+                    self._cond.wait()
+                if self._stopped:
+                    return
+                cells = list(self._watchers)
+            try:
+                latest = self.registry.assignments(cells)
+            except redis.RedisError as exc:
+                if not failing:
+                    log.warning("cannot poll assignments from the registry: %s", exc)
+                failing = True
+            else:
+                if failing:
+                    log.info("registry reachable again; assignments polled")
+                failing = False
+                with self._cond:
+                    changed = False
+                    for cell_id, version in latest.items():
+                        if cell_id in self._watchers and self._assigned.get(cell_id) != version:
+                            self._assigned[cell_id] = version
+                            changed = True
+                    if changed:
+                        self._cond.notify_all()
+            self._stop_event.wait(self.poll_interval_s)
+
+    def _assignment(
+        self, version_id: str | None, context: grpc.ServicerContext
+    ) -> policy_pb2.Assignment:
+        if not version_id:
+            return policy_pb2.Assignment(version_id="")
+        with self._cache_lock:
+            message = self._messages.get(version_id)
+        if message is not None:
+            return message
+        record = self._record(version_id, context)
+        if record is None:  # stable names a version the registry does not hold
+            log.error("assignment names unknown version %r; sending none", version_id)
+            return policy_pb2.Assignment(version_id="")
+        try:
+            size = os.path.getsize(record["weights_path"])
+        except OSError as exc:
+            log.error("weights of version %s unreadable: %s", version_id, exc)
+            size = 0
+        manifest = {k: v for k, v in record.items() if k not in ("weights_path", "published_at")}
+        message = policy_pb2.Assignment(
+            version_id=version_id,
+            manifest_json=json.dumps(manifest, sort_keys=True),
+            size_bytes=size,
+            sha256=record.get("sha256") or "",
+            signature=record.get("signature") or "",
+            published_at=record["published_at"],
+        )
+        if size:
+            with self._cache_lock:
+                self._messages[version_id] = message
+        return message
+
+    # -- versions and weights ------------------------------------------------------------
+
+    def _record(self, version_id: str, context: grpc.ServicerContext) -> dict | None:
+        if not version_id:
+            return None
+        with self._cache_lock:
+            record = self._records.get(version_id)
+        if record is None:
+            record = self._registry_call(context, self.registry.version, version_id)
+            if record is not None:
+                with self._cache_lock:
+                    self._records[version_id] = record
+        return record
+
+    def _weights_bytes(self, version_id: str, record: dict, context: grpc.ServicerContext) -> bytes:
+        """The version's file, read and verified once, then served from memory."""
+        with self._cache_lock:
+            data = self._weights.get(version_id)
+            if data is not None:
+                self._weights.move_to_end(version_id)
+                return data
+        with self._load_lock:  # one reader per miss, even when many cells ask at once
+            with self._cache_lock:
+                data = self._weights.get(version_id)
+            if data is not None:
+                return data
+            path = record["weights_path"]
+            try:
+                with open(path, "rb") as f:
+                    data = f.read()
+            except OSError as exc:
+                log.error("weights of version %s unreadable at %s: %s", version_id, path, exc)
+                context.abort(
+                    grpc.StatusCode.NOT_FOUND,
+                    f"weights of version {version_id!r} are missing on the learner: {exc}",
+                )
+            expected = record.get("sha256") or ""
+            if expected and hashlib.sha256(data).hexdigest() != expected:
+                log.error("weights of version %s at %s do not match their sha256", version_id, path)
+                context.abort(
+                    grpc.StatusCode.DATA_LOSS,
+                    f"weights of version {version_id!r} on the learner do not match the manifest",
+                )
+            with self._cache_lock:
+                self._weights[version_id] = data
+                while len(self._weights) > self.cache_versions:
+                    evicted, _ = self._weights.popitem(last=False)
+                    log.debug("weights cache dropped version %s", evicted)
+            log.info("weights of version %s cached (%d bytes)", version_id, len(data))
+            return data
+
+    # -- helpers -------------------------------------------------------------------------
+
+    def _authorise(self, cell_id: str, token: str, context: grpc.ServicerContext) -> None:
+        if not cell_id:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "cell_id is required")
+        if self.tokens is None:
+            return
+        expected = self.tokens.get(cell_id)
+        if expected is None or not hmac.compare_digest(expected.encode(), token.encode()):
+            context.abort(
+                grpc.StatusCode.PERMISSION_DENIED, f"cell {cell_id!r}: unknown cell or bad token"
+            )
+
+    def _registry_call(self, context: grpc.ServicerContext, fn: Callable[..., T], *args: Any) -> T:
+        try:
+            return fn(*args)
+        except redis.RedisError as exc:
+            _abort(context, grpc.StatusCode.UNAVAILABLE, f"fleet registry unreachable: {exc}")
+
+
+def _abort(context: grpc.ServicerContext, code: grpc.StatusCode, message: str) -> NoReturn:
+    context.abort(code, message)
+    raise AssertionError("context.abort returned")  # pragma: no cover
+
+
+def add_to_server(server: grpc.Server, servicer: PolicyServicer) -> None:
+    policy_pb2_grpc.add_PolicyServiceServicer_to_server(servicer, server)
