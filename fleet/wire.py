@@ -11,8 +11,7 @@ import numpy as np
 from protos.fleetlearn.v1 import arrays_pb2
 
 ALLOWED_DTYPES = frozenset(
-    {"bool", "uint8", "int8", "uint16", "int16", "int32", "int64", "float16", "float32",
-     "float64"}
+    {"bool", "uint8", "int8", "uint16", "int16", "int32", "int64", "float16", "float32", "float64"}
 )
 
 
@@ -46,11 +45,11 @@ def from_tensor(
     dims = tuple(int(d) for d in tensor.shape)
     if any(d < 0 for d in dims):
         raise WireError(f"{field}: negative dimension in shape {dims}")
-    if shape is not None:
-        if len(dims) != len(shape) or any(
-            want is not None and got != want for got, want in zip(dims, shape, strict=True)
-        ):
-            raise WireError(f"{field}: shape {dims}, expected {shape}")
+    if shape is not None and (
+        len(dims) != len(shape)
+        or any(want is not None and got != want for got, want in zip(dims, shape, strict=True))
+    ):
+        raise WireError(f"{field}: shape {dims}, expected {shape}")
     np_dtype = np.dtype(tensor.dtype).newbyteorder("<")
     expected = int(np.prod(dims, dtype=np.int64)) * np_dtype.itemsize
     if len(tensor.data) != expected:
