@@ -1,0 +1,299 @@
+"""Validation of an uploaded StepChunk into plain numpy before it touches the episode store.
+
+Everything a cell (or a hostile peer) sends is checked here, once, so the store only ever
+sees well-formed columns: safe ids (they become directory names), the dtypes and shapes the
+proto promises, one step count across every column and camera, finite numbers, a known task,
+and an outcome exactly on the closing chunk. A rejection names the cell, episode, seq and
+field, so the person reading the ack (or the actor's log) knows what to fix.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Collection
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import numpy as np
+
+from fleet.robot import JOINT_DIM
+from fleet.wire import WireError, from_tensor
+from protos.fleetlearn.v1 import arrays_pb2, trajectory_pb2
+
+ENCODINGS = frozenset({"jpeg", "png16", "zstd16", "raw"})
+MAX_ID_LEN = 128
+MAX_IMAGE_SIDE = 8192
+MAX_CAMERAS = 16
+
+# Ids become path components (episodes/<cell_id>/<episode_id>/): a leading letter or digit
+# keeps out ".", "..", hidden names and option-like names; "zarr.json" would collide with
+# the group metadata file next to the episode directories.
+_SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+_RESERVED_IDS = frozenset({"zarr.json"})
+
+# Cheap magic-number checks catch a mislabelled encoding without decoding any frame.
+_MAGIC = {
+    "jpeg": b"\xff\xd8",
+    "png16": b"\x89PNG\r\n\x1a\n",
+    "zstd16": b"\x28\xb5\x2f\xfd",
+}
+
+
+@dataclass(frozen=True)
+class CameraColumn:
+    """One camera's encoded frames over a chunk, one frame per step."""
+
+    camera: str
+    encoding: str
+    height: int
+    width: int
+    channels: int
+    frames: list[bytes]
+
+
+@dataclass(frozen=True)
+class DecodedChunk:
+    """A validated chunk of consecutive steps of one episode, as numpy columns."""
+
+    cell_id: str
+    episode_id: str
+    seq: int
+    first_step: int
+    task: str
+    policy_version: str
+    timestamp: np.ndarray  # (T,) float64, cell clock seconds
+    joint_pos: np.ndarray  # (T, 14) float32
+    action: np.ndarray  # (T, 14) float32
+    intervention: np.ndarray  # (T,) bool
+    reward: np.ndarray  # (T,) float32
+    cameras: dict[str, CameraColumn]
+    last: bool
+    # {"success": bool, "reason": str, "started_at": float, "ended_at": float} when last.
+    outcome: dict[str, Any] | None
+
+    @property
+    def n_steps(self) -> int:
+        return int(self.timestamp.shape[0])
+
+
+class ChunkRejected(Exception):
+    """A chunk the learner will not store; `code` is the gRPC status the ack carries."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+    def __str__(self) -> str:
+        return f"{self.code.name}: {self.message}"
+
+
+# reject(field, problem, code=INVALID_ARGUMENT) -> the exception to raise.
+_Reject = Callable[..., "ChunkRejected"]
+
+
+def is_safe_id(value: str) -> bool:
+    """True when `value` can be used as one path component of the store."""
+    return (
+        0 < len(value) <= MAX_ID_LEN
+        and _SAFE_ID.fullmatch(value) is not None
+        and ".." not in value
+        and value not in _RESERVED_IDS
+    )
+
+
+def _where(msg: trajectory_pb2.StepChunk) -> str:
+    """'cell X episode Y seq N' for messages, with untrusted ids shortened and quoted."""
+
+    def show(value: str) -> str:
+        return value if is_safe_id(value) else repr(value[:40])
+
+    return f"cell {show(msg.cell_id)} episode {show(msg.episode_id)} seq {msg.seq}"
+
+
+def decode_chunk(
+    msg: trajectory_pb2.StepChunk,
+    *,
+    known_tasks: Collection[str] | None,
+    max_steps: int = 1000,
+    max_bytes: int = 64 << 20,
+) -> DecodedChunk:
+    """Check `msg` against the contract and return its columns; raises ChunkRejected.
+
+    `known_tasks=None` accepts any non-empty task name.
+    """
+    where = _where(msg)
+
+    def reject(
+        field: str, problem: str, code: grpc.StatusCode = grpc.StatusCode.INVALID_ARGUMENT
+    ) -> ChunkRejected:
+        return ChunkRejected(code, f"{where}: {field}: {problem}")
+
+    size = _payload_bytes(msg)
+    if size > max_bytes:
+        raise reject(
+            "chunk",
+            f"{size} bytes exceeds the limit of {max_bytes}; send fewer steps per chunk",
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+        )
+    for field in ("cell_id", "episode_id"):
+        value = getattr(msg, field)
+        if not is_safe_id(value):
+            raise reject(
+                field,
+                f"{value[:40]!r} is not a valid id (1-{MAX_ID_LEN} characters of "
+                "A-Z a-z 0-9 . _ -, starting with a letter or digit, no '..')",
+            )
+    if not msg.task:
+        raise reject("task", "empty; every chunk names its task")
+    if known_tasks is not None and msg.task not in known_tasks:
+        raise reject(
+            "task", f"unknown task {msg.task[:80]!r}; the learner knows {sorted(known_tasks)}"
+        )
+    if len(msg.policy_version) > MAX_ID_LEN:
+        raise reject("policy_version", f"longer than {MAX_ID_LEN} characters")
+
+    timestamp = _column(msg, "timestamp", "float64", (None,), reject)
+    n = int(timestamp.shape[0])
+    if n == 0:
+        raise reject("timestamp", "no steps; a chunk carries at least one step")
+    if n > max_steps:
+        raise reject(
+            "timestamp",
+            f"{n} steps exceeds the limit of {max_steps} per chunk; send smaller chunks",
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+        )
+    joint_pos = _column(msg, "joint_pos", "float32", (n, JOINT_DIM), reject)
+    action = _column(msg, "action", "float32", (n, JOINT_DIM), reject)
+    intervention = _column(msg, "intervention", "bool", (n,), reject)
+    reward = _column(msg, "reward", "float32", (n,), reject)
+    for name, arr in (
+        ("timestamp", timestamp),
+        ("joint_pos", joint_pos),
+        ("action", action),
+        ("reward", reward),
+    ):
+        if not np.isfinite(arr).all():
+            bad = int(np.argwhere(~np.isfinite(arr))[0][0])
+            raise reject(name, f"non-finite value (NaN or inf) at step {msg.first_step + bad}")
+    # A bool travels as one byte; anything but 0/1 means the sender packed it wrongly.
+    if (np.frombuffer(msg.intervention.data, dtype=np.uint8) > 1).any():
+        raise reject("intervention", "bool bytes must be 0 or 1")
+
+    cameras = _cameras(msg, n, reject)
+    outcome = _outcome(msg, reject)
+    return DecodedChunk(
+        cell_id=msg.cell_id,
+        episode_id=msg.episode_id,
+        seq=int(msg.seq),
+        first_step=int(msg.first_step),
+        task=msg.task,
+        policy_version=msg.policy_version,
+        timestamp=timestamp,
+        joint_pos=joint_pos,
+        action=action,
+        intervention=intervention.astype(bool, copy=False),
+        reward=reward,
+        cameras=cameras,
+        last=bool(msg.last),
+        outcome=outcome,
+    )
+
+
+def _payload_bytes(msg: trajectory_pb2.StepChunk) -> int:
+    """The bulk of the message (array data and frames); cheaper than msg.ByteSize()."""
+    tensors = (msg.timestamp, msg.joint_pos, msg.action, msg.intervention, msg.reward)
+    return sum(len(t.data) for t in tensors) + sum(
+        len(frame) for cam in msg.cameras for frame in cam.frames
+    )
+
+
+def _column(
+    msg: trajectory_pb2.StepChunk,
+    field: str,
+    dtype: str,
+    shape: tuple[int | None, ...],
+    reject: _Reject,
+) -> np.ndarray:
+    if not msg.HasField(field):
+        raise reject(field, f"missing; expected {dtype} of shape {_shape_text(shape)}")
+    tensor: arrays_pb2.Tensor = getattr(msg, field)
+    try:
+        return from_tensor(tensor, field, dtype=dtype, shape=shape)
+    except WireError as exc:
+        # WireError already starts with the field name.
+        raise reject(field, str(exc).removeprefix(f"{field}: ")) from None
+
+
+def _shape_text(shape: tuple[int | None, ...]) -> str:
+    return "(" + ", ".join("T" if d is None else str(d) for d in shape) + ")"
+
+
+def _cameras(msg: trajectory_pb2.StepChunk, n: int, reject: _Reject) -> dict[str, CameraColumn]:
+    if len(msg.cameras) > MAX_CAMERAS:
+        raise reject("cameras", f"{len(msg.cameras)} cameras, at most {MAX_CAMERAS}")
+    cameras: dict[str, CameraColumn] = {}
+    for cam in msg.cameras:
+        if not is_safe_id(cam.camera):
+            raise reject("cameras", f"camera name {cam.camera[:40]!r} is not a valid id")
+        field = f"cameras[{cam.camera}]"
+        if cam.camera in cameras:
+            raise reject(field, "camera sent twice in one chunk")
+        if cam.encoding not in ENCODINGS:
+            raise reject(
+                field, f"encoding {cam.encoding[:40]!r}, expected one of {sorted(ENCODINGS)}"
+            )
+        if not (0 < cam.height <= MAX_IMAGE_SIDE and 0 < cam.width <= MAX_IMAGE_SIDE):
+            raise reject(field, f"image size {cam.height}x{cam.width} out of range")
+        if cam.channels not in (1, 3, 4):
+            raise reject(field, f"{cam.channels} channels, expected 1, 3 or 4")
+        if len(cam.frames) != n:
+            raise reject(field, f"{len(cam.frames)} frames for {n} steps; send one per step")
+        # One copy out of the message; indexing a repeated bytes field copies every time.
+        frames = list(cam.frames)
+        magic = _MAGIC.get(cam.encoding)
+        raw_sizes = {cam.height * cam.width * cam.channels * k for k in (1, 2)}
+        for i, frame in enumerate(frames):
+            step = msg.first_step + i
+            if not frame:
+                raise reject(field, f"empty frame at step {step}")
+            if magic is not None and not frame.startswith(magic):
+                raise reject(field, f"frame at step {step} is not {cam.encoding} data")
+            if cam.encoding == "raw" and len(frame) not in raw_sizes:
+                raise reject(
+                    field,
+                    f"raw frame at step {step} has {len(frame)} bytes, expected "
+                    f"{cam.height}x{cam.width}x{cam.channels} of 1 or 2 bytes each",
+                )
+        cameras[cam.camera] = CameraColumn(
+            camera=cam.camera,
+            encoding=cam.encoding,
+            height=int(cam.height),
+            width=int(cam.width),
+            channels=int(cam.channels),
+            frames=frames,
+        )
+    return cameras
+
+
+def _outcome(msg: trajectory_pb2.StepChunk, reject: _Reject) -> dict[str, Any] | None:
+    has = msg.HasField("outcome")
+    if msg.last and not has:
+        raise reject("outcome", "missing on the last chunk; the closing chunk says how it ended")
+    if not msg.last and has:
+        raise reject("outcome", "set on a chunk that is not last; set last=true to close")
+    if not has:
+        return None
+    out = msg.outcome
+    if not (math.isfinite(out.started_at) and math.isfinite(out.ended_at)):
+        raise reject("outcome", "started_at/ended_at must be finite")
+    if len(out.reason) > 256:
+        raise reject("outcome", "reason longer than 256 characters")
+    return {
+        "success": bool(out.success),
+        "reason": out.reason,
+        "started_at": float(out.started_at),
+        "ended_at": float(out.ended_at),
+    }

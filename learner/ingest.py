@@ -1,0 +1,195 @@
+"""The TrajectoryService servicer: cells stream chunks of steps, the learner acks each once durable.
+
+An ack with durable=True is sent only after the episode store's append returned, so a cell
+may drop a chunk from its outbox on that ack and must resend anything else after a failure;
+the store's (cell_id, episode_id, seq) idempotency makes those resends harmless. A bad chunk
+is answered with durable=False, a gRPC status code and a readable message, and the stream
+goes on: one broken chunk must not cost a cell its connection, and no input may take down
+the server.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import threading
+from collections.abc import Callable, Collection, Iterator, Mapping
+
+import grpc
+
+from learner.chunks import ChunkRejected, DecodedChunk, decode_chunk
+from learner.store import EpisodeData, EpisodeRef, EpisodeStore
+from protos.fleetlearn.v1 import trajectory_pb2, trajectory_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+_MAX_ECHO = 256  # ids are echoed in acks; a hostile id is cut short
+
+
+class IngestServicer(trajectory_pb2_grpc.TrajectoryServiceServicer):
+    """Validates, stores and acks uploaded chunks; callbacks tell the rest of the learner."""
+
+    def __init__(
+        self,
+        store: EpisodeStore,
+        *,
+        known_tasks: Collection[str] | None,
+        tokens: Mapping[str, str] | None = None,
+        on_episode_end: Callable[[DecodedChunk, EpisodeData | None], None] | None = None,
+        on_chunk: Callable[[DecodedChunk], None] | None = None,
+        max_steps: int = 1000,
+        max_bytes: int = 64 << 20,
+    ) -> None:
+        self.store = store
+        self.known_tasks = None if known_tasks is None else frozenset(known_tasks)
+        self.tokens = tokens
+        self.on_episode_end = on_episode_end
+        self.on_chunk = on_chunk
+        self.max_steps = max_steps
+        self.max_bytes = max_bytes
+        self._lock = threading.Lock()
+        self._stats = {"chunks_acked": 0, "duplicates": 0, "rejected": 0, "steps_stored": 0}
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """Counters since start: chunks_acked, duplicates, rejected, steps_stored."""
+        with self._lock:
+            return dict(self._stats)
+
+    def Upload(
+        self,
+        request_iterator: Iterator[trajectory_pb2.StepChunk],
+        context: grpc.ServicerContext,
+    ) -> Iterator[trajectory_pb2.ChunkAck]:
+        peer = context.peer()
+        for msg in request_iterator:
+            yield self._handle(msg, peer)
+
+    def _handle(self, msg: trajectory_pb2.StepChunk, peer: str) -> trajectory_pb2.ChunkAck:
+        """One chunk to one ack; never raises."""
+        try:
+            self._authorise(msg)
+            chunk = decode_chunk(
+                msg,
+                known_tasks=self.known_tasks,
+                max_steps=self.max_steps,
+                max_bytes=self.max_bytes,
+            )
+            result = self.store.append(chunk)
+        except ChunkRejected as exc:
+            return self._rejected(msg, exc.code, exc.message, peer)
+        except Exception:
+            log.exception(
+                "cell %s episode %s seq %d: storing the chunk failed",
+                msg.cell_id[:_MAX_ECHO],
+                msg.episode_id[:_MAX_ECHO],
+                msg.seq,
+            )
+            return self._rejected(
+                msg,
+                grpc.StatusCode.INTERNAL,
+                f"cell {msg.cell_id[:_MAX_ECHO]} episode {msg.episode_id[:_MAX_ECHO]} "
+                f"seq {msg.seq}: the learner could not store the chunk (see its log); resend",
+                peer,
+                logged=True,
+            )
+        with self._lock:
+            self._stats["chunks_acked"] += 1
+            if result.duplicate:
+                self._stats["duplicates"] += 1
+            else:
+                self._stats["steps_stored"] += result.steps_written
+        if result.duplicate:
+            log.debug(
+                "cell %s episode %s seq %d: duplicate, acked again",
+                chunk.cell_id,
+                chunk.episode_id,
+                chunk.seq,
+            )
+        else:
+            self._after_append(chunk)
+        return trajectory_pb2.ChunkAck(
+            cell_id=chunk.cell_id,
+            episode_id=chunk.episode_id,
+            seq=chunk.seq,
+            durable=True,
+            duplicate=result.duplicate,
+        )
+
+    def _authorise(self, msg: trajectory_pb2.StepChunk) -> None:
+        if self.tokens is None:
+            return
+        expected = self.tokens.get(msg.cell_id)
+        if expected is None or not hmac.compare_digest(
+            expected.encode("utf-8"), msg.token.encode("utf-8")
+        ):
+            raise ChunkRejected(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"cell {msg.cell_id[:_MAX_ECHO]!r}: unknown cell or wrong token; "
+                "check the cell's configured token",
+            )
+
+    def _after_append(self, chunk: DecodedChunk) -> None:
+        """Callbacks after a durable append; their failures are logged, never sent back."""
+        if self.on_chunk is not None:
+            try:
+                self.on_chunk(chunk)
+            except Exception:
+                log.exception(
+                    "cell %s episode %s seq %d: on_chunk callback failed",
+                    chunk.cell_id,
+                    chunk.episode_id,
+                    chunk.seq,
+                )
+        if not chunk.last or self.on_episode_end is None:
+            return
+        data: EpisodeData | None
+        try:
+            # Frames are left out: the callback wants counts, not megabytes of images.
+            data = self.store.read_episode(
+                EpisodeRef(chunk.cell_id, chunk.episode_id), frames=False
+            )
+        except Exception:
+            log.exception(
+                "cell %s episode %s: reading the finished episode back failed",
+                chunk.cell_id,
+                chunk.episode_id,
+            )
+            data = None
+        try:
+            self.on_episode_end(chunk, data)
+        except Exception:
+            log.exception(
+                "cell %s episode %s (version %s): on_episode_end callback failed",
+                chunk.cell_id,
+                chunk.episode_id,
+                chunk.policy_version or "none",
+            )
+
+    def _rejected(
+        self,
+        msg: trajectory_pb2.StepChunk,
+        code: grpc.StatusCode,
+        message: str,
+        peer: str,
+        *,
+        logged: bool = False,
+    ) -> trajectory_pb2.ChunkAck:
+        with self._lock:
+            self._stats["rejected"] += 1
+        if not logged:
+            log.warning("chunk from %s rejected (%s): %s", peer, code.name, message)
+        return trajectory_pb2.ChunkAck(
+            cell_id=msg.cell_id[:_MAX_ECHO],
+            episode_id=msg.episode_id[:_MAX_ECHO],
+            seq=msg.seq,
+            durable=False,
+            duplicate=False,
+            code=int(code.value[0]),
+            message=message,
+        )
+
+
+def add_to_server(server: grpc.Server, servicer: IngestServicer) -> None:
+    """Register the servicer on a grpc server (before it starts)."""
+    trajectory_pb2_grpc.add_TrajectoryServiceServicer_to_server(servicer, server)
