@@ -1,0 +1,184 @@
+"""The unified policy's architecture as plain data.
+
+A config travels inside every version manifest, so an edge actor can rebuild exactly the
+network the learner trained. Presets pick the size; a deployment chooses one by name (and may
+override single fields) instead of editing code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from fleet.robot import JOINT_DIM, JOINT_LOWER, JOINT_UPPER
+
+# Fields a preset fills. "tiny" trains on a laptop CPU in seconds (tests, the simulated fleet);
+# "base" is an ACT-sized model for one GPU; "large" is the ~100M+ parameter fleet model.
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": {
+        "d_model": 64,
+        "n_layers": 2,
+        "n_heads": 4,
+        "ff_dim": 256,
+        "dropout": 0.0,
+        "image_size": (48, 64),
+        "image_channels": (16, 32, 64),
+        "image_blocks": 1,
+        "token_grid": (3, 4),
+    },
+    "base": {
+        "d_model": 512,
+        "n_layers": 6,
+        "n_heads": 8,
+        "ff_dim": 2048,
+        "dropout": 0.1,
+        "image_size": (192, 256),
+        "image_channels": (64, 128, 256, 512),
+        "image_blocks": 2,
+        "token_grid": (6, 8),
+    },
+    "large": {
+        "d_model": 1024,
+        "n_layers": 8,
+        "n_heads": 16,
+        "ff_dim": 4096,
+        "dropout": 0.1,
+        "image_size": (240, 320),
+        "image_channels": (64, 128, 256, 512),
+        "image_blocks": 2,
+        "token_grid": (8, 10),
+    },
+}
+
+# The default each preset-filled field starts at; it means "take the preset's value".
+_FROM_PRESET: dict[str, Any] = {
+    "d_model": 0,
+    "n_layers": 0,
+    "n_heads": 0,
+    "ff_dim": 0,
+    "dropout": -1.0,
+    "image_size": (),
+    "image_channels": (),
+    "image_blocks": -1,
+    "token_grid": (),
+}
+
+_TUPLE_FIELDS = (
+    "tasks",
+    "cameras",
+    "image_size",
+    "image_channels",
+    "token_grid",
+    "joint_lower",
+    "joint_upper",
+)
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    """Everything needed to rebuild a UnifiedPolicy.
+
+    Architecture fields left at their zero/empty/negative default are filled from `preset`
+    (so `PolicyConfig(tasks=..., cameras=..., preset="base")` is a base model); any value
+    given explicitly wins over the preset.
+    """
+
+    tasks: tuple[str, ...]
+    cameras: tuple[str, ...]
+    preset: str = "tiny"
+    chunk_len: int = 10
+    d_model: int = 0
+    n_layers: int = 0
+    n_heads: int = 0
+    ff_dim: int = 0
+    dropout: float = -1.0
+    image_size: tuple[int, ...] = ()
+    image_channels: tuple[int, ...] = ()
+    image_blocks: int = -1
+    token_grid: tuple[int, ...] = ()
+    joint_lower: tuple[float, ...] = tuple(float(x) for x in JOINT_LOWER)
+    joint_upper: tuple[float, ...] = tuple(float(x) for x in JOINT_UPPER)
+
+    def __post_init__(self) -> None:
+        if self.preset not in PRESETS:
+            raise ValueError(f"unknown policy preset {self.preset!r}; known: {sorted(PRESETS)}")
+        for name in ("tasks", "cameras"):
+            if isinstance(getattr(self, name), str):
+                raise ValueError(f"{name} must be a sequence of names, not one string")
+        for name in _TUPLE_FIELDS:
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        for name, value in PRESETS[self.preset].items():
+            if getattr(self, name) == _FROM_PRESET[name]:
+                object.__setattr__(self, name, value)
+        self._validate()
+
+    def _validate(self) -> None:
+        if not self.tasks or any(not isinstance(t, str) or not t for t in self.tasks):
+            raise ValueError(f"tasks must be non-empty strings, got {self.tasks!r}")
+        if len(set(self.tasks)) != len(self.tasks):
+            raise ValueError(f"duplicate task names in {self.tasks!r}")
+        if not self.cameras or any(not isinstance(c, str) or not c for c in self.cameras):
+            raise ValueError(f"cameras must be non-empty strings, got {self.cameras!r}")
+        if len(set(self.cameras)) != len(self.cameras):
+            raise ValueError(f"duplicate camera names in {self.cameras!r}")
+        for name in ("chunk_len", "d_model", "n_layers", "n_heads", "ff_dim"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.image_blocks < 0:
+            raise ValueError(f"image_blocks must be >= 0, got {self.image_blocks}")
+        for name in ("image_size", "token_grid"):
+            value = getattr(self, name)
+            if len(value) != 2 or min(value) < 1:
+                raise ValueError(f"{name} must be two positive ints (height, width), got {value}")
+        if not self.image_channels or min(self.image_channels) < 1:
+            raise ValueError(f"image_channels must be positive ints, got {self.image_channels}")
+        if len(self.joint_lower) != JOINT_DIM or len(self.joint_upper) != JOINT_DIM:
+            raise ValueError(f"joint limits must have {JOINT_DIM} values each")
+        if any(
+            not (math.isfinite(lo) and math.isfinite(hi) and hi > lo)
+            for lo, hi in zip(self.joint_lower, self.joint_upper, strict=True)
+        ):
+            raise ValueError("every joint needs finite limits with upper > lower")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready (tuples become lists)."""
+        return {
+            f.name: list(getattr(self, f.name))
+            if isinstance(getattr(self, f.name), tuple)
+            else getattr(self, f.name)
+            for f in dataclasses.fields(self)
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> PolicyConfig:
+        """Inverse of to_dict. Unknown keys are an error: they mean a different architecture."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown policy config keys {unknown}; known: {sorted(known)}")
+        missing = [k for k in ("tasks", "cameras") if k not in d]
+        if missing:
+            raise ValueError(f"policy config lacks {missing}")
+        kwargs = {k: tuple(v) if k in _TUPLE_FIELDS else v for k, v in d.items()}
+        return cls(**kwargs)
+
+
+def policy_config(
+    preset: str, tasks: Sequence[str], cameras: Sequence[str], **overrides: Any
+) -> PolicyConfig:
+    """A config from a named preset, with single fields overridden (e.g. chunk_len=20)."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown policy preset {preset!r}; known: {sorted(PRESETS)}")
+    fields = {f.name for f in dataclasses.fields(PolicyConfig)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise ValueError(f"unknown policy config overrides {unknown}")
+    values: dict[str, Any] = {**PRESETS[preset], **overrides}
+    return PolicyConfig(tasks=tuple(tasks), cameras=tuple(cameras), preset=preset, **values)
