@@ -1,0 +1,46 @@
+"""One cell's edge actor settings, fixed for the actor's lifetime."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ActorConfig:
+    """What a cell's actor needs to know; checked once here so the loop never has to."""
+
+    cell_id: str
+    learner_address: str  # "host:port" of the learner gateway
+    token: str = ""  # this cell's credential, sent with every chunk, watch and heartbeat
+    control_hz: float = 20.0
+    chunk_steps: int = 20  # steps per uploaded StepChunk
+    max_episode_s: float = 8.0  # clock seconds before an episode ends as "timeout"
+    jpeg_quality: int = 90
+    tasks: tuple[str, ...] = ()  # round robin over these; empty = the scene's tasks
+    rpc_deadline_s: float = 10.0
+    heartbeat_interval_s: float = 1.0
+    uplink_queue_chunks: int = 256  # unacked chunks kept before submit starts dropping
+    seed: int = 0  # episode seeds (scene layouts) derive from it
+
+    def __post_init__(self) -> None:
+        if not self.cell_id:
+            raise ValueError("cell_id is required")
+        host, sep, port = self.learner_address.rpartition(":")
+        if not sep or not host or not port.isdigit():
+            raise ValueError(f"learner_address must be host:port, got {self.learner_address!r}")
+        for name in ("control_hz", "max_episode_s", "rpc_deadline_s", "heartbeat_interval_s"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be finite and > 0, got {value!r}")
+        if self.chunk_steps < 1:
+            raise ValueError(f"chunk_steps must be >= 1, got {self.chunk_steps}")
+        if not 1 <= self.jpeg_quality <= 100:
+            raise ValueError(f"jpeg_quality must be in 1..100, got {self.jpeg_quality}")
+        if self.uplink_queue_chunks < 1:
+            raise ValueError(f"uplink_queue_chunks must be >= 1, got {self.uplink_queue_chunks}")
+        object.__setattr__(self, "tasks", tuple(self.tasks))
+
+    @property
+    def period_s(self) -> float:
+        return 1.0 / self.control_hz

@@ -1,0 +1,343 @@
+"""The cell's fixed-rate control loop: observe, act, command, record, on the cell's clock.
+
+Episodes run back to back. Each tick reads the cell, takes the next action of the current
+policy chunk (running the policy when the chunk is used up), or the operator's action when
+the operator has taken over or no policy has arrived yet (those steps are demonstrations,
+flagged as interventions), commands the arms and records the step. A new policy version is
+swapped in only when the current action chunk is used up or between episodes, never in the
+middle of a chunk, so an arm never mixes two versions' plans for the same motion.
+
+The loop never waits on the network: recorded chunks go to the uplink's queue, and new
+versions come from the watcher's `take_new()`, which never blocks.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Protocol
+
+import numpy as np
+
+from actors.config import ActorConfig
+from actors.recorder import EpisodeRecorder
+from drivers.interfaces import Clock, Observation, Operator, TaskScene
+from fleet.robot import JOINT_DIM
+from protos.fleetlearn.v1 import trajectory_pb2
+
+if TYPE_CHECKING:
+    from drivers.cell import CellHardware
+    from fleet.policy.runtime import PolicyRunner
+
+log = logging.getLogger(__name__)
+
+RATE_WINDOW_TICKS = 100  # loop_hz is measured over this many recent ticks
+
+
+class ChunkSink(Protocol):
+    def submit(self, chunk: trajectory_pb2.StepChunk) -> bool: ...
+
+
+class RunnerSource(Protocol):
+    def take_new(self) -> PolicyRunner | None: ...
+
+
+def episode_seed(seed: int, index: int) -> int:
+    """A scene seed per episode: reproducible from the actor's seed and the episode index."""
+    return int(np.random.SeedSequence([seed & 0xFFFFFFFF, index]).generate_state(1)[0])
+
+
+class ControlLoop:
+    """Runs episodes on one cell until stopped; see the module docstring."""
+
+    def __init__(
+        self,
+        config: ActorConfig,
+        hardware: CellHardware,
+        scene: TaskScene,
+        operator: Operator,
+        clock: Clock,
+        uplink: ChunkSink,
+        watcher: RunnerSource | None,
+        *,
+        on_fault: Callable[[str], None] | None = None,
+    ) -> None:
+        self.config = config
+        self.hardware = hardware
+        self.scene = scene
+        self.operator = operator
+        self.clock = clock
+        self.uplink = uplink
+        self.watcher = watcher
+        self.on_fault = on_fault
+        self.tasks: tuple[str, ...] = config.tasks or tuple(scene.tasks)
+        if not self.tasks:
+            raise ValueError(f"cell {config.cell_id}: no tasks to run (config and scene empty)")
+        self.period = config.period_s
+        # Episode ids must never repeat across actor restarts: the learner stores each
+        # (cell, episode, seq) once, so a reused id would silently lose the new data.
+        self._run_id = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + secrets.token_hex(3)
+        self._lock = threading.Lock()
+        self._runner: PolicyRunner | None = None
+        self._fallback: PolicyRunner | None = None  # the last good runner before the current
+        self._chunk: np.ndarray | None = None
+        self._chunk_index = 0
+        self._forced: bool | None = None
+        self._episode_index = 0
+        self._episode_id = ""
+        self._task = ""
+        self._tick_starts: deque[float] = deque(maxlen=RATE_WINDOW_TICKS)
+        self._counts = dict.fromkeys(
+            (
+                "episodes",
+                "episodes_aborted",
+                "successes",
+                "steps_recorded",
+                "interventions",
+                "late_ticks",
+                "chunks_submitted",
+                "policy_calls",
+                "policy_errors",
+            ),
+            0,
+        )
+        self._adoptions: list[dict[str, Any]] = []
+        self.last_fault = ""
+
+    # -- public ------------------------------------------------------------------------
+
+    @property
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            out: dict[str, Any] = dict(self._counts)
+            out["loop_hz"] = self._loop_hz()
+            out["version_running"] = self._runner.version_id if self._runner else ""
+            out["versions_adopted"] = [dict(a) for a in self._adoptions]
+            out["task"] = self._task
+            out["episode_id"] = self._episode_id
+            out["last_fault"] = self.last_fault
+        return out
+
+    def run(self, stop: threading.Event) -> None:
+        """Episodes back to back until `stop` is set; the episode in progress then ends as
+        "aborted" so every recorded step still goes to the uplink."""
+        log.info(
+            "cell %s: control loop at %.1f Hz, tasks %s, %d-step chunks",
+            self.config.cell_id,
+            self.config.control_hz,
+            ",".join(self.tasks),
+            self.config.chunk_steps,
+        )
+        while not stop.is_set():
+            self._run_episode(stop)
+
+    # -- episodes ------------------------------------------------------------------------
+
+    def _run_episode(self, stop: threading.Event) -> None:
+        cfg = self.config
+        index = self._episode_index
+        self._episode_index += 1
+        task = self.tasks[index % len(self.tasks)]
+        episode_id = f"{self._run_id}-{index:06d}"
+        with self._lock:
+            self._task = task
+            self._episode_id = episode_id
+        self._take_new_runner()  # between episodes is always a chunk boundary
+        self._chunk = None
+        self.scene.reset(task, episode_seed(cfg.seed, index))
+        recorder = EpisodeRecorder(
+            cfg.cell_id, episode_id, task, cfg.chunk_steps, cfg.jpeg_quality, cfg.token
+        )
+        started = self.clock.now()
+        log.info(
+            "cell %s episode %s: %s starts (version %r)",
+            cfg.cell_id,
+            episode_id,
+            task,
+            self._version,
+        )
+        success, reason = False, "aborted"
+        try:
+            next_tick = started
+            while not stop.is_set():
+                now = self.clock.now()
+                if now - next_tick > self.period:
+                    with self._lock:
+                        self._counts["late_ticks"] += 1
+                    next_tick = now  # resync: never burst to catch up
+                with self._lock:
+                    self._tick_starts.append(now)
+                obs = self.hardware.observe()
+                action, intervention = self._act(obs)
+                sent = self.hardware.command(action)
+                next_tick += self.period
+                self.clock.sleep_until(next_tick)
+                # The step's reward is the one its action earned (read after the physics or
+                # the real arms moved), so the success step itself carries the success reward.
+                success = bool(self.scene.success())
+                self._record(
+                    recorder,
+                    obs,
+                    sent,
+                    intervention,
+                    float(self.scene.reward()),
+                )
+                if success:
+                    reason = "success"
+                    break
+                if self.clock.now() - started >= cfg.max_episode_s - 1e-9:
+                    reason = "timeout"
+                    break
+        finally:
+            success = success and reason == "success"
+            if recorder.buffered:
+                ended = self.clock.now()
+                self._submit(
+                    recorder.finish(
+                        success=success, reason=reason, started_at=started, ended_at=ended
+                    )
+                )
+                with self._lock:
+                    # "episodes" counts finished ones; the one cut short by a stop is apart.
+                    key = "episodes_aborted" if reason == "aborted" else "episodes"
+                    self._counts[key] += 1
+                    self._counts["successes"] += int(success)
+                log.info(
+                    "cell %s episode %s: %s ended %s after %d steps (%.2f s, version %r)",
+                    cfg.cell_id,
+                    episode_id,
+                    task,
+                    reason,
+                    recorder.steps_recorded,
+                    ended - started,
+                    self._version,
+                )
+
+    def _record(
+        self,
+        recorder: EpisodeRecorder,
+        obs: Observation,
+        sent: np.ndarray,
+        intervention: bool,
+        reward: float,
+    ) -> None:
+        chunk = recorder.add_step(
+            stamp=obs.stamp,
+            joint_pos=obs.joint_pos,
+            action=sent,
+            intervention=intervention,
+            reward=reward,
+            frames=obs.frames,
+            policy_version=self._version,
+        )
+        with self._lock:
+            self._counts["steps_recorded"] += 1
+            self._counts["interventions"] += int(intervention)
+        if chunk is not None:
+            self._submit(chunk)
+
+    def _submit(self, chunk: trajectory_pb2.StepChunk) -> None:
+        self.uplink.submit(chunk)  # never blocks; a full queue is counted by the uplink
+        with self._lock:
+            self._counts["chunks_submitted"] += 1
+
+    # -- acting ----------------------------------------------------------------------------
+
+    @property
+    def _version(self) -> str:
+        return self._runner.version_id if self._runner is not None else ""
+
+    def _chunk_used_up(self) -> bool:
+        return self._chunk is None or self._chunk_index >= len(self._chunk)
+
+    def _act(self, obs: Observation) -> tuple[np.ndarray, bool]:
+        """This tick's 14 joint targets and whether the operator drove them."""
+        if self._chunk_used_up():
+            self._take_new_runner()
+        if self._runner is None or self.operator.wants_control():
+            self._chunk = None  # a takeover abandons the plan in progress
+            return np.asarray(self.operator.action(), dtype=np.float32), True
+        if self._chunk_used_up():
+            chunk = self._predict(obs)
+            if chunk is None:
+                return np.asarray(self.operator.action(), dtype=np.float32), True
+            self._chunk, self._chunk_index = chunk, 0
+        assert self._chunk is not None
+        action = self._chunk[self._chunk_index]
+        self._chunk_index += 1
+        return action, False
+
+    def _predict(self, obs: Observation) -> np.ndarray | None:
+        runner = self._runner
+        assert runner is not None
+        with self._lock:
+            self._counts["policy_calls"] += 1
+        try:
+            frames = {name: frame.color for name, frame in obs.frames.items()}
+            chunk = np.asarray(runner.predict(frames, obs.joint_pos, self._task), np.float32)
+            if chunk.ndim != 2 or chunk.shape[0] < 1 or chunk.shape[1] != JOINT_DIM:
+                raise ValueError(f"policy returned shape {chunk.shape}, expected (K, {JOINT_DIM})")
+            if not np.all(np.isfinite(chunk)):
+                raise ValueError("policy returned non-finite targets")
+        except Exception as exc:
+            fallback = self._fallback
+            self._fault(
+                f"episode {self._episode_id}: version {runner.version_id} failed to predict "
+                f"({exc}); falling back to version {fallback.version_id if fallback else None!r}"
+            )
+            with self._lock:
+                self._counts["policy_errors"] += 1
+                self._runner, self._fallback = fallback, None
+            self._sync_operator()
+            return None
+        return chunk
+
+    def _take_new_runner(self) -> None:
+        if self.watcher is None:
+            self._sync_operator()
+            return
+        runner = self.watcher.take_new()
+        if runner is not None:
+            previous = self._version
+            adoption = {"version": runner.version_id, "adopted_at": time.time()}
+            with self._lock:
+                if self._runner is not None:
+                    self._fallback = self._runner
+                self._runner = runner
+                self._adoptions.append(adoption)
+            self._chunk = None
+            log.info(
+                "cell %s episode %s: adopted version %s (was %r) at a chunk boundary",
+                self.config.cell_id,
+                self._episode_id,
+                runner.version_id,
+                previous,
+            )
+        self._sync_operator()
+
+    def _sync_operator(self) -> None:
+        """While no policy runs, the operator drives every tick (demonstrations)."""
+        want = self._runner is None
+        if want == self._forced:
+            return
+        force = getattr(self.operator, "force", None)
+        if callable(force):
+            force(want)
+        self._forced = want
+
+    def _fault(self, message: str) -> None:
+        log.error("cell %s: %s", self.config.cell_id, message)
+        self.last_fault = message
+        if self.on_fault is not None:
+            self.on_fault(message)
+
+    def _loop_hz(self) -> float:
+        """Ticks per clock second over the recent window (caller holds the lock)."""
+        if len(self._tick_starts) < 2:
+            return 0.0
+        span = self._tick_starts[-1] - self._tick_starts[0]
+        return (len(self._tick_starts) - 1) / span if span > 0 else 0.0

@@ -1,0 +1,176 @@
+"""One cell's whole edge actor: uplink, policy watcher, heartbeat and the control loop.
+
+`run_actor` owns the order things start and stop in. The threads that talk to the learner
+start first, the loop runs in the caller's thread until `stop`, and on the way out the
+episode in progress is closed, the uplink is drained (every recorded step acked durable,
+within a time limit), a last heartbeat tells the learner the final counts, and only then
+do the threads stop.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from typing import TYPE_CHECKING, Any, Protocol
+
+from actors.config import ActorConfig
+from actors.control_loop import ControlLoop
+from actors.heartbeat import HeartbeatSender
+from actors.policy_watch import PolicyWatcher, RunnerFactory
+from actors.uplink import Uplink
+from drivers.interfaces import Clock, Operator, TaskScene
+from protos.fleetlearn.v1 import policy_pb2
+
+if TYPE_CHECKING:
+    from drivers.cell import CellHardware
+
+log = logging.getLogger(__name__)
+
+MAX_ADOPTIONS_IN_HEARTBEAT = 50  # the heartbeat carries the recent ones; the summary all
+
+
+class CellLike(Protocol):
+    hardware: CellHardware
+    scene: TaskScene
+    operator: Operator
+    clock: Clock
+
+
+class _Faults:
+    """The newest fault any part reported, for heartbeats and the summary."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.last = ""
+        self.count = 0
+
+    def report(self, message: str) -> None:
+        with self._lock:
+            self.last = message
+            self.count += 1
+
+
+def run_actor(
+    config: ActorConfig,
+    cell: CellLike,
+    stop: threading.Event,
+    *,
+    drain_timeout_s: float = 30.0,
+    runner_factory: RunnerFactory | None = None,
+) -> dict[str, Any]:
+    """Run the cell until `stop` is set, then drain and return a summary of counts."""
+    faults = _Faults()
+    uplink = Uplink(
+        config.learner_address,
+        deadline_s=config.rpc_deadline_s,
+        max_queue=config.uplink_queue_chunks,
+        cell_id=config.cell_id,
+    )
+    watcher = PolicyWatcher(
+        config.learner_address,
+        config.cell_id,
+        config.token,
+        deadline_s=config.rpc_deadline_s,
+        on_fault=faults.report,
+        runner_factory=runner_factory,
+    )
+    loop = ControlLoop(
+        config,
+        cell.hardware,
+        cell.scene,
+        cell.operator,
+        cell.clock,
+        uplink,
+        watcher,
+        on_fault=faults.report,
+    )
+
+    def snapshot() -> policy_pb2.Heartbeat:
+        s = loop.stats
+        adopted = s["versions_adopted"][-MAX_ADOPTIONS_IN_HEARTBEAT:]
+        return policy_pb2.Heartbeat(
+            cell_id=config.cell_id,
+            version_running=s["version_running"],
+            task=s["task"],
+            episodes=s["episodes"],
+            steps_recorded=s["steps_recorded"],
+            steps_acked=uplink.stats["steps_acked"],
+            loop_hz=s["loop_hz"],
+            late_ticks=s["late_ticks"],
+            last_fault=faults.last,
+            sent_at=cell.clock.now(),
+            versions_adopted_json=json.dumps(adopted),
+            successes=s["successes"],
+            interventions=s["interventions"],
+            token=config.token,
+        )
+
+    heartbeat = HeartbeatSender(
+        config.learner_address,
+        snapshot,
+        interval_s=config.heartbeat_interval_s,
+        deadline_s=config.rpc_deadline_s,
+        cell_id=config.cell_id,
+    )
+    log.info("cell %s: edge actor starting, learner at %s", config.cell_id, config.learner_address)
+    uplink.start()
+    watcher.start()
+    heartbeat.start()
+    flushed = False
+    drain_s = 0.0
+    try:
+        loop.run(stop)
+    finally:
+        try:
+            cell.hardware.hold()
+        except Exception:
+            log.exception("cell %s: could not hold the arms after the loop", config.cell_id)
+        watcher.stop()
+        t0 = time.monotonic()
+        flushed = uplink.flush(drain_timeout_s)
+        drain_s = time.monotonic() - t0
+        if not flushed:
+            log.error(
+                "cell %s: %d chunks still unacked after %.1f s of draining",
+                config.cell_id,
+                uplink.pending,
+                drain_timeout_s,
+            )
+        heartbeat.stop(final=True)  # the final counts, after the drain
+        uplink.stop()
+    stats = loop.stats
+    up = uplink.stats
+    summary: dict[str, Any] = {
+        "cell_id": config.cell_id,
+        "steps_sent": up["steps_acked"],
+        "steps_recorded": stats["steps_recorded"],
+        "episodes": stats["episodes"],
+        "episodes_aborted": stats["episodes_aborted"],
+        "successes": stats["successes"],
+        "interventions": stats["interventions"],
+        "versions_adopted": [a["version"] for a in stats["versions_adopted"]],
+        "adoptions": stats["versions_adopted"],
+        "dropped": up["dropped"],
+        "rejected": up["rejected"],
+        "resends": up["resends"],
+        "chunks_acked": up["chunks_acked"],
+        "unacked": up["pending"],
+        "flushed": flushed,
+        "drain_s": round(drain_s, 3),
+        "late_ticks": stats["late_ticks"],
+        "loop_hz": stats["loop_hz"],
+        "policy_errors": stats["policy_errors"],
+        "faults": faults.count,
+        "last_fault": faults.last,
+    }
+    log.info(
+        "cell %s: edge actor done: %d of %d steps acked, %d episodes, versions %s",
+        config.cell_id,
+        summary["steps_sent"],
+        summary["steps_recorded"],
+        summary["episodes"],
+        summary["versions_adopted"],
+    )
+    return summary

@@ -1,0 +1,346 @@
+"""Watches for the version this cell is assigned, fetches and checks it, and hands it over.
+
+All of it runs on a thread beside the control loop: the watch stream, the chunked weight
+fetch (resumed from the last byte received after any error, so a large file survives a
+flaky link), the SHA-256 check against the assignment, and building the PolicyRunner. The
+loop only ever calls `take_new()`, which never blocks. Any failure keeps the last good
+version running and is reported through `on_fault`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import grpc
+
+from actors.uplink import Backoff, open_channel
+from protos.fleetlearn.v1 import policy_pb2, policy_pb2_grpc
+
+if TYPE_CHECKING:
+    from fleet.policy.runtime import PolicyRunner
+
+log = logging.getLogger(__name__)
+
+#: builds a runner from verified weights and the assignment that named them
+RunnerFactory = Callable[[bytes, policy_pb2.Assignment], "PolicyRunner"]
+
+# Fetch errors that retrying the same request cannot fix.
+_PERMANENT = frozenset(
+    {
+        grpc.StatusCode.NOT_FOUND,
+        grpc.StatusCode.PERMISSION_DENIED,
+        grpc.StatusCode.UNAUTHENTICATED,
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.OUT_OF_RANGE,
+        grpc.StatusCode.DATA_LOSS,
+    }
+)
+
+
+def load_runner(weights: bytes, assignment: policy_pb2.Assignment) -> PolicyRunner:
+    """The real factory: manifest from the assignment, weights checked and loaded on CPU."""
+    from fleet.policy.manifest import Manifest
+    from fleet.policy.runtime import PolicyRunner
+
+    manifest = Manifest.from_json(assignment.manifest_json)
+    if manifest.version_id != assignment.version_id:
+        raise ValueError(
+            f"assignment names version {assignment.version_id!r} but its manifest is "
+            f"{manifest.version_id!r}"
+        )
+    return PolicyRunner.from_version(weights, manifest)
+
+
+class FetchError(RuntimeError):
+    """The weights could not be fetched now; the watch reconnects and tries again."""
+
+
+class _Stopping(Exception):
+    pass
+
+
+class PolicyWatcher:
+    """Keeps the newest verified version of this cell's assignment ready for the loop."""
+
+    def __init__(
+        self,
+        address: str,
+        cell_id: str,
+        token: str,
+        *,
+        deadline_s: float,
+        on_fault: Callable[[str], None],
+        runner_factory: RunnerFactory | None = None,
+        stream_lifetime_s: float = 300.0,
+        fetch_chunk_bytes: int = 0,
+        max_fetch_errors: int = 5,
+        verify_attempts: int = 2,
+    ) -> None:
+        self.address = address
+        self.cell_id = cell_id
+        self.token = token
+        self.deadline_s = float(deadline_s)
+        self.on_fault = on_fault
+        self.runner_factory: RunnerFactory = runner_factory or load_runner
+        self.stream_lifetime_s = float(stream_lifetime_s)
+        self.fetch_chunk_bytes = int(fetch_chunk_bytes)
+        self.max_fetch_errors = int(max_fetch_errors)
+        self.verify_attempts = max(1, int(verify_attempts))
+        self._lock = threading.Lock()
+        self._assignment = ""
+        self._loaded = ""  # newest version built into a runner (taken or not)
+        self._new: PolicyRunner | None = None
+        self._failed: dict[str, str] = {}  # version -> sha256 that failed to verify or load
+        self._stopping = threading.Event()
+        self._calls: set[Any] = set()
+        self._thread: threading.Thread | None = None
+        self._channel: grpc.Channel | None = None
+        self.fetches = 0  # fetch calls made, resumptions included
+        self.bytes_fetched = 0
+
+    # -- the control loop's side ---------------------------------------------------------
+
+    def start(self) -> None:
+        if self._thread is not None:
+            raise RuntimeError("policy watcher already started")
+        self._channel = open_channel(self.address)
+        self._thread = threading.Thread(
+            target=self._run, name=f"policy-watch-{self.cell_id}", daemon=True
+        )
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        with self._lock:
+            calls = list(self._calls)
+        for call in calls:
+            call.cancel()
+        if self._thread is not None:
+            self._thread.join(timeout=self.deadline_s + 5.0)
+            if self._thread.is_alive():
+                log.error("cell %s: policy watcher did not stop", self.cell_id)
+        if self._channel is not None:
+            self._channel.close()
+            self._channel = None
+
+    def take_new(self) -> PolicyRunner | None:
+        """The newest loaded runner not taken yet, or None; never blocks."""
+        with self._lock:
+            runner, self._new = self._new, None
+            return runner
+
+    @property
+    def current_assignment(self) -> str:
+        """The version id the learner assigns this cell now ("" = none yet)."""
+        with self._lock:
+            return self._assignment
+
+    @property
+    def loaded_version(self) -> str:
+        with self._lock:
+            return self._loaded
+
+    # -- the watch thread ----------------------------------------------------------------
+
+    def _fault(self, message: str) -> None:
+        log.error("cell %s: %s", self.cell_id, message)
+        try:
+            self.on_fault(message)
+        except Exception:
+            log.exception("cell %s: on_fault callback failed", self.cell_id)
+
+    def _track(self, call: Any) -> Any:
+        with self._lock:
+            self._calls.add(call)
+        if self._stopping.is_set():
+            call.cancel()
+        return call
+
+    def _untrack(self, call: Any) -> None:
+        with self._lock:
+            self._calls.discard(call)
+        call.cancel()
+
+    def _run(self) -> None:
+        assert self._channel is not None
+        stub = policy_pb2_grpc.PolicyServiceStub(self._channel)
+        backoff = Backoff()
+        while not self._stopping.is_set():
+            request = policy_pb2.WatchRequest(
+                cell_id=self.cell_id, current_version=self.loaded_version, token=self.token
+            )
+            opened = time.monotonic()
+            call = self._track(stub.WatchAssignment(request, timeout=self.stream_lifetime_s))
+            retry_now = False
+            try:
+                for assignment in call:
+                    backoff.reset()
+                    self._on_assignment(stub, assignment)
+                if not self._stopping.is_set():
+                    log.warning("cell %s: learner closed the assignment watch", self.cell_id)
+            except _Stopping:
+                break
+            except FetchError as exc:
+                self._fault(str(exc))
+            except grpc.RpcError as exc:
+                if self._stopping.is_set():
+                    break
+                code = exc.code()
+                if code is grpc.StatusCode.DEADLINE_EXCEEDED and (
+                    time.monotonic() - opened >= self.stream_lifetime_s * 0.9
+                ):
+                    retry_now = True  # the watch reached its lifetime: reopen at once
+                elif code in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED):
+                    self._fault(f"assignment watch refused ({code.name}): {exc.details()}")
+                else:
+                    log.warning(
+                        "cell %s: assignment watch failed (%s: %s); reconnecting",
+                        self.cell_id,
+                        code.name if code is not None else "?",
+                        exc.details(),
+                    )
+            finally:
+                self._untrack(call)
+            if not retry_now:
+                self._stopping.wait(backoff.next())
+
+    def _on_assignment(
+        self, stub: policy_pb2_grpc.PolicyServiceStub, assignment: policy_pb2.Assignment
+    ) -> None:
+        version = assignment.version_id
+        with self._lock:
+            self._assignment = version
+            loaded = self._loaded
+        if not version:
+            log.info("cell %s: no policy version assigned yet", self.cell_id)
+            return
+        if version == loaded:
+            return
+        if self._failed.get(version) == assignment.sha256:
+            log.info(
+                "cell %s: version %s failed its checks before; keeping version %r",
+                self.cell_id,
+                version,
+                loaded,
+            )
+            return
+        log.info(
+            "cell %s: assigned version %s (%d bytes, sha256 %s...); fetching",
+            self.cell_id,
+            version,
+            assignment.size_bytes,
+            assignment.sha256[:12],
+        )
+        started = time.monotonic()
+        for attempt in range(1, self.verify_attempts + 1):
+            data = self._fetch(stub, assignment)
+            digest = _sha256(data)
+            if digest == assignment.sha256:
+                break
+            self._fault(
+                f"version {version}: fetched weights sha256 {digest[:16]}... do not match the "
+                f"assignment's {assignment.sha256[:16]}... (attempt {attempt}); "
+                f"keeping version {loaded!r}"
+            )
+        else:
+            self._failed[version] = assignment.sha256
+            return
+        try:
+            runner = self.runner_factory(data, assignment)
+        except Exception as exc:
+            self._failed[version] = assignment.sha256
+            self._fault(f"version {version} does not load: {exc}; keeping version {loaded!r}")
+            return
+        with self._lock:
+            self._new = runner
+            self._loaded = version
+        log.info(
+            "cell %s: version %s verified and loaded in %.2f s; the loop adopts it at its next "
+            "chunk boundary",
+            self.cell_id,
+            version,
+            time.monotonic() - started,
+        )
+
+    def _fetch(
+        self, stub: policy_pb2_grpc.PolicyServiceStub, assignment: policy_pb2.Assignment
+    ) -> bytes:
+        """The version's whole file, resuming from the bytes already received after errors."""
+        version = assignment.version_id
+        buf = bytearray()
+        total: int | None = None
+        errors = 0
+        backoff = Backoff()
+        while True:
+            if self._stopping.is_set():
+                raise _Stopping
+            request = policy_pb2.FetchRequest(
+                cell_id=self.cell_id,
+                version_id=version,
+                offset=len(buf),
+                chunk_bytes=self.fetch_chunk_bytes,
+                token=self.token,
+            )
+            before = len(buf)
+            self.fetches += 1
+            # The deadline bounds each call, not the file: a call that runs out of time just
+            # resumes from where it got to.
+            call = self._track(stub.FetchWeights(request, timeout=self.deadline_s))
+            try:
+                for msg in call:
+                    if msg.offset != len(buf):
+                        raise FetchError(
+                            f"version {version}: fetch sent offset {msg.offset}, "
+                            f"expected {len(buf)}"
+                        )
+                    buf += msg.data
+                    total = int(msg.total_bytes)
+                    self.bytes_fetched += len(msg.data)
+                    if len(buf) > total:
+                        raise FetchError(
+                            f"version {version}: fetch sent {len(buf)} bytes of {total}"
+                        )
+                if total is not None and len(buf) == total:
+                    if assignment.size_bytes and total != assignment.size_bytes:
+                        raise FetchError(
+                            f"version {version}: file is {total} bytes, the assignment "
+                            f"says {assignment.size_bytes}"
+                        )
+                    return bytes(buf)
+                problem = f"stream ended at byte {len(buf)} of {total}"
+            except grpc.RpcError as exc:
+                if self._stopping.is_set():
+                    raise _Stopping from None
+                code = exc.code()
+                if code in _PERMANENT:
+                    raise FetchError(
+                        f"version {version}: fetch refused ({code.name}): {exc.details()}"
+                    ) from None
+                problem = f"{code.name if code is not None else '?'}: {exc.details()}"
+            finally:
+                self._untrack(call)
+            errors = 0 if len(buf) > before else errors + 1
+            if errors > self.max_fetch_errors:
+                raise FetchError(
+                    f"version {version}: fetch failed {errors} times in a row at byte "
+                    f"{len(buf)} ({problem})"
+                )
+            log.warning(
+                "cell %s: fetching version %s interrupted at byte %d of %s (%s); resuming",
+                self.cell_id,
+                version,
+                len(buf),
+                total if total is not None else "?",
+                problem,
+            )
+            if errors:
+                self._stopping.wait(backoff.next())
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()

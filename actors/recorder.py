@@ -1,0 +1,177 @@
+"""Buffers one episode's steps and cuts them into StepChunk messages for the uplink.
+
+Frames are JPEG-encoded as each step is added, so the encoding cost is spread evenly over
+the ticks instead of landing on the tick that closes a chunk. A full chunk is emitted only
+when the next step arrives (one step is always held back), so `finish` always has at least
+one step for the closing `last=True` chunk. A chunk also closes early when the policy
+version changes, because a StepChunk names a single version for all of its steps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import simplejpeg
+
+from drivers.interfaces import Frame
+from fleet.robot import JOINT_DIM
+from fleet.wire import to_tensor
+from protos.fleetlearn.v1 import arrays_pb2, trajectory_pb2
+
+
+@dataclass(frozen=True)
+class _Step:
+    stamp: float
+    joint_pos: np.ndarray  # (14,) float32
+    action: np.ndarray  # (14,) float32
+    intervention: bool
+    reward: float
+    jpegs: dict[str, bytes]
+    version: str
+
+
+def _vector(name: str, value: object) -> np.ndarray:
+    arr = np.asarray(value, dtype=np.float32).reshape(-1)
+    if arr.shape != (JOINT_DIM,):
+        raise ValueError(f"{name} must have {JOINT_DIM} values, got shape {np.shape(value)}")
+    return arr
+
+
+class EpisodeRecorder:
+    """One episode's steps; `add_step` returns a StepChunk whenever one is complete."""
+
+    def __init__(
+        self,
+        cell_id: str,
+        episode_id: str,
+        task: str,
+        chunk_steps: int,
+        jpeg_quality: int,
+        token: str,
+    ) -> None:
+        if chunk_steps < 1:
+            raise ValueError(f"chunk_steps must be >= 1, got {chunk_steps}")
+        self.cell_id = cell_id
+        self.episode_id = episode_id
+        self.task = task
+        self.chunk_steps = int(chunk_steps)
+        self.jpeg_quality = int(jpeg_quality)
+        self.token = token
+        self.steps_recorded = 0
+        self.chunks_emitted = 0
+        self.finished = False
+        self._buffer: list[_Step] = []
+        self._first_step = 0  # episode index of the buffer's first step
+        self._shapes: dict[str, tuple[int, int]] | None = None  # camera -> (height, width)
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buffer)
+
+    def add_step(
+        self,
+        *,
+        stamp: float,
+        joint_pos: np.ndarray,
+        action: np.ndarray,
+        intervention: bool,
+        reward: float,
+        frames: Mapping[str, Frame],
+        policy_version: str,
+    ) -> trajectory_pb2.StepChunk | None:
+        """Buffer one step; returns the chunk this step closed, if any."""
+        if self.finished:
+            raise RuntimeError(f"episode {self.episode_id} is finished; no more steps")
+        step = _Step(
+            stamp=float(stamp),
+            joint_pos=_vector("joint_pos", joint_pos),
+            action=_vector("action", action),
+            intervention=bool(intervention),
+            reward=float(reward),
+            jpegs=self._encode(frames),
+            version=policy_version,
+        )
+        out = None
+        if self._buffer and (
+            len(self._buffer) >= self.chunk_steps or self._buffer[0].version != policy_version
+        ):
+            out = self._emit(last=False)
+        self._buffer.append(step)
+        self.steps_recorded += 1
+        return out
+
+    def finish(
+        self, *, success: bool, reason: str, started_at: float, ended_at: float
+    ) -> trajectory_pb2.StepChunk:
+        """The closing chunk (last=True, with the outcome) holding the remaining steps."""
+        if self.finished:
+            raise RuntimeError(f"episode {self.episode_id} is already finished")
+        if not self._buffer:
+            raise RuntimeError(f"episode {self.episode_id} has no steps to finish with")
+        outcome = trajectory_pb2.EpisodeOutcome(
+            success=bool(success), reason=reason, started_at=started_at, ended_at=ended_at
+        )
+        self.finished = True
+        return self._emit(last=True, outcome=outcome)
+
+    def _encode(self, frames: Mapping[str, Frame]) -> dict[str, bytes]:
+        shapes = {}
+        jpegs = {}
+        for name in sorted(frames):
+            color = np.ascontiguousarray(frames[name].color, dtype=np.uint8)
+            if color.ndim != 3 or color.shape[2] != 3:
+                raise ValueError(f"camera {name}: color must be (H, W, 3), got {color.shape}")
+            shapes[name] = (int(color.shape[0]), int(color.shape[1]))
+            jpegs[name] = simplejpeg.encode_jpeg(color, quality=self.jpeg_quality, colorspace="RGB")
+        if self._shapes is None:
+            self._shapes = shapes
+        elif shapes != self._shapes:
+            raise ValueError(
+                f"episode {self.episode_id}: cameras changed mid-episode "
+                f"({self._shapes} -> {shapes})"
+            )
+        return jpegs
+
+    def _emit(
+        self, *, last: bool, outcome: trajectory_pb2.EpisodeOutcome | None = None
+    ) -> trajectory_pb2.StepChunk:
+        steps, self._buffer = self._buffer, []
+        cameras = [
+            arrays_pb2.CameraFrames(
+                camera=name,
+                encoding="jpeg",
+                height=height,
+                width=width,
+                channels=3,
+                frames=[s.jpegs[name] for s in steps],
+            )
+            for name, (height, width) in (self._shapes or {}).items()
+        ]
+        chunk = trajectory_pb2.StepChunk(
+            cell_id=self.cell_id,
+            episode_id=self.episode_id,
+            seq=self.chunks_emitted,
+            first_step=self._first_step,
+            task=self.task,
+            policy_version=steps[0].version,
+            timestamp=to_tensor(np.array([s.stamp for s in steps], dtype=np.float64)),
+            joint_pos=to_tensor(np.stack([s.joint_pos for s in steps])),
+            action=to_tensor(np.stack([s.action for s in steps])),
+            intervention=to_tensor(np.array([s.intervention for s in steps], dtype=np.bool_)),
+            reward=to_tensor(np.array([s.reward for s in steps], dtype=np.float32)),
+            cameras=cameras,
+            last=last,
+            token=self.token,
+        )
+        if outcome is not None:
+            chunk.outcome.CopyFrom(outcome)
+        self.chunks_emitted += 1
+        self._first_step += len(steps)
+        return chunk
+
+
+def chunk_steps_of(chunk: trajectory_pb2.StepChunk) -> int:
+    """Number of steps a chunk carries (its timestamp column's length)."""
+    return int(chunk.timestamp.shape[0]) if chunk.timestamp.shape else 0
