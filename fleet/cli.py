@@ -1,0 +1,90 @@
+"""The `fleet` command: run a simulated fleet, run each piece for a real lab, inspect state.
+
+`fleet learner` and `fleet actor` hand over to the learner's and the actor's own entry
+points in a fresh interpreter, so this module imports neither (a cell has no Ray).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+from rich.console import Console
+from rich.live import Live
+
+
+def _exec_module(module: str, argv: list[str]) -> int:
+    os.execv(sys.executable, [sys.executable, "-m", module, *argv])
+    return 0  # not reached
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from fleet.registry import Registry
+    from fleet.status_view import render
+
+    registry = Registry(args.redis_url)
+    console = Console()
+    if not args.watch:
+        console.print(render(registry))
+        return 0
+    with Live(render(registry), console=console, refresh_per_second=1) as live:
+        try:
+            while True:
+                time.sleep(1.0)
+                live.update(render(registry))
+        except KeyboardInterrupt:
+            return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fleet", description="Fleet learning for dual-arm robot cells."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    from fleet.up import add_up_arguments
+
+    up = sub.add_parser(
+        "up",
+        help="run a whole simulated fleet on this machine",
+        description="Start Redis, the learner on Ray and N simulated cells.",
+    )
+    add_up_arguments(up)
+
+    status = sub.add_parser(
+        "status",
+        help="print the fleet's live state from Redis",
+        description="Print cells, learner and success counts from Redis.",
+    )
+    status.add_argument("--redis-url", required=True)
+    status.add_argument("--watch", action="store_true", help="keep refreshing")
+
+    sub.add_parser(
+        "learner", help="run the central learner (see `fleet learner --help`)", add_help=False
+    )
+    sub.add_parser(
+        "actor", help="run a cell's edge actor (see `fleet actor --help`)", add_help=False
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "learner":
+        return _exec_module("learner.main", argv[1:])
+    if argv and argv[0] == "actor":
+        return _exec_module("actors.main", argv[1:])
+    args = build_parser().parse_args(argv)
+    if args.command == "up":
+        from fleet.up import run_up
+
+        return run_up(args)
+    if args.command == "status":
+        return cmd_status(args)
+    return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,89 @@
+"""The live fleet table, drawn from Redis: shared by `fleet up` and `fleet status`."""
+
+from __future__ import annotations
+
+from rich.console import Group
+from rich.table import Table
+
+from fleet.registry import Registry
+
+
+def _rate(successes: int, episodes: int) -> str:
+    return f"{successes / episodes:.0%} ({successes}/{episodes})" if episodes else "-"
+
+
+def render(registry: Registry) -> Group:
+    """Per cell: episodes, steps, version, success; then the learner's progress."""
+    cells = Table(title="cells", expand=False)
+    for col in (
+        "cell",
+        "alive",
+        "task",
+        "episodes",
+        "steps sent",
+        "version",
+        "success",
+        "interventions",
+        "loop Hz",
+        "fault",
+    ):
+        cells.add_column(col)
+    for c in sorted(registry.cells(), key=lambda c: c.cell_id):
+        cells.add_row(
+            c.cell_id,
+            "yes" if c.alive else "[red]stale[/red]",
+            c.task,
+            str(c.episodes),
+            str(c.steps_acked),
+            c.version_running or "-",
+            _rate(c.successes, c.episodes),
+            str(c.interventions),
+            f"{c.loop_hz:.1f}",
+            c.last_fault or "",
+        )
+    stats = registry.learner_stats()
+    store = registry.store_totals()
+    learner = Table(title="learner", expand=False)
+    for col in (
+        "state",
+        "updates",
+        "loss",
+        "upd/s",
+        "versions",
+        "latest",
+        "store steps",
+        "store episodes",
+        "replay ratio",
+    ):
+        learner.add_column(col)
+
+    def num(key: str, fmt: str = "{:.0f}") -> str:
+        try:
+            return fmt.format(float(stats[key]))
+        except (KeyError, ValueError):
+            return "-"
+
+    learner.add_row(
+        str(stats.get("state", "-")),
+        num("updates"),
+        num("loss", "{:.4f}"),
+        num("updates_per_s", "{:.1f}"),
+        str(len(registry.versions())),
+        registry.latest_version() or "-",
+        str(store.get("steps", 0)),
+        str(store.get("episodes", 0)),
+        num("replay_ratio", "{:.1f}"),
+    )
+    per_task = Table(title="success by version and task", expand=False)
+    for col in ("version", "task", "episodes", "success", "intervention steps"):
+        per_task.add_column(col)
+    for version, tasks in sorted(registry.success_counts().items()):
+        for task, n in sorted(tasks.items()):
+            per_task.add_row(
+                version,
+                task,
+                str(n.get("episodes", 0)),
+                _rate(n.get("successes", 0), n.get("episodes", 0)),
+                str(n.get("intervention_steps", 0)),
+            )
+    return Group(cells, learner, per_task)

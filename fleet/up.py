@@ -1,0 +1,306 @@
+"""`fleet up`: a whole simulated fleet on one machine, then a clean stop.
+
+Order matters for "not one step lost": cells stop first and drain until every recorded
+step is acked durable, then the learner stops and reports what its store holds, then
+Redis. Every child runs in its own process group so nothing (Ray included) outlives us.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.live import Live
+
+from fleet.net import free_port
+from fleet.redis_server import RedisServer
+from fleet.registry import Registry
+from fleet.status_view import render
+
+log = logging.getLogger(__name__)
+
+SIM_TASKS = ("pick_cube", "touch_target")  # the sim cell's tasks (drivers/sim/tasks.py)
+SIM_CAMERAS = ("overhead", "front")
+
+
+def add_up_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cells", type=int, default=2, help="number of simulated cells")
+    p.add_argument(
+        "--duration",
+        type=float,
+        default=None,
+        help="stop after this many seconds (default: run until Ctrl-C)",
+    )
+    p.add_argument(
+        "--summary-json", type=Path, default=None, help="write the run's counts here at the end"
+    )
+    p.add_argument(
+        "--rollout",
+        default="immediate",
+        choices=["immediate"],
+        help="immediate: every cell takes each new version as it is published",
+    )
+    p.add_argument(
+        "--redis-url", default=None, help="use this Redis instead of starting a private one"
+    )
+    p.add_argument(
+        "--data-dir", type=Path, default=None, help="run directory (default: var/runs/<timestamp>)"
+    )
+    p.add_argument(
+        "--publish-every",
+        type=int,
+        default=150,
+        help="publish a new version every N trainer updates",
+    )
+    p.add_argument("--min-steps", type=int, default=200, help="stored steps before training starts")
+    p.add_argument("--preset", default="tiny", help="model preset")
+    p.add_argument(
+        "--realtime-factor",
+        type=float,
+        default=1.0,
+        help="sim seconds per wall second in each cell",
+    )
+    p.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=60.0,
+        help="seconds a stopping cell may take to get its last steps acked",
+    )
+    p.add_argument("--no-live", action="store_true", help="print no live table")
+
+
+@dataclass
+class _Child:
+    name: str
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self, timeout_s: float) -> None:
+        """SIGTERM, wait, then SIGKILL the whole process group (Ray workers included)."""
+        if self.alive():
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                log.warning("%s did not stop within %.0f s; killing it", self.name, timeout_s)
+        self.kill_group()
+
+    def kill_group(self) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            log.error("%s (pid %d) survived SIGKILL", self.name, self.proc.pid)
+
+
+@dataclass
+class _Fleet:
+    run_dir: Path
+    children: list[_Child] = field(default_factory=list)
+
+    def spawn(self, name: str, argv: list[str]) -> _Child:
+        log_path = self.run_dir / "logs" / f"{name}.log"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with log_path.open("ab") as out:
+            proc = subprocess.Popen(
+                argv,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        child = _Child(name, proc, log_path)
+        self.children.append(child)
+        return child
+
+
+def _wait_learner_ready(registry: Registry, learner: _Child, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if not learner.alive():
+            raise RuntimeError(f"the learner exited during start-up; see {learner.log_path}")
+        if registry.learner_stats().get("state") == "ready":
+            return
+        time.sleep(0.25)
+    raise RuntimeError(f"the learner was not ready after {timeout_s:.0f} s; see {learner.log_path}")
+
+
+def _summary(registry: Registry, cell_files: dict[str, Path]) -> dict[str, Any]:
+    cells: dict[str, Any] = {}
+    for cell_id, path in cell_files.items():
+        data = json.loads(path.read_text()) if path.exists() else {}
+        cells[cell_id] = {
+            "steps_sent": int(data.get("steps_sent", 0)),
+            "episodes": int(data.get("episodes", 0)),
+            "versions_adopted": list(data.get("versions_adopted", [])),
+            "adoptions": list(data.get("adoptions", [])),
+            "dropped": int(data.get("dropped", 0)),
+            "summary_written": path.exists(),
+        }
+    stats = registry.learner_stats()
+    versions = registry.versions()
+    return {
+        "cells": cells,
+        "store": {
+            "steps": int(float(stats.get("store_steps", -1))),
+            "episodes": int(float(stats.get("store_episodes", -1))),
+        },
+        "versions_published": [v["version_id"] for v in versions],
+        "published_at": {v["version_id"]: float(v["published_at"]) for v in versions},
+        "updates": int(float(stats.get("updates", 0))),
+        "learner_state": stats.get("state", ""),
+    }
+
+
+def run_up(args: argparse.Namespace) -> int:
+    from fleet.logs import setup_logging
+
+    setup_logging()
+    console = Console()
+    run_dir: Path = (args.data_dir or Path("var/runs") / time.strftime("%Y%m%d-%H%M%S")).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    fleet = _Fleet(run_dir)
+    redis: RedisServer | None = None
+    interrupted = False
+
+    def on_sigterm(*_: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    cell_files = {
+        f"cell-{i:02d}": run_dir / "cells" / f"cell-{i:02d}.json" for i in range(1, args.cells + 1)
+    }
+    learner: _Child | None = None
+    cells: list[_Child] = []
+    summary: dict[str, Any] | None = None
+    try:
+        if args.redis_url:
+            url = args.redis_url
+        else:
+            redis = RedisServer(port=free_port(), password=secrets.token_hex(16)).start()
+            url = redis.url
+        registry = Registry(url)
+        port = free_port()
+        console.print(f"fleet up: run directory {run_dir}, learner on 127.0.0.1:{port}")
+        learner = fleet.spawn(
+            "learner",
+            [
+                sys.executable,
+                "-m",
+                "learner.main",
+                "--redis-url",
+                url,
+                "--data-dir",
+                str(run_dir),
+                "--port",
+                str(port),
+                "--tasks",
+                ",".join(SIM_TASKS),
+                "--cameras",
+                ",".join(SIM_CAMERAS),
+                "--preset",
+                args.preset,
+                "--publish-every",
+                str(args.publish_every),
+                "--min-steps",
+                str(args.min_steps),
+                "--rollout",
+                args.rollout,
+            ],
+        )
+        _wait_learner_ready(registry, learner, timeout_s=180)
+        for i, (cell_id, path) in enumerate(cell_files.items(), start=1):
+            cells.append(
+                fleet.spawn(
+                    cell_id,
+                    [
+                        sys.executable,
+                        "-m",
+                        "actors.main",
+                        "--cell",
+                        cell_id,
+                        "--sim",
+                        "--learner",
+                        f"127.0.0.1:{port}",
+                        "--seed",
+                        str(i),
+                        "--cameras",
+                        ",".join(SIM_CAMERAS),
+                        "--realtime-factor",
+                        str(args.realtime_factor),
+                        "--summary-json",
+                        str(path),
+                    ],
+                )
+            )
+        deadline = None if args.duration is None else time.monotonic() + args.duration
+        with Live(
+            render(registry),
+            console=console,
+            refresh_per_second=1,
+            transient=False,
+            auto_refresh=False,
+        ) as live:
+            while deadline is None or time.monotonic() < deadline:
+                time.sleep(1.0)
+                dead = [c.name for c in [learner, *cells] if not c.alive()]
+                if dead:
+                    raise RuntimeError(f"{', '.join(dead)} exited early; see {run_dir}/logs")
+                if not args.no_live:
+                    live.update(render(registry), refresh=True)
+    except KeyboardInterrupt:
+        interrupted = True
+        console.print("fleet up: stopping (Ctrl-C)")
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        console.print("fleet up: stopping cells (draining their last steps)")
+        for c in cells:
+            if c.alive():
+                c.proc.send_signal(signal.SIGTERM)
+        for c in cells:
+            c.stop(args.drain_timeout)
+        if learner is not None:
+            console.print("fleet up: stopping the learner")
+            learner.stop(60.0)
+        try:
+            if learner is not None and redis_alive(redis, args.redis_url):
+                summary = _summary(Registry(redis.url if redis else args.redis_url), cell_files)
+        finally:
+            if redis is not None:
+                redis.stop()
+    if summary is not None:
+        if args.summary_json is not None:
+            args.summary_json.parent.mkdir(parents=True, exist_ok=True)
+            args.summary_json.write_text(json.dumps(summary, indent=2))
+        sent = sum(c["steps_sent"] for c in summary["cells"].values())
+        console.print(
+            f"fleet up: {len(summary['versions_published'])} versions published, "
+            f"{summary['updates']} updates; cells sent {sent} steps, "
+            f"store holds {summary['store']['steps']} steps in "
+            f"{summary['store']['episodes']} episodes"
+        )
+    return 130 if interrupted and args.duration is None else 0
+
+
+def redis_alive(redis: RedisServer | None, url: str | None) -> bool:
+    """True when the registry's Redis still answers (the summary is read from it)."""
+    try:
+        return Registry(redis.url if redis else str(url)).ping()
+    except Exception:
+        return False

@@ -1,0 +1,112 @@
+"""The learner's gRPC endpoint: trajectory ingest and policy distribution on one port.
+
+Cells see one address. Ingest writes each received chunk to the zarr store and acks it once
+durable; the policy service answers version watches, weight fetches and heartbeats.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Collection, Mapping
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+
+from fleet.registry import Registry
+from learner import ingest, policy_service
+from learner.chunks import DecodedChunk
+from learner.ingest import IngestServicer
+from learner.policy_service import PolicyServicer
+from learner.store import EpisodeData, EpisodeStore
+
+log = logging.getLogger(__name__)
+
+MAX_MESSAGE_BYTES = 64 << 20
+
+
+class Gateway:
+    """Owns the gRPC server, the episode store writer and their Redis bookkeeping."""
+
+    def __init__(
+        self,
+        store_root: Path,
+        registry_url: str,
+        tasks: Collection[str],
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        tokens: Mapping[str, str] | None = None,
+        max_workers: int = 64,
+    ) -> None:
+        self.store = EpisodeStore(store_root)
+        self.registry = Registry(registry_url)
+        self.host = host
+        self.port = port
+        self.ingest = IngestServicer(
+            self.store,
+            known_tasks=tasks,
+            tokens=tokens,
+            on_chunk=self._on_chunk,
+            on_episode_end=self._on_episode_end,
+        )
+        self.policy = PolicyServicer(self.registry, tokens=tokens)
+        self.server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="gateway"),
+            options=[
+                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.keepalive_permit_without_calls", 1),
+                ("grpc.http2.min_ping_interval_without_data_ms", 5000),
+            ],
+        )
+        ingest.add_to_server(self.server, self.ingest)
+        policy_service.add_to_server(self.server, self.policy)
+
+    def start(self) -> int:
+        """Bind and serve; returns the bound port."""
+        bound = self.server.add_insecure_port(f"{self.host}:{self.port}")
+        if bound == 0:
+            raise RuntimeError(f"learner gateway could not bind {self.host}:{self.port}")
+        self.port = bound
+        self.server.start()
+        log.info("learner gateway serving on %s:%d", self.host, bound)
+        return bound
+
+    def totals(self) -> dict[str, int]:
+        """What the store holds now, read from the store itself."""
+        steps, episodes = self.store.totals()
+        return {"steps": steps, "episodes": episodes}
+
+    def stats(self) -> dict[str, int]:
+        return dict(self.ingest.stats)
+
+    def stop(self, grace_s: float = 5.0) -> None:
+        self.policy.stop()
+        self.server.stop(grace_s).wait(grace_s + 1)
+        log.info("learner gateway on port %d stopped", self.port)
+
+    def _on_chunk(self, chunk: DecodedChunk) -> None:
+        self.registry.add_store_totals(chunk.n_steps, 1 if chunk.seq == 0 else 0)
+
+    def _on_episode_end(self, chunk: DecodedChunk, data: EpisodeData | None) -> None:
+        outcome = chunk.outcome or {}
+        steps = int(data.joint_pos.shape[0]) if data is not None else chunk.n_steps
+        interventions = int(data.intervention.sum()) if data is not None else 0
+        self.registry.record_episode(
+            cell_id=chunk.cell_id,
+            version=chunk.policy_version or "none",
+            task=chunk.task,
+            success=bool(outcome.get("success", False)),
+            steps=steps,
+            intervention_steps=interventions,
+        )
+        log.info(
+            "cell %s episode %s (%s, version %s) complete: %d steps, success=%s",
+            chunk.cell_id,
+            chunk.episode_id,
+            chunk.task,
+            chunk.policy_version or "none",
+            steps,
+            outcome.get("success"),
+        )

@@ -1,0 +1,171 @@
+"""Training batches from the growing episode store, and the sample-to-insert rate limiter.
+
+Completed episodes become sampleable as soon as ingest marks them complete. Batches are
+task-balanced so a task with many cells does not crowd out the others in the one unified
+model. The limiter throttles the trainer only; ingest never waits on it, so a slow learner
+can never stall a cell (unlike Reverb's limiter, which blocks inserts).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import simplejpeg
+
+from learner.store import EpisodeData, EpisodeRef, EpisodeStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SamplerConfig:
+    """Sampling knobs; the defaults suit the tiny model on a CPU."""
+
+    batch_size: int = 32
+    chunk_len: int = 10
+    intervention_weight: float = 2.0
+    # At most this many sampled steps per stored step: beyond it the trainer waits for data.
+    max_samples_per_insert: float = 64.0
+    # Training starts once this many steps are stored.
+    min_steps: int = 200
+    refresh_interval_s: float = 2.0
+
+
+@dataclass
+class _Episode:
+    data: EpisodeData
+    task: str
+    n_steps: int
+
+
+@dataclass
+class RateLimiter:
+    """Bounds sampled steps per inserted step; only the consumer (trainer) is throttled."""
+
+    max_samples_per_insert: float
+    min_inserted: int
+    sampled: int = 0
+    inserted: int = 0
+
+    def may_sample(self, n: int) -> bool:
+        if self.inserted < self.min_inserted:
+            return False
+        return (self.sampled + n) <= self.max_samples_per_insert * self.inserted
+
+    def ratio(self) -> float:
+        return self.sampled / self.inserted if self.inserted else 0.0
+
+
+@dataclass
+class EpisodeSampler:
+    """Reads complete episodes from the store as it grows and draws task-balanced batches."""
+
+    store: EpisodeStore
+    cameras: Sequence[str]
+    tasks: Sequence[str]
+    config: SamplerConfig = field(default_factory=SamplerConfig)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self._rng = np.random.default_rng(self.seed)
+        self._episodes: dict[EpisodeRef, _Episode] = {}
+        self._by_task: dict[str, list[EpisodeRef]] = {}
+        self._last_refresh = 0.0
+        self.limiter = RateLimiter(self.config.max_samples_per_insert, self.config.min_steps)
+        self._task_ids = {t: i for i, t in enumerate(self.tasks)}
+
+    @property
+    def steps_available(self) -> int:
+        return self.limiter.inserted
+
+    @property
+    def episodes_available(self) -> int:
+        return len(self._episodes)
+
+    def refresh(self, force: bool = False) -> int:
+        """Load episodes completed since the last refresh; returns how many were added."""
+        now = time.monotonic()
+        if not force and now - self._last_refresh < self.config.refresh_interval_s:
+            return 0
+        self._last_refresh = now
+        added = 0
+        for ref in self.store.episodes(complete_only=True):
+            if ref in self._episodes:
+                continue
+            data = self.store.read_episode(ref)
+            task = str(data.attrs.get("task", ""))
+            n = int(data.joint_pos.shape[0])
+            if task not in self._task_ids or n == 0:
+                log.warning(
+                    "episode %s/%s: task %r not trained or empty, skipped",
+                    ref.cell_id,
+                    ref.episode_id,
+                    task,
+                )
+                self._episodes[ref] = _Episode(data, task, 0)
+                continue
+            self._episodes[ref] = _Episode(data, task, n)
+            self._by_task.setdefault(task, []).append(ref)
+            self.limiter.inserted += n
+            added += 1
+        return added
+
+    def ready(self) -> bool:
+        """True when the limiter allows one more batch (refreshing the index if due)."""
+        self.refresh()
+        return bool(self._by_task) and self.limiter.may_sample(self.config.batch_size)
+
+    def sample(self) -> dict[str, np.ndarray]:
+        """One task-balanced batch in the layout UnifiedPolicy.bc_loss expects."""
+        cfg = self.config
+        tasks = sorted(self._by_task)
+        if not tasks:
+            raise RuntimeError("no complete episodes to sample from yet")
+        b, k = cfg.batch_size, cfg.chunk_len
+        first = self._episodes[self._by_task[tasks[0]][0]].data
+        h, w = _frame_shape(first, self.cameras[0])
+        images = np.zeros((b, len(self.cameras), h, w, 3), np.uint8)
+        joint_pos = np.zeros((b, 14), np.float32)
+        actions = np.zeros((b, k, 14), np.float32)
+        mask = np.zeros((b, k), np.float32)
+        weight = np.ones((b,), np.float32)
+        task_id = np.zeros((b,), np.int64)
+        for i in range(b):
+            task = tasks[int(self._rng.integers(len(tasks)))]
+            refs = self._by_task[task]
+            ep = self._episodes[refs[int(self._rng.integers(len(refs)))]]
+            t = int(self._rng.integers(ep.n_steps))
+            data = ep.data
+            for c, cam in enumerate(self.cameras):
+                images[i, c] = simplejpeg.decode_jpeg(data.frames[cam][t], colorspace="RGB")
+            joint_pos[i] = data.joint_pos[t]
+            end = min(t + k, ep.n_steps)
+            actions[i, : end - t] = data.action[t:end]
+            actions[i, end - t :] = data.action[end - 1]
+            mask[i, : end - t] = 1.0
+            if bool(data.intervention[t]):
+                weight[i] = cfg.intervention_weight
+            task_id[i] = self._task_ids[task]
+        self.limiter.sampled += b
+        return {
+            "images": images,
+            "joint_pos": joint_pos,
+            "task_id": task_id,
+            "actions": actions,
+            "action_mask": mask,
+            "weight": weight,
+        }
+
+
+def _frame_shape(data: EpisodeData, camera: str) -> tuple[int, int]:
+    if camera not in data.frames:
+        raise KeyError(
+            f"episode {data.ref.cell_id}/{data.ref.episode_id} has no camera {camera!r}; "
+            f"it has {sorted(data.frames)}"
+        )
+    img = simplejpeg.decode_jpeg(data.frames[camera][0], colorspace="RGB")
+    return int(img.shape[0]), int(img.shape[1])

@@ -1,0 +1,120 @@
+"""End to end: `fleet up` runs sim cells through the whole learning loop and loses nothing.
+
+sim cell -> edge actor -> gRPC -> learner on Ray -> zarr -> RLlib training -> new version
+-> back to every cell. Counts are checked from the summary `fleet up` writes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+import pytest
+
+ADOPTION_LIMIT_S = 10.0
+
+
+@pytest.fixture(scope="module")
+def fleet_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    run_dir = tmp_path_factory.mktemp("fleet")
+    summary_path = run_dir / "summary.json"
+    before = {p.pid for p in psutil.process_iter()}
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fleet.cli",
+            "up",
+            "--cells",
+            "2",
+            "--duration",
+            "75",
+            "--publish-every",
+            "25",
+            "--min-steps",
+            "100",
+            "--no-live",
+            "--data-dir",
+            str(run_dir / "run"),
+            "--summary-json",
+            str(summary_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=420,
+        env={**os.environ, "COLUMNS": "200"},
+    )
+    logs = "\n".join(
+        f"--- {p.name}\n{p.read_text()[-3000:]}" for p in (run_dir / "run" / "logs").glob("*.log")
+    )
+    assert proc.returncode == 0, f"fleet up failed:\n{proc.stdout}\n{proc.stderr}\n{logs}"
+    leftovers = [
+        p.cmdline()
+        for p in psutil.process_iter()
+        if p.pid not in before and p.pid != os.getpid() and _is_ours(p)
+    ]
+    summary = json.loads(summary_path.read_text())
+    return {"summary": summary, "leftovers": leftovers, "logs": logs, "run_dir": run_dir}
+
+
+def _is_ours(p: psutil.Process) -> bool:
+    try:
+        cmd = " ".join(p.cmdline())
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return False
+    return any(
+        k in cmd
+        for k in ("learner.main", "actors.main", "redis-server", "ray::", "raylet", "gcs_server")
+    )
+
+
+def test_store_holds_exactly_the_steps_the_cells_sent(fleet_run: dict) -> None:
+    s = fleet_run["summary"]
+    cells = s["cells"]
+    assert set(cells) == {"cell-01", "cell-02"}
+    for cell_id, c in cells.items():
+        assert c["summary_written"], f"{cell_id} wrote no summary"
+        assert c["episodes"] >= 3, f"{cell_id} finished only {c['episodes']} episodes"
+        assert c["dropped"] == 0
+    sent = sum(c["steps_sent"] for c in cells.values())
+    assert sent > 0
+    assert s["store"]["steps"] == sent, fleet_run["logs"]
+    # Every finished episode plus the one cut short at shutdown is in the store, once.
+    assert s["store"]["episodes"] == sum(c["episodes"] for c in cells.values()) + len(cells)
+
+
+def test_versions_are_published_and_every_cell_adopts_each_promptly(fleet_run: dict) -> None:
+    s = fleet_run["summary"]
+    published = s["versions_published"]
+    assert len(published) >= 2, f"only {published} published after {s['updates']} updates"
+    assert s["updates"] >= 25 * len(published)
+    last_published = max(s["published_at"].values())
+    for cell_id, c in s["cells"].items():
+        adopted = {a["version"]: a["adopted_at"] for a in c["adoptions"]}
+        assert c["versions_adopted"] == [a["version"] for a in c["adoptions"]]
+        for version in published:
+            published_at = s["published_at"][version]
+            if published_at == last_published:
+                continue  # the newest may land during shutdown; the older ones may not
+            assert version in adopted, f"{cell_id} never ran {version}: {c['adoptions']}"
+            delay = adopted[version] - published_at
+            assert 0 <= delay <= ADOPTION_LIMIT_S, f"{cell_id} took {delay:.1f}s for {version}"
+
+
+def test_nothing_is_left_running(fleet_run: dict) -> None:
+    assert fleet_run["leftovers"] == []
+
+
+def test_episodes_are_in_zarr_layout(fleet_run: dict) -> None:
+    store = Path(fleet_run["run_dir"]) / "run" / "store"
+    cells = sorted(p.name for p in (store / "episodes").iterdir() if p.is_dir())
+    assert cells == ["cell-01", "cell-02"]
+    some_episode = next(p for p in (store / "episodes" / "cell-01").iterdir() if p.is_dir())
+    names = {p.name for p in some_episode.iterdir()}
+    steps = {"joint_pos", "action", "intervention", "reward", "timestamp"}
+    assert steps | {"cameras", "zarr.json"} <= names
+    assert {p.name for p in (some_episode / "cameras").iterdir()} >= {"overhead", "front"}
