@@ -1,0 +1,82 @@
+"""The `fleet` command: every subcommand has --help, and `fleet status` shows Redis' live state."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from fleet.registry import CellState, Registry
+
+
+def fleet(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "fleet.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "COLUMNS": "220"},
+    )
+
+
+@pytest.mark.parametrize("command", ["up", "status", "learner", "actor"])
+def test_every_command_has_help(command: str) -> None:
+    out = fleet(command, "--help")
+    assert out.returncode == 0, out.stderr
+    assert "usage:" in out.stdout and f"fleet {command}" in out.stdout
+
+
+def test_status_prints_the_live_state_from_redis(redis_server: str) -> None:
+    registry = Registry(redis_server)
+    registry.add_version(
+        json.dumps(
+            {
+                "version_id": "v0001",
+                "sha256": "ab" * 32,
+                "created_at": time.time(),
+                "parent": None,
+                "model_config": {},
+                "training_step": 10,
+                "data_seen": 100,
+            }
+        ),
+        "/nonexistent/v0001.safetensors",
+    )
+    registry.set_rollout_mode("immediate")
+    registry.set_stable("v0001", actor="test", reason="first")
+    registry.record_heartbeat(
+        CellState(
+            cell_id="cell-77",
+            version_running="v0001",
+            task="pick_cube",
+            episodes=4,
+            steps_recorded=640,
+            steps_acked=640,
+            loop_hz=20.0,
+            late_ticks=0,
+            last_fault="",
+            successes=3,
+            interventions=12,
+            versions_adopted=[],
+            last_seen=time.time(),
+            alive=True,
+        )
+    )
+    registry.record_episode(
+        cell_id="cell-77",
+        version="v0001",
+        task="pick_cube",
+        success=True,
+        steps=160,
+        intervention_steps=0,
+    )
+    registry.set_learner_stats(state="ready", updates=42, loss=0.125)
+    out = fleet("status", "--redis-url", redis_server)
+    assert out.returncode == 0, out.stderr
+    text = out.stdout
+    assert "cell-77" in text and "v0001" in text and "75% (3/4)" in text
+    assert "42" in text and "0.1250" in text and "pick_cube" in text
