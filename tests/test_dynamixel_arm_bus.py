@@ -324,6 +324,11 @@ def test_unplugged_port_is_named_and_reconnects_when_back(make_peer) -> None:
     try:
         arm.set_torque(True)
         arm.write_goal(np.array([0.3, 0, 0, 0, 0, 0, 0.5]))
+        # SYNC_WRITE has no reply: wait until the peer has taken it before pulling the cable.
+        deadline = time.monotonic() + 2.0
+        while peer.register(1, ct.GOAL_POSITION) != 2048 + round(0.3 / TICK):
+            assert time.monotonic() < deadline, "the peer never applied the sync write"
+            time.sleep(0.005)
         peer.unplug()
         with pytest.raises(DynamixelPortError, match=peer.port):
             arm.read_state()
