@@ -1,0 +1,240 @@
+"""Prometheus metrics shared by the edge and the learner: one naming scheme, one server.
+
+Every metric is named `fleet_<part>_<what>[_unit]` (`fleet_edge_*`, `fleet_ingest_*`,
+`fleet_trainer_*`) with labels `cell`, `version`, `task`, `code` where they apply, so the
+Grafana dashboard in ops/grafana/ can query every process the same way.
+
+Most numbers already exist as counters inside the components (`stats()` dictionaries); a
+`StatsCollector` reads them at scrape time instead of duplicating every increment. Only
+distributions (tick lateness, ack latency) are real `Histogram` instruments.
+
+The learner's Ray actors may run on other nodes, so each one renders its own `fleet_*`
+families as text (`fleet_text`) and the driver re-exposes them through a `RemoteCollector`:
+one scrape target per learner no matter where Ray placed its actors.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import threading
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import REGISTRY, CollectorRegistry, generate_latest, start_http_server
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    InfoMetricFamily,
+    Metric,
+)
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.registry import Collector
+
+log = logging.getLogger(__name__)
+
+PREFIX = "fleet_"
+# Control ticks run at 20-50 Hz: lateness that matters is a few ms to a whole period.
+TICK_LATENESS_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0)
+# An ack waits for a zarr append of a chunk of frames: milliseconds, seconds when disks stall.
+ACK_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
+
+_NAME_RE = re.compile(r"\bfleet_[a-zA-Z0-9_]+")
+
+
+@dataclass(frozen=True)
+class Stat:
+    """How one key of a stats() dictionary becomes a metric."""
+
+    key: str
+    name: str
+    kind: str  # "counter" or "gauge"
+    help: str
+
+
+class StatsCollector(Collector):
+    """Exposes numbers from a stats() callable, read fresh at every scrape.
+
+    `labels` are constant labels for every sample (e.g. cell). Keys the callable does not
+    return are left out, so a component that lacks a number simply does not export it.
+    """
+
+    def __init__(
+        self,
+        read: Callable[[], Mapping[str, Any]],
+        stats: Iterable[Stat],
+        *,
+        labels: Mapping[str, str] | None = None,
+        info: Callable[[], tuple[str, str, Mapping[str, str]]] | None = None,
+    ) -> None:
+        self.read = read
+        self.stats = tuple(stats)
+        self.labels = dict(labels or {})
+        self.info = info
+
+    def collect(self) -> Iterator[Metric]:
+        try:
+            values = self.read()
+        except Exception:
+            log.exception("metrics: reading stats failed (labels %s)", self.labels)
+            return
+        names, vals = list(self.labels), list(self.labels.values())
+        for s in self.stats:
+            if s.key not in values:
+                continue
+            v = _number(values[s.key])
+            if s.kind == "counter":
+                fam: Metric = CounterMetricFamily(s.name, s.help, labels=names)
+            else:
+                fam = GaugeMetricFamily(s.name, s.help, labels=names)
+            fam.add_metric(vals, v)  # type: ignore[attr-defined]
+            yield fam
+        if self.info is not None:
+            name, help_, extra = self.info()
+            fam = InfoMetricFamily(name, help_, labels=names)
+            fam.add_metric(vals, dict(extra))
+            yield fam
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(())  # collected lazily; nothing to check at registration
+
+
+class RemoteCollector(Collector):
+    """Re-exposes `fleet_*` families that other processes rendered as text.
+
+    Each fetcher returns exposition text (see `fleet_text`); a fetcher that fails is
+    logged and skipped, so one stuck Ray actor does not blank the whole endpoint.
+    """
+
+    def __init__(self, fetchers: Mapping[str, Callable[[], str]]) -> None:
+        self.fetchers = dict(fetchers)
+
+    def collect(self) -> Iterator[Metric]:
+        for name, fetch in self.fetchers.items():
+            try:
+                text = fetch()
+            except Exception as exc:
+                log.warning("metrics: fetching %s's metrics failed: %s", name, exc)
+                continue
+            for fam in text_string_to_metric_families(text):
+                if fam.name.startswith(PREFIX):
+                    yield fam
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(())
+
+
+def fleet_text(registry: CollectorRegistry = REGISTRY) -> str:
+    """This process's `fleet_*` families as exposition text (no process_/python_ ones)."""
+    restricted = _FleetOnly(registry)
+    return generate_latest(restricted).decode("utf-8")  # type: ignore[arg-type]
+
+
+class _FleetOnly(CollectorRegistry):
+    def __init__(self, inner: CollectorRegistry) -> None:
+        super().__init__(auto_describe=False)
+        self._inner = inner
+
+    def collect(self) -> Iterator[Metric]:
+        for fam in self._inner.collect():
+            if fam.name.startswith(PREFIX):
+                yield fam
+
+
+@dataclass
+class MetricsServer:
+    """A running /metrics endpoint; `stop()` frees the port."""
+
+    server: WSGIServer
+    thread: threading.Thread
+
+    @property
+    def port(self) -> int:
+        return int(self.server.server_address[1])
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(5.0)
+
+
+def serve_metrics(
+    port: int, *, host: str = "0.0.0.0", registry: CollectorRegistry = REGISTRY
+) -> MetricsServer | None:
+    """Serve /metrics on host:port in a daemon thread; port 0 means metrics are off."""
+    if port <= 0:
+        return None
+    server, thread = start_http_server(port, addr=host, registry=registry)
+    log.info("metrics on http://%s:%d/metrics", host, port)
+    return MetricsServer(server, thread)
+
+
+def register(collector: Collector, registry: CollectorRegistry = REGISTRY) -> Callable[[], None]:
+    """Register a collector; returns the function that unregisters it (idempotent)."""
+    registry.register(collector)
+    done = threading.Event()
+
+    def unregister() -> None:
+        if not done.is_set():
+            done.set()
+            registry.unregister(collector)
+
+    return unregister
+
+
+def metric_names(text: str) -> set[str]:
+    """Every `fleet_*` name in a text: PromQL expressions or exposition output."""
+    return set(_NAME_RE.findall(text))
+
+
+def _number(value: Any) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+# -- the stats each component exports -------------------------------------------------------
+
+EDGE_STATS = (
+    Stat("steps_recorded", "fleet_edge_steps_recorded", "counter", "steps the loop recorded"),
+    Stat("episodes", "fleet_edge_episodes", "counter", "episodes finished on this cell"),
+    Stat("successes", "fleet_edge_successes", "counter", "episodes that ended in success"),
+    Stat("interventions", "fleet_edge_interventions", "counter", "episodes an operator took"),
+    Stat("late_ticks", "fleet_edge_late_ticks", "counter", "ticks that missed their period"),
+    Stat("policy_errors", "fleet_edge_policy_errors", "counter", "policy inference failures"),
+    Stat("loop_hz", "fleet_edge_loop_hz", "gauge", "measured control-loop rate"),
+    Stat("policy_swaps", "fleet_edge_policy_swaps", "counter", "policy versions adopted"),
+    Stat("faults", "fleet_edge_faults", "counter", "faults any part of the actor reported"),
+)
+UPLINK_STATS = (
+    Stat("steps_acked", "fleet_edge_steps_sent", "counter", "steps acked durable by the learner"),
+    Stat("chunks_sent", "fleet_edge_chunks_sent", "counter", "chunks put on the wire"),
+    Stat("chunks_acked", "fleet_edge_chunks_acked", "counter", "chunks acked durable"),
+    Stat("resends", "fleet_edge_resends", "counter", "chunks sent again after a failure"),
+    Stat("dropped", "fleet_edge_dropped", "counter", "chunks dropped: uplink queue full"),
+    Stat("rejected", "fleet_edge_rejected", "counter", "chunks the learner refused"),
+    Stat("pending", "fleet_edge_uplink_pending_chunks", "gauge", "chunks waiting for an ack"),
+    Stat("spool_bytes", "fleet_edge_spool_bytes", "gauge", "bytes spooled awaiting upload"),
+    Stat("spool_chunks", "fleet_edge_spool_chunks", "gauge", "chunks spooled awaiting upload"),
+    Stat("spool_full", "fleet_edge_spool_full", "gauge", "1 while the spool quota is full"),
+    Stat("transient_rejects", "fleet_edge_transient_rejects", "counter", "refusals retried"),
+)
+INGEST_STATS = (
+    Stat("chunks_acked", "fleet_ingest_chunks_acked", "counter", "chunks acked durable"),
+    Stat("duplicates", "fleet_ingest_duplicates", "counter", "chunks received again, acked"),
+    Stat("rejected", "fleet_ingest_rejected", "counter", "chunks refused (all codes)"),
+    Stat("steps_stored", "fleet_ingest_steps_stored", "counter", "steps written to the store"),
+    Stat("episodes_completed", "fleet_ingest_episodes_completed", "counter", "episodes closed"),
+)
+TRAINER_STATS = (
+    Stat("updates", "fleet_trainer_updates", "counter", "gradient updates done"),
+    Stat("loss", "fleet_trainer_loss", "gauge", "loss of the latest update"),
+    Stat("versions", "fleet_trainer_versions_published", "counter", "policy versions published"),
+    Stat("replay_ratio", "fleet_trainer_replay_ratio", "gauge", "sampled steps per stored step"),
+    Stat("steps_available", "fleet_trainer_steps_available", "gauge", "steps the sampler sees"),
+    Stat("episodes_available", "fleet_trainer_episodes_available", "gauge", "episodes sampled"),
+)

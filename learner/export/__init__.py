@@ -1,0 +1,1 @@
+"""Exports of the episode store into formats other tools read (LeRobot, Rerun)."""
