@@ -1,0 +1,163 @@
+"""The `fleet` rollout commands: versions, rollout, promote, rollback, pin, unpin, events.
+
+Kept apart from fleet/cli.py so the command tool stays a thin dispatcher; each command talks
+to the registry through `fleet.rollout`, so the CLI, the dashboard and the automatic
+controller change the rollout the same way and log the same events.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import getpass
+import socket
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+COMMANDS = ("versions", "rollout", "promote", "rollback", "pin", "unpin", "events")
+
+
+def _who() -> str:
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = "unknown"
+    return f"{user}@{socket.gethostname()} (cli)"
+
+
+def _when(ts: float | None) -> str:
+    if not ts:
+        return "-"
+    return dt.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def add_rollout_commands(sub: Any) -> None:
+    """Add the rollout subcommands to the `fleet` parser's subparsers."""
+
+    def new(name: str, help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("--redis-url", required=True, help="Redis holding the fleet registry")
+        return p
+
+    new("versions", "list published versions, which is stable/candidate and their success")
+    p = new("rollout", "start a staged rollout of VERSION on canary cells")
+    p.add_argument("version")
+    p.add_argument(
+        "--canary", required=True, help="number of canary cells, or comma-separated cell ids"
+    )
+    p.add_argument("--reason", default="started by an operator")
+    p = new("promote", "make the candidate stable on every cell")
+    p.add_argument("--reason", default="promoted by an operator")
+    p = new("rollback", "drop the candidate: every cell returns to stable")
+    p.add_argument("--reason", default="rolled back by an operator")
+    p = new("pin", "pin CELL to VERSION (it ignores the rollout until unpinned)")
+    p.add_argument("cell")
+    p.add_argument("version")
+    p = new("unpin", "return CELL to the rollout")
+    p.add_argument("cell")
+    p = new("events", "print the rollout event log (who did what, why, with which numbers)")
+    p.add_argument("--count", type=int, default=50, help="newest N events")
+
+
+def run_rollout_command(args: argparse.Namespace) -> int:
+    from fleet import rollout
+    from fleet.registry import Registry
+
+    registry = Registry(args.redis_url)
+    console = Console()
+    try:
+        if args.command == "versions":
+            console.print(_versions_table(registry))
+        elif args.command == "rollout":
+            canary: int | list[str]
+            spec = args.canary.strip()
+            canary = int(spec) if spec.isdigit() else [c for c in spec.split(",") if c]
+            cells = rollout.start_rollout(
+                registry, args.version, canary, actor=_who(), reason=args.reason
+            )
+            console.print(f"rolling out {args.version} on canary cells: {', '.join(cells)}")
+        elif args.command == "promote":
+            version = rollout.promote(registry, actor=_who(), reason=args.reason)
+            console.print(f"promoted {version} to stable")
+        elif args.command == "rollback":
+            dropped = rollout.rollback(registry, actor=_who(), reason=args.reason)
+            console.print(f"rolled back {dropped}" if dropped else "nothing was rolling out")
+        elif args.command == "pin":
+            rollout.pin(registry, args.cell, args.version, actor=_who())
+            console.print(f"pinned {args.cell} to {args.version}")
+        elif args.command == "unpin":
+            rollout.unpin(registry, args.cell, actor=_who())
+            console.print(f"unpinned {args.cell}")
+        elif args.command == "events":
+            console.print(_events_table(registry, args.count))
+        else:
+            return 2
+    except (KeyError, ValueError, RuntimeError) as exc:
+        console.print(f"[red]{args.command} refused:[/red] {exc}")
+        return 1
+    finally:
+        registry.close()
+    return 0
+
+
+def _rate(n: int, episodes: int) -> str:
+    return f"{n / episodes:.0%}" if episodes else "-"
+
+
+def _versions_table(registry: Any) -> Table:
+    state = registry.rollout()
+    counts = registry.success_counts()
+    rolled_back = registry.rolled_back()
+    table = Table(title=f"versions (rollout mode {state['mode'] or '-'})")
+    for column in ("version", "role", "published", "step", "episodes", "success", "autonomous"):
+        table.add_column(column)
+    for v in registry.versions():
+        vid = v["version_id"]
+        if vid == state["stable"]:
+            role = "stable"
+        elif vid == state["candidate"]:
+            role = f"candidate ({state['stage']}: {', '.join(state['candidate_cells'])})"
+        elif vid in rolled_back:
+            role = "rolled back"
+        else:
+            role = ""
+        per_task = counts.get(vid, {})
+        episodes = sum(c["episodes"] for c in per_task.values())
+        successes = sum(c["successes"] for c in per_task.values())
+        autonomous = sum(c["autonomous_successes"] for c in per_task.values())
+        table.add_row(
+            vid,
+            role,
+            _when(v.get("published_at")),
+            str(v.get("training_step", "")),
+            str(episodes),
+            _rate(successes, episodes),
+            _rate(autonomous, episodes),
+        )
+    pins = registry.pins()
+    if pins:
+        table.caption = "pins: " + ", ".join(f"{c}->{v}" for c, v in sorted(pins.items()))
+    return table
+
+
+def _events_table(registry: Any, count: int) -> Table:
+    table = Table(title="rollout events")
+    for column in ("time", "kind", "actor", "version", "reason", "numbers"):
+        table.add_column(column, overflow="fold")
+    for e in registry.events(count):
+        extra = {
+            k: v
+            for k, v in e.items()
+            if k not in ("id", "kind", "actor", "reason", "ts", "version")
+        }
+        table.add_row(
+            _when(e["ts"]),
+            e["kind"],
+            e["actor"],
+            e.get("version", ""),
+            e["reason"],
+            " ".join(f"{k}={v}" for k, v in extra.items()),
+        )
+    return table
