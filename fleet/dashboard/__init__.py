@@ -1,0 +1,1 @@
+"""The web dashboard: fleet, learning, rollout and episode views over Redis and the store."""

@@ -1,0 +1,298 @@
+"""The dashboard's FastAPI app: JSON views over the registry and the episode store, the
+operator's rollout actions behind a token, and the static page that polls them.
+
+Reads go straight to Redis on each request (the registry is the truth; the page polls every
+few seconds). Writes are the rollout actions of `fleet.rollout`, refused unless the caller
+presents the operator token the dashboard was started with.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import secrets
+import time
+from collections import deque
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.responses import FileResponse, JSONResponse, Response
+from pydantic import BaseModel, Field
+
+from fleet.dashboard.history import LearningHistory
+from fleet.dashboard.store_reader import StoreReader
+from fleet.registry import Registry
+
+log = logging.getLogger(__name__)
+
+STATIC = Path(__file__).parent / "static"
+OPERATOR_HEADER = "X-Operator-Token"
+# Interventions per hour are measured over this window of the dashboard's own samples.
+RATE_WINDOW_S = 3600.0
+
+
+def plotly_js_path() -> Path:
+    """plotly.min.js as the plotly wheel ships it (served by us: labs may have no internet)."""
+    spec = importlib.util.find_spec("plotly")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("the dashboard needs the plotly package (pip install plotly)")
+    path = Path(next(iter(spec.submodule_search_locations))) / "package_data" / "plotly.min.js"
+    if not path.is_file():
+        raise RuntimeError(f"plotly is installed but {path} is missing")
+    return path
+
+
+class StartRollout(BaseModel):
+    version: str
+    canary: int | list[str] = Field(default=1)  # how many live cells, or which cells
+    reason: str = ""
+
+
+class Reason(BaseModel):
+    reason: str = ""
+
+
+class Pin(BaseModel):
+    cell: str
+    version: str = ""  # empty: unpin
+
+
+class _InterventionRates:
+    """Per-cell intervention counters seen over time, to turn totals into a rate per hour."""
+
+    def __init__(self) -> None:
+        self._seen: dict[str, deque[tuple[float, int]]] = {}
+
+    def rate(self, cell_id: str, now: float, count: int) -> float | None:
+        samples = self._seen.setdefault(cell_id, deque())
+        if samples and count < samples[-1][1]:
+            samples.clear()  # the cell restarted its counters
+        samples.append((now, count))
+        while len(samples) > 2 and now - samples[1][0] > RATE_WINDOW_S:
+            samples.popleft()
+        t0, c0 = samples[0]
+        if now - t0 < 5.0:
+            return None
+        return (count - c0) / (now - t0) * 3600.0
+
+
+def _is_decision(event: dict[str, Any]) -> bool:
+    """Automatic rollout decisions, as opposed to operator actions and other events."""
+    kind = str(event.get("kind", "")).lower()
+    actor = str(event.get("actor", "")).lower()
+    return (
+        "decision" in event
+        or "auto" in kind
+        or "decision" in kind
+        or actor.startswith(("auto", "rollout", "controller", "canary"))
+    )
+
+
+def create_app(
+    registry: Registry,
+    store_root: Path | str | None,
+    *,
+    operator_token: str | None = None,
+    sample_interval_s: float = 2.0,
+) -> FastAPI:
+    """The dashboard app. `operator_token` None disables every rollout action."""
+    history = LearningHistory(registry, interval_s=sample_interval_s)
+    reader = StoreReader(store_root) if store_root is not None else None
+    rates = _InterventionRates()
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI):  # type: ignore[no-untyped-def]
+        history.start()
+        try:
+            yield
+        finally:
+            history.stop()
+
+    app = FastAPI(title="fleet dashboard", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.registry = registry
+    app.state.history = history
+    app.state.reader = reader
+
+    def require_operator(request: Request) -> str:
+        if not operator_token:
+            raise HTTPException(
+                403, "operator actions are disabled: start the dashboard with --operator-token"
+            )
+        given = request.headers.get(OPERATOR_HEADER, "")
+        auth = request.headers.get("Authorization", "")
+        if not given and auth.lower().startswith("bearer "):
+            given = auth[7:].strip()
+        if not given:
+            raise HTTPException(401, "operator token required for this action")
+        if not secrets.compare_digest(given.encode(), operator_token.encode()):
+            raise HTTPException(403, "wrong operator token")
+        return "operator@dashboard"
+
+    def need_reader() -> StoreReader:
+        if reader is None:
+            raise HTTPException(404, "the dashboard was started without --store")
+        return reader
+
+    # -- pages -------------------------------------------------------------------------
+
+    @app.get("/", include_in_schema=False)
+    def index() -> FileResponse:
+        return FileResponse(STATIC / "index.html", media_type="text/html")
+
+    @app.get("/static/plotly.min.js", include_in_schema=False)
+    def plotly_js() -> FileResponse:
+        return FileResponse(plotly_js_path(), media_type="application/javascript")
+
+    @app.get("/static/{name}", include_in_schema=False)
+    def static(name: str) -> FileResponse:
+        path = STATIC / name
+        if "/" in name or name.startswith(".") or not path.is_file():
+            raise HTTPException(404, f"no static file {name!r}")
+        return FileResponse(path)
+
+    # -- views -------------------------------------------------------------------------
+
+    @app.get("/api/fleet")
+    def fleet() -> dict[str, Any]:
+        now = time.time()
+        cells = []
+        for c in registry.cells():
+            spool = getattr(c, "spool_bytes", None)
+            if spool is None:
+                spool = getattr(c, "spool_depth", None)
+            cells.append(
+                {
+                    "cell_id": c.cell_id,
+                    "status": "alive" if c.alive else "stale",
+                    "alive": c.alive,
+                    "task": c.task,
+                    "version_running": c.version_running,
+                    "loop_hz": c.loop_hz,
+                    "late_ticks": c.late_ticks,
+                    "episodes": c.episodes,
+                    "successes": c.successes,
+                    "interventions": c.interventions,
+                    "interventions_per_hour": rates.rate(c.cell_id, now, c.interventions),
+                    "steps_recorded": c.steps_recorded,
+                    "steps_acked": c.steps_acked,
+                    "unacked_steps": max(0, c.steps_recorded - c.steps_acked),
+                    "spool_depth": spool,
+                    "last_fault": c.last_fault,
+                    "last_seen": c.last_seen,
+                    "seconds_since_seen": (now - c.last_seen) if c.last_seen else None,
+                }
+            )
+        return {"now": now, "heartbeat_ttl_s": registry.heartbeat_ttl_s, "cells": cells}
+
+    @app.get("/api/learning")
+    def learning(since: float = 0.0) -> dict[str, Any]:
+        return {
+            "now": time.time(),
+            "stats": registry.learner_stats(),
+            "store": registry.store_totals(),
+            "points": history.points(since),
+        }
+
+    @app.get("/api/rollout")
+    def rollout() -> dict[str, Any]:
+        cells = registry.cells()
+        events = registry.events(200)
+        versions = [
+            {
+                "version_id": v.get("version_id"),
+                "parent": v.get("parent"),
+                "published_at": v.get("published_at"),
+                "training_step": v.get("training_step"),
+            }
+            for v in registry.versions()
+        ]
+        pins = registry.pins() if hasattr(registry, "pins") else {}
+        return {
+            "rollout": registry.rollout(),
+            "assignments": registry.assignments([c.cell_id for c in cells]),
+            "running": {c.cell_id: c.version_running for c in cells},
+            "pins": pins,
+            "versions": versions[-50:],
+            "success": registry.success_counts(),
+            "decisions": [e for e in events if _is_decision(e)],
+            "events": events,
+            "operator_actions": bool(operator_token),
+        }
+
+    @app.get("/api/episodes")
+    def episodes(
+        cell: str = "", task: str = "", version: str = "", outcome: str = "", limit: int = 100
+    ) -> dict[str, Any]:
+        found = need_reader().episodes(
+            cell=cell, task=task, version=version, outcome=outcome, limit=min(limit, 1000)
+        )
+        return {"episodes": [s.to_json() for s in found]}
+
+    @app.get("/api/episodes/{cell}/{episode}")
+    def episode(cell: str, episode: str) -> dict[str, Any]:
+        try:
+            return need_reader().playback(cell, episode)
+        except KeyError as exc:
+            raise HTTPException(404, str(exc)) from exc
+
+    @app.get("/api/episodes/{cell}/{episode}/frames/{camera}/{index}")
+    def frame(cell: str, episode: str, camera: str, index: int) -> Response:
+        try:
+            data, media = need_reader().frame(cell, episode, camera, index)
+        except (KeyError, IndexError) as exc:
+            raise HTTPException(404, str(exc)) from exc
+        return Response(data, media_type=media, headers={"Cache-Control": "max-age=3600"})
+
+    # -- operator actions --------------------------------------------------------------
+
+    def act(what: str, call: Any) -> JSONResponse:
+        try:
+            result = call()
+        except (KeyError, ValueError, RuntimeError) as exc:
+            raise HTTPException(409, f"{what} refused: {exc}") from exc
+        log.info("dashboard: operator %s -> %s", what, result)
+        return JSONResponse({"ok": True, "action": what, "result": result})
+
+    def rollout_module() -> Any:
+        try:
+            from fleet import rollout as ro
+        except ImportError as exc:
+            raise HTTPException(503, f"rollout actions unavailable: {exc}") from exc
+        return ro
+
+    @app.post("/api/rollout/start")
+    def start(body: StartRollout, actor: str = Depends(require_operator)) -> JSONResponse:
+        ro = rollout_module()
+        reason = body.reason or "started from the dashboard"
+        return act(
+            f"start rollout of {body.version}",
+            lambda: ro.start_rollout(
+                registry, body.version, body.canary, actor=actor, reason=reason
+            ),
+        )
+
+    @app.post("/api/rollout/promote")
+    def promote(body: Reason, actor: str = Depends(require_operator)) -> JSONResponse:
+        ro = rollout_module()
+        reason = body.reason or "promoted from the dashboard"
+        return act("promote", lambda: ro.promote(registry, actor=actor, reason=reason))
+
+    @app.post("/api/rollout/rollback")
+    def rollback(body: Reason, actor: str = Depends(require_operator)) -> JSONResponse:
+        ro = rollout_module()
+        reason = body.reason or "rolled back from the dashboard"
+        return act("rollback", lambda: ro.rollback(registry, actor=actor, reason=reason))
+
+    @app.post("/api/rollout/pin")
+    def pin(body: Pin, actor: str = Depends(require_operator)) -> JSONResponse:
+        ro = rollout_module()
+        if body.version:
+            return act(
+                f"pin {body.cell} to {body.version}",
+                lambda: ro.pin(registry, body.cell, body.version, actor=actor),
+            )
+        return act(f"unpin {body.cell}", lambda: ro.unpin(registry, body.cell, actor=actor))
+
+    return app

@@ -1,0 +1,193 @@
+"""The dashboard's JSON API over real Redis state and a real episode store."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from fleet.dashboard.app import create_app
+from tests.dashboard_world import TOKEN, World, build_world
+
+
+@pytest.fixture
+def world(registry, tmp_path) -> World:
+    return build_world(registry, tmp_path / "store")
+
+
+@pytest.fixture
+def client(world: World) -> Iterator[TestClient]:
+    app = create_app(world.registry, world.store_root, operator_token=TOKEN, sample_interval_s=0.1)
+    with TestClient(app) as c:
+        yield c
+
+
+def test_fleet_view_matches_heartbeats_and_marks_stale_cells(client: TestClient) -> None:
+    cells = {c["cell_id"]: c for c in client.get("/api/fleet").json()["cells"]}
+    assert set(cells) == {"cell-01", "cell-02", "cell-03"}
+    assert cells["cell-01"]["status"] == "alive"
+    assert cells["cell-01"]["version_running"] == "v0002"
+    assert cells["cell-01"]["loop_hz"] == pytest.approx(49.8)
+    assert cells["cell-01"]["episodes"] == 7
+    assert cells["cell-01"]["unacked_steps"] == 20
+    assert cells["cell-02"]["last_fault"] == "signature check failed for v0004"
+    assert cells["cell-03"]["status"] == "stale"
+
+
+def test_learning_history_is_sampled_over_time(client: TestClient, world: World) -> None:
+    deadline = time.monotonic() + 5
+    while len(client.get("/api/learning").json()["points"]) < 2:
+        assert time.monotonic() < deadline, "no learning samples"
+        time.sleep(0.05)
+    world.registry.set_learner_stats(loss=0.01, updates=400)
+    world.registry.add_store_totals(steps=500, episodes=1)
+    time.sleep(0.3)
+    body = client.get("/api/learning").json()
+    assert body["stats"]["updates"] == 400
+    last = body["points"][-1]
+    assert last["loss"] == pytest.approx(0.01)
+    assert last["replay_ratio"] == pytest.approx(2.25)
+    assert last["success"]["v0002"]["pick_cube"] == pytest.approx(0.5)
+    assert any((p["steps_per_s"] or 0) > 0 for p in body["points"])
+    since = body["points"][-1]["t"]
+    assert all(p["t"] > since for p in client.get(f"/api/learning?since={since}").json()["points"])
+
+
+def test_rollout_view_lists_versions_decisions_and_events(client: TestClient) -> None:
+    body = client.get("/api/rollout").json()
+    assert body["rollout"]["stable"] == "v0002"
+    assert body["rollout"]["candidate"] == "v0003"
+    assert body["rollout"]["stage"] == "canary"
+    assert body["rollout"]["canary_cells"] == ["cell-02"]
+    assert body["assignments"] == {"cell-01": "v0002", "cell-02": "v0003", "cell-03": "v0002"}
+    assert [v["version_id"] for v in body["versions"]] == ["v0001", "v0002", "v0003"]
+    assert body["running"]["cell-02"] == "v0003"
+    [decision] = body["decisions"]
+    assert decision["actor"] == "rollout-controller" and decision["p_worse"] == "0.991"
+    assert [e["kind"] for e in body["events"]] == ["set_stable", "rollback", "rollout_start"]
+    assert body["success"]["v0002"]["pick_cube"]["episodes"] == 2
+
+
+def test_episode_browsing_and_playback_match_the_store(client: TestClient) -> None:
+    from learner.store import EpisodeRef, EpisodeStore
+
+    listed = client.get("/api/episodes").json()["episodes"]
+    assert len(listed) == 3
+    picks = client.get("/api/episodes?task=pick_cube&cell=cell-01").json()["episodes"]
+    assert {e["episode"] for e in picks} == {"ep-1-0000", "ep-1-0001"}
+    assert client.get("/api/episodes?outcome=truncated").json()["episodes"] == []
+    ep = picks[0]
+    data = client.get(f"/api/episodes/cell-01/{ep['episode']}").json()
+    stored = EpisodeStore(client.app.state.reader.store.root).read_episode(
+        EpisodeRef("cell-01", ep["episode"])
+    )
+    assert data["n_steps"] == len(stored.timestamp) == ep["n_steps"]
+    assert data["joint_pos"][3] == pytest.approx(stored.joint_pos[:, 3].tolist())
+    assert data["intervention"] == stored.intervention.astype(int).tolist()
+    assert data["cameras"] == {"front": data["n_steps"], "overhead": data["n_steps"]}
+    frame = client.get(f"/api/episodes/cell-01/{ep['episode']}/frames/front/5")
+    assert frame.status_code == 200 and frame.headers["content-type"] == "image/jpeg"
+    assert frame.content == stored.frames["front"][5]
+    assert (
+        client.get(f"/api/episodes/cell-01/{ep['episode']}/frames/front/99999").status_code == 404
+    )
+    assert client.get("/api/episodes/cell-01/nope").status_code == 404
+
+
+def test_page_and_plotly_are_served_locally(client: TestClient) -> None:
+    page = client.get("/")
+    assert page.status_code == 200 and '<script src="/static/plotly.min.js">' in page.text
+    assert "http" not in page.text.split("<body>")[0].replace('charset="utf-8"', "")
+    js = client.get("/static/plotly.min.js")
+    assert js.status_code == 200 and len(js.content) > 1_000_000
+    assert client.get("/static/app.js").status_code == 200
+    assert client.get("/static/..%2Fapp.py").status_code == 404
+
+
+@pytest.mark.parametrize("path", ["promote", "rollback"])
+def test_actions_need_the_operator_token(client: TestClient, world: World, path: str) -> None:
+    before = world.registry.rollout()
+    missing = client.post(f"/api/rollout/{path}", json={})
+    assert missing.status_code == 401 and "token" in missing.json()["detail"]
+    wrong = client.post(f"/api/rollout/{path}", json={}, headers={"X-Operator-Token": "nope"})
+    assert wrong.status_code == 403
+    assert world.registry.rollout() == before
+
+
+def test_actions_are_disabled_without_a_configured_token(world: World) -> None:
+    app = create_app(world.registry, world.store_root, operator_token=None)
+    with TestClient(app) as c:
+        r = c.post("/api/rollout/promote", json={}, headers={"X-Operator-Token": "anything"})
+    assert r.status_code == 403 and "--operator-token" in r.json()["detail"]
+
+
+AUTH = {"X-Operator-Token": TOKEN}
+
+
+def test_promote_with_the_token(client: TestClient, world: World) -> None:
+    r = client.post("/api/rollout/promote", json={"reason": "looks good"}, headers=AUTH)
+    assert r.status_code == 200, r.text
+    assert r.json()["result"] == "v0003"
+    assert world.registry.rollout()["stable"] == "v0003"
+    assert world.registry.rollout()["candidate"] is None
+    last = world.registry.events()[-1]
+    assert (last["kind"], last["actor"], last["reason"]) == (
+        "promote",
+        "operator@dashboard",
+        "looks good",
+    )
+    again = client.post("/api/rollout/promote", json={}, headers=AUTH)
+    assert again.status_code == 409 and "no candidate" in again.json()["detail"]
+
+
+def test_rollback_with_the_token(client: TestClient, world: World) -> None:
+    r = client.post("/api/rollout/rollback", json={}, headers=AUTH)
+    assert r.status_code == 200, r.text
+    assert r.json()["result"] == "v0003"
+    state = world.registry.rollout()
+    assert state["stable"] == "v0002" and state["candidate"] is None
+    assert world.registry.assignment_for("cell-02") == "v0002"
+    assert world.registry.events()[-1]["kind"] == "rollback"
+
+
+def test_pin_unpin_and_start_with_the_token(client: TestClient, world: World) -> None:
+    r = client.post("/api/rollout/pin", json={"cell": "cell-01", "version": "v0001"}, headers=AUTH)
+    assert r.status_code == 200, r.text
+    assert world.registry.assignment_for("cell-01") == "v0001"
+    assert client.get("/api/rollout").json()["pins"] == {"cell-01": "v0001"}
+    r = client.post("/api/rollout/pin", json={"cell": "cell-01"}, headers=AUTH)
+    assert r.status_code == 200 and world.registry.assignment_for("cell-01") == "v0002"
+    assert (
+        client.post("/api/rollout/pin", json={"cell": "cell-01"}, headers=AUTH).status_code == 409
+    )
+    assert (
+        client.post("/api/rollout/pin", json={"cell": "cell-01", "version": "v9"}).status_code
+        == 401
+    )
+    client.post("/api/rollout/rollback", json={}, headers=AUTH)
+    r = client.post(
+        "/api/rollout/start", json={"version": "v0003", "canary": ["cell-01"]}, headers=AUTH
+    )
+    assert r.status_code == 200, r.text
+    assert world.registry.rollout()["canary_cells"] == ["cell-01"]
+    assert world.registry.assignment_for("cell-01") == "v0003"
+
+
+def test_lossless_depth_frames_are_rendered_for_the_browser() -> None:
+    import simplejpeg
+    from numcodecs import Zstd
+
+    from fleet.dashboard.store_reader import displayable
+
+    depth = np.zeros((96, 128), "<u2")
+    depth[:, 64:] = 800  # near: bright
+    depth[:, 32:64] = 2000  # far: dim; columns 0..31 have no reading (black)
+    stored = bytes(Zstd().encode(depth.tobytes()))
+    data, media = displayable(stored, {"encoding": "zstd16", "height": 96, "width": 128})
+    assert media == "image/jpeg"
+    grey = simplejpeg.decode_jpeg(data, colorspace="GRAY")[..., 0].astype(int)
+    assert grey.shape == (96, 128)
+    assert grey[:, :28].mean() < 10 < grey[:, 36:60].mean() < grey[:, 68:].mean() - 100
