@@ -20,8 +20,17 @@ class ActorConfig:
     tasks: tuple[str, ...] = ()  # round robin over these; empty = the scene's tasks
     rpc_deadline_s: float = 10.0
     heartbeat_interval_s: float = 1.0
-    uplink_queue_chunks: int = 256  # unacked chunks kept before submit starts dropping
+    # In-memory chunks: without a spool the most kept unacked; with one, the most waiting
+    # for the disk, and the most held in memory (the rest are read back from the spool).
+    uplink_queue_chunks: int = 256
+    # Every chunk is on disk here before it is sent and until it is acked (actors/spool.py);
+    # "" keeps chunks in memory only (tests), so an actor restart would lose the unacked.
+    spool_dir: str = ""
+    spool_quota_bytes: int = 2 << 30  # when full, new episodes' tails are refused, counted
     seed: int = 0  # episode seeds (scene layouts) derive from it
+    verify_key: str = ""  # learner's Ed25519 public key PEM; "" = signatures not checked
+    version_cache_dir: str = ""  # on-disk cache of verified versions; "" = no cache
+    version_cache_max_bytes: int = 2 << 30
 
     def __post_init__(self) -> None:
         if not self.cell_id:
@@ -39,6 +48,9 @@ class ActorConfig:
             raise ValueError(f"jpeg_quality must be in 1..100, got {self.jpeg_quality}")
         if self.uplink_queue_chunks < 1:
             raise ValueError(f"uplink_queue_chunks must be >= 1, got {self.uplink_queue_chunks}")
+        if self.spool_quota_bytes < 1:
+            raise ValueError(f"spool_quota_bytes must be >= 1, got {self.spool_quota_bytes}")
+        object.__setattr__(self, "spool_dir", str(self.spool_dir))
         object.__setattr__(self, "tasks", tuple(self.tasks))
 
     @property

@@ -5,11 +5,16 @@ the ticks instead of landing on the tick that closes a chunk. A full chunk is em
 when the next step arrives (one step is always held back), so `finish` always has at least
 one step for the closing `last=True` chunk. A chunk also closes early when the policy
 version changes, because a StepChunk names a single version for all of its steps.
+
+Colour is JPEG-encoded with libjpeg-turbo (simplejpeg) at the cell's configured quality.
+Depth, when a camera's frames carry it, must stay exact (a lossy depth map invents
+geometry), so it travels losslessly as its own camera column `<camera>_depth`, encoding
+"zstd16": the (H, W) uint16 millimetres, little-endian, compressed as one zstd frame.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,7 +34,53 @@ class _Step:
     intervention: bool
     reward: float
     jpegs: dict[str, bytes]
+    depths: dict[str, bytes]  # camera -> zstd16 depth, for cameras whose frames carry it
     version: str
+
+
+DEPTH_SUFFIX = "_depth"
+DEPTH_ENCODING = "zstd16"
+DEPTH_ZSTD_LEVEL = 1  # fast enough for every tick; depth maps compress well even so
+
+
+def _zstd_compressor() -> Callable[[bytes], bytes]:
+    """zstd from the `zstandard` package when installed, else numcodecs' (a zarr
+    dependency); both write standard zstd frames that any zstd decoder reads."""
+    try:
+        import zstandard
+
+        return zstandard.ZstdCompressor(level=DEPTH_ZSTD_LEVEL).compress
+    except ImportError:
+        import numcodecs
+
+        codec = numcodecs.Zstd(level=DEPTH_ZSTD_LEVEL)
+        return lambda data: bytes(codec.encode(data))
+
+
+_compress: Callable[[bytes], bytes] | None = None
+
+
+def encode_depth(depth: np.ndarray) -> bytes:
+    """(H, W) uint16 depth to a "zstd16" frame: exact, little-endian, zstd-compressed."""
+    global _compress
+    if depth.ndim != 2:
+        raise ValueError(f"depth must be (H, W), got shape {depth.shape}")
+    if _compress is None:
+        _compress = _zstd_compressor()
+    return _compress(np.ascontiguousarray(depth, dtype="<u2").tobytes())
+
+
+def decode_depth(data: bytes, height: int, width: int) -> np.ndarray:
+    """Inverse of encode_depth (for readers and tests)."""
+    try:
+        import zstandard
+
+        raw = zstandard.ZstdDecompressor().decompress(data, max_output_size=height * width * 2)
+    except ImportError:
+        import numcodecs
+
+        raw = bytes(numcodecs.Zstd().decode(data))
+    return np.frombuffer(raw, dtype="<u2").reshape(height, width)
 
 
 def _vector(name: str, value: object) -> np.ndarray:
@@ -65,6 +116,7 @@ class EpisodeRecorder:
         self._buffer: list[_Step] = []
         self._first_step = 0  # episode index of the buffer's first step
         self._shapes: dict[str, tuple[int, int]] | None = None  # camera -> (height, width)
+        self._depth_shapes: dict[str, tuple[int, int]] | None = None
 
     @property
     def buffered(self) -> int:
@@ -91,6 +143,7 @@ class EpisodeRecorder:
             intervention=bool(intervention),
             reward=float(reward),
             jpegs=self._encode(frames),
+            depths=self._encode_depth(frames),
             version=policy_version,
         )
         out = None
@@ -134,6 +187,28 @@ class EpisodeRecorder:
             )
         return jpegs
 
+    def _encode_depth(self, frames: Mapping[str, Frame]) -> dict[str, bytes]:
+        depths = {}
+        shapes = {}
+        for name in sorted(frames):
+            depth = frames[name].depth
+            if depth is None:
+                continue
+            if depth.dtype != np.uint16 or depth.ndim != 2:
+                raise ValueError(
+                    f"camera {name}: depth must be (H, W) uint16, got {depth.dtype} {depth.shape}"
+                )
+            shapes[name] = (int(depth.shape[0]), int(depth.shape[1]))
+            depths[name] = encode_depth(depth)
+        if self._depth_shapes is None:
+            self._depth_shapes = shapes
+        elif shapes != self._depth_shapes:
+            raise ValueError(
+                f"episode {self.episode_id}: depth cameras changed mid-episode "
+                f"({self._depth_shapes} -> {shapes})"
+            )
+        return depths
+
     def _emit(
         self, *, last: bool, outcome: trajectory_pb2.EpisodeOutcome | None = None
     ) -> trajectory_pb2.StepChunk:
@@ -148,6 +223,16 @@ class EpisodeRecorder:
                 frames=[s.jpegs[name] for s in steps],
             )
             for name, (height, width) in (self._shapes or {}).items()
+        ] + [
+            arrays_pb2.CameraFrames(
+                camera=name + DEPTH_SUFFIX,
+                encoding=DEPTH_ENCODING,
+                height=height,
+                width=width,
+                channels=1,
+                frames=[s.depths[name] for s in steps],
+            )
+            for name, (height, width) in (self._depth_shapes or {}).items()
         ]
         chunk = trajectory_pb2.StepChunk(
             cell_id=self.cell_id,
