@@ -7,17 +7,38 @@ same class fronts real buses and cameras and the simulated ones in drivers/sim.
 
 from __future__ import annotations
 
+import logging
+import threading
+import time
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from drivers.interfaces import ArmBus, Camera, Clock, Observation
+from drivers.interfaces import ArmBus, Camera, Clock, DriverFault, Observation
 from drivers.safety import SafetyGate
 from fleet.robot import ARM_SIDES, JOINT_DIM, arm_slice
 
+log = logging.getLogger(__name__)
+
+
+class CellFault(RuntimeError):
+    """A driver fault the cell has already been made safe from (held, or torque off).
+
+    The message names the part and what the cell did about it; the actor reports it and
+    stays up.
+    """
+
+    def __init__(self, message: str, *, torque_off: bool) -> None:
+        super().__init__(message)
+        self.torque_off = torque_off
+
 
 class CellHardware:
-    """A cell's follower arms, cameras and clock behind one observe/command pair."""
+    """A cell's follower arms, cameras and clock behind one observe/command pair.
+
+    Every bus access holds one lock, so the watchdog (which holds position when commands
+    stop coming) and the control loop never interleave packets on a bus.
+    """
 
     def __init__(
         self,
@@ -39,6 +60,76 @@ class CellHardware:
         self.clock = clock
         self.gate = gate
         self._closed = False
+        self._lock = threading.RLock()
+        self._last_command = time.monotonic()
+        self._watchdog: threading.Thread | None = None
+        self._watchdog_stop = threading.Event()
+        self.watchdog_holds = 0
+        self.fault: str = ""
+
+    def enable(self) -> None:
+        """Torque on for every arm (the arms hold where they are until commanded)."""
+        with self._lock, self._safe("enabling torque"):
+            for arm in self.arms.values():
+                arm.set_torque(True)
+            self.fault = ""
+
+    def torque_off(self) -> None:
+        """Torque off on every arm that still answers; errors are logged, never raised."""
+        with self._lock:
+            for side, arm in self.arms.items():
+                try:
+                    arm.set_torque(False)
+                except Exception as exc:
+                    log.error("torque off failed on the %s arm: %s", side, exc)
+
+    def start_watchdog(self, period_s: float, ticks: int = 2) -> None:
+        """Hold position whenever no command arrived for `ticks` control periods."""
+        limit = ticks * period_s
+        self._watchdog_stop.clear()
+
+        def watch() -> None:
+            held_since = None
+            while not self._watchdog_stop.wait(period_s / 2):
+                quiet = time.monotonic() - self._last_command
+                if quiet < limit or self.fault or held_since == self._last_command:
+                    continue
+                held_since = self._last_command
+                try:
+                    self.hold()
+                    self.watchdog_holds += 1
+                    log.warning("watchdog: no command for %.0f ms, holding position", quiet * 1000)
+                except CellFault as exc:
+                    log.error("watchdog could not hold: %s", exc)
+
+        self._watchdog = threading.Thread(target=watch, name="cell-watchdog", daemon=True)
+        self._watchdog.start()
+
+    def stop_watchdog(self) -> None:
+        self._watchdog_stop.set()
+        if self._watchdog is not None:
+            self._watchdog.join(2.0)
+            self._watchdog = None
+
+    def _safe(self, doing: str) -> _FaultGuard:
+        return _FaultGuard(self, doing)
+
+    def _make_safe(self, exc: DriverFault, doing: str) -> CellFault:
+        """Torque off after a hardware error, else hold what still answers; say which."""
+        if exc.torque_off:
+            self.torque_off()
+            action = "torque off on every arm"
+        else:
+            action = "holding position"
+            for side, arm in self.arms.items():
+                try:
+                    arm.write_goal(np.asarray(arm.read_state().position, np.float64))
+                except Exception:
+                    log.debug("the %s arm does not answer; it keeps its last goal", side)
+            self.gate.reset()
+        self.fault = f"{exc} (while {doing}; {action})"
+        log.error("cell fault: %s", self.fault)
+        return CellFault(self.fault, torque_off=exc.torque_off)
 
     def read_joints(self) -> np.ndarray:
         """(14,) float32 present positions, left arm then right, one sync read per arm."""
@@ -47,8 +138,9 @@ class CellHardware:
         ).astype(np.float32)
 
     def observe(self) -> Observation:
-        joint_pos = self.read_joints()
-        frames = {cam.name: cam.read() for cam in self.cameras}
+        with self._lock, self._safe("observing"):
+            joint_pos = self.read_joints()
+            frames = {cam.name: cam.read() for cam in self.cameras}
         return Observation(joint_pos=joint_pos, frames=frames, stamp=self.clock.now())
 
     def _write(self, cmd: np.ndarray) -> None:
@@ -61,16 +153,19 @@ class CellHardware:
         The arms' present positions are read only when the gate has no last command to
         step from (the first command, or the first after an episode reset).
         """
-        current = self.read_joints() if self.gate.last_command is None else None
-        cmd = self.gate.filter(targets, current)
-        self._write(cmd)
+        with self._lock, self._safe("commanding"):
+            current = self.read_joints() if self.gate.last_command is None else None
+            cmd = self.gate.filter(targets, current)
+            self._write(cmd)
+            self._last_command = time.monotonic()
         return cmd
 
     def hold(self) -> None:
         """Command the present positions (clamped into the limits): the arms stop here."""
-        current = self.read_joints()
-        self.gate.reset()
-        self._write(self.gate.filter(current, current))
+        with self._lock, self._safe("holding"):
+            current = self.read_joints()
+            self.gate.reset()
+            self._write(self.gate.filter(current, current))
 
     def close(self) -> None:
         """Hold, then close every arm and camera (each once, errors of one don't stop the
@@ -78,11 +173,13 @@ class CellHardware:
         if self._closed:
             return
         self._closed = True
+        self.stop_watchdog()
         errors: list[BaseException] = []
-        try:
-            self.hold()
-        except Exception as exc:
-            errors.append(exc)
+        if not self.fault:
+            try:
+                self.hold()
+            except Exception as exc:
+                errors.append(exc)
         for dev in (*self.arms.values(), *self.cameras):
             try:
                 dev.close()
@@ -90,3 +187,18 @@ class CellHardware:
                 errors.append(exc)
         if errors:
             raise errors[0]
+
+
+class _FaultGuard:
+    """Turns a DriverFault inside a cell operation into a CellFault after making it safe."""
+
+    def __init__(self, cell: CellHardware, doing: str) -> None:
+        self.cell = cell
+        self.doing = doing
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: type | None, exc: BaseException | None, tb: object) -> None:
+        if isinstance(exc, DriverFault):
+            raise self.cell._make_safe(exc, self.doing) from exc

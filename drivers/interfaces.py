@@ -12,6 +12,16 @@ from typing import Protocol
 import numpy as np
 
 
+class DriverFault(RuntimeError):
+    """A hardware fault a driver raises; the message names the part (servo, port, camera).
+
+    `torque_off` says the part must not be driven any more (a servo's hardware error):
+    the cell then turns torque off instead of holding position.
+    """
+
+    torque_off: bool = False
+
+
 @dataclass(frozen=True)
 class JointState:
     """One arm's servos read in one sync transaction (radians; gripper normalised 0..1)."""

@@ -41,7 +41,7 @@ from typing import Literal
 import numpy as np
 import pyrealsense2 as rs
 
-from drivers.interfaces import Frame
+from drivers.interfaces import DriverFault, Frame
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ log = logging.getLogger(__name__)
 _MM = 0.001
 
 
-class CameraError(RuntimeError):
+class CameraError(DriverFault):
     """A camera could not be found, opened or restarted."""
 
 

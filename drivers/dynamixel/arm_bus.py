@@ -46,7 +46,7 @@ from drivers.calibration import ArmCalibration
 from drivers.clock import WallClock
 from drivers.dynamixel import control_table as ct
 from drivers.dynamixel import protocol as pr
-from drivers.interfaces import Clock, JointState
+from drivers.interfaces import Clock, DriverFault, JointState
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ T = TypeVar("T")
 _PORT_ERRORS = (OSError, termios.error)  # serial.SerialException is an OSError
 
 
-class DynamixelError(RuntimeError):
+class DynamixelError(DriverFault):
     """A servo bus failure; `port`, `servo_id` and `joint` say where (when known)."""
 
     def __init__(
@@ -85,6 +85,8 @@ class DynamixelCommError(DynamixelError):
 
 class DynamixelHardwareError(DynamixelError):
     """A servo raised its hardware alert (overload, overheating, ...); reboot clears it."""
+
+    torque_off = True
 
     def __init__(self, message: str, *, status: int, **where: Any) -> None:
         super().__init__(message, **where)
