@@ -163,3 +163,48 @@ def test_actor_survives_a_fault_reports_it_and_resumes(cell: SdkSimCell) -> None
     assert not runner.is_alive()
     reasons = [c.outcome.reason for c in sink.chunks if c.last]
     assert "fault" in reasons
+
+
+def test_fleet_calibrate_writes_the_cell_file_from_a_real_bus(tmp_path) -> None:
+    import subprocess
+    import sys
+
+    from drivers.calibration import CellCalibration
+
+    out = tmp_path / "cell-5.json"
+    # The arm sits 100 ticks off on its waist: home is recorded there.
+    with ServoPeer(range(1, 8), shaft_ticks={1: 2048 + 100, 7: 2560}) as peer:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "fleet.cli",
+                "calibrate",
+                "--cell",
+                "cell-5",
+                "--port",
+                f"left={peer.port}",
+                "--out",
+                str(out),
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        assert proc.stdin is not None and proc.stdout is not None
+        answers = {"home": None, "open the": 2560, "close the": 1536}
+        for _ in range(3):
+            line = proc.stdout.readline()
+            while "[Enter]" not in line:
+                assert line, "fleet calibrate ended before asking"
+                line = proc.stdout.readline()
+            for key, ticks in answers.items():
+                if key in line and ticks is not None:
+                    peer.move_shaft(7, ticks)
+            proc.stdin.write("\n")
+            proc.stdin.flush()
+        rest, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0, rest
+    cal = CellCalibration.load(out)
+    assert cal.arm("left").joints[0].homing_offset == -100
