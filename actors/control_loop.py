@@ -22,10 +22,13 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
+from prometheus_client import Histogram
 
 from actors.config import ActorConfig
 from actors.recorder import EpisodeRecorder
+from drivers.cell import CellFault
 from drivers.interfaces import Clock, Observation, Operator, TaskScene
+from fleet.metrics import TICK_LATENESS_BUCKETS
 from fleet.robot import JOINT_DIM
 from protos.fleetlearn.v1 import trajectory_pb2
 
@@ -34,6 +37,16 @@ if TYPE_CHECKING:
     from fleet.policy.runtime import PolicyRunner
 
 log = logging.getLogger(__name__)
+
+FAULT_RETRY_S = 3.0  # between attempts to bring a faulted (not torque-off) cell back
+
+# How late each tick started against its schedule (0 when on time), per cell.
+TICK_LATENESS = Histogram(
+    "fleet_edge_tick_lateness_seconds",
+    "how late each control tick started against its schedule",
+    ["cell"],
+    buckets=TICK_LATENESS_BUCKETS,
+)
 
 RATE_WINDOW_TICKS = 100  # loop_hz is measured over this many recent ticks
 
@@ -134,6 +147,29 @@ class ControlLoop:
         )
         while not stop.is_set():
             self._run_episode(stop)
+            if getattr(self.hardware, "fault", ""):
+                self._wait_out_fault(stop)
+
+    def _wait_out_fault(self, stop: threading.Event) -> None:
+        """After a fault: with torque off, stay idle until restarted (a person must look);
+        after a communication fault, retry holding every few seconds and carry on once the
+        arms answer again."""
+        hw: Any = self.hardware
+        while not stop.is_set() and hw.fault:
+            if stop.wait(FAULT_RETRY_S):
+                return
+            if self._torque_off_fault:
+                continue
+            try:
+                hw.enable()
+                hw.hold()
+                log.info("cell %s: arms answer again, resuming episodes", self.config.cell_id)
+            except CellFault as exc:
+                log.warning("cell %s: still faulted: %s", self.config.cell_id, exc)
+
+    @property
+    def _torque_off_fault(self) -> bool:
+        return "torque off" in str(getattr(self.hardware, "fault", ""))
 
     # -- episodes ------------------------------------------------------------------------
 
@@ -161,19 +197,28 @@ class ControlLoop:
             self._version,
         )
         success, reason = False, "aborted"
+        lateness = TICK_LATENESS.labels(cell=self.config.cell_id)
         try:
             next_tick = started
             while not stop.is_set():
                 now = self.clock.now()
+                lateness.observe(max(0.0, now - next_tick))
                 if now - next_tick > self.period:
                     with self._lock:
                         self._counts["late_ticks"] += 1
                     next_tick = now  # resync: never burst to catch up
                 with self._lock:
                     self._tick_starts.append(now)
-                obs = self.hardware.observe()
-                action, intervention = self._act(obs)
-                sent = self.hardware.command(action)
+                try:
+                    obs = self.hardware.observe()
+                    action, intervention = self._act(obs)
+                    sent = self.hardware.command(action)
+                except CellFault as exc:
+                    # The cell already made itself safe (hold or torque off); the actor
+                    # reports, ends the episode and stays up.
+                    reason = "fault"
+                    self._fault(f"cell fault: {exc}")
+                    break
                 next_tick += self.period
                 self.clock.sleep_until(next_tick)
                 # The step's reward is the one its action earned (read after the physics or
@@ -203,7 +248,7 @@ class ControlLoop:
                 )
                 with self._lock:
                     # "episodes" counts finished ones; the one cut short by a stop is apart.
-                    key = "episodes_aborted" if reason == "aborted" else "episodes"
+                    key = "episodes_aborted" if reason in ("aborted", "fault") else "episodes"
                     self._counts[key] += 1
                     self._counts["successes"] += int(success)
                 log.info(

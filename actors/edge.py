@@ -13,14 +13,19 @@ import json
 import logging
 import threading
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from actors.config import ActorConfig
 from actors.control_loop import ControlLoop
 from actors.heartbeat import HeartbeatSender
 from actors.policy_watch import PolicyWatcher, RunnerFactory
+from actors.spool import ChunkSpool
 from actors.uplink import Uplink
+from actors.version_cache import VersionCache
 from drivers.interfaces import Clock, Operator, TaskScene
+from fleet import metrics
+from fleet.signing import load_public_key
 from protos.fleetlearn.v1 import policy_pb2
 
 if TYPE_CHECKING:
@@ -62,11 +67,16 @@ def run_actor(
 ) -> dict[str, Any]:
     """Run the cell until `stop` is set, then drain and return a summary of counts."""
     faults = _Faults()
+    spool = (
+        ChunkSpool(config.spool_dir, config.spool_quota_bytes) if config.spool_dir else None
+    )
     uplink = Uplink(
         config.learner_address,
         deadline_s=config.rpc_deadline_s,
         max_queue=config.uplink_queue_chunks,
         cell_id=config.cell_id,
+        spool=spool,
+        on_fault=faults.report,
     )
     watcher = PolicyWatcher(
         config.learner_address,
@@ -75,6 +85,14 @@ def run_actor(
         deadline_s=config.rpc_deadline_s,
         on_fault=faults.report,
         runner_factory=runner_factory,
+        verify_key=load_public_key(Path(config.verify_key)) if config.verify_key else None,
+        cache=VersionCache(
+            Path(config.version_cache_dir),
+            max_bytes=config.version_cache_max_bytes,
+            cell_id=config.cell_id,
+        )
+        if config.version_cache_dir
+        else None,
     )
     loop = ControlLoop(
         config,
@@ -114,6 +132,22 @@ def run_actor(
         deadline_s=config.rpc_deadline_s,
         cell_id=config.cell_id,
     )
+    def edge_numbers() -> dict[str, Any]:
+        s = loop.stats
+        return {**s, "policy_swaps": len(s["versions_adopted"]), "faults": faults.count}
+
+    def running() -> tuple[str, str, dict[str, str]]:
+        s = loop.stats
+        labels = {"version": s["version_running"] or "none", "task": s["task"]}
+        return "fleet_edge_running", "the policy version and task this cell runs now", labels
+
+    cell_label = {"cell": config.cell_id}
+    unregister_edge = metrics.register(
+        metrics.StatsCollector(edge_numbers, metrics.EDGE_STATS, labels=cell_label, info=running)
+    )
+    unregister_uplink = metrics.register(
+        metrics.StatsCollector(lambda: uplink.stats, metrics.UPLINK_STATS, labels=cell_label)
+    )
     log.info("cell %s: edge actor starting, learner at %s", config.cell_id, config.learner_address)
     uplink.start()
     watcher.start()
@@ -140,6 +174,8 @@ def run_actor(
             )
         heartbeat.stop(final=True)  # the final counts, after the drain
         uplink.stop()
+        unregister_edge()
+        unregister_uplink()
     stats = loop.stats
     up = uplink.stats
     summary: dict[str, Any] = {
@@ -153,6 +189,11 @@ def run_actor(
         "versions_adopted": [a["version"] for a in stats["versions_adopted"]],
         "adoptions": stats["versions_adopted"],
         "dropped": up["dropped"],
+        "dropped_steps": up["dropped_steps"],
+        "spool_bytes": up["spool_bytes"],
+        "spool_chunks": up["spool_chunks"],
+        "spool_write_ms": up["spool_write_ms"],
+        "recovered": up["recovered"],
         "rejected": up["rejected"],
         "resends": up["resends"],
         "chunks_acked": up["chunks_acked"],

@@ -11,6 +11,7 @@ import logging
 import signal
 import threading
 from pathlib import Path
+from typing import Any
 
 from actors.config import ActorConfig
 from actors.edge import run_actor
@@ -27,6 +28,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cell", required=True, help="this cell's id, e.g. cell-01")
     p.add_argument("--learner", required=True, help="learner gateway address host:port")
     p.add_argument("--token", default="", help="this cell's credential")
+    p.add_argument(
+        "--token-file",
+        type=Path,
+        default=None,
+        help="read the credential from this file instead (kept out of the process list)",
+    )
+    p.add_argument(
+        "--tls-dir",
+        type=Path,
+        default=None,
+        help="TLS to the learner: ca.pem, and <cell>.pem/<cell>.key for mutual TLS "
+        "(default: plaintext)",
+    )
     p.add_argument("--sim", action="store_true", help="drive the simulated cell")
     p.add_argument("--seed", type=int, default=0, help="sim seed (episode layouts)")
     p.add_argument("--cameras", default="overhead,front", help="comma-separated camera names")
@@ -45,7 +59,51 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.5,
         help="sim only: chance the simulated operator takes over an episode",
     )
-    p.add_argument("--max-episode-s", type=float, default=8.0)
+    p.add_argument(
+        "--sim-backend",
+        choices=["mujoco", "kinematic"],
+        default="mujoco",
+        help="sim only: mujoco = physics cell behind the real dynamixel_sdk and pyrealsense2 "
+        "paths; kinematic = the light stand-in without SDKs (fast tests)",
+    )
+    p.add_argument(
+        "--max-episode-s",
+        type=float,
+        default=None,
+        help="episode time limit (default: 10 s mujoco, 8 s kinematic)",
+    )
+    p.add_argument(
+        "--verify-key",
+        type=Path,
+        default=None,
+        help="learner's Ed25519 public key (PEM); versions must carry its signature",
+    )
+    p.add_argument(
+        "--version-cache",
+        type=Path,
+        default=None,
+        help="directory caching verified versions (default: ~/.cache/fleetlearn/<cell>/versions)",
+    )
+    p.add_argument(
+        "--version-cache-mb", type=int, default=2048, help="bound on the version cache, MB"
+    )
+    p.add_argument(
+        "--spool-dir",
+        type=Path,
+        default=None,
+        help="durable spool of chunks not yet acked by the learner "
+        "(default: ~/.local/share/fleetlearn/<cell>/spool; fleet up: <run>/spool/<cell>)",
+    )
+    p.add_argument(
+        "--spool-quota-mb", type=int, default=2048, help="disk quota of the spool, MB"
+    )
+    p.add_argument(
+        "--jpeg-quality", type=int, default=90, help="JPEG quality of uploaded frames, 1-100"
+    )
+    p.add_argument(
+        "--metrics-port", type=int, default=0, help="serve Prometheus /metrics here (0 = off)"
+    )
+    p.add_argument("--metrics-host", default="0.0.0.0", help="address /metrics binds")
     p.add_argument(
         "--summary-json",
         type=Path,
@@ -65,11 +123,8 @@ def main(argv: list[str] | None = None) -> int:
             args.cell,
         )
         return 2
-    from drivers.sim import make_sim_cell
-
     cameras = tuple(c for c in args.cameras.split(",") if c)
-    cell = make_sim_cell(
-        args.cell,
+    cell_args = dict(
         seed=args.seed,
         cameras=cameras,
         height=args.height,
@@ -78,18 +133,53 @@ def main(argv: list[str] | None = None) -> int:
         realtime_factor=args.realtime_factor,
         takeover_prob=args.takeover_prob,
     )
+    if args.sim_backend == "mujoco":
+        from drivers.sim.sdk_cell import make_sdk_sim_cell
+
+        cell: Any = make_sdk_sim_cell(args.cell, **cell_args)
+        max_episode_s = 10.0
+    else:
+        from drivers.sim import make_sim_cell
+
+        cell = make_sim_cell(args.cell, **cell_args)
+        max_episode_s = 8.0
+    if args.max_episode_s is not None:
+        max_episode_s = args.max_episode_s
     config = ActorConfig(
         cell_id=args.cell,
         learner_address=args.learner,
-        token=args.token,
+        token=args.token_file.read_text().strip() if args.token_file else args.token,
         control_hz=args.control_hz,
-        max_episode_s=args.max_episode_s,
+        max_episode_s=max_episode_s,
         seed=args.seed,
+        verify_key=str(args.verify_key) if args.verify_key else "",
+        version_cache_dir=str(
+            args.version_cache or Path.home() / ".cache" / "fleetlearn" / args.cell / "versions"
+        ),
+        version_cache_max_bytes=args.version_cache_mb << 20,
+        spool_dir=str(
+            args.spool_dir or Path.home() / ".local" / "share" / "fleetlearn" / args.cell / "spool"
+        ),
+        spool_quota_bytes=args.spool_quota_mb << 20,
+        jpeg_quality=args.jpeg_quality,
     )
+    if args.tls_dir is not None:
+        from fleet.tls import use_client_tls
+
+        use_client_tls(args.tls_dir, args.cell)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    summary = run_actor(config, cell, stop)
+    from fleet.metrics import serve_metrics
+
+    metrics_server = serve_metrics(args.metrics_port, host=args.metrics_host)
+    try:
+        summary = run_actor(config, cell, stop)
+    finally:
+        if metrics_server is not None:
+            metrics_server.stop()
+        if hasattr(cell, "close"):
+            cell.close()  # stops the simulated servo chains
     if args.summary_json is not None:
         args.summary_json.parent.mkdir(parents=True, exist_ok=True)
         args.summary_json.write_text(json.dumps(summary, indent=2))

@@ -61,11 +61,44 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--redis-url", required=True)
     status.add_argument("--watch", action="store_true", help="keep refreshing")
 
+    from fleet.dashboard.server import add_dashboard_arguments
+
+    dashboard = sub.add_parser(
+        "dashboard",
+        help="serve the web dashboard (fleet, learning, rollout, episodes)",
+        description="Serve the web dashboard over Redis and the episode store.",
+    )
+    add_dashboard_arguments(dashboard)
+
+    from fleet.rollout_cli import add_rollout_commands
+
+    add_rollout_commands(sub)  # versions, rollout, promote, rollback, pin, unpin, events
+
     sub.add_parser(
         "learner", help="run the central learner (see `fleet learner --help`)", add_help=False
     )
     sub.add_parser(
+        "calibrate",
+        help="calibrate a cell's arms into its file (see `fleet calibrate --help`)",
+        add_help=False,
+    )
+    sub.add_parser(
         "actor", help="run a cell's edge actor (see `fleet actor --help`)", add_help=False
+    )
+    sub.add_parser(
+        "calibrate",
+        help="calibrate a cell's arms into its file (see `fleet calibrate --help`)",
+        add_help=False,
+    )
+    sub.add_parser(
+        "export",
+        help="write stored episodes as a LeRobot v3 dataset (see `fleet export --help`)",
+        add_help=False,
+    )
+    sub.add_parser(
+        "episode",
+        help="write one stored episode as a Rerun recording (see `fleet episode --help`)",
+        add_help=False,
     )
     return parser
 
@@ -76,6 +109,12 @@ def main(argv: list[str] | None = None) -> int:
         return _exec_module("learner.main", argv[1:])
     if argv and argv[0] == "actor":
         return _exec_module("actors.main", argv[1:])
+    if argv and argv[0] == "calibrate":
+        return _exec_module("actors.calibrate", argv[1:])
+    if argv and argv[0] == "export":  # the store is learner-side: zarr, pyarrow, av
+        return _exec_module("learner.export", argv[1:])
+    if argv and argv[0] == "episode":
+        return _exec_module("learner.export", argv)
     args = build_parser().parse_args(argv)
     if args.command == "up":
         from fleet.up import run_up
@@ -83,6 +122,14 @@ def main(argv: list[str] | None = None) -> int:
         return run_up(args)
     if args.command == "status":
         return cmd_status(args)
+    if args.command == "dashboard":
+        from fleet.dashboard.server import run_dashboard
+
+        return run_dashboard(args)
+    from fleet.rollout_cli import COMMANDS, run_rollout_command
+
+    if args.command in COMMANDS:
+        return run_rollout_command(args)
     return 2
 
 

@@ -220,6 +220,8 @@ UPLINK_STATS = (
     Stat("pending", "fleet_edge_uplink_pending_chunks", "gauge", "chunks waiting for an ack"),
     Stat("spool_bytes", "fleet_edge_spool_bytes", "gauge", "bytes spooled awaiting upload"),
     Stat("spool_chunks", "fleet_edge_spool_chunks", "gauge", "chunks spooled awaiting upload"),
+    Stat("dropped_steps", "fleet_edge_dropped_steps", "counter", "steps dropped: spool full"),
+    Stat("spool_chunks", "fleet_edge_spool_chunks", "gauge", "chunks spooled awaiting upload"),
     Stat("spool_full", "fleet_edge_spool_full", "gauge", "1 while the spool quota is full"),
     Stat("transient_rejects", "fleet_edge_transient_rejects", "counter", "refusals retried"),
 )

@@ -6,11 +6,19 @@ Keys, all under one prefix (default "fleet:"):
 
     versions                ZSET   version id -> published_at
     version:<id>            HASH   manifest (JSON), weights_path, published_at
-    rollout                 HASH   mode, stable, candidate
+    rollout                 HASH   mode, stable, candidate, stage, candidate_cells (JSON
+                                   list), canary_cells (JSON list), stage_started_at,
+                                   stage_episodes (candidate episodes when the stage began)
+    pins                    HASH   cell id -> version id (operator pins beat the rollout)
+    rolled_back             SET    versions rolled back (never proposed again automatically)
+    shadow                  HASH   JSON [version, counter] -> sum (shadow evaluation scores)
     cells                   SET    every cell id ever seen
     cell:<id>               HASH   the cell's last heartbeat (CellState fields)
     cell:<id>:alive         STRING present while heartbeats keep coming (TTL)
-    outcomes                HASH   JSON [version, task, counter] -> count
+    outcomes                HASH   JSON [version, task, counter] -> count; counters:
+                                   episodes, successes, intervention_steps, steps,
+                                   intervened_episodes (an operator took over at least once),
+                                   autonomous_successes (succeeded with no intervention)
     learner                 HASH   learner progress (free-form scalars)
     store                   HASH   steps, episodes held by the episode store
     events                  STREAM append-only log of rollout actions and other events
@@ -27,8 +35,21 @@ from typing import Any
 
 import redis
 
-ROLLOUT_MODES = ("immediate",)  # immediate: every cell runs the newest published version
-_OUTCOME_COUNTERS = ("episodes", "successes", "intervention_steps", "steps")
+# immediate: every cell runs the newest published version as soon as it is published.
+# auto: the rollout controller (learner/rollout_controller.py) stages each version.
+ROLLOUT_MODES = ("immediate", "auto")
+# A rollout's stage: shadow (candidate infers beside stable, never acts), canary (a few
+# cells run it), fraction (a larger share of cells), fleet (promoted: it is stable).
+ROLLOUT_STAGES = ("shadow", "canary", "fraction", "fleet")
+_OUTCOME_COUNTERS = (
+    "episodes",
+    "successes",
+    "intervention_steps",
+    "steps",
+    "intervened_episodes",
+    "autonomous_successes",
+)
+_SHADOW_COUNTERS = ("steps", "dist_stable_sum", "operator_steps", "dist_operator_sum")
 
 
 @dataclass
@@ -170,11 +191,21 @@ class Registry:
         self.r.hset(self._k("rollout"), "mode", mode)
 
     def rollout(self) -> dict:
-        """{"mode", "stable", "candidate"}; unset entries are None."""
+        """{"mode", "stable", "candidate", "stage", "candidate_cells", "canary_cells",
+        "stage_started_at", "stage_episodes"}; unset scalars are None, unset lists empty."""
         raw = self.r.hgetall(self._k("rollout"))
-        return {name: raw.get(name) or None for name in ("mode", "stable", "candidate")}
+        out: dict[str, Any] = {
+            name: raw.get(name) or None for name in ("mode", "stable", "candidate", "stage")
+        }
+        for name in ("candidate_cells", "canary_cells"):
+            out[name] = json.loads(raw[name]) if raw.get(name) else []
+        out["stage_started_at"] = (
+            float(raw["stage_started_at"]) if raw.get("stage_started_at") else None
+        )
+        out["stage_episodes"] = int(raw.get("stage_episodes") or 0)
+        return out
 
-    def set_stable(self, version_id: str, *, actor: str, reason: str) -> None:
+    def set_stable(self, version_id: str, *, actor: str, reason: str, **numbers: Any) -> None:
         """Make `version_id` the fleet's stable version and log it as an event."""
         if not self.r.exists(self._k("version", version_id)):
             raise KeyError(f"unknown version {version_id!r}")
@@ -182,18 +213,157 @@ class Registry:
         pipe = self.r.pipeline(transaction=True)
         pipe.hset(self._k("rollout"), "stable", version_id)
         self._add_event(
-            pipe, "set_stable", actor=actor, reason=reason, version=version_id, previous=previous
+            pipe,
+            "set_stable",
+            actor=actor,
+            reason=reason,
+            version=version_id,
+            previous=previous,
+            **numbers,
         )
         pipe.execute()
+
+    def set_candidate(
+        self,
+        version_id: str,
+        *,
+        stage: str,
+        cells: Iterable[str],
+        kind: str,
+        actor: str,
+        reason: str,
+        canary_cells: Iterable[str] | None = None,
+        stage_episodes: int = 0,
+        **numbers: Any,
+    ) -> None:
+        """Set (or move to a new stage) the candidate and the cells it runs on, atomically
+        with an event of `kind` naming who did it, why and the numbers behind it. In stage
+        "shadow" the cells keep running stable and infer with the candidate beside it."""
+        if stage not in ROLLOUT_STAGES[:-1]:
+            raise ValueError(
+                f"candidate stage must be one of shadow/canary/fraction, not {stage!r}"
+            )
+        if not self.r.exists(self._k("version", version_id)):
+            raise KeyError(f"unknown version {version_id!r}")
+        cell_list = sorted(set(cells))
+        mapping = {
+            "candidate": version_id,
+            "stage": stage,
+            "candidate_cells": json.dumps(cell_list),
+            "stage_started_at": repr(time.time()),
+            "stage_episodes": str(int(stage_episodes)),
+        }
+        if canary_cells is not None:
+            mapping["canary_cells"] = json.dumps(sorted(set(canary_cells)))
+        pipe = self.r.pipeline(transaction=True)
+        pipe.hset(self._k("rollout"), mapping=mapping)
+        self._add_event(
+            pipe,
+            kind,
+            actor=actor,
+            reason=reason,
+            version=version_id,
+            stage=stage,
+            cells=",".join(cell_list),
+            **numbers,
+        )
+        pipe.execute()
+
+    def clear_candidate(
+        self, *, kind: str, actor: str, reason: str, promote: bool, **numbers: Any
+    ) -> str | None:
+        """End the rollout: promote the candidate to stable (stage "fleet") or drop it and
+        remember it as rolled back. Returns the candidate's id, None if there was none."""
+        candidate = self.r.hget(self._k("rollout"), "candidate") or None
+        if candidate is None:
+            return None
+        previous = self.r.hget(self._k("rollout"), "stable") or ""
+        pipe = self.r.pipeline(transaction=True)
+        if promote:
+            pipe.hset(self._k("rollout"), mapping={"stable": candidate, "stage": "fleet"})
+        else:
+            pipe.hdel(self._k("rollout"), "stage")
+            pipe.sadd(self._k("rolled_back"), candidate)
+        pipe.hdel(
+            self._k("rollout"),
+            "candidate",
+            "candidate_cells",
+            "canary_cells",
+            "stage_started_at",
+            "stage_episodes",
+        )
+        self._add_event(
+            pipe,
+            kind,
+            actor=actor,
+            reason=reason,
+            version=candidate,
+            previous=previous,
+            **numbers,
+        )
+        pipe.execute()
+        return candidate
+
+    def rolled_back(self) -> set[str]:
+        """Versions that were rolled back (the controller never proposes them again)."""
+        return set(self.r.smembers(self._k("rolled_back")))
+
+    def set_pin(self, cell_id: str, version_id: str, *, actor: str, reason: str) -> None:
+        """Pin a cell to a version: it runs that version whatever the rollout says."""
+        if not self.r.exists(self._k("version", version_id)):
+            raise KeyError(f"unknown version {version_id!r}")
+        pipe = self.r.pipeline(transaction=True)
+        pipe.hset(self._k("pins"), cell_id, version_id)
+        self._add_event(pipe, "pin", actor=actor, reason=reason, cell=cell_id, version=version_id)
+        pipe.execute()
+
+    def clear_pin(self, cell_id: str, *, actor: str, reason: str) -> str | None:
+        """Unpin a cell; returns the version it was pinned to (None: it was not pinned)."""
+        was = self.r.hget(self._k("pins"), cell_id) or None
+        if was is None:
+            return None
+        pipe = self.r.pipeline(transaction=True)
+        pipe.hdel(self._k("pins"), cell_id)
+        self._add_event(pipe, "unpin", actor=actor, reason=reason, cell=cell_id, version=was)
+        pipe.execute()
+        return was
+
+    def pins(self) -> dict[str, str]:
+        """cell id -> pinned version id."""
+        return dict(self.r.hgetall(self._k("pins")))
 
     def assignments(self, cell_ids: Iterable[str]) -> dict[str, str | None]:
         """The version each cell should run, in one round trip for all of them.
 
-        Precedence once staged rollouts exist: a per-cell pin, then the candidate for cells
-        in its canary set, then stable. Today only stable is set (immediate mode).
+        Precedence: a per-cell pin, then the candidate for cells in its cell set (unless
+        the candidate is only in shadow: shadow cells keep acting with stable), then stable.
         """
-        stable = self.r.hget(self._k("rollout"), "stable") or None
-        return {cell_id: stable for cell_id in cell_ids}
+        pipe = self.r.pipeline(transaction=False)
+        pipe.hgetall(self._k("rollout"))
+        pipe.hgetall(self._k("pins"))
+        rollout, pins = pipe.execute()
+        stable = rollout.get("stable") or None
+        candidate = rollout.get("candidate") or None
+        acting = candidate is not None and rollout.get("stage") in ("canary", "fraction")
+        candidate_cells = set(json.loads(rollout.get("candidate_cells") or "[]"))
+        out: dict[str, str | None] = {}
+        for cell_id in cell_ids:
+            if cell_id in pins:
+                out[cell_id] = pins[cell_id]
+            elif acting and cell_id in candidate_cells:
+                out[cell_id] = candidate
+            else:
+                out[cell_id] = stable
+        return out
+
+    def shadow_assignments(self, cell_ids: Iterable[str]) -> dict[str, str | None]:
+        """The version each cell should run in shadow (None: none): the candidate on its
+        cells while the rollout is in stage "shadow"."""
+        rollout = self.r.hgetall(self._k("rollout"))
+        candidate = rollout.get("candidate") or None
+        cells = set(json.loads(rollout.get("candidate_cells") or "[]"))
+        shadow = candidate if rollout.get("stage") == "shadow" else None
+        return {c: (shadow if c in cells else None) for c in cell_ids}
 
     def assignment_for(self, cell_id: str) -> str | None:
         return self.assignments([cell_id])[cell_id]
@@ -240,20 +410,28 @@ class Registry:
         intervention_steps: int,
     ) -> None:
         """Count one finished episode toward (version, task). Counts are per version and
-        task only; per-cell counters arrive with the cell's heartbeats."""
+        task only; per-cell counters arrive with the cell's heartbeats.
+
+        `autonomous_successes` counts episodes that succeeded with no operator intervention:
+        rollout decisions use it, so an episode an operator had to rescue counts as a failure
+        of the version (a success the operator made is not the policy's)."""
         key = self._k("outcomes")
         pipe = self.r.pipeline(transaction=True)
+        intervened = int(intervention_steps) > 0
         for counter, amount in (
             ("episodes", 1),
             ("successes", int(bool(success))),
             ("intervention_steps", int(intervention_steps)),
             ("steps", int(steps)),
+            ("intervened_episodes", int(intervened)),
+            ("autonomous_successes", int(bool(success) and not intervened)),
         ):
             pipe.hincrby(key, json.dumps([version, task, counter]), amount)
         pipe.execute()
 
     def success_counts(self) -> dict[str, dict[str, dict[str, int]]]:
-        """version -> task -> {"episodes", "successes", "intervention_steps", "steps"}."""
+        """version -> task -> {"episodes", "successes", "intervention_steps", "steps",
+        "intervened_episodes", "autonomous_successes"}."""
         out: dict[str, dict[str, dict[str, int]]] = {}
         for name, count in self.r.hgetall(self._k("outcomes")).items():
             version, task, counter = json.loads(name)
@@ -261,6 +439,45 @@ class Registry:
                 task, dict.fromkeys(_OUTCOME_COUNTERS, 0)
             )
             per_task[counter] = int(count)
+        return out
+
+    def record_shadow(
+        self,
+        *,
+        version: str,
+        steps: int,
+        dist_stable_sum: float,
+        operator_steps: int,
+        dist_operator_sum: float,
+    ) -> None:
+        """Add a shadow run's action distances: summed over `steps` the distance of the shadow
+        version's action to the action executed (stable's or the operator's), and over the
+        `operator_steps` where an operator intervened, its distance to the operator's."""
+        key = self._k("shadow")
+        pipe = self.r.pipeline(transaction=True)
+        pipe.hincrby(key, json.dumps([version, "steps"]), int(steps))
+        pipe.hincrbyfloat(key, json.dumps([version, "dist_stable_sum"]), float(dist_stable_sum))
+        pipe.hincrby(key, json.dumps([version, "operator_steps"]), int(operator_steps))
+        pipe.hincrbyfloat(key, json.dumps([version, "dist_operator_sum"]), float(dist_operator_sum))
+        pipe.execute()
+
+    def shadow_scores(self) -> dict[str, dict[str, Any]]:
+        """version -> {"steps", "operator_steps", "mean_dist_stable", "mean_dist_operator"}
+        (means are None without steps)."""
+        sums: dict[str, dict[str, float]] = {}
+        for name, value in self.r.hgetall(self._k("shadow")).items():
+            version, counter = json.loads(name)
+            sums.setdefault(version, dict.fromkeys(_SHADOW_COUNTERS, 0.0))[counter] = float(value)
+        out: dict[str, dict[str, Any]] = {}
+        for version, s in sums.items():
+            out[version] = {
+                "steps": int(s["steps"]),
+                "operator_steps": int(s["operator_steps"]),
+                "mean_dist_stable": s["dist_stable_sum"] / s["steps"] if s["steps"] else None,
+                "mean_dist_operator": (
+                    s["dist_operator_sum"] / s["operator_steps"] if s["operator_steps"] else None
+                ),
+            }
         return out
 
     # -- learner progress ----------------------------------------------------------------

@@ -31,7 +31,9 @@ from fleet.status_view import render
 
 log = logging.getLogger(__name__)
 
-SIM_TASKS = ("pick_cube", "touch_target")  # the sim cell's tasks (drivers/sim/tasks.py)
+# The default sim cell's tasks (drivers/sim/mujoco/tasks.py). Repeated here because fleet/
+# imports nothing from drivers/ (a control-plane machine needs no driver stack).
+SIM_TASKS = ("handover_bar", "place_cube", "push_to_target")
 SIM_CAMERAS = ("overhead", "front")
 
 
@@ -48,9 +50,10 @@ def add_up_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--rollout",
-        default="immediate",
-        choices=["immediate"],
-        help="immediate: every cell takes each new version as it is published",
+        default="auto",
+        choices=["auto", "immediate"],
+        help="auto: canary cells, then a fraction, then the fleet, rolled back when credibly "
+        "worse; immediate: every cell takes each new version as it is published",
     )
     p.add_argument(
         "--redis-url", default=None, help="use this Redis instead of starting a private one"
@@ -79,6 +82,17 @@ def add_up_arguments(p: argparse.ArgumentParser) -> None:
         help="seconds a stopping cell may take to get its last steps acked",
     )
     p.add_argument("--no-live", action="store_true", help="print no live table")
+    p.add_argument(
+        "--dashboard-port",
+        type=int,
+        default=0,
+        help="web dashboard port (0: a free port; -1: no dashboard)",
+    )
+    p.add_argument(
+        "--insecure",
+        action="store_true",
+        help="plaintext gRPC without tokens (default: mutual TLS and a token per cell)",
+    )
 
 
 @dataclass
@@ -148,6 +162,9 @@ def _summary(registry: Registry, cell_files: dict[str, Path]) -> dict[str, Any]:
         cells[cell_id] = {
             "steps_sent": int(data.get("steps_sent", 0)),
             "episodes": int(data.get("episodes", 0)),
+            # cut short by a stop or a fault; still stored (as far as they got)
+            "episodes_aborted": int(data.get("episodes_aborted", 0)),
+            "faults": data.get("faults", []),
             "versions_adopted": list(data.get("versions_adopted", [])),
             "adoptions": list(data.get("adoptions", [])),
             "dropped": int(data.get("dropped", 0)),
@@ -188,6 +205,7 @@ def run_up(args: argparse.Namespace) -> int:
     }
     learner: _Child | None = None
     cells: list[_Child] = []
+    dashboard: _Child | None = None
     summary: dict[str, Any] | None = None
     try:
         if args.redis_url:
@@ -198,6 +216,12 @@ def run_up(args: argparse.Namespace) -> int:
         registry = Registry(url)
         port = free_port()
         console.print(f"fleet up: run directory {run_dir}, learner on 127.0.0.1:{port}")
+        signing_key, verify_key = _signing_keys(run_dir)
+        learner_security, cell_security = _transport_security(
+            run_dir, list(cell_files), insecure=args.insecure
+        )
+        metrics_ports = {name: free_port() for name in ["learner", *cell_files]}
+        write_prometheus_targets(run_dir, metrics_ports)
         learner = fleet.spawn(
             "learner",
             [
@@ -222,9 +246,18 @@ def run_up(args: argparse.Namespace) -> int:
                 str(args.min_steps),
                 "--rollout",
                 args.rollout,
+                "--signing-key",
+                str(signing_key),
+                "--metrics-port",
+                str(metrics_ports["learner"]),
+                "--metrics-host",
+                "127.0.0.1",
+                *learner_security,
             ],
         )
         _wait_learner_ready(registry, learner, timeout_s=180)
+        if args.dashboard_port >= 0:
+            dashboard = _start_dashboard(fleet, console, url, run_dir, args.dashboard_port)
         for i, (cell_id, path) in enumerate(cell_files.items(), start=1):
             cells.append(
                 fleet.spawn(
@@ -246,6 +279,17 @@ def run_up(args: argparse.Namespace) -> int:
                         str(args.realtime_factor),
                         "--summary-json",
                         str(path),
+                        "--verify-key",
+                        str(verify_key),
+                        "--version-cache",
+                        str(run_dir / "cells" / cell_id / "versions"),
+                        "--spool-dir",
+                        str(run_dir / "spool" / cell_id),
+                        "--metrics-port",
+                        str(metrics_ports[cell_id]),
+                        "--metrics-host",
+                        "127.0.0.1",
+                        *cell_security[cell_id],
                     ],
                 )
             )
@@ -278,6 +322,8 @@ def run_up(args: argparse.Namespace) -> int:
         if learner is not None:
             console.print("fleet up: stopping the learner")
             learner.stop(60.0)
+        if dashboard is not None:
+            dashboard.stop(10.0)
         try:
             if learner is not None and redis_alive(redis, args.redis_url):
                 summary = _summary(Registry(redis.url if redis else args.redis_url), cell_files)
@@ -296,6 +342,103 @@ def run_up(args: argparse.Namespace) -> int:
             f"{summary['store']['episodes']} episodes"
         )
     return 130 if interrupted and args.duration is None else 0
+
+
+def write_prometheus_targets(run_dir: Path, ports: dict[str, int]) -> Path:
+    """Prometheus file_sd targets for this run (ops/prometheus/prometheus.yml reads them)."""
+    groups = [
+        {
+            "targets": [f"127.0.0.1:{port}"],
+            # the cell label comes with the edge's own samples; a target label would clash
+            "labels": {"role": "learner" if name == "learner" else "edge"},
+        }
+        for name, port in ports.items()
+    ]
+    path = run_dir / "prometheus" / "targets.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(groups, indent=2))
+    return path
+
+
+def _signing_keys(run_dir: Path) -> tuple[Path, Path]:
+    """The run's policy signing key pair (made once per run directory): the learner signs
+    every version with the private key, each cell checks with the public one."""
+    from fleet.signing import PRIVATE_KEY_NAME, PUBLIC_KEY_NAME, write_key_pair
+
+    keys = run_dir / "keys"
+    private, public = keys / PRIVATE_KEY_NAME, keys / PUBLIC_KEY_NAME
+    if not (private.exists() and public.exists()):
+        private, public = write_key_pair(keys)
+    return private, public
+
+
+def _transport_security(
+    run_dir: Path, cells: list[str], *, insecure: bool
+) -> tuple[list[str], dict[str, list[str]]]:
+    """The learner's and each cell's TLS/token arguments: a lab CA, a learner certificate
+    and one client certificate per cell (ops/make_certs.py) plus a random token per cell,
+    all kept in the run directory (0700). `insecure` gives plaintext without tokens."""
+    if insecure:
+        return [], {cell: [] for cell in cells}
+    tls_dir = run_dir / "tls"
+    make_certs = Path(__file__).resolve().parents[1] / "ops" / "make_certs.py"
+    subprocess.run(
+        [
+            sys.executable,
+            str(make_certs),
+            "--out",
+            str(tls_dir),
+            "--learner-host",
+            "127.0.0.1",
+            "--cells",
+            ",".join(cells),
+        ],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
+    tokens_file = tls_dir / "tokens.json"
+    tokens = {cell: secrets.token_urlsafe(24) for cell in cells}
+    fd = os.open(tokens_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(tokens, f)
+    learner = ["--tls-dir", str(tls_dir), "--mtls", "--tokens-file", str(tokens_file)]
+    per_cell = {}
+    for cell, token in tokens.items():
+        # A file, not --token: argv is readable by every user of the machine.
+        fd = os.open(tls_dir / f"{cell}.token", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(token)
+        per_cell[cell] = ["--tls-dir", str(tls_dir), "--token-file", str(tls_dir / f"{cell}.token")]
+    return learner, per_cell
+
+
+def _start_dashboard(
+    fleet: _Fleet, console: Console, redis_url: str, run_dir: Path, port: int
+) -> _Child:
+    """The web dashboard as a child process; its operator token goes through the
+    environment (not argv, which other local users can read) and is printed once."""
+    from fleet.dashboard.server import TOKEN_ENV
+
+    port = port or free_port()
+    token = os.environ.get(TOKEN_ENV) or secrets.token_urlsafe(16)
+    os.environ[TOKEN_ENV] = token
+    child = fleet.spawn(
+        "dashboard",
+        [
+            sys.executable,
+            "-m",
+            "fleet.cli",
+            "dashboard",
+            "--redis-url",
+            redis_url,
+            "--store",
+            str(run_dir / "store"),
+            "--port",
+            str(port),
+        ],
+    )
+    console.print(f"fleet up: dashboard on http://127.0.0.1:{port}/ (operator token {token})")
+    return child
 
 
 def redis_alive(redis: RedisServer | None, url: str | None) -> bool:

@@ -72,6 +72,9 @@ class DecodedChunk:
     last: bool
     # {"success": bool, "reason": str, "started_at": float, "ended_at": float} when last.
     outcome: dict[str, Any] | None
+    # Shadow evaluation (learner/shadow_scoring.py): the shadow version's (T, 14) actions.
+    shadow_action: np.ndarray | None = None
+    shadow_version: str = ""
 
     @property
     def n_steps(self) -> int:
@@ -184,6 +187,11 @@ def decode_chunk(
 
     cameras = _cameras(msg, n, reject)
     outcome = _outcome(msg, reject)
+    shadow_action = None
+    if msg.HasField("shadow_action"):
+        shadow_action = _column(msg, "shadow_action", "float32", (n, JOINT_DIM), reject)
+        if not np.isfinite(shadow_action).all() or len(msg.shadow_version) > MAX_ID_LEN:
+            raise reject("shadow_action", "non-finite value or over-long shadow_version")
     return DecodedChunk(
         cell_id=msg.cell_id,
         episode_id=msg.episode_id,
@@ -199,12 +207,21 @@ def decode_chunk(
         cameras=cameras,
         last=bool(msg.last),
         outcome=outcome,
+        shadow_action=shadow_action,
+        shadow_version=msg.shadow_version if shadow_action is not None else "",
     )
 
 
 def _payload_bytes(msg: trajectory_pb2.StepChunk) -> int:
     """The bulk of the message (array data and frames); cheaper than msg.ByteSize()."""
-    tensors = (msg.timestamp, msg.joint_pos, msg.action, msg.intervention, msg.reward)
+    tensors = (
+        msg.timestamp,
+        msg.joint_pos,
+        msg.action,
+        msg.intervention,
+        msg.reward,
+        msg.shadow_action,
+    )
     return sum(len(t.data) for t in tensors) + sum(
         len(frame) for cam in msg.cameras for frame in cam.frames
     )

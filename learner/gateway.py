@@ -14,11 +14,14 @@ from pathlib import Path
 import grpc
 
 from fleet.registry import Registry
+from fleet.tls import server_credentials
 from learner import ingest, policy_service
 from learner.chunks import DecodedChunk
 from learner.ingest import IngestServicer
 from learner.policy_service import PolicyServicer
+from learner.shadow_scoring import shadow_score
 from learner.store import EpisodeData, EpisodeStore
+from learner.truncation import TruncationSweeper
 
 log = logging.getLogger(__name__)
 
@@ -38,11 +41,28 @@ class Gateway:
         port: int = 0,
         tokens: Mapping[str, str] | None = None,
         max_workers: int = 64,
+        tls_dir: Path | None = None,
+        require_client_cert: bool = False,
+        truncate_after_s: float | None = None,
+        reuse_port: bool = False,
     ) -> None:
         self.store = EpisodeStore(store_root)
         self.registry = Registry(registry_url)
         self.host = host
         self.port = port
+        # TLS when tls_dir is given (learner.pem/.key, ca.pem); mutual TLS on request.
+        self.tls_dir = tls_dir
+        self.require_client_cert = require_client_cert
+        # Only one of several ingest servers sweeps (None = no sweeper here).
+        self.sweeper = (
+            TruncationSweeper(self.store, truncate_after_s=truncate_after_s)
+            if truncate_after_s
+            else None
+        )
+        extra_options: list[tuple[str, int]] = []
+        if reuse_port:
+            # Several ingest servers share one address; the kernel spreads connections.
+            extra_options.append(("grpc.so_reuseport", 1))
         self.ingest = IngestServicer(
             self.store,
             known_tasks=tasks,
@@ -58,6 +78,7 @@ class Gateway:
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.keepalive_permit_without_calls", 1),
                 ("grpc.http2.min_ping_interval_without_data_ms", 5000),
+                *extra_options,
             ],
         )
         ingest.add_to_server(self.server, self.ingest)
@@ -65,12 +86,26 @@ class Gateway:
 
     def start(self) -> int:
         """Bind and serve; returns the bound port."""
-        bound = self.server.add_insecure_port(f"{self.host}:{self.port}")
+        address = f"{self.host}:{self.port}"
+        if self.tls_dir is not None:
+            creds = server_credentials(self.tls_dir, require_client_cert=self.require_client_cert)
+            bound = self.server.add_secure_port(address, creds)
+        else:
+            bound = self.server.add_insecure_port(address)
         if bound == 0:
             raise RuntimeError(f"learner gateway could not bind {self.host}:{self.port}")
         self.port = bound
         self.server.start()
-        log.info("learner gateway serving on %s:%d", self.host, bound)
+        if self.sweeper is not None:
+            self.sweeper.start()
+        log.info(
+            "learner gateway serving on %s:%d (%s)",
+            self.host,
+            bound,
+            "plaintext"
+            if self.tls_dir is None
+            else ("mutual TLS" if self.require_client_cert else "TLS"),
+        )
         return bound
 
     def totals(self) -> dict[str, int]:
@@ -82,12 +117,23 @@ class Gateway:
         return dict(self.ingest.stats)
 
     def stop(self, grace_s: float = 5.0) -> None:
+        if self.sweeper is not None:
+            self.sweeper.stop()
         self.policy.stop()
         self.server.stop(grace_s).wait(grace_s + 1)
         log.info("learner gateway on port %d stopped", self.port)
 
     def _on_chunk(self, chunk: DecodedChunk) -> None:
         self.registry.add_store_totals(chunk.n_steps, 1 if chunk.seq == 0 else 0)
+        score = shadow_score(chunk)  # a candidate in shadow: its distance to what was done
+        if score is not None:
+            self.registry.record_shadow(
+                version=score.version,
+                steps=score.steps,
+                dist_stable_sum=score.dist_stable_sum,
+                operator_steps=score.operator_steps,
+                dist_operator_sum=score.dist_operator_sum,
+            )
 
     def _on_episode_end(self, chunk: DecodedChunk, data: EpisodeData | None) -> None:
         outcome = chunk.outcome or {}

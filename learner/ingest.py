@@ -10,18 +10,40 @@ the server.
 
 from __future__ import annotations
 
-import hmac
 import logging
 import threading
+import time
 from collections.abc import Callable, Collection, Iterator, Mapping
 
 import grpc
+from prometheus_client import Counter, Histogram
 
+from fleet.metrics import ACK_LATENCY_BUCKETS
+from fleet.tls import peer_common_name
+from learner.auth import check_cell
 from learner.chunks import ChunkRejected, DecodedChunk, decode_chunk
 from learner.store import EpisodeData, EpisodeRef, EpisodeStore
 from protos.fleetlearn.v1 import trajectory_pb2, trajectory_pb2_grpc
 
 log = logging.getLogger(__name__)
+
+# Receipt to ack of each chunk (decode + durable append), and refusals by status code.
+ACK_SECONDS = Histogram(
+    "fleet_ingest_ack_latency_seconds",
+    "time from a chunk's receipt to its ack (durable append included)",
+    buckets=ACK_LATENCY_BUCKETS,
+)
+REJECTED_BY_CODE = Counter(
+    "fleet_ingest_rejected_by_code", "chunks refused, by gRPC status code", ["code"]
+)
+for _code in (
+    "INVALID_ARGUMENT",
+    "RESOURCE_EXHAUSTED",
+    "FAILED_PRECONDITION",
+    "PERMISSION_DENIED",
+    "INTERNAL",
+):
+    REJECTED_BY_CODE.labels(code=_code)  # zero series exist before the first refusal
 
 _MAX_ECHO = 256  # ids are echoed in acks; a hostile id is cut short
 
@@ -62,13 +84,22 @@ class IngestServicer(trajectory_pb2_grpc.TrajectoryServiceServicer):
         context: grpc.ServicerContext,
     ) -> Iterator[trajectory_pb2.ChunkAck]:
         peer = context.peer()
+        # One identity per stream: the verified client certificate's CN under mutual TLS.
+        cert_cn = peer_common_name(context)
+        # Each chunk is stored before the next is read: a slow store stops reading, and
+        # gRPC flow control then holds the cell back (no unbounded queue here).
         for msg in request_iterator:
-            yield self._handle(msg, peer)
+            t0 = time.perf_counter()
+            ack = self._handle(msg, peer, cert_cn=cert_cn)
+            ACK_SECONDS.observe(time.perf_counter() - t0)
+            yield ack
 
-    def _handle(self, msg: trajectory_pb2.StepChunk, peer: str) -> trajectory_pb2.ChunkAck:
+    def _handle(
+        self, msg: trajectory_pb2.StepChunk, peer: str, *, cert_cn: str | None = None
+    ) -> trajectory_pb2.ChunkAck:
         """One chunk to one ack; never raises."""
         try:
-            self._authorise(msg)
+            self._authorise(msg, cert_cn)
             chunk = decode_chunk(
                 msg,
                 known_tasks=self.known_tasks,
@@ -116,18 +147,11 @@ class IngestServicer(trajectory_pb2_grpc.TrajectoryServiceServicer):
             duplicate=result.duplicate,
         )
 
-    def _authorise(self, msg: trajectory_pb2.StepChunk) -> None:
-        if self.tokens is None:
-            return
-        expected = self.tokens.get(msg.cell_id)
-        if expected is None or not hmac.compare_digest(
-            expected.encode("utf-8"), msg.token.encode("utf-8")
-        ):
-            raise ChunkRejected(
-                grpc.StatusCode.PERMISSION_DENIED,
-                f"cell {msg.cell_id[:_MAX_ECHO]!r}: unknown cell or wrong token; "
-                "check the cell's configured token",
-            )
+    def _authorise(self, msg: trajectory_pb2.StepChunk, cert_cn: str | None = None) -> None:
+        """Token and, over mutual TLS, the certificate's CN (see learner/auth.py)."""
+        denied = check_cell(msg.cell_id, msg.token, tokens=self.tokens, cert_cn=cert_cn)
+        if denied is not None:
+            raise ChunkRejected(grpc.StatusCode.PERMISSION_DENIED, denied)
 
     def _after_append(self, chunk: DecodedChunk) -> None:
         """Callbacks after a durable append; their failures are logged, never sent back."""
@@ -177,6 +201,7 @@ class IngestServicer(trajectory_pb2_grpc.TrajectoryServiceServicer):
     ) -> trajectory_pb2.ChunkAck:
         with self._lock:
             self._stats["rejected"] += 1
+        REJECTED_BY_CODE.labels(code=code.name).inc()
         if not logged:
             log.warning("chunk from %s rejected (%s): %s", peer, code.name, message)
         return trajectory_pb2.ChunkAck(

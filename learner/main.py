@@ -8,6 +8,7 @@ local by default; `--ray-address` joins a cluster.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import signal
@@ -17,13 +18,21 @@ from typing import Any
 
 import ray
 
+from fleet import metrics
 from fleet.logs import setup_logging
 from fleet.registry import Registry
+from learner.chunks import DecodedChunk
 from learner.gateway import Gateway
 from learner.sampler import SamplerConfig
+from learner.store import EpisodeData
 from learner.trainer import Trainer, TrainerConfig
 
 log = logging.getLogger("learner")
+
+
+# Metrics: each Ray actor keeps its numbers in its own process (stats() plus histograms)
+# and renders them with metrics_text(); the driver re-exposes them on --metrics-port. One
+# scrape target per learner, wherever Ray placed the actors, and no extra port per actor.
 
 
 class GatewayActor(Gateway):
@@ -32,6 +41,20 @@ class GatewayActor(Gateway):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         setup_logging()
         super().__init__(*args, **kwargs)
+        self.episodes_completed = 0
+        metrics.register(
+            metrics.StatsCollector(
+                lambda: {**self.stats(), "episodes_completed": self.episodes_completed},
+                metrics.INGEST_STATS,
+            )
+        )
+
+    def _on_episode_end(self, chunk: DecodedChunk, data: EpisodeData | None) -> None:
+        self.episodes_completed += 1
+        super()._on_episode_end(chunk, data)
+
+    def metrics_text(self) -> str:
+        return metrics.fleet_text()
 
 
 class TrainerActor(Trainer):
@@ -40,6 +63,20 @@ class TrainerActor(Trainer):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         setup_logging()
         super().__init__(*args, **kwargs)
+        metrics.register(
+            metrics.StatsCollector(
+                self.stats,
+                metrics.TRAINER_STATS,
+                info=lambda: (
+                    "fleet_trainer_latest_version",
+                    "the newest policy version the trainer published",
+                    {"version": str(self.stats()["latest_version"]) or "none"},
+                ),
+            )
+        )
+
+    def metrics_text(self) -> str:
+        return metrics.fleet_text()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -77,11 +114,70 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--rollout",
         default="immediate",
-        choices=["immediate"],
-        help="how new versions reach the cells",
+        choices=["immediate", "auto"],
+        help="immediate: every cell takes each new version; auto: staged canary rollout",
+    )
+    p.add_argument("--canary", type=int, default=1, help="auto rollout: canary cells")
+    p.add_argument(
+        "--rollout-fraction", type=float, default=0.5, help="auto rollout: share of the fleet"
+    )
+    p.add_argument(
+        "--rollout-min-episodes",
+        type=int,
+        default=30,
+        help="auto rollout: candidate episodes per stage before it may advance",
     )
     p.add_argument("--ray-address", default=None, help="join this Ray cluster (default: local)")
+    p.add_argument(
+        "--tls-dir",
+        type=Path,
+        default=None,
+        help="serve TLS with learner.pem/learner.key and ca.pem from here (default: plaintext)",
+    )
+    p.add_argument(
+        "--mtls", action="store_true", help="with --tls-dir: require a cell client certificate"
+    )
+    p.add_argument(
+        "--tokens-file",
+        type=Path,
+        default=None,
+        help='JSON {"cell_id": "token"}: only these cells, each with its own token',
+    )
+    p.add_argument(
+        "--truncate-after-s",
+        type=float,
+        default=60.0,
+        help="mark an unfinished episode truncated after this long without a chunk (0 = never)",
+    )
+    p.add_argument(
+        "--ingest-servers",
+        type=int,
+        default=1,
+        help="gateway actors sharing the one address (SO_REUSEPORT spreads connections)",
+    )
+    p.add_argument(
+        "--metrics-port", type=int, default=0, help="serve Prometheus /metrics here (0 = off)"
+    )
+    p.add_argument("--metrics-host", default="0.0.0.0", help="address /metrics binds")
+    p.add_argument(
+        "--signing-key",
+        type=Path,
+        default=None,
+        help="Ed25519 private key (PEM, ops/make_signing_key.py) that signs every version",
+    )
     return p
+
+
+def _load_tokens(path: Path | None) -> dict[str, str] | None:
+    """{cell_id: token} from a JSON file, or None (no token check) without one."""
+    if path is None:
+        return None
+    data = json.loads(path.read_text())
+    if not isinstance(data, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) and v for k, v in data.items()
+    ):
+        raise SystemExit(f"{path}: expected a JSON object of cell id -> non-empty token")
+    return data
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -109,10 +205,29 @@ def main(argv: list[str] | None = None) -> int:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    gateway = ray.remote(num_cpus=0, max_concurrency=4)(GatewayActor).remote(
-        store_root, args.redis_url, tasks, host=args.host, port=args.port
-    )
+    tokens = _load_tokens(args.tokens_file)
+    n_servers = max(1, args.ingest_servers)
+
+    def new_gateway(index: int) -> Any:
+        return ray.remote(num_cpus=0, max_concurrency=4)(GatewayActor).remote(
+            store_root,
+            args.redis_url,
+            tasks,
+            host=args.host,
+            port=port,
+            tokens=tokens,
+            tls_dir=args.tls_dir.resolve() if args.tls_dir else None,
+            require_client_cert=args.mtls,
+            truncate_after_s=args.truncate_after_s if index == 0 else None,
+            reuse_port=n_servers > 1,
+        )
+
+    # Several ingest servers bind one address; the first picks the port when --port is 0.
+    port = args.port
+    gateway = new_gateway(0)
     port = ray.get(gateway.start.remote())
+    extra_gateways = [new_gateway(i) for i in range(1, n_servers)]
+    ray.get([g.start.remote() for g in extra_gateways])
     trainer_cfg = TrainerConfig(
         tasks=tasks,
         cameras=cameras,
@@ -123,6 +238,7 @@ def main(argv: list[str] | None = None) -> int:
         num_gpus_per_learner=args.num_gpus_per_learner,
         torch_threads=args.torch_threads,
         rollout_mode=args.rollout,
+        signing_key=str(args.signing_key.resolve()) if args.signing_key else "",
         sampler=SamplerConfig(
             batch_size=args.batch_size,
             min_steps=args.min_steps,
@@ -133,6 +249,15 @@ def main(argv: list[str] | None = None) -> int:
         trainer_cfg, store_root, versions_dir, args.redis_url
     )
     ray.get(trainer.start.remote())
+    metrics.register(
+        metrics.RemoteCollector(
+            {
+                "gateway": lambda: ray.get(gateway.metrics_text.remote(), timeout=5.0),
+                "trainer": lambda: ray.get(trainer.metrics_text.remote(), timeout=5.0),
+            }
+        )
+    )
+    metrics_server = metrics.serve_metrics(args.metrics_port, host=args.metrics_host)
     registry.set_learner_stats(state="ready", port=port)
     log.info(
         "learner ready: gateway on %s:%d, tasks %s, cameras %s, preset %s",
@@ -142,16 +267,34 @@ def main(argv: list[str] | None = None) -> int:
         ",".join(cameras),
         args.preset,
     )
+    controller = None
+    if args.rollout == "auto":  # stages each published version (learner/rollout_controller.py)
+        from fleet.rollout import RuleConfig
+        from learner.rollout_controller import ControllerConfig, RolloutController
+
+        controller = RolloutController(
+            registry,
+            ControllerConfig(
+                canary=args.canary,
+                fraction=args.rollout_fraction,
+                rule=RuleConfig(min_episodes=args.rollout_min_episodes),
+            ),
+        )
+        controller.start()
     stop.wait()
 
     log.info("learner stopping")
+    if controller is not None:
+        controller.stop()
+    if metrics_server is not None:
+        metrics_server.stop()
     ray.get(trainer.stop.remote())
     totals = ray.get(gateway.totals.remote())
     stats = ray.get(trainer.stats.remote())
     registry.set_learner_stats(
         state="stopped", store_steps=totals["steps"], store_episodes=totals["episodes"], **stats
     )
-    ray.get(gateway.stop.remote())
+    ray.get([g.stop.remote() for g in (gateway, *extra_gateways)])
     ray.shutdown()
     log.info(
         "learner stopped: store holds %d steps in %d episodes, %s updates",

@@ -19,7 +19,6 @@ its lifetime: size the server's thread pool for it.
 from __future__ import annotations
 
 import hashlib
-import hmac
 import json
 import logging
 import os
@@ -33,6 +32,8 @@ import grpc
 import redis
 
 from fleet.registry import CellState, Registry
+from fleet.tls import peer_common_name
+from learner.auth import check_cell
 from protos.fleetlearn.v1 import policy_pb2, policy_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -75,6 +76,10 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
         self._weights: OrderedDict[str, bytes] = OrderedDict()
         self._cache_lock = threading.Lock()
         self._load_lock = threading.Lock()
+        # Distribution figures per version: weight bytes sent to cells, and reads of the file
+        # from disk (one per version while it stays cached, however many cells fetch it).
+        self.bytes_sent: Counter[str] = Counter()
+        self.disk_reads: Counter[str] = Counter()
 
     # -- RPCs ----------------------------------------------------------------------------
 
@@ -139,9 +144,10 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
         for start in range(offset, total, step):
             if not context.is_active():
                 return
-            yield policy_pb2.WeightsChunk(
-                offset=start, data=data[start : start + step], total_bytes=total
-            )
+            piece = data[start : start + step]
+            with self._cache_lock:
+                self.bytes_sent[version_id] += len(piece)
+            yield policy_pb2.WeightsChunk(offset=start, data=piece, total_bytes=total)
 
     def ReportHeartbeat(
         self, request: policy_pb2.Heartbeat, context: grpc.ServicerContext
@@ -293,6 +299,7 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
             try:
                 with open(path, "rb") as f:
                     data = f.read()
+                self.disk_reads[version_id] += 1
             except OSError as exc:
                 log.error("weights of version %s unreadable at %s: %s", version_id, path, exc)
                 context.abort(
@@ -319,13 +326,12 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
     def _authorise(self, cell_id: str, token: str, context: grpc.ServicerContext) -> None:
         if not cell_id:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "cell_id is required")
-        if self.tokens is None:
-            return
-        expected = self.tokens.get(cell_id)
-        if expected is None or not hmac.compare_digest(expected.encode(), token.encode()):
-            context.abort(
-                grpc.StatusCode.PERMISSION_DENIED, f"cell {cell_id!r}: unknown cell or bad token"
-            )
+        # Token and, over mutual TLS, the client certificate's CN (see learner/auth.py).
+        denied = check_cell(
+            cell_id, token, tokens=self.tokens, cert_cn=peer_common_name(context)
+        )
+        if denied is not None:
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, denied)
 
     def _registry_call(self, context: grpc.ServicerContext, fn: Callable[..., T], *args: Any) -> T:
         try:

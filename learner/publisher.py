@@ -10,6 +10,7 @@ from fleet.policy.manifest import Manifest
 from fleet.policy.model import UnifiedPolicy
 from fleet.policy.weights import save_version
 from fleet.registry import Registry
+from fleet.signing import load_private_key, sign_digest
 
 log = logging.getLogger(__name__)
 
@@ -20,8 +21,17 @@ class Publisher:
     In "immediate" mode every cell runs each new version as soon as it is published.
     """
 
-    def __init__(self, registry: Registry, versions_dir: Path, *, rollout_mode: str = "immediate"):
+    def __init__(
+        self,
+        registry: Registry,
+        versions_dir: Path,
+        *,
+        rollout_mode: str = "immediate",
+        signing_key: Path | None = None,
+    ):
         self.registry = registry
+        # Ed25519 key that signs each version (fleet/signing.py); None publishes unsigned.
+        self._signing_key = load_private_key(signing_key) if signing_key else None
         self.versions_dir = Path(versions_dir)
         self.versions_dir.mkdir(parents=True, exist_ok=True)
         self.rollout_mode = rollout_mode
@@ -41,7 +51,16 @@ class Publisher:
             created_at=time.time(),
             parameter_count=0,
         )
-        weights_path, manifest_path = save_version(self.versions_dir, model, manifest)
+        signer = None
+        if self._signing_key is not None:
+            key = self._signing_key
+
+            def signer(version: str, digest: str) -> str:
+                return sign_digest(key, version, digest)
+
+        weights_path, manifest_path = save_version(
+            self.versions_dir, model, manifest, signer=signer
+        )
         manifest = Manifest.from_json(manifest_path.read_text())
         self.registry.add_version(manifest.to_json(), str(weights_path), published_at=time.time())
         if self.rollout_mode == "immediate":

@@ -38,6 +38,7 @@ class TrainerConfig:
     num_gpus_per_learner: float = 0.0
     torch_threads: int = 1
     rollout_mode: str = "immediate"
+    signing_key: str = ""  # Ed25519 private key PEM that signs each version ("" = unsigned)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
 
 
@@ -62,7 +63,12 @@ class Trainer:
         self.sampler = EpisodeSampler(
             EpisodeStore(store_root), config.cameras, config.tasks, config.sampler
         )
-        self.publisher = Publisher(self.registry, versions_dir, rollout_mode=config.rollout_mode)
+        self.publisher = Publisher(
+            self.registry,
+            versions_dir,
+            rollout_mode=config.rollout_mode,
+            signing_key=Path(config.signing_key) if config.signing_key else None,
+        )
         self.learner_group = build_learner_group(
             self.policy_config,
             lr=config.lr,

@@ -9,6 +9,10 @@ SUDO=""
 need=()
 command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
 ldconfig -p 2>/dev/null | grep -q 'libusb-1.0.so' || need+=(libusb-1.0-0)
+# MuJoCo renders offscreen through EGL (Mesa on a machine without a GPU).
+ldconfig -p 2>/dev/null | grep -q 'libEGL_mesa.so' || need+=(libegl1 libegl-mesa0 libgl1-mesa-dri)
+# The dashboard's browser tests drive Debian's Chromium (never a downloaded browser).
+command -v chromium >/dev/null 2>&1 || need+=(chromium)
 if [ ${#need[@]} -gt 0 ]; then
   echo "setup: installing system packages: ${need[*]}"
   $SUDO apt-get update -q

@@ -38,6 +38,8 @@ def fleet_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
             "--min-steps",
             "100",
             "--no-live",
+            "--rollout",
+            "immediate",
             "--data-dir",
             str(run_dir / "run"),
             "--summary-json",
@@ -83,8 +85,10 @@ def test_store_holds_exactly_the_steps_the_cells_sent(fleet_run: dict) -> None:
     sent = sum(c["steps_sent"] for c in cells.values())
     assert sent > 0
     assert s["store"]["steps"] == sent, fleet_run["logs"]
-    # Every finished episode plus the one cut short at shutdown is in the store, once.
-    assert s["store"]["episodes"] == sum(c["episodes"] for c in cells.values()) + len(cells)
+    # Every finished episode, and each one cut short (by the stop, or a fault), is stored once.
+    stored = sum(c["episodes"] + c["episodes_aborted"] for c in cells.values())
+    assert s["store"]["episodes"] == stored
+    assert all(c["episodes_aborted"] >= 1 for c in cells.values())  # the one the stop cut short
 
 
 def test_versions_are_published_and_every_cell_adopts_each_promptly(fleet_run: dict) -> None:

@@ -46,7 +46,8 @@ def test_versions_are_immutable(registry: Registry) -> None:
 
 def test_rollout_stable_is_every_cells_assignment_and_is_logged(registry: Registry) -> None:
     registry.set_rollout_mode("immediate")
-    assert registry.rollout() == {"mode": "immediate", "stable": None, "candidate": None}
+    rollout = registry.rollout()
+    assert (rollout["mode"], rollout["stable"], rollout["candidate"]) == ("immediate", None, None)
     assert registry.assignment_for("cell-a") is None
     with pytest.raises(KeyError):
         registry.set_stable("v9", actor="test", reason="no such version")
@@ -109,9 +110,28 @@ def test_success_counts(registry: Registry) -> None:
     registry.record_episode(
         cell_id="c2", version="v0002", task="pour", success=False, steps=10, intervention_steps=0
     )
+    # An episode an operator took over is not an autonomous success (rollout decisions).
     assert registry.success_counts() == {
-        "v0001": {"fold": {"episodes": 3, "successes": 2, "intervention_steps": 35, "steps": 310}},
-        "v0002": {"pour": {"episodes": 1, "successes": 0, "intervention_steps": 0, "steps": 10}},
+        "v0001": {
+            "fold": {
+                "episodes": 3,
+                "successes": 2,
+                "intervention_steps": 35,
+                "steps": 310,
+                "intervened_episodes": 2,
+                "autonomous_successes": 1,
+            }
+        },
+        "v0002": {
+            "pour": {
+                "episodes": 1,
+                "successes": 0,
+                "intervention_steps": 0,
+                "steps": 10,
+                "intervened_episodes": 0,
+                "autonomous_successes": 0,
+            }
+        },
     }
 
 

@@ -11,6 +11,7 @@ import logging
 import os
 import re
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -77,7 +78,13 @@ def _atomic_write(path: Path, data: bytes) -> None:
         raise
 
 
-def save_version(directory: Path, model: nn.Module, manifest: Manifest) -> tuple[Path, Path]:
+def save_version(
+    directory: Path,
+    model: nn.Module,
+    manifest: Manifest,
+    *,
+    signer: Callable[[str, str], str] | None = None,
+) -> tuple[Path, Path]:
     """Write <version_id>.safetensors then <version_id>.json, both atomically.
 
     Fills manifest.sha256 and manifest.parameter_count from what is written. The manifest
@@ -93,6 +100,8 @@ def save_version(directory: Path, model: nn.Module, manifest: Manifest) -> tuple
     data = state_dict_to_bytes(model)
     manifest.sha256 = sha256_hex(data)
     manifest.parameter_count = sum(p.numel() for p in model.parameters())
+    if signer is not None:  # signature over (version_id, sha256), before the manifest lands
+        manifest.signature = signer(manifest.version_id, manifest.sha256)
     weights_path = directory / f"{manifest.version_id}.safetensors"
     manifest_path = directory / f"{manifest.version_id}.json"
     _atomic_write(weights_path, data)

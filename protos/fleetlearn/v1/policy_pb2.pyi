@@ -15,20 +15,22 @@ class WatchRequest(_message.Message):
     def __init__(self, cell_id: _Optional[str] = ..., current_version: _Optional[str] = ..., token: _Optional[str] = ...) -> None: ...
 
 class Assignment(_message.Message):
-    __slots__ = ("version_id", "manifest_json", "size_bytes", "sha256", "signature", "published_at")
+    __slots__ = ("version_id", "manifest_json", "size_bytes", "sha256", "signature", "published_at", "shadow_version_id")
     VERSION_ID_FIELD_NUMBER: _ClassVar[int]
     MANIFEST_JSON_FIELD_NUMBER: _ClassVar[int]
     SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
     SHA256_FIELD_NUMBER: _ClassVar[int]
     SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     PUBLISHED_AT_FIELD_NUMBER: _ClassVar[int]
+    SHADOW_VERSION_ID_FIELD_NUMBER: _ClassVar[int]
     version_id: str
     manifest_json: str
     size_bytes: int
     sha256: str
     signature: str
     published_at: float
-    def __init__(self, version_id: _Optional[str] = ..., manifest_json: _Optional[str] = ..., size_bytes: _Optional[int] = ..., sha256: _Optional[str] = ..., signature: _Optional[str] = ..., published_at: _Optional[float] = ...) -> None: ...
+    shadow_version_id: str
+    def __init__(self, version_id: _Optional[str] = ..., manifest_json: _Optional[str] = ..., size_bytes: _Optional[int] = ..., sha256: _Optional[str] = ..., signature: _Optional[str] = ..., published_at: _Optional[float] = ..., shadow_version_id: _Optional[str] = ...) -> None: ...
 
 class FetchRequest(_message.Message):
     __slots__ = ("cell_id", "version_id", "offset", "chunk_bytes", "token")
