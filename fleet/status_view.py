@@ -74,6 +74,19 @@ def render(registry: Registry) -> Group:
         str(store.get("episodes", 0)),
         num("replay_ratio", "{:.1f}"),
     )
+    ro = registry.rollout()
+    pins = registry.pins()
+    rollout = Table(title="rollout", expand=False)
+    for col in ("mode", "stable", "candidate", "stage", "cells on candidate", "pins"):
+        rollout.add_column(col)
+    rollout.add_row(
+        str(ro.get("mode") or "-"),
+        str(ro.get("stable") or "-"),
+        str(ro.get("candidate") or "-"),
+        str(ro.get("stage") or "-"),
+        ", ".join(ro.get("candidate_cells") or []) or "-",
+        ", ".join(f"{c}={v}" for c, v in sorted(pins.items())) or "-",
+    )
     per_task = Table(title="success by version and task", expand=False)
     for col in ("version", "task", "episodes", "success", "intervention steps"):
         per_task.add_column(col)
@@ -86,4 +99,4 @@ def render(registry: Registry) -> Group:
                 _rate(n.get("successes", 0), n.get("episodes", 0)),
                 str(n.get("intervention_steps", 0)),
             )
-    return Group(cells, learner, per_task)
+    return Group(cells, learner, rollout, per_task)
