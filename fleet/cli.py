@@ -86,11 +86,6 @@ def build_parser() -> argparse.ArgumentParser:
         "actor", help="run a cell's edge actor (see `fleet actor --help`)", add_help=False
     )
     sub.add_parser(
-        "calibrate",
-        help="calibrate a cell's arms into its file (see `fleet calibrate --help`)",
-        add_help=False,
-    )
-    sub.add_parser(
         "export",
         help="write stored episodes as a LeRobot v3 dataset (see `fleet export --help`)",
         add_help=False,
