@@ -34,7 +34,7 @@ def fleet_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
             "--duration",
             "75",
             "--publish-every",
-            "25",
+            "60",
             "--min-steps",
             "100",
             "--no-live",
@@ -95,7 +95,7 @@ def test_versions_are_published_and_every_cell_adopts_each_promptly(fleet_run: d
     s = fleet_run["summary"]
     published = s["versions_published"]
     assert len(published) >= 2, f"only {published} published after {s['updates']} updates"
-    assert s["updates"] >= 25 * len(published)
+    assert s["updates"] >= 60 * len(published)
     last_published = max(s["published_at"].values())
     for cell_id, c in s["cells"].items():
         adopted = {a["version"]: a["adopted_at"] for a in c["adoptions"]}
