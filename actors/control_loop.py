@@ -1,11 +1,17 @@
 """The cell's fixed-rate control loop: observe, act, command, record, on the cell's clock.
 
-Episodes run back to back. Each tick reads the cell, takes the next action of the current
-policy chunk (running the policy when the chunk is used up), or the operator's action when
-the operator has taken over or no policy has arrived yet (those steps are demonstrations,
-flagged as interventions), commands the arms and records the step. A new policy version is
-swapped in only when the current action chunk is used up or between episodes, never in the
-middle of a chunk, so an arm never mixes two versions' plans for the same motion.
+Episodes run back to back. Each tick reads the cell, takes this tick's target from the
+blended plan (actors/blending.py), or the operator's action when the operator has taken
+over or no policy has arrived yet (those steps are demonstrations, flagged as
+interventions), commands the arms and records the step.
+
+The tick never runs the policy: it hands an observation snapshot to the inference worker
+(actors/inference.py) when the plan runs short and blends in whatever chunk the worker has
+finished, aligned by the tick its observation was taken at. With no fresh chunk the loop
+keeps executing the plan's remaining steps and then holds its last target, so neither
+inference latency nor a late chunk stalls the loop. A new version is adopted as soon as the
+watcher offers it and takes effect as its first chunk is crossfaded into the old plan (no
+jump beyond what the blend window allows; the safety gate bounds the rest).
 
 The loop never waits on the network: recorded chunks go to the uplink's queue, and new
 versions come from the watcher's `take_new()`, which never blocks.
@@ -24,12 +30,13 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 from prometheus_client import Histogram
 
+from actors.blending import ChunkBlender, CrossfadeBlender
 from actors.config import ActorConfig
+from actors.inference import Inference, Snapshot, ThreadedInference
 from actors.recorder import EpisodeRecorder
 from drivers.cell import CellFault
 from drivers.interfaces import Clock, Observation, Operator, TaskScene
 from fleet.metrics import TICK_LATENESS_BUCKETS
-from fleet.robot import JOINT_DIM
 from protos.fleetlearn.v1 import trajectory_pb2
 
 if TYPE_CHECKING:
@@ -78,7 +85,13 @@ class ControlLoop:
         watcher: RunnerSource | None,
         *,
         on_fault: Callable[[str], None] | None = None,
+        inference: Inference | None = None,
+        blender: ChunkBlender | None = None,
+        lookahead: int | None = None,
     ) -> None:
+        """`inference` defaults to a worker thread; `blender` to a 4-tick crossfade;
+        `lookahead`: request the next chunk once the plan has this many ticks left (default:
+        half the last chunk, at least twice the recent inference latency in ticks)."""
         self.config = config
         self.hardware = hardware
         self.scene = scene
@@ -97,8 +110,14 @@ class ControlLoop:
         self._lock = threading.Lock()
         self._runner: PolicyRunner | None = None
         self._fallback: PolicyRunner | None = None  # the last good runner before the current
-        self._chunk: np.ndarray | None = None
-        self._chunk_index = 0
+        self.inference: Inference = inference or ThreadedInference(config.cell_id)
+        self.blender: ChunkBlender = blender or CrossfadeBlender()
+        self.lookahead = lookahead
+        self._tick = 0  # ticks since the loop started, across episodes
+        self._fresh_from = 0  # results from snapshots before this tick are discarded
+        self._chunk_len = 0
+        self._latency_ticks = 0.0  # recent inference latency in ticks (EMA)
+        self._last_target: np.ndarray | None = None
         self._forced: bool | None = None
         self._episode_index = 0
         self._episode_id = ""
@@ -115,6 +134,11 @@ class ControlLoop:
                 "chunks_submitted",
                 "policy_calls",
                 "policy_errors",
+                "chunks_blended",  # chunks from inference blended into the plan
+                "chunks_followup",  # ... of those, ones that continue a running plan
+                "chunks_ready_in_time",  # ... of those, ready before the plan ran out
+                "chunks_stale",  # finished too late to contribute, or from an old version
+                "plan_exhausted_ticks",  # policy ticks holding the last target
             ),
             0,
         )
@@ -133,6 +157,7 @@ class ControlLoop:
             out["task"] = self._task
             out["episode_id"] = self._episode_id
             out["last_fault"] = self.last_fault
+        out["inference"] = self.inference.stats
         return out
 
     def run(self, stop: threading.Event) -> None:
@@ -145,10 +170,14 @@ class ControlLoop:
             ",".join(self.tasks),
             self.config.chunk_steps,
         )
-        while not stop.is_set():
-            self._run_episode(stop)
-            if getattr(self.hardware, "fault", ""):
-                self._wait_out_fault(stop)
+        self.inference.start()
+        try:
+            while not stop.is_set():
+                self._run_episode(stop)
+                if getattr(self.hardware, "fault", ""):
+                    self._wait_out_fault(stop)
+        finally:
+            self.inference.stop()
 
     def _wait_out_fault(self, stop: threading.Event) -> None:
         """After a fault: with torque off, stay idle until restarted (a person must look);
@@ -182,8 +211,8 @@ class ControlLoop:
         with self._lock:
             self._task = task
             self._episode_id = episode_id
-        self._take_new_runner()  # between episodes is always a chunk boundary
-        self._chunk = None
+        self._take_new_runner()
+        self._drop_plan()  # a new scene: nothing planned for the last one carries over
         self.scene.reset(task, episode_seed(cfg.seed, index))
         recorder = EpisodeRecorder(
             cfg.cell_id, episode_id, task, cfg.chunk_steps, cfg.jpeg_quality, cfg.token
@@ -211,14 +240,16 @@ class ControlLoop:
                     self._tick_starts.append(now)
                 try:
                     obs = self.hardware.observe()
-                    action, intervention = self._act(obs)
+                    action, intervention, version = self._act(obs)
                     sent = self.hardware.command(action)
+                    self._last_target = np.asarray(sent, np.float32)
                 except CellFault as exc:
                     # The cell already made itself safe (hold or torque off); the actor
                     # reports, ends the episode and stays up.
                     reason = "fault"
                     self._fault(f"cell fault: {exc}")
                     break
+                self._tick += 1
                 next_tick += self.period
                 self.clock.sleep_until(next_tick)
                 # The step's reward is the one its action earned (read after the physics or
@@ -230,6 +261,7 @@ class ControlLoop:
                     sent,
                     intervention,
                     float(self.scene.reward()),
+                    version,
                 )
                 if success:
                     reason = "success"
@@ -269,6 +301,7 @@ class ControlLoop:
         sent: np.ndarray,
         intervention: bool,
         reward: float,
+        version: str,
     ) -> None:
         chunk = recorder.add_step(
             stamp=obs.stamp,
@@ -277,7 +310,7 @@ class ControlLoop:
             intervention=intervention,
             reward=reward,
             frames=obs.frames,
-            policy_version=self._version,
+            policy_version=version,
         )
         with self._lock:
             self._counts["steps_recorded"] += 1
@@ -296,50 +329,101 @@ class ControlLoop:
     def _version(self) -> str:
         return self._runner.version_id if self._runner is not None else ""
 
-    def _chunk_used_up(self) -> bool:
-        return self._chunk is None or self._chunk_index >= len(self._chunk)
+    def _drop_plan(self) -> None:
+        """Forget the plan and any chunk in flight (new episode, operator takeover)."""
+        self.blender.reset()
+        self._fresh_from = self._tick
+        self.inference.poll()
 
-    def _act(self, obs: Observation) -> tuple[np.ndarray, bool]:
-        """This tick's 14 joint targets and whether the operator drove them."""
-        if self._chunk_used_up():
-            self._take_new_runner()
+    def _hold_target(self, obs: Observation) -> np.ndarray:
+        if self._last_target is not None:
+            return self._last_target.copy()
+        return np.asarray(obs.joint_pos, np.float32).copy()
+
+    def _act(self, obs: Observation) -> tuple[np.ndarray, bool, str]:
+        """This tick's 14 joint targets, whether the operator drove them, and the version
+        whose plan they come from. Never runs the policy itself."""
+        self._take_new_runner()
         if self._runner is None or self.operator.wants_control():
-            self._chunk = None  # a takeover abandons the plan in progress
-            return np.asarray(self.operator.action(), dtype=np.float32), True
-        if self._chunk_used_up():
-            chunk = self._predict(obs)
-            if chunk is None:
-                return np.asarray(self.operator.action(), dtype=np.float32), True
-            self._chunk, self._chunk_index = chunk, 0
-        assert self._chunk is not None
-        action = self._chunk[self._chunk_index]
-        self._chunk_index += 1
-        return action, False
+            self._drop_plan()  # a takeover abandons the plan in progress
+            return np.asarray(self.operator.action(), dtype=np.float32), True, self._version
+        self._blend_finished()
+        if self._runner is None:  # the running version failed and there is no fallback
+            return np.asarray(self.operator.action(), dtype=np.float32), True, ""
+        self._request_if_due(obs)
+        self._blend_finished()  # an inline inference is already done
+        if self._runner is None:
+            return np.asarray(self.operator.action(), dtype=np.float32), True, ""
+        action = self.blender.action(self._tick)
+        if action is None:  # the first chunk of this plan is not ready: stay put
+            return self._hold_target(obs), False, self._version
+        if self.blender.remaining(self._tick) == 0:
+            with self._lock:
+                self._counts["plan_exhausted_ticks"] += 1
+        return action, False, self.blender.version
 
-    def _predict(self, obs: Observation) -> np.ndarray | None:
+    def _request_if_due(self, obs: Observation) -> None:
         runner = self._runner
         assert runner is not None
+        if self.inference.busy:
+            return
+        remaining = self.blender.remaining(self._tick)
+        if remaining > self._lookahead() and self.blender.version == runner.version_id:
+            return
+        frames = {name: np.array(frame.color) for name, frame in obs.frames.items()}
+        joints = np.array(obs.joint_pos, np.float32)
+        self.inference.submit(Snapshot(frames, joints, self._task, self._tick, runner))
         with self._lock:
             self._counts["policy_calls"] += 1
-        try:
-            frames = {name: frame.color for name, frame in obs.frames.items()}
-            chunk = np.asarray(runner.predict(frames, obs.joint_pos, self._task), np.float32)
-            if chunk.ndim != 2 or chunk.shape[0] < 1 or chunk.shape[1] != JOINT_DIM:
-                raise ValueError(f"policy returned shape {chunk.shape}, expected (K, {JOINT_DIM})")
-            if not np.all(np.isfinite(chunk)):
-                raise ValueError("policy returned non-finite targets")
-        except Exception as exc:
+
+    def _lookahead(self) -> int:
+        if self.lookahead is not None:
+            return self.lookahead
+        need = int(np.ceil(2.0 * self._latency_ticks)) + 1
+        return max(self._chunk_len // 2, min(need, max(self._chunk_len - 1, 0)))
+
+    def _blend_finished(self) -> None:
+        """Blend in the chunk the worker finished, if any; handle a failed version."""
+        result = self.inference.poll()
+        if result is None:
+            return
+        runner = self._runner
+        if result.runner is not runner or runner is None:
+            with self._lock:
+                self._counts["chunks_stale"] += 1  # from a version no longer running
+            return
+        if result.chunk is None:
             fallback = self._fallback
             self._fault(
                 f"episode {self._episode_id}: version {runner.version_id} failed to predict "
-                f"({exc}); falling back to version {fallback.version_id if fallback else None!r}"
+                f"({result.error}); falling back to version "
+                f"{fallback.version_id if fallback else None!r}"
             )
             with self._lock:
                 self._counts["policy_errors"] += 1
                 self._runner, self._fallback = fallback, None
             self._sync_operator()
-            return None
-        return chunk
+            return
+        chunk = result.chunk
+        if chunk.start_tick < self._fresh_from:
+            with self._lock:
+                self._counts["chunks_stale"] += 1  # observed before the plan was dropped
+            return
+        self._chunk_len = len(chunk.actions)
+        ticks = chunk.latency_s / self.period
+        self._latency_ticks = (
+            ticks if self._latency_ticks == 0 else (0.8 * self._latency_ticks + 0.2 * ticks)
+        )
+        had_plan = self.blender.version != ""
+        in_time = had_plan and self.blender.remaining(self._tick) > 0
+        if not self.blender.add(chunk, self._tick):
+            with self._lock:
+                self._counts["chunks_stale"] += 1
+            return
+        with self._lock:
+            self._counts["chunks_blended"] += 1
+            self._counts["chunks_followup"] += int(had_plan)
+            self._counts["chunks_ready_in_time"] += int(in_time)
 
     def _take_new_runner(self) -> None:
         if self.watcher is None:
@@ -354,9 +438,9 @@ class ControlLoop:
                     self._fallback = self._runner
                 self._runner = runner
                 self._adoptions.append(adoption)
-            self._chunk = None
             log.info(
-                "cell %s episode %s: adopted version %s (was %r) at a chunk boundary",
+                "cell %s episode %s: adopted version %s (was %r); it blends in with its "
+                "first chunk",
                 self.config.cell_id,
                 self._episode_id,
                 runner.version_id,

@@ -113,6 +113,8 @@ def scraped(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]
                     "--cell",
                     "cell-m1",
                     "--sim",
+                    "--sim-backend",  # the light cell: this test is about the metrics
+                    "kinematic",
                     "--learner",
                     f"127.0.0.1:{grpc_port}",
                     "--realtime-factor",
@@ -154,7 +156,8 @@ def test_learner_endpoint_exports_ingest_and_trainer_numbers(scraped: dict[str, 
     v = _samples(scraped["learner"])
     assert v["fleet_ingest_steps_stored_total"] > 0
     assert v["fleet_ingest_chunks_acked_total"] >= 1
-    assert v["fleet_ingest_ack_latency_seconds_count"] >= v["fleet_ingest_chunks_acked_total"]
+    # One cell streams: at most its one chunk in flight is counted acked but not yet timed.
+    assert v["fleet_ingest_ack_latency_seconds_count"] >= v["fleet_ingest_chunks_acked_total"] - 1
     for name in ("updates_total", "loss", "replay_ratio", "steps_available", "latest_version_info"):
         assert f"fleet_trainer_{name}" in v, name  # the trainer actor's numbers reach the driver
     # Only fleet_* families are re-exposed from the Ray actors (no clashing process_*).
