@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 from prometheus_client import Histogram
 
-from actors.blending import ChunkBlender, CrossfadeBlender
+from actors.blending import ChunkBlender, CrossfadeBlender, TimedChunk
 from actors.config import ActorConfig
 from actors.inference import Inference, Snapshot, ThreadedInference
 from actors.recorder import EpisodeRecorder
@@ -89,7 +89,8 @@ class ControlLoop:
         blender: ChunkBlender | None = None,
         lookahead: int | None = None,
     ) -> None:
-        """`inference` defaults to a worker thread; `blender` to a 4-tick crossfade;
+        """`inference` defaults to a worker thread; `blender` to a 4-tick crossfade limited
+        to the cell safety gate's max step;
         `lookahead`: request the next chunk once the plan has this many ticks left (default:
         half the last chunk, at least twice the recent inference latency in ticks)."""
         self.config = config
@@ -111,7 +112,10 @@ class ControlLoop:
         self._runner: PolicyRunner | None = None
         self._fallback: PolicyRunner | None = None  # the last good runner before the current
         self.inference: Inference = inference or ThreadedInference(config.cell_id)
-        self.blender: ChunkBlender = blender or CrossfadeBlender()
+        gate = getattr(hardware, "gate", None)
+        self.blender: ChunkBlender = blender or CrossfadeBlender(
+            max_step=getattr(gate, "max_step", None)
+        )
         self.lookahead = lookahead
         self._tick = 0  # ticks since the loop started, across episodes
         self._fresh_from = 0  # results from snapshots before this tick are discarded
@@ -213,6 +217,7 @@ class ControlLoop:
             self._episode_id = episode_id
         self._take_new_runner()
         self._drop_plan()  # a new scene: nothing planned for the last one carries over
+        self._last_target = None  # the reset may have moved the arms: hold where they are
         self.scene.reset(task, episode_seed(cfg.seed, index))
         recorder = EpisodeRecorder(
             cfg.cell_id, episode_id, task, cfg.chunk_steps, cfg.jpeg_quality, cfg.token
@@ -347,11 +352,11 @@ class ControlLoop:
         if self._runner is None or self.operator.wants_control():
             self._drop_plan()  # a takeover abandons the plan in progress
             return np.asarray(self.operator.action(), dtype=np.float32), True, self._version
-        self._blend_finished()
+        self._blend_finished(obs)
         if self._runner is None:  # the running version failed and there is no fallback
             return np.asarray(self.operator.action(), dtype=np.float32), True, ""
         self._request_if_due(obs)
-        self._blend_finished()  # an inline inference is already done
+        self._blend_finished(obs)  # an inline inference is already done
         if self._runner is None:
             return np.asarray(self.operator.action(), dtype=np.float32), True, ""
         action = self.blender.action(self._tick)
@@ -382,7 +387,7 @@ class ControlLoop:
         need = int(np.ceil(2.0 * self._latency_ticks)) + 1
         return max(self._chunk_len // 2, min(need, max(self._chunk_len - 1, 0)))
 
-    def _blend_finished(self) -> None:
+    def _blend_finished(self, obs: Observation) -> None:
         """Blend in the chunk the worker finished, if any; handle a failed version."""
         result = self.inference.poll()
         if result is None:
@@ -415,6 +420,11 @@ class ControlLoop:
             ticks if self._latency_ticks == 0 else (0.8 * self._latency_ticks + 0.2 * ticks)
         )
         had_plan = self.blender.version != ""
+        if not had_plan and chunk.start_tick < self._tick:
+            # The first chunk of a plan came late while the arm held still: fade it in from
+            # the held target instead of jumping to where its plan has got to by now.
+            self.blender.reset()
+            self.blender.add(TimedChunk(self._hold_target(obs)[None], self._tick), self._tick)
         in_time = had_plan and self.blender.remaining(self._tick) > 0
         if not self.blender.add(chunk, self._tick):
             with self._lock:
