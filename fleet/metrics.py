@@ -203,12 +203,18 @@ EDGE_STATS = (
     Stat("steps_recorded", "fleet_edge_steps_recorded", "counter", "steps the loop recorded"),
     Stat("episodes", "fleet_edge_episodes", "counter", "episodes finished on this cell"),
     Stat("successes", "fleet_edge_successes", "counter", "episodes that ended in success"),
-    Stat("interventions", "fleet_edge_interventions", "counter", "episodes an operator took"),
+    Stat("interventions", "fleet_edge_interventions", "counter", "steps an operator drove"),
     Stat("late_ticks", "fleet_edge_late_ticks", "counter", "ticks that missed their period"),
     Stat("policy_errors", "fleet_edge_policy_errors", "counter", "policy inference failures"),
     Stat("loop_hz", "fleet_edge_loop_hz", "gauge", "measured control-loop rate"),
     Stat("policy_swaps", "fleet_edge_policy_swaps", "counter", "policy versions adopted"),
     Stat("faults", "fleet_edge_faults", "counter", "faults any part of the actor reported"),
+    Stat("chunks_blended", "fleet_edge_chunks_blended", "counter", "action chunks faded in"),
+    Stat("chunks_ready_in_time", "fleet_edge_chunks_ready_in_time", "counter",
+         "follow-up chunks ready before the plan ran out"),
+    Stat("chunks_stale", "fleet_edge_chunks_stale", "counter", "chunks that arrived too late"),
+    Stat("plan_exhausted_ticks", "fleet_edge_plan_exhausted_ticks", "counter",
+         "ticks that held the last target: no fresh chunk"),
 )
 UPLINK_STATS = (
     Stat("steps_acked", "fleet_edge_steps_sent", "counter", "steps acked durable by the learner"),
@@ -221,7 +227,6 @@ UPLINK_STATS = (
     Stat("spool_bytes", "fleet_edge_spool_bytes", "gauge", "bytes spooled awaiting upload"),
     Stat("spool_chunks", "fleet_edge_spool_chunks", "gauge", "chunks spooled awaiting upload"),
     Stat("dropped_steps", "fleet_edge_dropped_steps", "counter", "steps dropped: spool full"),
-    Stat("spool_chunks", "fleet_edge_spool_chunks", "gauge", "chunks spooled awaiting upload"),
     Stat("spool_full", "fleet_edge_spool_full", "gauge", "1 while the spool quota is full"),
     Stat("transient_rejects", "fleet_edge_transient_rejects", "counter", "refusals retried"),
 )
