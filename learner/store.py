@@ -3,7 +3,8 @@
 Each group holds arrays along time (timestamp, joint_pos, action, intervention, reward) and a
 `cameras` subgroup with one array of encoded frames per camera. The group's attributes are
 the commit record: `n_steps` and `next_seq` move only after a whole chunk's rows are written,
-and readers trust rows below `n_steps` only. Every zarr.json is replaced atomically (the
+and readers trust rows below `n_steps` only (arrays are allocated ahead, so their shape
+is a capacity, not a length). Every zarr.json is replaced atomically (the
 LocalStore writes a temporary file and renames it), so a crash between the data and the
 commit leaves the old commit in place and the actor's resend rewrites the same rows.
 
@@ -16,12 +17,15 @@ writing process a lock per episode lets several streams write different episodes
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import json
 import logging
 import threading
 import time
 import warnings
 import weakref
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +34,7 @@ from typing import Any
 import grpc
 import numpy as np
 import zarr
+from zarr.core.sync import sync
 from zarr.dtype import VariableLengthBytes
 from zarr.errors import UnstableSpecificationWarning
 from zarr.storage import LocalStore
@@ -47,6 +52,11 @@ STEP_CHUNK_ROWS = 1024
 # Frames are big; their zarr chunk length follows the first uploaded chunk's step count so
 # that each later append of the same size writes fresh files instead of rewriting old ones.
 MAX_FRAME_CHUNK_ROWS = 128
+# Arrays are allocated this many rows ahead at first, then doubled when full: an append then
+# writes chunk data and the commit only. Rows past n_steps are unwritten fill, never read.
+MIN_CAPACITY_ROWS = 1024
+# Episodes whose open array handles are kept (writers of live episodes, one per stream).
+MAX_OPEN_EPISODES = 512
 
 # name -> (dtype, trailing shape)
 _COLUMNS: dict[str, tuple[str, tuple[int, ...]]] = {
@@ -124,6 +134,8 @@ class EpisodeStore:
         )
         # n_steps of episodes seen complete: a complete episode never changes again.
         self._complete: dict[EpisodeRef, int] = {}
+        # Open array handles of episodes being written, least recently used first.
+        self._writers: OrderedDict[EpisodeRef, _Writer] = OrderedDict()
         with self._guard:
             zarr.open_group(self._zstore, mode="a").require_group(EPISODES)
 
@@ -134,15 +146,17 @@ class EpisodeStore:
         ref = EpisodeRef(chunk.cell_id, chunk.episode_id)
         where = f"cell {ref.cell_id} episode {ref.episode_id} seq {chunk.seq}"
         with self._episode_lock(ref):
-            group = self._open(ref, mode="r+")
-            if group is None:
+            attrs = self._attrs(ref)
+            if attrs is None:
                 if chunk.seq != 0:
                     raise ChunkRejected(
                         grpc.StatusCode.FAILED_PRECONDITION,
                         f"{where}: the learner has no such episode, expected seq 0 first",
                     )
-                group = self._create(ref, chunk)
-            attrs = group.attrs.asdict()
+                self._forget(ref)
+                self._create(ref, chunk)
+                attrs = self._attrs(ref)
+                assert attrs is not None
             next_seq, n_stored = int(attrs["next_seq"]), int(attrs["n_steps"])
             if chunk.seq < next_seq:
                 return AppendResult(True, bool(attrs["complete"]), 0)
@@ -164,10 +178,18 @@ class EpisodeStore:
                 )
             self._check_consistent(where, attrs, chunk)
             end = n_stored + chunk.n_steps
-            self._write_rows(group, attrs, chunk, n_stored, end)
+            handles = self._handles(ref, attrs, chunk, n_stored)
             commit = self._commit_attrs(attrs, chunk, end)
-            # The commit point: after this one atomic metadata write the rows are visible.
-            group.update_attributes(commit)
+            try:
+                # Rows, then the commit point: after the one atomic metadata write of the
+                # attributes the rows are visible; a crash before it leaves the old commit.
+                handles.write(chunk, n_stored, end, commit)
+            except BaseException:
+                self._forget(ref)
+                raise
+            handles.seen = _fingerprint({**attrs, **commit})
+            if chunk.last:
+                self._forget(ref)
             if attrs.get("truncated"):
                 log.info("cell %s episode %s: resumed after being marked truncated", *_ids(ref))
             if chunk.last:
@@ -196,6 +218,7 @@ class EpisodeStore:
                     reason,
                 )
                 return
+            self._forget(ref)
             group.update_attributes(
                 {"truncated": True, "truncated_reason": reason, "truncated_at": time.time()}
             )
@@ -282,40 +305,64 @@ class EpisodeStore:
                 "an episode carries the same cameras",
             )
 
-    def _write_rows(
-        self, group: zarr.Group, attrs: dict[str, Any], chunk: DecodedChunk, start: int, end: int
-    ) -> None:
-        """Rows [start, end) of every array, one resize and one slice write per array."""
+    def _handles(
+        self, ref: EpisodeRef, attrs: dict[str, Any], chunk: DecodedChunk, start: int
+    ) -> _Writer:
+        """The episode's cached writer, reopened when the commit on disk is not the one it
+        made last (another store object wrote, or mark_truncated ran)."""
+        with self._guard:
+            writer = self._writers.get(ref)
+            if writer is not None:
+                self._writers.move_to_end(ref)
+        if writer is not None and writer.seen == _fingerprint(attrs):
+            return writer
+        writer = self._open_writer(ref, attrs, chunk, start)
+        with self._guard:
+            self._writers[ref] = writer
+            while len(self._writers) > MAX_OPEN_EPISODES:
+                self._writers.popitem(last=False)
+        return writer
+
+    def _open_writer(
+        self, ref: EpisodeRef, attrs: dict[str, Any], chunk: DecodedChunk, start: int
+    ) -> _Writer:
+        """Open (or create, before the first commit) every array of the episode once."""
+        group = self._open(ref, mode="r+")
+        if group is None:
+            raise RuntimeError(f"episode group {ref.path} vanished while being written")
+        capacity = _grow(0, start + chunk.n_steps)
+        columns: dict[str, zarr.Array] = {}
         for name, (dtype, tail) in _COLUMNS.items():
             arr = _array(group, name)
             if arr is None:
                 _require_fresh(group, name, start)
                 arr = group.create_array(
-                    name, shape=(0, *tail), chunks=(STEP_CHUNK_ROWS, *tail), dtype=dtype
+                    name, shape=(capacity, *tail), chunks=(STEP_CHUNK_ROWS, *tail), dtype=dtype
                 )
-            arr.resize((end, *tail))
-            arr[start:end] = getattr(chunk, name)
-        if not chunk.cameras:
-            return
-        cams = group.require_group(CAMERAS)
-        rows = int(attrs["frame_chunk_rows"])
-        for name, column in chunk.cameras.items():
-            frames = np.empty(chunk.n_steps, dtype=object)
-            frames[:] = column.frames
-            with _quiet_vlen_bytes():
-                arr = _array(cams, name)
-                if arr is None:
-                    _require_fresh(group, f"{CAMERAS}/{name}", start)
-                    # Encoded images do not compress further; raw frames do.
-                    arr = cams.create_array(
-                        name,
-                        shape=(0,),
-                        chunks=(rows,),
-                        dtype=VariableLengthBytes(),
-                        compressors="auto" if column.encoding == "raw" else None,
-                    )
-                arr.resize((end,))
-            arr[start:end] = frames
+            columns[name] = arr
+        cameras: dict[str, zarr.Array] = {}
+        if chunk.cameras:
+            cams = group.require_group(CAMERAS)
+            rows = int(attrs["frame_chunk_rows"])
+            for name, column in sorted(chunk.cameras.items()):
+                with _quiet_vlen_bytes():
+                    arr = _array(cams, name)
+                    if arr is None:
+                        _require_fresh(group, f"{CAMERAS}/{name}", start)
+                        # Encoded images do not compress further; raw frames do.
+                        arr = cams.create_array(
+                            name,
+                            shape=(capacity,),
+                            chunks=(rows,),
+                            dtype=VariableLengthBytes(),
+                            compressors="auto" if column.encoding == "raw" else None,
+                        )
+                cameras[name] = arr
+        return _Writer(group, columns, cameras, _fingerprint(attrs))
+
+    def _forget(self, ref: EpisodeRef) -> None:
+        with self._guard:
+            self._writers.pop(ref, None)
 
     @staticmethod
     def _commit_attrs(attrs: dict[str, Any], chunk: DecodedChunk, end: int) -> dict[str, Any]:
@@ -406,8 +453,14 @@ class EpisodeStore:
         return n
 
     def _attrs(self, ref: EpisodeRef) -> dict[str, Any] | None:
-        group = self._open(ref, mode="r")
-        return None if group is None else group.attrs.asdict()
+        """The group's attributes read straight from its zarr.json: one small file read, no
+        hop to zarr's event loop (the file is replaced atomically, so never seen torn)."""
+        try:
+            meta = json.loads((self.root / ref.path / "zarr.json").read_bytes())
+        except FileNotFoundError:
+            return None
+        attrs = meta.get("attributes", {})
+        return dict(attrs) if isinstance(attrs, dict) else {}
 
     def _open(self, ref: EpisodeRef, *, mode: str) -> zarr.Group | None:
         try:
@@ -419,6 +472,73 @@ class EpisodeStore:
             )
         except FileNotFoundError:
             return None
+
+
+class _Writer:
+    """Open handles of one episode's arrays, kept between appends so that an append is one
+    hop to zarr's event loop: all arrays' rows written concurrently, then the commit.
+
+    Arrays are allocated ahead in geometric steps (`_grow`), so most appends rewrite no array
+    metadata; the logical length is the group's n_steps, and readers never look past it."""
+
+    __slots__ = ("cameras", "columns", "group", "seen")
+
+    def __init__(
+        self,
+        group: zarr.Group,
+        columns: dict[str, zarr.Array],
+        cameras: dict[str, zarr.Array],
+        seen: tuple[Any, ...],
+    ) -> None:
+        self.group = group
+        self.columns = columns
+        self.cameras = cameras
+        self.seen = seen  # _fingerprint of the commit this writer made (or found) last
+
+    def write(self, chunk: DecodedChunk, start: int, end: int, commit: dict[str, Any]) -> None:
+        items: list[tuple[zarr.Array, np.ndarray]] = [
+            (arr, np.asarray(getattr(chunk, name))) for name, arr in self.columns.items()
+        ]
+        for name, arr in self.cameras.items():
+            frames = np.empty(chunk.n_steps, dtype=object)
+            frames[:] = chunk.cameras[name].frames
+            items.append((arr, frames))
+        run = _write_all(items, start, end)
+        if any(arr.shape[0] < end for arr in self.cameras.values()):
+            with _quiet_vlen_bytes():  # growing a frame array rewrites its metadata
+                sync(run)
+        else:
+            sync(run)
+        # The commit point, strictly after every row write finished.
+        self.group.update_attributes(commit)
+
+
+async def _write_all(items: list[tuple[zarr.Array, np.ndarray]], start: int, end: int) -> None:
+    await asyncio.gather(*(_write_rows(arr.async_array, v, start, end) for arr, v in items))
+
+
+async def _write_rows(arr: Any, values: np.ndarray, start: int, end: int) -> None:
+    if arr.shape[0] < end:
+        await arr.resize((_grow(int(arr.shape[0]), end), *arr.shape[1:]))
+    await arr.setitem(slice(start, end), values)
+
+
+def _grow(capacity: int, end: int) -> int:
+    """Allocated rows for `end` stored rows: at least doubling, so resizes are rare."""
+    if capacity >= end:
+        return capacity
+    return max(end, 2 * capacity, MIN_CAPACITY_ROWS)
+
+
+def _fingerprint(attrs: dict[str, Any]) -> tuple[Any, ...]:
+    """What tells one commit from another: every commit moves next_seq or updated_at."""
+    return (
+        attrs.get("n_steps"),
+        attrs.get("next_seq"),
+        attrs.get("updated_at"),
+        attrs.get("truncated"),
+        attrs.get("complete"),
+    )
 
 
 class _HeldLock:

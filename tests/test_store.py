@@ -362,3 +362,35 @@ def test_reader_during_writes_sees_only_whole_committed_chunks(store: EpisodeSto
         thread.join(timeout=30)
     assert not problems, problems[:3]
     assert seen == sorted(seen)  # the reader never saw the episode shrink
+
+
+def test_arrays_grow_ahead_and_readers_see_only_committed_rows(
+    store: EpisodeStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Capacity runs ahead of n_steps (rare metadata rewrites); reads stop at n_steps."""
+    monkeypatch.setattr("learner.store.MIN_CAPACITY_ROWS", 2 * T)
+    msgs = episode_msgs(5)
+    ref = EpisodeRef("c1", "e1")
+    store.append(decode_chunk(msgs[0], known_tasks=None))
+    meta = store.root / ref.path / "joint_pos" / "zarr.json"
+    before = meta.read_bytes()
+    store.append(decode_chunk(msgs[1], known_tasks=None))
+    assert meta.read_bytes() == before  # within capacity: no array metadata rewrite
+    for m in msgs[2:]:
+        store.append(decode_chunk(m, known_tasks=None))
+    assert_holds_exactly(store, msgs)
+    group = zarr.open_group(store.root, path=ref.path, mode="r")
+    assert group["joint_pos"].shape[0] >= 5 * T
+    assert len(store.read_episode(ref).timestamp) == 5 * T
+
+
+def test_two_store_objects_writing_in_turn_keep_the_episode_exact(tmp_path: Path) -> None:
+    """A writer's cached handles are dropped once someone else committed (e.g. a restart)."""
+    first, second = EpisodeStore(tmp_path / "s"), EpisodeStore(tmp_path / "s")
+    msgs = episode_msgs(6)
+    for i, m in enumerate(msgs):
+        writer = first if i % 3 != 2 else second
+        assert not writer.append(decode_chunk(m, known_tasks=None)).duplicate
+    assert first.append(decode_chunk(msgs[-1], known_tasks=None)).duplicate
+    assert_holds_exactly(first, msgs)
+    assert_holds_exactly(EpisodeStore(tmp_path / "s"), msgs)
