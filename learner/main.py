@@ -165,6 +165,24 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="Ed25519 private key (PEM, ops/make_signing_key.py) that signs every version",
     )
+    p.add_argument(
+        "--checkpoint-dir",
+        type=Path,
+        default=None,
+        help="trainer checkpoints; resumed from on start (default <data-dir>/checkpoints)",
+    )
+    p.add_argument("--checkpoint-every", type=int, default=500, help="checkpoint every N updates")
+    p.add_argument(
+        "--checkpoint-every-s", type=float, default=300.0, help="and at least every T seconds"
+    )
+    p.add_argument(
+        "--decode-workers", type=int, default=0, help="Ray actors decoding JPEGs (0=in-process)"
+    )
+    p.add_argument(
+        "--advantage-weighting",
+        action="store_true",
+        help="weight episodes by exp(advantage/beta) from their outcome (AWR-style)",
+    )
     return p
 
 
@@ -239,10 +257,15 @@ def main(argv: list[str] | None = None) -> int:
         torch_threads=args.torch_threads,
         rollout_mode=args.rollout,
         signing_key=str(args.signing_key.resolve()) if args.signing_key else "",
+        checkpoint_dir=str((args.checkpoint_dir or data_dir / "checkpoints").resolve()),
+        checkpoint_every_updates=args.checkpoint_every,
+        checkpoint_every_s=args.checkpoint_every_s,
+        decode_workers=args.decode_workers,
         sampler=SamplerConfig(
             batch_size=args.batch_size,
             min_steps=args.min_steps,
             max_samples_per_insert=args.max_samples_per_insert,
+            advantage_weighting=args.advantage_weighting,
         ),
     )
     trainer = ray.remote(num_cpus=1, max_concurrency=2)(TrainerActor).remote(

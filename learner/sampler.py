@@ -9,8 +9,9 @@ can never stall a cell (unlike Reverb's limiter, which blocks inserts).
 from __future__ import annotations
 
 import logging
+import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -33,6 +34,33 @@ class SamplerConfig:
     # Training starts once this many steps are stored.
     min_steps: int = 200
     refresh_interval_s: float = 2.0
+    # AWR-style outcome weighting (off until it shows a gain): weight *= clip(exp(A / beta))
+    # with A = the episode's return (success = 1.0) minus its task's mean return.
+    advantage_weighting: bool = False
+    advantage_beta: float = 1.0
+    advantage_max_weight: float = 20.0
+
+
+def episode_return(attrs: dict) -> float:
+    """An episode's outcome as a number: its "return" if the cell sent one, else success."""
+    outcome = attrs.get("outcome") or {}
+    if "return" in outcome:
+        return float(outcome["return"])
+    return 1.0 if outcome.get("success") else 0.0
+
+
+def advantage_weight(ret: float, task_mean: float, beta: float, max_weight: float) -> float:
+    """exp((ret - task_mean) / beta), clipped to [0, max_weight] (AWR / MARWIL)."""
+    return float(min(math.exp(min((ret - task_mean) / beta, 50.0)), max_weight))
+
+
+# Decodes a list of JPEG byte strings into RGB arrays, in order (in-process or a Ray pool).
+Decoder = Callable[[list[bytes]], list[np.ndarray]]
+
+
+def decode_jpegs(jpegs: list[bytes]) -> list[np.ndarray]:
+    """In-process decoding: the default on a 2-core machine (see learner/decode_pool.py)."""
+    return [simplejpeg.decode_jpeg(j, colorspace="RGB") for j in jpegs]
 
 
 @dataclass
@@ -40,6 +68,7 @@ class _Episode:
     data: EpisodeData
     task: str
     n_steps: int
+    ret: float = 0.0
 
 
 @dataclass
@@ -69,6 +98,7 @@ class EpisodeSampler:
     tasks: Sequence[str]
     config: SamplerConfig = field(default_factory=SamplerConfig)
     seed: int = 0
+    decoder: Decoder = decode_jpegs
 
     def __post_init__(self) -> None:
         self._rng = np.random.default_rng(self.seed)
@@ -85,6 +115,35 @@ class EpisodeSampler:
     @property
     def episodes_available(self) -> int:
         return len(self._episodes)
+
+    def position(self) -> dict[str, object]:
+        """What a checkpoint needs to resume: indexed episodes, limiter counts, rng state."""
+        return {
+            "episodes": sorted(
+                [ref.cell_id, ref.episode_id, ep.n_steps] for ref, ep in self._episodes.items()
+            ),
+            "sampled": self.limiter.sampled,
+            "inserted": self.limiter.inserted,
+            "rng": self._rng.bit_generator.state,
+        }
+
+    def restore_position(self, position: dict[str, object]) -> None:
+        """Continue the limiter and rng where a checkpoint left them.
+
+        Episodes are re-read from the store on the next refresh (the store is the source of
+        truth); the limiter's sampled count continues, so a restart does not reset the
+        replay ratio and overfit stale data.
+        """
+        self.limiter.sampled = int(position["sampled"])  # type: ignore[call-overload]
+        self._rng.bit_generator.state = position["rng"]
+        self.refresh(force=True)
+        log.info(
+            "sampler resumed: %d episodes indexed (%d at checkpoint), %d sampled / %d inserted",
+            len(self._episodes),
+            len(position["episodes"]),  # type: ignore[arg-type]
+            self.limiter.sampled,
+            self.limiter.inserted,
+        )
 
     def refresh(self, force: bool = False) -> int:
         """Load episodes completed since the last refresh; returns how many were added."""
@@ -108,11 +167,21 @@ class EpisodeSampler:
                 )
                 self._episodes[ref] = _Episode(data, task, 0)
                 continue
-            self._episodes[ref] = _Episode(data, task, n)
+            self._episodes[ref] = _Episode(data, task, n, episode_return(dict(data.attrs)))
             self._by_task.setdefault(task, []).append(ref)
             self.limiter.inserted += n
             added += 1
         return added
+
+    def episode_weight(self, ref: EpisodeRef) -> float:
+        """The outcome weight of one episode (1.0 unless advantage weighting is on)."""
+        cfg = self.config
+        if not cfg.advantage_weighting:
+            return 1.0
+        ep = self._episodes[ref]
+        refs = self._by_task.get(ep.task, [])
+        mean = float(np.mean([self._episodes[r].ret for r in refs])) if refs else ep.ret
+        return advantage_weight(ep.ret, mean, cfg.advantage_beta, cfg.advantage_max_weight)
 
     def ready(self) -> bool:
         """True when the limiter allows one more batch (refreshing the index if due)."""
@@ -134,14 +203,16 @@ class EpisodeSampler:
         mask = np.zeros((b, k), np.float32)
         weight = np.ones((b,), np.float32)
         task_id = np.zeros((b,), np.int64)
+        jpegs: list[bytes] = []
+        task_weights: dict[EpisodeRef, float] = {}
         for i in range(b):
             task = tasks[int(self._rng.integers(len(tasks)))]
             refs = self._by_task[task]
-            ep = self._episodes[refs[int(self._rng.integers(len(refs)))]]
+            ref = refs[int(self._rng.integers(len(refs)))]
+            ep = self._episodes[ref]
             t = int(self._rng.integers(ep.n_steps))
             data = ep.data
-            for c, cam in enumerate(self.cameras):
-                images[i, c] = simplejpeg.decode_jpeg(data.frames[cam][t], colorspace="RGB")
+            jpegs.extend(bytes(data.frames[cam][t]) for cam in self.cameras)
             joint_pos[i] = data.joint_pos[t]
             end = min(t + k, ep.n_steps)
             actions[i, : end - t] = data.action[t:end]
@@ -149,7 +220,14 @@ class EpisodeSampler:
             mask[i, : end - t] = 1.0
             if bool(data.intervention[t]):
                 weight[i] = cfg.intervention_weight
+            if cfg.advantage_weighting:
+                if ref not in task_weights:
+                    task_weights[ref] = self.episode_weight(ref)
+                weight[i] *= task_weights[ref]
             task_id[i] = self._task_ids[task]
+        n_cam = len(self.cameras)
+        for j, img in enumerate(self.decoder(jpegs)):
+            images[j // n_cam, j % n_cam] = img
         self.limiter.sampled += b
         return {
             "images": images,

@@ -1,0 +1,151 @@
+"""The learning run: `fleet up` on the sim fleet, and the unified model's success rate per task
+over time.
+
+Why a script and not a test: it takes minutes to tens of minutes. It starts its own Redis on a
+free loopback port (so it can read the registry while the fleet runs), runs `fleet up` against
+it, and every --interval seconds prints, per task, the autonomous success rate (episodes that
+succeeded with no operator intervention / episodes) of the policy versions that ran in the last
+window, from the registry's per-version outcome counters. Version "" (or the scripted expert
+before any version exists) counts as the untrained baseline.
+
+Last line: one JSON object {"curve": [...], "final": {task: rate}, ...}.
+Run: .venv/bin/python ops/learning_run.py --cells 3 --duration 1800 [--interval 60]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from fleet.registry import Registry
+
+log = logging.getLogger(__name__)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _totals(registry: Registry) -> dict[str, dict[str, dict[str, int]]]:
+    """task -> version -> counters, from the registry's outcome counters."""
+    out: dict[str, dict[str, dict[str, int]]] = {}
+    for version, tasks in registry.success_counts().items():
+        for task, counters in tasks.items():
+            out.setdefault(task, {})[version] = counters
+    return out
+
+
+def _window(
+    now: dict[str, dict[str, dict[str, int]]], before: dict[str, dict[str, dict[str, int]]]
+) -> dict[str, dict[str, float | int | str]]:
+    """Per task: episodes, autonomous successes and their rate since the previous poll."""
+    out: dict[str, dict[str, float | int | str]] = {}
+    for task, versions in now.items():
+        eps = auto = 0
+        latest = ""
+        for version, c in versions.items():
+            prev = before.get(task, {}).get(version, {})
+            d_eps = c.get("episodes", 0) - prev.get("episodes", 0)
+            eps += d_eps
+            auto += c.get("autonomous_successes", 0) - prev.get("autonomous_successes", 0)
+            if d_eps > 0 and version > latest:
+                latest = version
+        out[task] = {
+            "episodes": eps,
+            "autonomous_successes": auto,
+            "rate": auto / eps if eps else float("nan"),
+            "newest_version": latest,
+        }
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--cells", type=int, default=3)
+    ap.add_argument("--duration", type=float, default=1800.0, help="seconds of `fleet up`")
+    ap.add_argument("--interval", type=float, default=60.0, help="seconds per curve point")
+    ap.add_argument("--data-dir", type=Path, default=None)
+    ap.add_argument("--extra", default="", help="more `fleet up` arguments, space separated")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+
+    data_dir = args.data_dir or Path(tempfile.mkdtemp(prefix="learning-run-"))
+    data_dir.mkdir(parents=True, exist_ok=True)
+    port = _free_port()
+    redis = subprocess.Popen(
+        [
+            shutil.which("redis-server") or "/usr/bin/redis-server",
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ],
+        stdout=subprocess.DEVNULL,
+    )
+    url = f"redis://127.0.0.1:{port}/0"
+    fleet_cmd = [
+        sys.executable, "-m", "fleet.cli", "up", "--cells", str(args.cells),
+        "--duration", str(args.duration), "--redis-url", url, "--data-dir", str(data_dir),
+        "--no-live", "--insecure", "--rollout", "immediate", "--dashboard-port", "-1",
+        *args.extra.split(),
+    ]  # fmt: skip
+    curve: list[dict[str, object]] = []
+    fleet = None
+    try:
+        time.sleep(0.5)
+        registry = Registry(url)
+        log.info("fleet up: %s (logs in %s)", " ".join(fleet_cmd), data_dir)
+        with open(data_dir / "learning_run_fleet.log", "wb") as out:
+            fleet = subprocess.Popen(fleet_cmd, stdout=out, stderr=subprocess.STDOUT)
+            started = time.monotonic()
+            before: dict[str, dict[str, dict[str, int]]] = {}
+            while fleet.poll() is None:
+                time.sleep(min(args.interval, 5.0))
+                elapsed = time.monotonic() - started
+                if curve and elapsed - float(curve[-1]["t_s"]) < args.interval:  # type: ignore[arg-type]
+                    continue
+                if not curve and elapsed < args.interval:
+                    continue
+                now = _totals(registry)
+                point = {"t_s": round(elapsed, 1), "tasks": _window(now, before)}
+                before = now
+                curve.append(point)
+                line = ", ".join(
+                    f"{t}: {v['autonomous_successes']}/{v['episodes']} ({v['newest_version']})"
+                    for t, v in sorted(point["tasks"].items())  # type: ignore[union-attr]
+                )
+                print(f"t={elapsed:6.0f}s  {line}", flush=True)
+            final = {
+                task: {
+                    v: (c.get("autonomous_successes", 0), c.get("episodes", 0))
+                    for v, c in sorted(versions.items())
+                }
+                for task, versions in _totals(registry).items()
+            }
+            stats = registry.learner_stats()
+    finally:
+        if fleet is not None and fleet.poll() is None:
+            fleet.terminate()
+            fleet.wait(60)
+        redis.terminate()
+        redis.wait(10)
+    print(json.dumps({"curve": curve, "per_version": final, "learner": stats}, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
