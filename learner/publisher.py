@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from fleet.policy.manifest import Manifest
@@ -36,14 +37,25 @@ class Publisher:
         self.versions_dir.mkdir(parents=True, exist_ok=True)
         self.rollout_mode = rollout_mode
 
-    def next_version_id(self) -> str:
-        return f"v{len(self.registry.versions()) + 1:04d}"
+    def next_version_id(self, lineage: Sequence[str] = ()) -> str:
+        """One past the highest of the registry's and the trainer's own (checkpointed)
+        versions, so a learner resumed against a fresh Redis never reuses an id."""
+        known = [v["version_id"] for v in self.registry.versions()] + list(lineage)
+        numbers = [int(v[1:]) for v in known if v[:1] == "v" and v[1:].isdigit()]
+        return f"v{max(numbers, default=0) + 1:04d}"
 
-    def publish(self, model: UnifiedPolicy, *, training_step: int, data_seen: int) -> Manifest:
-        version_id = self.next_version_id()
+    def publish(
+        self,
+        model: UnifiedPolicy,
+        *,
+        training_step: int,
+        data_seen: int,
+        lineage: Sequence[str] = (),
+    ) -> Manifest:
+        version_id = self.next_version_id(lineage)
         manifest = Manifest(
             version_id=version_id,
-            parent=self.registry.latest_version(),
+            parent=self.registry.latest_version() or (lineage[-1] if lineage else None),
             model_config=model.config.to_dict(),
             training_step=training_step,
             data_seen=data_seen,

@@ -147,7 +147,10 @@ class Trainer:
         model = UnifiedPolicy(self.policy_config)
         model.load_state_dict(get_state_dict(self.learner_group))
         manifest = self.publisher.publish(
-            model, training_step=self.updates, data_seen=self.sampler.steps_available
+            model,
+            training_step=self.updates,
+            data_seen=self.sampler.steps_available,
+            lineage=self.versions,
         )
         self.versions.append(manifest.version_id)
         return manifest.version_id

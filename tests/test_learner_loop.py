@@ -99,3 +99,15 @@ def test_trainer_publishes_loadable_versions_and_registers_them(
     assert model.config.tasks == TASKS
     stats = registry.learner_stats()
     assert stats["updates"] >= 20 and np.isfinite(float(stats["loss"]))
+
+
+def test_version_ids_continue_the_checkpointed_lineage_on_a_fresh_registry(
+    tmp_path: Path, redis_server: str
+) -> None:
+    from learner.publisher import Publisher
+
+    registry = Registry(redis_server, prefix=f"fresh{time.time_ns()}:")
+    publisher = Publisher(registry, tmp_path / "versions")
+    assert publisher.next_version_id() == "v0001"
+    # A learner resumed from a checkpoint that had published v0001..v0003 elsewhere.
+    assert publisher.next_version_id(["v0001", "v0002", "v0003"]) == "v0004"
