@@ -122,6 +122,8 @@ def run_actor(
             versions_adopted_json=json.dumps(adopted),
             successes=s["successes"],
             interventions=s["interventions"],
+            spool_bytes=int(uplink.stats.get("spool_bytes", 0)),
+            spool_chunks=int(uplink.stats.get("spool_chunks", 0)),
             token=config.token,
         )
 

@@ -67,6 +67,8 @@ class CellState:
     last_fault: str = ""
     successes: int = 0
     interventions: int = 0
+    spool_bytes: int = 0  # chunks waiting on the cell's disk for the learner's ack
+    spool_chunks: int = 0
     versions_adopted: list[dict] = field(default_factory=list)  # [{"version", "adopted_at"}]
     last_seen: float = 0.0
     alive: bool = False

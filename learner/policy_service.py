@@ -177,6 +177,8 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
             last_fault=request.last_fault,
             successes=request.successes,
             interventions=request.interventions,
+            spool_bytes=request.spool_bytes,
+            spool_chunks=request.spool_chunks,
             versions_adopted=adopted,
             last_seen=now,  # the learner's clock: cells' clocks need not agree with it
             alive=True,

@@ -55,6 +55,8 @@ def build_world(registry: Registry, root: Path) -> World:
             loop_hz=49.8,
             steps_recorded=900,
             steps_acked=880,
+            spool_bytes=3_500_000,
+            spool_chunks=2,
             last_seen=time.time(),
         )
     )

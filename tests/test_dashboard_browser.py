@@ -64,7 +64,7 @@ def test_fleet_view_shows_live_cells_and_updates_without_reload(page: Page, worl
     expect(row.locator(".version")).to_have_text("v0002")
     expect(row.locator(".hz")).to_have_text("49.8")
     expect(row.locator(".episodes")).to_have_text("7")
-    expect(row.locator(".spool")).to_have_text("-")
+    expect(row.locator(".spool")).to_have_text("2 chunks, 3.5 MB")
     expect(page.locator('#fleet-table tr[data-cell="cell-02"] .fault')).to_have_text(
         "signature check failed for v0004"
     )

@@ -159,9 +159,7 @@ def create_app(
         now = time.time()
         cells = []
         for c in registry.cells():
-            spool = getattr(c, "spool_bytes", None)
-            if spool is None:
-                spool = getattr(c, "spool_depth", None)
+            spool = c.spool_bytes
             cells.append(
                 {
                     "cell_id": c.cell_id,
@@ -179,6 +177,7 @@ def create_app(
                     "steps_acked": c.steps_acked,
                     "unacked_steps": max(0, c.steps_recorded - c.steps_acked),
                     "spool_depth": spool,
+                    "spool_chunks": c.spool_chunks,
                     "last_fault": c.last_fault,
                     "last_seen": c.last_seen,
                     "seconds_since_seen": (now - c.last_seen) if c.last_seen else None,

@@ -52,7 +52,7 @@ async function refreshFleet() {
       <td class="episodes">${c.episodes}</td>
       <td>${c.episodes ? Math.round(100 * c.successes / c.episodes) + "%" : "-"}</td>
       <td class="iph">${fmt(c.interventions_per_hour, 0)}</td>
-      <td class="spool">${c.spool_depth === null || c.spool_depth === undefined ? "-" : esc(c.spool_depth)}</td>
+      <td class="spool">${esc(c.spool_chunks + " chunks, " + (c.spool_depth / 1e6).toFixed(1) + " MB")}</td>
       <td>${c.unacked_steps}</td>
       <td>${c.seconds_since_seen === null ? "-" : fmt(c.seconds_since_seen, 1) + " s ago"}</td>
       <td class="fault">${esc(c.last_fault)}</td>
