@@ -24,6 +24,7 @@ def render(registry: Registry) -> Group:
         "version",
         "success",
         "interventions",
+        "spool",
         "loop Hz",
         "fault",
     ):
@@ -38,6 +39,7 @@ def render(registry: Registry) -> Group:
             c.version_running or "-",
             _rate(c.successes, c.episodes),
             str(c.interventions),
+            f"{c.spool_chunks} ({c.spool_bytes / 1e6:.1f} MB)",
             f"{c.loop_hz:.1f}",
             c.last_fault or "",
         )
