@@ -67,9 +67,7 @@ def run_actor(
 ) -> dict[str, Any]:
     """Run the cell until `stop` is set, then drain and return a summary of counts."""
     faults = _Faults()
-    spool = (
-        ChunkSpool(config.spool_dir, config.spool_quota_bytes) if config.spool_dir else None
-    )
+    spool = ChunkSpool(config.spool_dir, config.spool_quota_bytes) if config.spool_dir else None
     uplink = Uplink(
         config.learner_address,
         deadline_s=config.rpc_deadline_s,
@@ -134,6 +132,7 @@ def run_actor(
         deadline_s=config.rpc_deadline_s,
         cell_id=config.cell_id,
     )
+
     def edge_numbers() -> dict[str, Any]:
         s = loop.stats
         return {**s, "policy_swaps": len(s["versions_adopted"]), "faults": faults.count}

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 from actors.blending import TimedChunk
-from fleet.robot import JOINT_DIM
+from protos.joint_layout import JOINT_DIM
 
 if TYPE_CHECKING:
     from fleet.policy.runtime import PolicyRunner

@@ -94,9 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="durable spool of chunks not yet acked by the learner "
         "(default: ~/.local/share/fleetlearn/<cell>/spool; fleet up: <run>/spool/<cell>)",
     )
-    p.add_argument(
-        "--spool-quota-mb", type=int, default=2048, help="disk quota of the spool, MB"
-    )
+    p.add_argument("--spool-quota-mb", type=int, default=2048, help="disk quota of the spool, MB")
     p.add_argument(
         "--jpeg-quality", type=int, default=90, help="JPEG quality of uploaded frames, 1-100"
     )

@@ -84,7 +84,7 @@ def warm_up(runner: PolicyRunner) -> None:
     on a control tick when the loop adopts the version."""
     import numpy as np
 
-    from fleet.robot import JOINT_DIM
+    from protos.joint_layout import JOINT_DIM
 
     config = runner.config
     height, width = (int(x) for x in config.image_size)

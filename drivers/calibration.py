@@ -2,7 +2,7 @@
 
 Every arm is assembled a little differently (horn angles, mirrored left/right mounting,
 gripper fingers), so the same policy output only means the same pose on every cell once
-each servo's raw ticks are mapped to the shared joint convention of fleet/robot.py
+each servo's raw ticks are mapped to the shared joint convention of protos/joint_layout.py
 (radians about a common zero, gripper 0 = closed .. 1 = open). The mapping lives in one
 JSON file per cell, written by the `calibrate` flow and applied by the arm bus at connect.
 
@@ -27,7 +27,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from drivers.dynamixel import control_table as ct
-from fleet.robot import ARM_JOINT_NAMES, ARM_SIDES, JOINT_LOWER, JOINT_UPPER
+from protos.joint_layout import ARM_JOINT_NAMES, ARM_SIDES, JOINT_LOWER, JOINT_UPPER
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ class GripperCalibration:
 
 @dataclass(frozen=True)
 class ArmCalibration:
-    """One arm: six joints in fleet/robot.py order, then the gripper (7 servos)."""
+    """One arm: six joints in protos/joint_layout.py order, then the gripper (7 servos)."""
 
     name: str
     joints: tuple[JointCalibration, ...]
@@ -283,7 +283,7 @@ def default_arm_calibration(
     gripper_open_ticks: int = 2560,
     gripper_closed_ticks: int = 1536,
 ) -> ArmCalibration:
-    """Uncalibrated servos: no offsets, fleet/robot.py limits, ids first_id..first_id+6."""
+    """Uncalibrated servos: no offsets, protos/joint_layout.py limits, ids first_id..first_id+6."""
     lower = JOINT_LOWER[: len(JOINT_NAMES)].astype(float)
     upper = JOINT_UPPER[: len(JOINT_NAMES)].astype(float)
     joints = tuple(

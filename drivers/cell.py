@@ -16,7 +16,7 @@ import numpy as np
 
 from drivers.interfaces import ArmBus, Camera, Clock, DriverFault, Observation
 from drivers.safety import SafetyGate
-from fleet.robot import ARM_SIDES, JOINT_DIM, arm_slice
+from protos.joint_layout import ARM_SIDES, JOINT_DIM, arm_slice
 
 log = logging.getLogger(__name__)
 

@@ -210,11 +210,19 @@ EDGE_STATS = (
     Stat("policy_swaps", "fleet_edge_policy_swaps", "counter", "policy versions adopted"),
     Stat("faults", "fleet_edge_faults", "counter", "faults any part of the actor reported"),
     Stat("chunks_blended", "fleet_edge_chunks_blended", "counter", "action chunks faded in"),
-    Stat("chunks_ready_in_time", "fleet_edge_chunks_ready_in_time", "counter",
-         "follow-up chunks ready before the plan ran out"),
+    Stat(
+        "chunks_ready_in_time",
+        "fleet_edge_chunks_ready_in_time",
+        "counter",
+        "follow-up chunks ready before the plan ran out",
+    ),
     Stat("chunks_stale", "fleet_edge_chunks_stale", "counter", "chunks that arrived too late"),
-    Stat("plan_exhausted_ticks", "fleet_edge_plan_exhausted_ticks", "counter",
-         "ticks that held the last target: no fresh chunk"),
+    Stat(
+        "plan_exhausted_ticks",
+        "fleet_edge_plan_exhausted_ticks",
+        "counter",
+        "ticks that held the last target: no fresh chunk",
+    ),
 )
 UPLINK_STATS = (
     Stat("steps_acked", "fleet_edge_steps_sent", "counter", "steps acked durable by the learner"),

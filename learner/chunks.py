@@ -18,9 +18,9 @@ from typing import Any
 import grpc
 import numpy as np
 
-from fleet.robot import JOINT_DIM
 from fleet.wire import WireError, from_tensor
 from protos.fleetlearn.v1 import arrays_pb2, trajectory_pb2
+from protos.joint_layout import JOINT_DIM
 
 ENCODINGS = frozenset({"jpeg", "png16", "zstd16", "raw"})
 MAX_ID_LEN = 128

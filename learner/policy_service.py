@@ -329,9 +329,7 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
         if not cell_id:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "cell_id is required")
         # Token and, over mutual TLS, the client certificate's CN (see learner/auth.py).
-        denied = check_cell(
-            cell_id, token, tokens=self.tokens, cert_cn=peer_common_name(context)
-        )
+        denied = check_cell(cell_id, token, tokens=self.tokens, cert_cn=peer_common_name(context))
         if denied is not None:
             context.abort(grpc.StatusCode.PERMISSION_DENIED, denied)
 

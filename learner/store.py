@@ -39,8 +39,8 @@ from zarr.dtype import VariableLengthBytes
 from zarr.errors import UnstableSpecificationWarning
 from zarr.storage import LocalStore
 
-from fleet.robot import JOINT_DIM
 from learner.chunks import ChunkRejected, DecodedChunk, is_safe_id
+from protos.joint_layout import JOINT_DIM
 
 log = logging.getLogger(__name__)
 

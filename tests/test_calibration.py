@@ -22,7 +22,7 @@ from drivers.calibration import (
 from drivers.dynamixel import control_table as ct
 from drivers.dynamixel.arm_bus import DynamixelArmBus
 from drivers.sim.servo_peer import ServoPeer
-from fleet.robot import ARM_JOINT_NAMES, JOINT_LOWER, JOINT_UPPER
+from protos.joint_layout import ARM_JOINT_NAMES, JOINT_LOWER, JOINT_UPPER
 
 TICK = ct.RAD_PER_TICK
 

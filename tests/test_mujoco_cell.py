@@ -11,7 +11,7 @@ import pytest
 from drivers.sim.mujoco.scene import CAMERA_NAMES, CUBE_HALF, HOME, TIMESTEP
 from drivers.sim.mujoco.tasks import EPISODE_TIME_S, MUJOCO_TASKS
 from drivers.sim.mujoco.world import LOWER14, UPPER14, MujocoWorld
-from fleet.robot import JOINT_DIM, JOINT_LOWER, JOINT_UPPER
+from protos.joint_layout import JOINT_DIM, JOINT_LOWER, JOINT_UPPER
 
 HZ = 20.0  # the slow end of the control rates the cell supports: fewest ticks per episode
 SEEDS = range(20)

@@ -22,7 +22,7 @@ from fleet.policy.weights import (
     sha256_hex,
     state_dict_to_bytes,
 )
-from fleet.robot import JOINT_DIM, JOINT_LOWER, JOINT_UPPER
+from protos.joint_layout import JOINT_DIM, JOINT_LOWER, JOINT_UPPER
 
 TASKS = ("pick_cube", "touch_target")
 CAMERAS = ("overhead", "left_wrist")

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from drivers.safety import SafetyGate
-from fleet.robot import JOINT_DIM, JOINT_LOWER, JOINT_UPPER
+from protos.joint_layout import JOINT_DIM, JOINT_LOWER, JOINT_UPPER
 
 ANY_FLOAT = st.floats(allow_nan=True, allow_infinity=True, width=64)
 BIG_OR_WILD = st.one_of(

@@ -31,7 +31,7 @@ from drivers.sim.world import (
     forward_kinematics,
     inverse_kinematics,
 )
-from fleet.robot import JOINT_DIM, JOINT_LOWER, JOINT_UPPER
+from protos.joint_layout import JOINT_DIM, JOINT_LOWER, JOINT_UPPER
 
 HZ = 20.0
 TICKS = round(EPISODE_TIME_S * HZ)

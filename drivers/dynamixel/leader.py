@@ -16,7 +16,7 @@ import numpy as np
 from drivers.calibration import CellCalibration
 from drivers.dynamixel.arm_bus import DynamixelArmBus
 from drivers.interfaces import JointState
-from fleet.robot import ARM_SIDES
+from protos.joint_layout import ARM_SIDES
 
 log = logging.getLogger(__name__)
 

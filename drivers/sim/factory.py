@@ -12,7 +12,7 @@ from drivers.safety import SafetyGate
 from drivers.sim.devices import SimArmBus, SimCamera, SimClock, SimOperator
 from drivers.sim.tasks import ScriptedExpert, SimTaskScene
 from drivers.sim.world import SPEEDS, SimWorld
-from fleet.robot import ARM_SIDES, JOINT_LOWER, JOINT_UPPER
+from protos.joint_layout import ARM_SIDES, JOINT_LOWER, JOINT_UPPER
 
 PHYSICS_HZ = 200.0  # about this many substeps per second, a whole number per control tick
 EXPERT_TIP_SPEED = 0.25  # m/s the scripted expert moves a gripper tip at (a calm teleoperator)

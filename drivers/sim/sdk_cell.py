@@ -33,7 +33,7 @@ from drivers.sim.mujoco import MUJOCO_TASKS, MujocoExpert, MujocoWorld
 from drivers.sim.rs_software import PushedRealSense, SoftwareRealSense
 from drivers.sim.servo_link import ServoLink
 from drivers.sim.servo_peer import ServoPeer
-from fleet.robot import ARM_SIDES, JOINT_LOWER, JOINT_UPPER
+from protos.joint_layout import ARM_SIDES, JOINT_LOWER, JOINT_UPPER
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ the front camera, y away from it, z up. The table top is the plane z = 0 over
 |x| <= TABLE_HALF_X, |y| <= TABLE_HALF_Y; the floor is at z = FLOOR_Z.
 
 Each arm stands at one end of the table (left at -x facing +x, right at +x facing -x) and
-has the servo order and limits of `fleet.robot` (waist, shoulder, elbow, forearm_roll,
+has the servo order and limits of `protos.joint_layout` (waist, shoulder, elbow, forearm_roll,
 wrist_angle, wrist_rotate, gripper). Its forward kinematics, all joints at 0: upper arm
 straight up from the shoulder, forearm and gripper pointing horizontally at the other arm.
 
@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fleet.robot import ARM_SIDES, JOINT_LOWER, JOINT_UPPER, JOINTS_PER_ARM
+from protos.joint_layout import ARM_SIDES, JOINT_LOWER, JOINT_UPPER, JOINTS_PER_ARM
 
 # --- geometry (metres) ----------------------------------------------------------------
 TABLE_HALF_X = 0.50

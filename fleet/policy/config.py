@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from fleet.robot import JOINT_DIM, JOINT_LOWER, JOINT_UPPER
+from protos.joint_layout import JOINT_DIM, JOINT_LOWER, JOINT_UPPER
 
 # Fields a preset fills. "tiny" trains on a laptop CPU in seconds (tests, the simulated fleet);
 # "base" is an ACT-sized model for one GPU; "large" is the ~100M+ parameter fleet model.

@@ -17,7 +17,7 @@ from fleet.policy.config import PolicyConfig
 from fleet.policy.manifest import Manifest
 from fleet.policy.model import UnifiedPolicy
 from fleet.policy.weights import load_version
-from fleet.robot import JOINT_DIM
+from protos.joint_layout import JOINT_DIM
 
 log = logging.getLogger(__name__)
 

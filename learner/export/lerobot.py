@@ -32,8 +32,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import simplejpeg
 
-from fleet.robot import JOINT_DIM, JOINT_NAMES
 from learner.store import EpisodeData, EpisodeRef, EpisodeStore
+from protos.joint_layout import JOINT_DIM, JOINT_NAMES
 
 log = logging.getLogger(__name__)
 

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from fleet.robot import JOINT_NAMES
 from learner.store import EpisodeRef, EpisodeStore
+from protos.joint_layout import JOINT_NAMES
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ World frame as in the kinematic stand-in (drivers/sim/world.py): metres, origin 
 centre of the table top, x to the right seen from the front camera, y away from it, z up.
 The left arm stands at x = -BASE_X facing +x, the right arm at +BASE_X facing -x.
 
-Each arm has the servo order of `fleet.robot` and the stand-in's link lengths and joint
+Each arm has the servo order of `protos.joint_layout` and the stand-in's link lengths and joint
 conventions (all six joints at 0: upper arm straight up, forearm and hand pointing at the
 other arm; waist yaws about +z, shoulder/elbow/wrist_angle pitch about the link's +y so
 positive tips forward/down, forearm_roll/wrist_rotate roll about the link's +x). The
@@ -29,7 +29,7 @@ from functools import cache
 import mujoco
 import numpy as np
 
-from fleet.robot import ARM_JOINT_NAMES, ARM_SIDES, JOINT_LOWER, JOINT_UPPER, JOINTS_PER_ARM
+from protos.joint_layout import ARM_JOINT_NAMES, ARM_SIDES, JOINT_LOWER, JOINT_UPPER, JOINTS_PER_ARM
 
 # --- geometry (metres), shared with the kinematic stand-in ---------------------------------
 TABLE_HALF_X = 0.50

@@ -43,7 +43,7 @@ from drivers.sim.mujoco.tasks import (
     task_reward,
     task_success,
 )
-from fleet.robot import ARM_SIDES, JOINT_DIM, JOINTS_PER_ARM
+from protos.joint_layout import ARM_SIDES, JOINT_DIM, JOINTS_PER_ARM
 
 log = logging.getLogger(__name__)
 
@@ -215,7 +215,7 @@ class MujocoWorld:
             self._apply_goals()
 
     def set_goals(self, q14: np.ndarray) -> np.ndarray:
-        """Both arms' goals (14, fleet.robot order), clamped to the joint limits; returns
+        """Both arms' goals (14, protos.joint_layout order), clamped to the joint limits; returns
         the goals now in force."""
         q = np.asarray(q14, dtype=np.float64).reshape(-1)
         if q.shape != (JOINT_DIM,) or not np.all(np.isfinite(q)):

@@ -1,4 +1,8 @@
-"""The dual-arm cell's joint layout, shared by drivers, policy and learner.
+"""The dual-arm cell's joint layout: part of the wire contract, shared by every layer.
+
+It lives beside the .proto files because every 14-value array on the wire and in the store
+(joint_pos, action) follows it, and because drivers, fleet and learner may all import
+protos/ (drivers import nothing above themselves).
 
 Fourteen values in a fixed order (left arm then right arm, six joints and a gripper each)
 is the one convention every array on the wire and in the store follows.
