@@ -25,3 +25,16 @@ def registry(redis_server: str):
     reg = Registry(redis_server, prefix=f"test:{uuid.uuid4().hex[:12]}:")
     yield reg
     reg.close()
+
+
+@pytest.fixture(scope="module")
+def ray_local() -> Iterator[None]:
+    """A local Ray for one test module, unless one is already running (then it is reused)."""
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    if started:
+        ray.shutdown()

@@ -4,13 +4,10 @@ sampler position, version lineage) and never republishes a step it already publi
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pytest
-import ray
 
 from fleet.registry import Registry
 from learner.checkpoint import load_checkpoint, save_checkpoint
@@ -21,16 +18,6 @@ from learner.trainer import Trainer, TrainerConfig
 from tests.expert_episodes import CAMERAS, record_expert_episodes
 
 TASKS = ("pick_cube", "touch_target")
-
-
-@pytest.fixture(scope="module")
-def ray_local() -> Iterator[None]:
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    if started:
-        ray.shutdown()
 
 
 def test_checkpoint_roundtrip_keeps_types_and_int_keys(tmp_path: Path) -> None:

@@ -4,12 +4,9 @@ RLlib, and the publisher turns weights into registered, loadable versions."""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-import pytest
-import ray
 
 from fleet.policy.manifest import Manifest
 from fleet.policy.weights import load_version
@@ -20,16 +17,6 @@ from learner.trainer import Trainer, TrainerConfig
 from tests.expert_episodes import CAMERAS, record_expert_episodes
 
 TASKS = ("pick_cube", "touch_target")
-
-
-@pytest.fixture(scope="module")
-def ray_local() -> Iterator[None]:
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    if started:
-        ray.shutdown()
 
 
 def test_sampler_sees_new_episodes_and_balances_tasks(tmp_path: Path) -> None:

@@ -7,7 +7,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-import ray
 import torch
 from ray.rllib.core import DEFAULT_MODULE_ID
 from ray.rllib.core.learner.learner_group import LearnerGroup
@@ -25,17 +24,6 @@ from learner.learner_group import (
 TASKS = ("pick_cube", "touch_target")
 CAMERAS = ("overhead", "left_wrist")
 CHUNK = 5
-
-
-@pytest.fixture(scope="module")
-def ray_local() -> Iterator[None]:
-    """A small local Ray for this file (reused if another fixture already started one)."""
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    if started:
-        ray.shutdown()
 
 
 @pytest.fixture(scope="module")

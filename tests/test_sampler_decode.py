@@ -4,12 +4,10 @@ weighting raises successful episodes' weight over failed ones only when switched
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
-import ray
 
 from learner.decode_pool import DecodePool
 from learner.sampler import EpisodeSampler, SamplerConfig, advantage_weight
@@ -17,16 +15,6 @@ from learner.store import EpisodeStore
 from tests.expert_episodes import CAMERAS, record_expert_episodes
 
 TASKS = ("pick_cube", "touch_target")
-
-
-@pytest.fixture(scope="module")
-def ray_local() -> Iterator[None]:
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    if started:
-        ray.shutdown()
 
 
 @pytest.fixture(scope="module")
