@@ -20,7 +20,7 @@ from learner.chunks import DecodedChunk
 from learner.ingest import IngestServicer
 from learner.policy_service import PolicyServicer
 from learner.shadow_scoring import shadow_score
-from learner.store import EpisodeData, EpisodeStore
+from learner.store import EpisodeStore, EpisodeSummary
 from learner.truncation import TruncationSweeper
 
 log = logging.getLogger(__name__)
@@ -135,10 +135,9 @@ class Gateway:
                 dist_operator_sum=score.dist_operator_sum,
             )
 
-    def _on_episode_end(self, chunk: DecodedChunk, data: EpisodeData | None) -> None:
+    def _on_episode_end(self, chunk: DecodedChunk, summary: EpisodeSummary) -> None:
         outcome = chunk.outcome or {}
-        steps = int(data.joint_pos.shape[0]) if data is not None else chunk.n_steps
-        interventions = int(data.intervention.sum()) if data is not None else 0
+        steps, interventions = summary.steps, summary.intervention_steps
         self.registry.record_episode(
             cell_id=chunk.cell_id,
             version=chunk.policy_version or "none",

@@ -22,7 +22,7 @@ from fleet.metrics import ACK_LATENCY_BUCKETS
 from fleet.tls import peer_common_name
 from learner.auth import check_cell
 from learner.chunks import ChunkRejected, DecodedChunk, decode_chunk
-from learner.store import EpisodeData, EpisodeRef, EpisodeStore
+from learner.store import AppendResult, EpisodeStore, EpisodeSummary
 from protos.fleetlearn.v1 import trajectory_pb2, trajectory_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -57,7 +57,7 @@ class IngestServicer(trajectory_pb2_grpc.TrajectoryServiceServicer):
         *,
         known_tasks: Collection[str] | None,
         tokens: Mapping[str, str] | None = None,
-        on_episode_end: Callable[[DecodedChunk, EpisodeData | None], None] | None = None,
+        on_episode_end: Callable[[DecodedChunk, EpisodeSummary], None] | None = None,
         on_chunk: Callable[[DecodedChunk], None] | None = None,
         max_steps: int = 1000,
         max_bytes: int = 64 << 20,
@@ -138,7 +138,7 @@ class IngestServicer(trajectory_pb2_grpc.TrajectoryServiceServicer):
                 chunk.seq,
             )
         else:
-            self._after_append(chunk)
+            self._after_append(chunk, result)
         return trajectory_pb2.ChunkAck(
             cell_id=chunk.cell_id,
             episode_id=chunk.episode_id,
@@ -153,7 +153,7 @@ class IngestServicer(trajectory_pb2_grpc.TrajectoryServiceServicer):
         if denied is not None:
             raise ChunkRejected(grpc.StatusCode.PERMISSION_DENIED, denied)
 
-    def _after_append(self, chunk: DecodedChunk) -> None:
+    def _after_append(self, chunk: DecodedChunk, result: AppendResult) -> None:
         """Callbacks after a durable append; their failures are logged, never sent back."""
         if self.on_chunk is not None:
             try:
@@ -167,21 +167,11 @@ class IngestServicer(trajectory_pb2_grpc.TrajectoryServiceServicer):
                 )
         if not chunk.last or self.on_episode_end is None:
             return
-        data: EpisodeData | None
+        summary = EpisodeSummary(
+            steps=result.episode_steps, intervention_steps=result.intervention_steps
+        )
         try:
-            # Frames are left out: the callback wants counts, not megabytes of images.
-            data = self.store.read_episode(
-                EpisodeRef(chunk.cell_id, chunk.episode_id), frames=False
-            )
-        except Exception:
-            log.exception(
-                "cell %s episode %s: reading the finished episode back failed",
-                chunk.cell_id,
-                chunk.episode_id,
-            )
-            data = None
-        try:
-            self.on_episode_end(chunk, data)
+            self.on_episode_end(chunk, summary)
         except Exception:
             log.exception(
                 "cell %s episode %s (version %s): on_episode_end callback failed",

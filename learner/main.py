@@ -24,7 +24,7 @@ from fleet.registry import Registry
 from learner.chunks import DecodedChunk
 from learner.gateway import Gateway
 from learner.sampler import SamplerConfig
-from learner.store import EpisodeData
+from learner.store import EpisodeSummary
 from learner.trainer import Trainer, TrainerConfig
 
 log = logging.getLogger("learner")
@@ -49,9 +49,9 @@ class GatewayActor(Gateway):
             )
         )
 
-    def _on_episode_end(self, chunk: DecodedChunk, data: EpisodeData | None) -> None:
+    def _on_episode_end(self, chunk: DecodedChunk, summary: EpisodeSummary) -> None:
         self.episodes_completed += 1
-        super()._on_episode_end(chunk, data)
+        super()._on_episode_end(chunk, summary)
 
     def metrics_text(self) -> str:
         return metrics.fleet_text()

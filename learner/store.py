@@ -86,6 +86,18 @@ class AppendResult:
     duplicate: bool
     episode_complete: bool
     steps_written: int
+    # The episode as committed after this append: what an end-of-episode callback needs,
+    # without reading the episode back from the store on the ack path.
+    episode_steps: int = 0
+    intervention_steps: int = 0
+
+
+@dataclass(frozen=True)
+class EpisodeSummary:
+    """A finished episode's counts, as its last append committed them."""
+
+    steps: int
+    intervention_steps: int
 
 
 @dataclass(frozen=True, order=True)
@@ -202,7 +214,9 @@ class EpisodeStore:
                     end,
                     chunk.policy_version or "none",
                 )
-            return AppendResult(False, chunk.last, chunk.n_steps)
+            return AppendResult(
+                False, chunk.last, chunk.n_steps, end, int(commit["intervention_steps"])
+            )
 
     def mark_truncated(self, ref: EpisodeRef, reason: str) -> None:
         """Flag an episode that will never be finished (e.g. its cell died mid-episode)."""
@@ -369,6 +383,8 @@ class EpisodeStore:
         commit: dict[str, Any] = {
             "n_steps": end,
             "next_seq": chunk.seq + 1,
+            "intervention_steps": int(attrs.get("intervention_steps", 0))
+            + int(np.count_nonzero(chunk.intervention)),
             "updated_at": time.time(),
             "truncated": False,
             "truncated_reason": None,

@@ -17,7 +17,7 @@ from fleet.wire import to_tensor
 from learner import ingest
 from learner.chunks import DecodedChunk
 from learner.ingest import IngestServicer
-from learner.store import EpisodeData, EpisodeRef, EpisodeStore
+from learner.store import EpisodeRef, EpisodeStore, EpisodeSummary
 from protos.fleetlearn.v1 import arrays_pb2, trajectory_pb2, trajectory_pb2_grpc
 
 DEADLINE_S = 10.0
@@ -71,7 +71,7 @@ class Served:
     servicer: IngestServicer
     stub: trajectory_pb2_grpc.TrajectoryServiceStub
     chunks_seen: list[DecodedChunk] = field(default_factory=list)
-    ended: list[tuple[DecodedChunk, EpisodeData | None]] = field(default_factory=list)
+    ended: list[tuple[DecodedChunk, EpisodeSummary]] = field(default_factory=list)
 
     def upload(self, msgs: list[trajectory_pb2.StepChunk]) -> list[trajectory_pb2.ChunkAck]:
         return list(self.stub.Upload(iter(msgs), timeout=DEADLINE_S))
@@ -81,7 +81,7 @@ class Served:
 def served(tmp_path: Path) -> Iterator[Served]:
     store = EpisodeStore(tmp_path / "store")
     chunks_seen: list[DecodedChunk] = []
-    ended: list[tuple[DecodedChunk, EpisodeData | None]] = []
+    ended: list[tuple[DecodedChunk, EpisodeSummary]] = []
     servicer = IngestServicer(
         store,
         known_tasks=TASKS,
@@ -122,8 +122,9 @@ def test_episode_is_acked_durable_and_stored_exactly(served: Served) -> None:
 
     assert [c.seq for c in served.chunks_seen] == [0, 1, 2]
     ((last, episode),) = served.ended
-    assert last.seq == 2 and episode is not None
-    assert episode.joint_pos.shape == (3 * T, 14) and int(episode.intervention.sum()) == 9
+    assert last.seq == 2
+    assert episode.steps == 3 * T and episode.intervention_steps == 9
+    assert episode.intervention_steps == int(data.intervention.sum())
     assert served.servicer.stats == {
         "chunks_acked": 3,
         "duplicates": 0,
