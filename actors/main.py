@@ -16,6 +16,7 @@ from typing import Any
 from actors.config import ActorConfig
 from actors.edge import run_actor
 from fleet.logs import setup_logging
+from fleet.metrics import add_metrics_arguments
 
 log = logging.getLogger("actor")
 
@@ -98,10 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--jpeg-quality", type=int, default=90, help="JPEG quality of uploaded frames, 1-100"
     )
-    p.add_argument(
-        "--metrics-port", type=int, default=0, help="serve Prometheus /metrics here (0 = off)"
-    )
-    p.add_argument("--metrics-host", default="0.0.0.0", help="address /metrics binds")
+    add_metrics_arguments(p)
     p.add_argument(
         "--summary-json",
         type=Path,

@@ -15,6 +15,7 @@ one scrape target per learner no matter where Ray placed its actors.
 
 from __future__ import annotations
 
+import argparse
 import logging
 import math
 import re
@@ -159,6 +160,14 @@ class MetricsServer:
         self.server.shutdown()
         self.server.server_close()
         self.thread.join(5.0)
+
+
+def add_metrics_arguments(p: argparse.ArgumentParser) -> None:
+    """--metrics-port / --metrics-host, the same on every process that serves /metrics."""
+    p.add_argument(
+        "--metrics-port", type=int, default=0, help="serve Prometheus /metrics here (0 = off)"
+    )
+    p.add_argument("--metrics-host", default="0.0.0.0", help="address /metrics binds")
 
 
 def serve_metrics(

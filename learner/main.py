@@ -20,6 +20,7 @@ import ray
 
 from fleet import metrics
 from fleet.logs import setup_logging
+from fleet.metrics import add_metrics_arguments
 from fleet.registry import Registry
 from learner.chunks import DecodedChunk
 from learner.gateway import Gateway
@@ -155,10 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=1,
         help="gateway actors sharing the one address (SO_REUSEPORT spreads connections)",
     )
-    p.add_argument(
-        "--metrics-port", type=int, default=0, help="serve Prometheus /metrics here (0 = off)"
-    )
-    p.add_argument("--metrics-host", default="0.0.0.0", help="address /metrics binds")
+    add_metrics_arguments(p)
     p.add_argument(
         "--signing-key",
         type=Path,
