@@ -61,6 +61,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="sim only: chance the simulated operator takes over an episode",
     )
     p.add_argument(
+        "--takeover-stall-s",
+        type=float,
+        default=0.0,
+        help="sim only: the simulated operator also takes over when the task's progress has "
+        "not improved for this many sim seconds (0 = never; DAgger-style corrections)",
+    )
+    p.add_argument(
         "--sim-backend",
         choices=["mujoco", "kinematic"],
         default="mujoco",
@@ -128,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         control_hz=args.control_hz,
         realtime_factor=args.realtime_factor,
         takeover_prob=args.takeover_prob,
+        takeover_stall_s=args.takeover_stall_s,
     )
     if args.sim_backend == "mujoco":
         from drivers.sim.sdk_cell import make_sdk_sim_cell

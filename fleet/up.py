@@ -31,9 +31,13 @@ from fleet.status_view import render
 
 log = logging.getLogger(__name__)
 
-# The default sim cell's tasks (drivers/sim/mujoco/tasks.py). Repeated here because fleet/
-# imports nothing from drivers/ (a control-plane machine needs no driver stack).
-SIM_TASKS = ("handover_bar", "place_cube", "push_to_target")
+# Each sim backend's tasks (drivers/sim/mujoco/tasks.py, drivers/sim/tasks.py). Repeated
+# here because fleet/ imports nothing from drivers/ (a control plane needs no driver stack);
+# tests/test_cli.py checks they match.
+SIM_TASKS = {
+    "mujoco": ("handover_bar", "place_cube", "push_to_target"),
+    "kinematic": ("pick_cube", "touch_target"),
+}
 SIM_CAMERAS = ("overhead", "front")
 
 
@@ -80,6 +84,26 @@ def add_up_arguments(p: argparse.ArgumentParser) -> None:
         type=float,
         default=60.0,
         help="seconds a stopping cell may take to get its last steps acked",
+    )
+    p.add_argument(
+        "--sim-backend",
+        choices=sorted(SIM_TASKS),
+        default="mujoco",
+        help="mujoco: physics cells behind dynamixel_sdk and pyrealsense2 (default); "
+        "kinematic: the light stand-in without SDKs",
+    )
+    p.add_argument(
+        "--takeover-prob",
+        type=float,
+        default=0.5,
+        help="chance a sim cell's operator takes over an episode at a random moment",
+    )
+    p.add_argument(
+        "--takeover-stall-s",
+        type=float,
+        default=0.0,
+        help="a sim cell's operator also takes over when the task has made no progress "
+        "for this many sim seconds (0 = never)",
     )
     p.add_argument("--no-live", action="store_true", help="print no live table")
     p.add_argument(
@@ -235,7 +259,7 @@ def run_up(args: argparse.Namespace) -> int:
                 "--port",
                 str(port),
                 "--tasks",
-                ",".join(SIM_TASKS),
+                ",".join(SIM_TASKS[args.sim_backend]),
                 "--cameras",
                 ",".join(SIM_CAMERAS),
                 "--preset",
@@ -269,6 +293,12 @@ def run_up(args: argparse.Namespace) -> int:
                         "--cell",
                         cell_id,
                         "--sim",
+                        "--sim-backend",
+                        args.sim_backend,
+                        "--takeover-prob",
+                        str(args.takeover_prob),
+                        "--takeover-stall-s",
+                        str(args.takeover_stall_s),
                         "--learner",
                         f"127.0.0.1:{port}",
                         "--seed",

@@ -5,11 +5,19 @@ Why a script and not a test: it takes minutes to tens of minutes. It starts its 
 free loopback port (so it can read the registry while the fleet runs), runs `fleet up` against
 it, and every --interval seconds prints, per task, the autonomous success rate (episodes that
 succeeded with no operator intervention / episodes) of the policy versions that ran in the last
-window, from the registry's per-version outcome counters. Version "" (or the scripted expert
-before any version exists) counts as the untrained baseline.
+window, from the registry's per-version outcome counters. Episodes of version "" (the
+scripted expert's demonstrations before any version exists) are left out: the curve is the
+policy's, starting with the first, barely trained, version.
+
+The simulated operators intervene the way a watching person does (DAgger style): never at
+random (--takeover-prob 0), but when the policy has made no progress on the task for
+--takeover-stall-s. So an episode is autonomous exactly when the policy did it alone, and
+autonomous successes / episodes is the fleet's real success rate, not one capped by random
+takeovers. Their corrections are the training data the policy lacks.
 
 Last line: one JSON object {"curve": [...], "final": {task: rate}, ...}.
 Run: .venv/bin/python ops/learning_run.py --cells 3 --duration 1800 [--interval 60]
+     [--sim-backend kinematic|mujoco]
 """
 
 from __future__ import annotations
@@ -51,18 +59,22 @@ def _window(
     """Per task: episodes, autonomous successes and their rate since the previous poll."""
     out: dict[str, dict[str, float | int | str]] = {}
     for task, versions in now.items():
-        eps = auto = 0
+        eps = auto = intervened = 0
         latest = ""
         for version, c in versions.items():
+            if not version:
+                continue  # the scripted expert's demonstrations before any version exists
             prev = before.get(task, {}).get(version, {})
             d_eps = c.get("episodes", 0) - prev.get("episodes", 0)
             eps += d_eps
             auto += c.get("autonomous_successes", 0) - prev.get("autonomous_successes", 0)
+            intervened += c.get("intervened_episodes", 0) - prev.get("intervened_episodes", 0)
             if d_eps > 0 and version > latest:
                 latest = version
         out[task] = {
             "episodes": eps,
             "autonomous_successes": auto,
+            "intervened_episodes": intervened,
             "rate": auto / eps if eps else float("nan"),
             "newest_version": latest,
         }
@@ -75,6 +87,9 @@ def main() -> int:
     ap.add_argument("--duration", type=float, default=1800.0, help="seconds of `fleet up`")
     ap.add_argument("--interval", type=float, default=60.0, help="seconds per curve point")
     ap.add_argument("--data-dir", type=Path, default=None)
+    ap.add_argument("--sim-backend", choices=["mujoco", "kinematic"], default="mujoco")
+    ap.add_argument("--takeover-prob", type=float, default=0.0)
+    ap.add_argument("--takeover-stall-s", type=float, default=2.0)
     ap.add_argument("--extra", default="", help="more `fleet up` arguments, space separated")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -101,6 +116,8 @@ def main() -> int:
         sys.executable, "-m", "fleet.cli", "up", "--cells", str(args.cells),
         "--duration", str(args.duration), "--redis-url", url, "--data-dir", str(data_dir),
         "--no-live", "--insecure", "--rollout", "immediate", "--dashboard-port", "-1",
+        "--sim-backend", args.sim_backend, "--takeover-prob", str(args.takeover_prob),
+        "--takeover-stall-s", str(args.takeover_stall_s),
         *args.extra.split(),
     ]  # fmt: skip
     curve: list[dict[str, object]] = []

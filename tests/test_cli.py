@@ -80,3 +80,13 @@ def test_status_prints_the_live_state_from_redis(redis_server: str) -> None:
     text = out.stdout
     assert "cell-77" in text and "v0001" in text and "75% (3/4)" in text
     assert "42" in text and "0.1250" in text and "pick_cube" in text
+
+
+def test_fleet_up_names_the_tasks_each_sim_backend_has() -> None:
+    """fleet/ repeats the sim tasks (it imports no drivers): the learner it starts must know
+    exactly the tasks the cells will run, or every upload would be rejected."""
+    from drivers.sim.mujoco.tasks import MUJOCO_TASKS
+    from drivers.sim.tasks import SIM_TASKS as KINEMATIC_TASKS
+    from fleet.up import SIM_TASKS
+
+    assert SIM_TASKS == {"mujoco": MUJOCO_TASKS, "kinematic": KINEMATIC_TASKS}

@@ -453,3 +453,34 @@ def test_operator_takeover_is_seeded_and_delayed():
     assert action.shape == (JOINT_DIM,) and action.dtype == np.float32
     never.operator.force(False)
     assert not never.operator.wants_control()
+
+
+def _run_with_stall_operator(policy: str, stall_s: float = 1.0) -> tuple[float | None, bool]:
+    """Drive touch_target with a 'policy' (expert-like or frozen) under an operator who takes
+    over only on a stall; returns (takeover delay or None, success)."""
+    cell = make_sim_cell(
+        "c0", seed=2, realtime_factor=0, cameras=(), takeover_prob=0.0, takeover_stall_s=stall_s
+    )
+    cell.scene.reset("touch_target", 4)
+    t = cell.clock.now()
+    while cell.clock.now() - cell.world.t_reset < EPISODE_TIME_S and not cell.scene.success():
+        obs = cell.hardware.observe()
+        if cell.operator.wants_control() or policy == "expert":
+            target = cell.operator.action()
+        else:
+            target = obs.joint_pos  # a policy that does nothing
+        cell.hardware.command(target)
+        t += 1 / HZ
+        cell.clock.sleep_until(t)
+    at = cell.operator.takeover_at
+    return (None if at is None else at - cell.world.t_reset), cell.scene.success()
+
+
+def test_operator_takes_over_when_the_policy_stalls_and_not_when_it_progresses():
+    delay, success = _run_with_stall_operator("frozen", stall_s=1.0)
+    assert delay is not None and 1.0 <= delay <= 1.0 + 2 / HZ
+    assert success  # the operator's correction finishes the task
+    delay, success = _run_with_stall_operator("expert", stall_s=1.0)
+    assert delay is None and success  # progress all along: left alone
+    with pytest.raises(ValueError, match="progress"):
+        SimOperator(make_sim_cell("c0", cameras=()).world, None, stall_s=1.0)  # type: ignore[arg-type]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 
 import numpy as np
 
@@ -148,7 +149,14 @@ class SimOperator:
     keeps control to the end of that episode. `force(True)` makes it want control at every
     tick (whole demonstration episodes while no policy exists), `force(False)` undoes it.
     `action()` is always the expert's 14 joint targets for this tick.
+
+    With `stall_s` > 0 and a `progress` signal (the scene's dense reward), it also takes over
+    the way a watching operator does, DAgger style: when the policy has made no progress
+    (best reward up by less than STALL_EPS) for `stall_s` of sim time. Those corrections are
+    the data the policy lacks, and episodes it was left alone on measure it honestly.
     """
+
+    STALL_EPS = 0.01
 
     def __init__(
         self,
@@ -158,9 +166,13 @@ class SimOperator:
         seed: int = 0,
         takeover_prob: float = 0.5,
         takeover_delay_s: tuple[float, float] = (0.5, 3.0),
+        progress: Callable[[], float] | None = None,
+        stall_s: float = 0.0,
     ) -> None:
         if not 0.0 <= takeover_prob <= 1.0:
             raise ValueError("takeover_prob must be in [0, 1]")
+        if stall_s < 0 or (stall_s > 0 and progress is None):
+            raise ValueError("stall_s must be >= 0, and > 0 needs a progress signal")
         lo, hi = takeover_delay_s
         if not 0.0 <= lo <= hi:
             raise ValueError("takeover_delay_s must be (lo, hi) with 0 <= lo <= hi")
@@ -169,9 +181,13 @@ class SimOperator:
         self.seed = int(seed)
         self.takeover_prob = float(takeover_prob)
         self.takeover_delay_s = (float(lo), float(hi))
+        self.progress = progress
+        self.stall_s = float(stall_s)
         self.forced = False
         self._episode = -1
         self._takeover_at: float | None = None  # sim time of this episode's takeover
+        self._best = -math.inf  # best progress this episode, and when it was reached
+        self._best_at = 0.0
 
     def force(self, on: bool) -> None:
         self.forced = bool(on)
@@ -182,6 +198,7 @@ class SimOperator:
             return
         self._episode = w.episode
         self._takeover_at = None
+        self._best, self._best_at = -math.inf, w.t_reset
         if w.seed is None:
             return
         rng = np.random.default_rng([self.seed & 0xFFFFFFFF, w.seed & 0xFFFFFFFF, 0x0B5E7A70])
@@ -200,7 +217,14 @@ class SimOperator:
         if self.forced:
             return True
         self._plan()
-        return self._takeover_at is not None and self.world.time >= self._takeover_at - 1e-9
+        now = self.world.time
+        if self._takeover_at is None and self.stall_s > 0 and self.progress is not None:
+            p = float(self.progress())
+            if p > self._best + self.STALL_EPS:
+                self._best, self._best_at = p, now
+            elif now - self._best_at >= self.stall_s:
+                self._takeover_at = now  # stalled: take over for the rest of the episode
+        return self._takeover_at is not None and now >= self._takeover_at - 1e-9
 
     def action(self) -> np.ndarray:
         return self.expert.action()

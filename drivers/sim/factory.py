@@ -39,6 +39,7 @@ def make_sim_cell(
     control_hz: float = 20.0,
     realtime_factor: float = 1.0,
     takeover_prob: float = 0.5,
+    takeover_stall_s: float = 0.0,
 ) -> SimCell:
     """A simulated cell. `seed` is the cell's own (its operator's takeovers); the scene
     layout comes from the episode seed given to `scene.reset`. The safety gate allows each
@@ -57,10 +58,18 @@ def make_sim_cell(
         gate=gate,
     )
     expert = ScriptedExpert(world, max_tip_step=EXPERT_TIP_SPEED / control_hz)
-    operator = SimOperator(world, expert, seed=seed, takeover_prob=takeover_prob)
+    scene = SimTaskScene(world, gate)
+    operator = SimOperator(
+        world,
+        expert,
+        seed=seed,
+        takeover_prob=takeover_prob,
+        progress=scene.reward,
+        stall_s=takeover_stall_s,
+    )
     return SimCell(
         hardware=hardware,
-        scene=SimTaskScene(world, gate),
+        scene=scene,
         operator=operator,
         clock=clock,
         world=world,

@@ -181,6 +181,7 @@ def make_sdk_sim_cell(
     control_hz: float = 20.0,
     realtime_factor: float = 1.0,
     takeover_prob: float = 0.5,
+    takeover_stall_s: float = 0.0,
     wire_model: bool = False,
     calibration: CellCalibration | None = None,
     watchdog: bool = True,
@@ -232,15 +233,18 @@ def make_sdk_sim_cell(
             peer.close()
         world.close()
         raise
+    scene = MujocoScene(physics, gate)
     operator = SimOperator(
         world,
         MujocoExpert(world),
         seed=seed,  # type: ignore[arg-type]
         takeover_prob=takeover_prob,
+        progress=scene.reward,
+        stall_s=takeover_stall_s,
     )
     return SdkSimCell(
         hardware=hardware,
-        scene=MujocoScene(physics, gate),
+        scene=scene,
         operator=operator,
         clock=clock,
         world=world,
