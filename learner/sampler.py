@@ -36,6 +36,11 @@ class SamplerConfig:
     refresh_interval_s: float = 2.0
     # AWR-style outcome weighting (off until it shows a gain): weight *= clip(exp(A / beta))
     # with A = the episode's return (success = 1.0) minus its task's mean return.
+    # Which steps the policy drove (not the operator) are trained on: "successful" = only
+    # those of episodes it finished alone with success; "all" = every one. Imitating its own
+    # failed attempts would teach the policy its mistakes; the operator's steps (demos,
+    # interventions) are always trained on (HG-DAgger / intervention-weighted regression).
+    policy_steps: str = "successful"
     advantage_weighting: bool = False
     advantage_beta: float = 1.0
     advantage_max_weight: float = 20.0
@@ -63,12 +68,25 @@ def decode_jpegs(jpegs: list[bytes]) -> list[np.ndarray]:
     return [simplejpeg.decode_jpeg(j, colorspace="RGB") for j in jpegs]
 
 
+def trainable_steps(data: EpisodeData, policy_steps: str) -> np.ndarray:
+    """Indices of an episode's steps worth imitating (see SamplerConfig.policy_steps)."""
+    n = int(data.joint_pos.shape[0])
+    if policy_steps == "all":
+        return np.arange(n)
+    operator = np.asarray(data.intervention[:n], dtype=bool)
+    outcome = data.attrs.get("outcome") or {}
+    if outcome.get("success") and not operator.any():
+        return np.arange(n)
+    return np.flatnonzero(operator)
+
+
 @dataclass
 class _Episode:
     data: EpisodeData
     task: str
     n_steps: int
     ret: float = 0.0
+    steps: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
 
 
 @dataclass
@@ -101,6 +119,10 @@ class EpisodeSampler:
     decoder: Decoder = decode_jpegs
 
     def __post_init__(self) -> None:
+        if self.config.policy_steps not in ("successful", "all"):
+            raise ValueError(
+                f"policy_steps must be 'successful' or 'all', not {self.config.policy_steps!r}"
+            )
         self._rng = np.random.default_rng(self.seed)
         self._episodes: dict[EpisodeRef, _Episode] = {}
         self._by_task: dict[str, list[EpisodeRef]] = {}
@@ -167,9 +189,18 @@ class EpisodeSampler:
                 )
                 self._episodes[ref] = _Episode(data, task, 0)
                 continue
-            self._episodes[ref] = _Episode(data, task, n, episode_return(dict(data.attrs)))
+            steps = trainable_steps(data, self.config.policy_steps)
+            self._episodes[ref] = _Episode(data, task, n, episode_return(dict(data.attrs)), steps)
+            if len(steps) == 0:
+                log.info(
+                    "episode %s/%s (%s): the policy failed alone, nothing to imitate",
+                    ref.cell_id,
+                    ref.episode_id,
+                    task,
+                )
+                continue
             self._by_task.setdefault(task, []).append(ref)
-            self.limiter.inserted += n
+            self.limiter.inserted += len(steps)
             added += 1
         return added
 
@@ -210,7 +241,7 @@ class EpisodeSampler:
             refs = self._by_task[task]
             ref = refs[int(self._rng.integers(len(refs)))]
             ep = self._episodes[ref]
-            t = int(self._rng.integers(ep.n_steps))
+            t = int(ep.steps[int(self._rng.integers(len(ep.steps)))])
             data = ep.data
             jpegs.extend(bytes(data.frames[cam][t]) for cam in self.cameras)
             joint_pos[i] = data.joint_pos[t]

@@ -1,0 +1,89 @@
+"""Which recorded steps the trainer imitates: the operator's always, the policy's only from
+episodes it finished alone with success (it must not learn its own failed attempts)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import simplejpeg
+
+from learner.chunks import CameraColumn, DecodedChunk
+from learner.sampler import EpisodeSampler, SamplerConfig
+from learner.store import EpisodeStore
+
+CAMERAS = ("overhead",)
+TASKS = ("pick_cube", "touch_target")
+N = 20
+_JPEG = simplejpeg.encode_jpeg(np.zeros((8, 8, 3), np.uint8), quality=90, colorspace="RGB")
+
+
+def _episode(store: EpisodeStore, name: str, operator: np.ndarray, success: bool) -> None:
+    """One episode whose joint_pos[:, 0] encodes (episode number, step) for identification."""
+    number = int(name.split("-")[1])
+    q = np.zeros((N, 14), np.float32)
+    q[:, 0] = number * 100 + np.arange(N)
+    store.append(
+        DecodedChunk(
+            cell_id="cell-a",
+            episode_id=name,
+            seq=0,
+            first_step=0,
+            task="touch_target",
+            policy_version="v1",
+            timestamp=np.arange(N, dtype=np.float64) * 0.05,
+            joint_pos=q,
+            action=q.copy(),
+            intervention=operator,
+            reward=np.zeros(N, np.float32),
+            cameras={"overhead": CameraColumn("overhead", "jpeg", 8, 8, 3, [_JPEG] * N)},
+            last=True,
+            outcome={
+                "success": success,
+                "reason": "success" if success else "timeout",
+                "started_at": 0.0,
+                "ended_at": (N - 1) * 0.05,
+            },
+        )
+    )
+
+
+def _sampled_steps(store: EpisodeStore, policy_steps: str) -> set[tuple[int, int]]:
+    cfg = SamplerConfig(batch_size=64, min_steps=1, policy_steps=policy_steps)
+    sampler = EpisodeSampler(store, CAMERAS, TASKS, cfg, seed=3)
+    sampler.refresh(force=True)
+    seen: set[tuple[int, int]] = set()
+    for _ in range(40):
+        q0 = sampler.sample()["joint_pos"][:, 0].astype(int)
+        seen |= {(int(v) // 100, int(v) % 100) for v in q0}
+    return seen
+
+
+@pytest.fixture
+def store(tmp_path) -> EpisodeStore:
+    s = EpisodeStore(tmp_path / "store")
+    taken_over = np.zeros(N, bool)
+    taken_over[12:] = True  # the operator took over at step 12 and finished the task
+    _episode(s, "ep-1", np.ones(N, bool), success=True)  # a demonstration
+    _episode(s, "ep-2", np.zeros(N, bool), success=True)  # the policy alone, success
+    _episode(s, "ep-3", np.zeros(N, bool), success=False)  # the policy alone, failure
+    _episode(s, "ep-4", taken_over, success=True)  # the policy stalled, the operator fixed it
+    return s
+
+
+def test_policy_steps_are_imitated_only_from_its_own_successes(store: EpisodeStore) -> None:
+    seen = _sampled_steps(store, "successful")
+    episodes = {e for e, _ in seen}
+    assert episodes == {1, 2, 4}  # never the failed autonomous episode
+    assert {t for e, t in seen if e == 4} == set(range(12, N))  # only the operator's part
+    assert {t for e, t in seen if e in (1, 2)} == set(range(N))
+
+
+def test_all_policy_steps_when_asked(store: EpisodeStore) -> None:
+    seen = _sampled_steps(store, "all")
+    assert {e for e, _ in seen} == {1, 2, 3, 4}
+    assert {t for e, t in seen if e == 4} == set(range(N))
+
+
+def test_unknown_policy_steps_mode_is_refused(store: EpisodeStore) -> None:
+    with pytest.raises(ValueError, match="policy_steps"):
+        EpisodeSampler(store, CAMERAS, TASKS, SamplerConfig(min_steps=1, policy_steps="some"))
