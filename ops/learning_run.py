@@ -5,7 +5,7 @@ Why a script and not a test: it takes minutes to tens of minutes. It starts its 
 free loopback port (so it can read the registry while the fleet runs), runs `fleet up` against
 it, and every --interval seconds prints, per task, the autonomous success rate (episodes that
 succeeded with no operator intervention / episodes) of the policy versions that ran in the last
-window, from the registry's per-version outcome counters. Episodes of version "" (the
+window, from the registry's per-version outcome counters. Episodes of version "none" (the
 scripted expert's demonstrations before any version exists) are left out: the curve is the
 policy's, starting with the first, barely trained, version.
 
@@ -62,7 +62,7 @@ def _window(
         eps = auto = intervened = 0
         latest = ""
         for version, c in versions.items():
-            if not version:
+            if version in ("", "none"):
                 continue  # the scripted expert's demonstrations before any version exists
             prev = before.get(task, {}).get(version, {})
             d_eps = c.get("episodes", 0) - prev.get("episodes", 0)
