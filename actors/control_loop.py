@@ -15,10 +15,24 @@ jump beyond what the blend window allows; the safety gate bounds the rest).
 
 The loop never waits on the network: recorded chunks go to the uplink's queue, and new
 versions come from the watcher's `take_new()`, which never blocks.
+
+Shadow evaluation: while the watcher offers a `shadow_runner` (a candidate in stage
+"shadow"), the loop keeps a second plan for it, on the same observations and the same tick
+stamps: its own inference worker (low CPU priority), its own blender of the acting kind, and
+the same "request when the plan runs short" rule; when both are due on one tick they share
+the one observation snapshot. The shadow plan runs on through operator takeovers (those
+steps are what the shadow is compared with an operator on). Its target for each recorded
+step is logged beside the executed action and never commanded. A step the shadow plan does
+not cover (the first chunk not back yet, or a shadow slower than its plan) simply has no
+shadow action: nothing is held or invented for it, and a chunk goes up with shadow actions
+only when every one of its steps has one (`shadow_steps_missing` counts the others). A
+shadow that fails to predict is reported once and dropped; the acting version never notices.
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import logging
 import secrets
 import threading
@@ -66,6 +80,9 @@ class RunnerSource(Protocol):
     def take_new(self) -> PolicyRunner | None: ...
 
 
+SHADOW_NICE = 5  # the shadow's inference worker yields the CPU to acting inference and loop
+
+
 def episode_seed(seed: int, index: int) -> int:
     """A scene seed per episode: reproducible from the actor's seed and the episode index."""
     return int(np.random.SeedSequence([seed & 0xFFFFFFFF, index]).generate_state(1)[0])
@@ -88,9 +105,11 @@ class ControlLoop:
         inference: Inference | None = None,
         blender: ChunkBlender | None = None,
         lookahead: int | None = None,
+        shadow_inference: Inference | None = None,
     ) -> None:
         """`inference` defaults to a worker thread; `blender` to a 4-tick crossfade limited
-        to the cell safety gate's max step;
+        to the cell safety gate's max step; `shadow_inference` (the shadow version's, used
+        only while the watcher offers a `shadow_runner`) to a low-priority worker thread;
         `lookahead`: request the next chunk once the plan has this many ticks left (default:
         half the last chunk, at least twice the recent inference latency in ticks)."""
         self.config = config
@@ -117,6 +136,18 @@ class ControlLoop:
             max_step=getattr(gate, "max_step", None)
         )
         self.lookahead = lookahead
+        # Shadow evaluation: a second plan, blended like the acting one, never executed.
+        self.shadow_inference: Inference = shadow_inference or ThreadedInference(
+            config.cell_id, name="shadow-inference", nice=SHADOW_NICE
+        )
+        self.shadow_blender: ChunkBlender = copy.deepcopy(self.blender)
+        self.shadow_blender.reset()
+        self._shadow_runner: PolicyRunner | None = None
+        self._shadow_failed: PolicyRunner | None = None  # failed to predict: not used again
+        self._shadow_fresh_from = 0
+        self._shadow_chunk_len = 0
+        self._shadow_latency_ticks = 0.0
+        self._tick_snapshot: Snapshot | None = None  # the acting snapshot taken this tick
         self._tick = 0  # ticks since the loop started, across episodes
         self._fresh_from = 0  # results from snapshots before this tick are discarded
         self._chunk_len = 0
@@ -143,6 +174,11 @@ class ControlLoop:
                 "chunks_ready_in_time",  # ... of those, ready before the plan ran out
                 "chunks_stale",  # finished too late to contribute, or from an old version
                 "plan_exhausted_ticks",  # policy ticks holding the last target
+                "shadow_calls",  # inferences asked of the shadow version
+                "shadow_errors",
+                "shadow_chunks_stale",
+                "shadow_steps",  # recorded steps with a shadow action
+                "shadow_steps_missing",  # steps a shadow ran for but its plan did not cover
             ),
             0,
         )
@@ -157,11 +193,13 @@ class ControlLoop:
             out: dict[str, Any] = dict(self._counts)
             out["loop_hz"] = self._loop_hz()
             out["version_running"] = self._runner.version_id if self._runner else ""
+            out["shadow_version"] = self._shadow_runner.version_id if self._shadow_runner else ""
             out["versions_adopted"] = [dict(a) for a in self._adoptions]
             out["task"] = self._task
             out["episode_id"] = self._episode_id
             out["last_fault"] = self.last_fault
         out["inference"] = self.inference.stats
+        out["shadow_inference"] = self.shadow_inference.stats
         return out
 
     def run(self, stop: threading.Event) -> None:
@@ -175,6 +213,7 @@ class ControlLoop:
             self.config.chunk_steps,
         )
         self.inference.start()
+        self.shadow_inference.start()
         try:
             while not stop.is_set():
                 self._run_episode(stop)
@@ -182,6 +221,7 @@ class ControlLoop:
                     self._wait_out_fault(stop)
         finally:
             self.inference.stop()
+            self.shadow_inference.stop()
 
     def _wait_out_fault(self, stop: threading.Event) -> None:
         """After a fault: with torque off, stay idle until restarted (a person must look);
@@ -217,6 +257,7 @@ class ControlLoop:
             self._episode_id = episode_id
         self._take_new_runner()
         self._drop_plan()  # a new scene: nothing planned for the last one carries over
+        self._drop_shadow_plan()
         self._last_target = None  # the reset may have moved the arms: hold where they are
         self.scene.reset(task, episode_seed(cfg.seed, index))
         recorder = EpisodeRecorder(
@@ -248,6 +289,7 @@ class ControlLoop:
                     action, intervention, version = self._act(obs)
                     sent = self.hardware.command(action)
                     self._last_target = np.asarray(sent, np.float32)
+                    shadow = self._shadow_act(obs)  # logged beside `sent`, never commanded
                 except CellFault as exc:
                     # The cell already made itself safe (hold or torque off); the actor
                     # reports, ends the episode and stays up.
@@ -267,6 +309,7 @@ class ControlLoop:
                     intervention,
                     float(self.scene.reward()),
                     version,
+                    shadow,
                 )
                 if success:
                     reason = "success"
@@ -307,6 +350,7 @@ class ControlLoop:
         intervention: bool,
         reward: float,
         version: str,
+        shadow: tuple[np.ndarray, str] | None = None,
     ) -> None:
         chunk = recorder.add_step(
             stamp=obs.stamp,
@@ -316,10 +360,13 @@ class ControlLoop:
             reward=reward,
             frames=obs.frames,
             policy_version=version,
+            shadow_action=shadow[0] if shadow is not None else None,
+            shadow_version=shadow[1] if shadow is not None else "",
         )
         with self._lock:
             self._counts["steps_recorded"] += 1
             self._counts["interventions"] += int(intervention)
+            self._counts["shadow_steps"] += int(shadow is not None)
         if chunk is not None:
             self._submit(chunk)
 
@@ -348,6 +395,7 @@ class ControlLoop:
     def _act(self, obs: Observation) -> tuple[np.ndarray, bool, str]:
         """This tick's 14 joint targets, whether the operator drove them, and the version
         whose plan they come from. Never runs the policy itself."""
+        self._tick_snapshot = None
         self._take_new_runner()
         if self._runner is None or self.operator.wants_control():
             self._drop_plan()  # a takeover abandons the plan in progress
@@ -375,17 +423,22 @@ class ControlLoop:
         remaining = self.blender.remaining(self._tick)
         if remaining > self._lookahead() and self.blender.version == runner.version_id:
             return
-        frames = {name: np.array(frame.color) for name, frame in obs.frames.items()}
-        joints = np.array(obs.joint_pos, np.float32)
-        self.inference.submit(Snapshot(frames, joints, self._task, self._tick, runner))
+        snapshot = self._snapshot(obs, runner)
+        self._tick_snapshot = snapshot
+        self.inference.submit(snapshot)
         with self._lock:
             self._counts["policy_calls"] += 1
+
+    def _snapshot(self, obs: Observation, runner: PolicyRunner) -> Snapshot:
+        """This tick's observation copied out for a worker (the loop moves on at once)."""
+        frames = {name: np.array(frame.color) for name, frame in obs.frames.items()}
+        joints = np.array(obs.joint_pos, np.float32)
+        return Snapshot(frames, joints, self._task, self._tick, runner)
 
     def _lookahead(self) -> int:
         if self.lookahead is not None:
             return self.lookahead
-        need = int(np.ceil(2.0 * self._latency_ticks)) + 1
-        return max(self._chunk_len // 2, min(need, max(self._chunk_len - 1, 0)))
+        return _lookahead(self._chunk_len, self._latency_ticks)
 
     def _blend_finished(self, obs: Observation) -> None:
         """Blend in the chunk the worker finished, if any; handle a failed version."""
@@ -420,6 +473,10 @@ class ControlLoop:
             ticks if self._latency_ticks == 0 else (0.8 * self._latency_ticks + 0.2 * ticks)
         )
         had_plan = self.blender.version != ""
+        if chunk.end_tick <= self._tick:  # too late for a single step (nothing to blend)
+            with self._lock:
+                self._counts["chunks_stale"] += 1
+            return
         if not had_plan and chunk.start_tick < self._tick:
             # The first chunk of a plan came late while the arm held still: fade it in from
             # the held target instead of jumping to where its plan has got to by now.
@@ -434,6 +491,119 @@ class ControlLoop:
             self._counts["chunks_blended"] += 1
             self._counts["chunks_followup"] += int(had_plan)
             self._counts["chunks_ready_in_time"] += int(in_time)
+
+    # -- shadow evaluation ------------------------------------------------------------
+
+    def _shadow_act(self, obs: Observation) -> tuple[np.ndarray, str] | None:
+        """The shadow version's target for this tick and its version id, or None (no
+        shadow, or its plan does not cover this tick). Never raises: a shadow problem must
+        not end an episode."""
+        try:
+            runner = self._current_shadow()
+            if runner is None:
+                return None
+            self._shadow_blend_finished(runner)
+            runner = self._shadow_runner
+            if runner is None:  # it just failed
+                return None
+            self._shadow_request_if_due(obs, runner)
+            self._shadow_blend_finished(runner)  # an inline inference is already done
+            if self._shadow_runner is None:
+                return None
+            if self.shadow_blender.remaining(self._tick) == 0:
+                with self._lock:
+                    self._counts["shadow_steps_missing"] += 1
+                return None
+            target = self.shadow_blender.action(self._tick)
+            if target is None:
+                return None
+            return np.asarray(target, np.float32), runner.version_id
+        except Exception:
+            log.exception(
+                "cell %s episode %s: shadow evaluation failed at tick %d",
+                self.config.cell_id,
+                self._episode_id,
+                self._tick,
+            )
+            return None
+
+    def _current_shadow(self) -> PolicyRunner | None:
+        """The watcher's shadow runner; a change (new, dropped) restarts the shadow plan."""
+        offered = getattr(self.watcher, "shadow_runner", None) if self.watcher else None
+        if offered is not None and offered is self._shadow_failed:
+            offered = None
+        if offered is not self._shadow_runner:
+            previous = self._shadow_runner
+            self._shadow_runner = offered
+            self._drop_shadow_plan()
+            self._shadow_chunk_len, self._shadow_latency_ticks = 0, 0.0
+            log.info(
+                "cell %s episode %s: shadow version %r (was %r); its actions are logged, "
+                "never executed",
+                self.config.cell_id,
+                self._episode_id,
+                offered.version_id if offered is not None else "",
+                previous.version_id if previous is not None else "",
+            )
+        return self._shadow_runner
+
+    def _drop_shadow_plan(self) -> None:
+        self.shadow_blender.reset()
+        self._shadow_fresh_from = self._tick
+        self.shadow_inference.poll()
+
+    def _shadow_request_if_due(self, obs: Observation, runner: PolicyRunner) -> None:
+        if self.shadow_inference.busy:
+            return  # a slow shadow: the steps it does not cover go without shadow actions
+        remaining = self.shadow_blender.remaining(self._tick)
+        lookahead = (
+            self.lookahead
+            if self.lookahead is not None
+            else _lookahead(self._shadow_chunk_len, self._shadow_latency_ticks)
+        )
+        if remaining > lookahead and self.shadow_blender.version == runner.version_id:
+            return
+        snapshot = self._tick_snapshot  # the acting policy's observation of this tick
+        if snapshot is None or snapshot.tick != self._tick:
+            snapshot = self._snapshot(obs, runner)
+        self.shadow_inference.submit(dataclasses.replace(snapshot, runner=runner))
+        with self._lock:
+            self._counts["shadow_calls"] += 1
+
+    def _shadow_blend_finished(self, runner: PolicyRunner) -> None:
+        result = self.shadow_inference.poll()
+        if result is None:
+            return
+        if result.runner is not runner:
+            with self._lock:
+                self._counts["shadow_chunks_stale"] += 1
+            return
+        if result.chunk is None:
+            with self._lock:
+                self._counts["shadow_errors"] += 1
+            self._shadow_failed, self._shadow_runner = runner, None
+            self._drop_shadow_plan()
+            self._fault(
+                f"episode {self._episode_id}: shadow version {runner.version_id} failed to "
+                f"predict ({result.error}); shadow run stopped, acting version "
+                f"{self._version!r} unaffected"
+            )
+            return
+        chunk = result.chunk
+        if chunk.start_tick < self._shadow_fresh_from:
+            with self._lock:
+                self._counts["shadow_chunks_stale"] += 1
+            return
+        self._shadow_chunk_len = len(chunk.actions)
+        ticks = chunk.latency_s / self.period
+        self._shadow_latency_ticks = (
+            ticks
+            if self._shadow_latency_ticks == 0
+            else (0.8 * self._shadow_latency_ticks + 0.2 * ticks)
+        )
+        if not self.shadow_blender.add(chunk, self._tick):
+            with self._lock:
+                self._counts["shadow_chunks_stale"] += 1
 
     def _take_new_runner(self) -> None:
         if self.watcher is None:
@@ -480,3 +650,10 @@ class ControlLoop:
             return 0.0
         span = self._tick_starts[-1] - self._tick_starts[0]
         return (len(self._tick_starts) - 1) / span if span > 0 else 0.0
+
+
+def _lookahead(chunk_len: int, latency_ticks: float) -> int:
+    """Ask for the next chunk with this many planned ticks left: half a chunk, or twice the
+    recent inference latency when that is longer (but less than a whole chunk)."""
+    need = int(np.ceil(2.0 * latency_ticks)) + 1
+    return max(chunk_len // 2, min(need, max(chunk_len - 1, 0)))

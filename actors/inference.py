@@ -9,11 +9,16 @@ keeps its rate and executes the current plan meanwhile.
 
 `InlineInference` has the same interface but predicts inside `submit`: for virtual-clock
 tests that need a deterministic result on the same tick. Actors run `ThreadedInference`.
+
+A shadow version (evaluated beside the acting one, never executed) gets a worker of its own
+with a positive `nice`: on a busy cell computer the acting version's inference and the loop
+get the cores first, and a slow shadow only leaves its own steps without a shadow action.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Mapping
@@ -107,8 +112,11 @@ class _Counters:
 class ThreadedInference:
     """One daemon worker thread; one snapshot slot and one result slot, newest wins."""
 
-    def __init__(self, cell_id: str = "") -> None:
+    def __init__(self, cell_id: str = "", *, name: str = "inference", nice: int = 0) -> None:
+        """`nice` > 0 lowers the worker thread's CPU priority (Linux, per thread)."""
         self.cell_id = cell_id
+        self.name = name
+        self.nice = int(nice)
         self._cond = threading.Condition()
         self._pending: Snapshot | None = None
         self._result: InferenceResult | None = None
@@ -123,7 +131,7 @@ class ThreadedInference:
                 return
             self._stopping = False
             self._thread = threading.Thread(
-                target=self._work, name=f"inference-{self.cell_id}", daemon=True
+                target=self._work, name=f"{self.name}-{self.cell_id}", daemon=True
             )
         self._thread.start()
 
@@ -160,7 +168,17 @@ class ThreadedInference:
     def stats(self) -> dict[str, Any]:
         return self._counters.snapshot()
 
+    def _lower_priority(self) -> None:
+        if self.nice <= 0 or not hasattr(os, "setpriority"):
+            return
+        try:
+            tid = threading.get_native_id()
+            os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + self.nice)
+        except OSError as exc:
+            log.debug("cell %s: could not lower %s's priority: %s", self.cell_id, self.name, exc)
+
     def _work(self) -> None:
+        self._lower_priority()
         while True:
             with self._cond:
                 while self._pending is None and not self._stopping:

@@ -7,6 +7,13 @@ flaky link), the Ed25519 signature check (fleet/signing.py: the learner's key ov
 version cache (actors/version_cache.py: a restart or a rollback needs no refetch), and
 building the PolicyRunner. The loop only ever calls `take_new()`, which never blocks. Any
 failure keeps the last good version running and is reported through `on_fault`.
+
+Shadow evaluation: an assignment may also name a version to run in shadow (the candidate
+inferring beside the acting version, its actions logged, never executed). The watcher gets
+it through the very same path (signature, sha256, version cache, resumable fetch, load and
+warm-up) once the acting version is settled, and offers it as `shadow_runner` (None while
+there is none). It is dropped as soon as an assignment no longer names it. A shadow that
+cannot be fetched or loaded is reported like any fault and never touches the acting version.
 """
 
 from __future__ import annotations
@@ -140,6 +147,8 @@ class PolicyWatcher:
         self._assignment = ""
         self._loaded = ""  # newest version built into a runner (taken or not)
         self._new: PolicyRunner | None = None
+        self._shadow_assignment = ""
+        self._shadow: PolicyRunner | None = None  # the loaded shadow runner, offered as is
         # version -> (sha256, signature) that failed to verify or load: not tried again
         self._failed: dict[str, tuple[str, str]] = {}
         self._stopping = threading.Event()
@@ -190,6 +199,25 @@ class PolicyWatcher:
     def loaded_version(self) -> str:
         with self._lock:
             return self._loaded
+
+    @property
+    def shadow_runner(self) -> PolicyRunner | None:
+        """The version to run in shadow now (verified, loaded, warmed up), or None; never
+        blocks. The loop reads it every tick and notices a change by identity."""
+        with self._lock:
+            return self._shadow
+
+    @property
+    def current_shadow_assignment(self) -> str:
+        """The version id the learner assigns this cell in shadow now ("" = none)."""
+        with self._lock:
+            return self._shadow_assignment
+
+    @property
+    def shadow_version(self) -> str:
+        """The shadow version loaded and offered now ("" = none)."""
+        with self._lock:
+            return self._shadow.version_id if self._shadow is not None else ""
 
     # -- the watch thread ----------------------------------------------------------------
 
@@ -271,26 +299,82 @@ class PolicyWatcher:
     def _on_assignment(
         self, stub: policy_pb2_grpc.PolicyServiceStub, assignment: policy_pb2.Assignment
     ) -> None:
+        """The acting version first, then the shadow: a shadow never delays the acting one."""
         version = assignment.version_id
+        shadow_id = assignment.shadow_version_id
         with self._lock:
             self._assignment = version
+            self._shadow_assignment = shadow_id
             loaded = self._loaded
+            dropped = (
+                self._shadow if self._shadow and self._shadow.version_id != shadow_id else None
+            )
+            if dropped is not None:
+                self._shadow = None
+        if dropped is not None:
+            log.info(
+                "cell %s: shadow version %s dropped (the assignment names %r)",
+                self.cell_id,
+                dropped.version_id,
+                shadow_id,
+            )
         if not version:
             log.info("cell %s: no policy version assigned yet", self.cell_id)
-            return
-        if version == loaded:
-            return
+        elif version != loaded:
+            self._obtain(stub, assignment, "version", self._offer, keeping=loaded)
+        if shadow_id and self.shadow_version != shadow_id:
+            shadow = assignment.shadow
+            if shadow.version_id != shadow_id:
+                self._fault(
+                    f"shadow assignment names {shadow_id!r} but carries version "
+                    f"{shadow.version_id!r}; no shadow run"
+                )
+                return
+            try:
+                self._obtain(
+                    stub, shadow, "shadow version", self._offer_shadow, keeping=self.loaded_version
+                )
+            except FetchError as exc:
+                raise FetchError(f"shadow {exc}") from None
+
+    def _offer(self, runner: PolicyRunner, version: str) -> None:
+        with self._lock:
+            self._new = runner
+            self._loaded = version
+
+    def _offer_shadow(self, runner: PolicyRunner, version: str) -> None:
+        with self._lock:
+            # Only while it is still the shadow the learner wants (not cleared as it loaded).
+            if self._shadow_assignment == version:
+                self._shadow = runner
+
+    def _obtain(
+        self,
+        stub: policy_pb2_grpc.PolicyServiceStub,
+        assignment: policy_pb2.Assignment,
+        role: str,
+        hand_over: Callable[[PolicyRunner, str], None],
+        *,
+        keeping: str,
+    ) -> None:
+        """Verify, fetch (or read from the cache), load one version and `hand_over` its
+        runner; a failure is reported instead. `role` ("version" / "shadow version") names
+        it in the logs. FetchError (retry after reconnecting) propagates."""
+        version = assignment.version_id
+        loaded = keeping
         if self._failed.get(version) == (assignment.sha256, assignment.signature):
             log.info(
-                "cell %s: version %s failed its checks before; keeping version %r",
+                "cell %s: %s %s failed its checks before; keeping version %r",
                 self.cell_id,
+                role,
                 version,
                 loaded,
             )
             return
         log.info(
-            "cell %s: assigned version %s (%d bytes, sha256 %s...); fetching",
+            "cell %s: assigned %s %s (%d bytes, sha256 %s...); fetching",
             self.cell_id,
+            role,
             version,
             assignment.size_bytes,
             assignment.sha256[:12],
@@ -302,7 +386,7 @@ class PolicyWatcher:
                 verify(self.verify_key, version, assignment.sha256, assignment.signature)
             except SignatureError as exc:
                 self._failed[version] = failed_key
-                self._fault(f"{exc}; rejected, keeping version {loaded!r}")
+                self._fault(f"{role} {version}: {exc}; rejected, keeping version {loaded!r}")
                 return
         data = self.cache.get(assignment.sha256) if self.cache is not None else None
         from_cache = data is not None
@@ -313,7 +397,7 @@ class PolicyWatcher:
                 if digest == assignment.sha256:
                     break
                 self._fault(
-                    f"version {version}: fetched weights sha256 {digest[:16]}... do not match "
+                    f"{role} {version}: fetched weights sha256 {digest[:16]}... do not match "
                     f"the assignment's {assignment.sha256[:16]}... (attempt {attempt}); "
                     f"keeping version {loaded!r}"
                 )
@@ -325,19 +409,20 @@ class PolicyWatcher:
             runner = self.runner_factory(data, assignment)
         except Exception as exc:
             self._failed[version] = failed_key
-            self._fault(f"version {version} does not load: {exc}; keeping version {loaded!r}")
+            self._fault(f"{role} {version} does not load: {exc}; keeping version {loaded!r}")
             return
-        with self._lock:
-            self._new = runner
-            self._loaded = version
+        hand_over(runner, version)
         log.info(
-            "cell %s: version %s verified (%s) and loaded in %.2f s%s; the loop adopts it at "
-            "its next chunk boundary",
+            "cell %s: %s %s verified (%s) and loaded in %.2f s%s; %s",
             self.cell_id,
+            role,
             version,
             "sha256 + signature" if self.verify_key is not None else "sha256 only",
             time.monotonic() - started,
             " from the local cache" if from_cache else "",
+            "it runs in shadow, never acting"
+            if role.startswith("shadow")
+            else "the loop adopts it at its next chunk boundary",
         )
         if self.cache is not None and not from_cache:  # after the hand-over: never delays it
             try:

@@ -6,6 +6,12 @@ when the next step arrives (one step is always held back), so `finish` always ha
 one step for the closing `last=True` chunk. A chunk also closes early when the policy
 version changes, because a StepChunk names a single version for all of its steps.
 
+Shadow evaluation: a step may carry the shadow version's action (what a candidate running in
+shadow would have commanded on this step's observation; logged, never executed). A chunk
+carries `shadow_action` (float32 [T, 14]) and `shadow_version` only when every one of its
+steps has a finite shadow action from one and the same version; otherwise it goes without
+(the learner's scores then simply have fewer steps). A shadow's coverage never cuts a chunk.
+
 Colour is JPEG-encoded with libjpeg-turbo (simplejpeg) at the cell's configured quality.
 Depth, when a camera's frames carry it, must stay exact (a lossy depth map invents
 geometry), so it travels losslessly as its own camera column `<camera>_depth`, encoding
@@ -36,6 +42,8 @@ class _Step:
     jpegs: dict[str, bytes]
     depths: dict[str, bytes]  # camera -> zstd16 depth, for cameras whose frames carry it
     version: str
+    shadow: np.ndarray | None = None  # (14,) float32, the shadow version's action
+    shadow_version: str = ""
 
 
 DEPTH_SUFFIX = "_depth"
@@ -112,6 +120,7 @@ class EpisodeRecorder:
         self.token = token
         self.steps_recorded = 0
         self.chunks_emitted = 0
+        self.shadow_chunks = 0  # chunks emitted with shadow actions
         self.finished = False
         self._buffer: list[_Step] = []
         self._first_step = 0  # episode index of the buffer's first step
@@ -132,10 +141,18 @@ class EpisodeRecorder:
         reward: float,
         frames: Mapping[str, Frame],
         policy_version: str,
+        shadow_action: np.ndarray | None = None,
+        shadow_version: str = "",
     ) -> trajectory_pb2.StepChunk | None:
-        """Buffer one step; returns the chunk this step closed, if any."""
+        """Buffer one step; returns the chunk this step closed, if any. `shadow_action`: the
+        shadow version's (14,) action for this step, None without one."""
         if self.finished:
             raise RuntimeError(f"episode {self.episode_id} is finished; no more steps")
+        shadow = None
+        if shadow_action is not None and shadow_version:
+            shadow = _vector("shadow_action", shadow_action)
+            if not np.isfinite(shadow).all():
+                shadow = None  # the learner would reject the whole chunk for it
         step = _Step(
             stamp=float(stamp),
             joint_pos=_vector("joint_pos", joint_pos),
@@ -145,6 +162,8 @@ class EpisodeRecorder:
             jpegs=self._encode(frames),
             depths=self._encode_depth(frames),
             version=policy_version,
+            shadow=shadow,
+            shadow_version=shadow_version if shadow is not None else "",
         )
         out = None
         if self._buffer and (
@@ -252,6 +271,12 @@ class EpisodeRecorder:
         )
         if outcome is not None:
             chunk.outcome.CopyFrom(outcome)
+        shadow_versions = {s.shadow_version for s in steps}
+        shadows = [s.shadow for s in steps if s.shadow is not None]
+        if len(shadow_versions) == 1 and len(shadows) == len(steps):
+            chunk.shadow_action.CopyFrom(to_tensor(np.stack(shadows)))
+            chunk.shadow_version = shadow_versions.pop()
+            self.shadow_chunks += 1
         self.chunks_emitted += 1
         self._first_step += len(steps)
         return chunk

@@ -101,4 +101,19 @@ def render(registry: Registry) -> Group:
                 _rate(n.get("successes", 0), n.get("episodes", 0)),
                 str(n.get("intervention_steps", 0)),
             )
-    return Group(cells, learner, rollout, per_task)
+    shadow = Table(title="shadow evaluation (mean action distance, rad)", expand=False)
+    for col in ("version", "steps", "vs stable", "operator steps", "vs operator"):
+        shadow.add_column(col)
+    for version, score in sorted(registry.shadow_scores().items()):
+        shadow.add_row(
+            version,
+            str(score["steps"]),
+            _mean(score["mean_dist_stable"]),
+            str(score["operator_steps"]),
+            _mean(score["mean_dist_operator"]),
+        )
+    return Group(cells, learner, rollout, per_task, shadow)
+
+
+def _mean(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"

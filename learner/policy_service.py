@@ -3,10 +3,14 @@
 Cells never talk to Redis; this servicer is their window onto the registry:
 
 - WatchAssignment: a server stream per cell. It sends the cell's assignment at once, then a
-  new one whenever the registry's answer changes. One background thread polls Redis for all
-  watching cells in one round trip and wakes the streams through a Condition, so a fleet of
-  N cells costs one poll per interval, not N. A stream ends when the client cancels; when
-  the servicer stops it ends with UNAVAILABLE, so the cell reconnects.
+  new one whenever the registry's answer changes. An assignment names the version to act
+  with and, while the rollout is in stage "shadow" on that cell, the candidate to run in
+  shadow beside it (`Assignment.shadow`: the shadow version's own full assignment, so the
+  cell verifies and fetches it exactly like the acting one). One background thread polls
+  Redis for all watching cells (two round trips: assignments, shadow assignments) and wakes
+  the streams through a Condition, so a fleet of N cells costs one poll per interval, not N.
+  A stream ends when the client cancels; when the servicer stops it ends with UNAVAILABLE,
+  so the cell reconnects.
 - FetchWeights: the version's safetensors file from an offset, in chunks. Each version's
   bytes are read from disk (and checked against the manifest's sha256) once and kept in
   memory for the next cells; the newest few versions stay cached.
@@ -42,6 +46,8 @@ log = logging.getLogger(__name__)
 MAX_CHUNK_BYTES = 3 << 20
 _UNSET = object()
 T = TypeVar("T")
+# (version to act with, version to run in shadow), None where there is none.
+_Pair = tuple[str | None, str | None]
 
 
 class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
@@ -66,7 +72,7 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
         # Watches: how many streams each cell has open, and its latest known assignment.
         self._cond = threading.Condition()
         self._watchers: Counter[str] = Counter()
-        self._assigned: dict[str, str | None] = {}
+        self._assigned: dict[str, _Pair] = {}
         self._stopped = False
         self._stop_event = threading.Event()
         self._poller: threading.Thread | None = None
@@ -88,7 +94,7 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
     ) -> Iterator[policy_pb2.Assignment]:
         cell_id = request.cell_id
         self._authorise(cell_id, request.token, context)
-        current = self._registry_call(context, self.registry.assignment_for, cell_id)
+        current = self._registry_call(context, self._lookup, [cell_id])[cell_id]
         with self._cond:
             if self._stopped:
                 context.abort(grpc.StatusCode.UNAVAILABLE, "policy service is stopping; reconnect")
@@ -109,9 +115,9 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
                         self._cond.wait(timeout=1.0)
                     if self._stopped or not context.is_active():
                         break
-                    version = self._assigned.get(cell_id)
-                yield self._assignment(version, context)
-                sent = version
+                    pair = self._assigned.get(cell_id, (None, None))
+                yield self._with_shadow(pair, context)
+                sent = pair
         finally:
             with self._cond:
                 self._watchers[cell_id] -= 1
@@ -220,7 +226,7 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
                     return
                 cells = list(self._watchers)
             try:
-                latest = self.registry.assignments(cells)
+                latest = self._lookup(cells)
             except redis.RedisError as exc:
                 if not failing:
                     log.warning("cannot poll assignments from the registry: %s", exc)
@@ -231,13 +237,35 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
                 failing = False
                 with self._cond:
                     changed = False
-                    for cell_id, version in latest.items():
-                        if cell_id in self._watchers and self._assigned.get(cell_id) != version:
-                            self._assigned[cell_id] = version
+                    for cell_id, pair in latest.items():
+                        if cell_id in self._watchers and self._assigned.get(cell_id) != pair:
+                            self._assigned[cell_id] = pair
                             changed = True
                     if changed:
                         self._cond.notify_all()
             self._stop_event.wait(self.poll_interval_s)
+
+    def _lookup(self, cells: list[str]) -> dict[str, _Pair]:
+        """(acting version, shadow version) per cell from the registry."""
+        acting = self.registry.assignments(cells)
+        shadow = self.registry.shadow_assignments(cells)
+        return {c: (acting.get(c), shadow.get(c)) for c in cells}
+
+    def _with_shadow(self, pair: _Pair, context: grpc.ServicerContext) -> policy_pb2.Assignment:
+        """The acting version's Assignment, plus the shadow version's when there is one. The
+        cached per-version messages are never mutated: a shadowed assignment is a copy."""
+        version_id, shadow_id = pair
+        base = self._assignment(version_id, context)
+        if not shadow_id:
+            return base
+        shadow = self._assignment(shadow_id, context)
+        if not shadow.version_id:  # unknown to the registry: logged in _assignment
+            return base
+        message = policy_pb2.Assignment()
+        message.CopyFrom(base)
+        message.shadow_version_id = shadow_id
+        message.shadow.CopyFrom(shadow)
+        return message
 
     def _assignment(
         self, version_id: str | None, context: grpc.ServicerContext
