@@ -13,6 +13,7 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -34,6 +35,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MAX_ADOPTIONS_IN_HEARTBEAT = 50  # the heartbeat carries the recent ones; the summary all
+FAULT_CLEAR_S = 60.0  # a fault leaves the heartbeat's last_fault after this long fault-free
 
 
 class CellLike(Protocol):
@@ -43,11 +45,26 @@ class CellLike(Protocol):
     clock: Clock
 
 
-class _Faults:
-    """The newest fault any part reported, for heartbeats and the summary."""
+class FaultLog:
+    """Faults any part of the actor reported, for heartbeats and the summary.
 
-    def __init__(self) -> None:
+    The heartbeat's `last_fault` is `current()`: the newest fault, but only until the cell
+    has run `clear_after_s` (FAULT_CLEAR_S, 60 s) without another one; then it reads "".
+    So a fault an operator sees in `fleet status` or the dashboard is at most that old (a
+    cell that recovered stops showing it), while `count` (the heartbeat's `fault_count`)
+    keeps every fault since the actor started, so a recovered cell still shows that it
+    faulted. `last` keeps the newest fault ever, for the run's summary.
+    """
+
+    def __init__(
+        self,
+        clear_after_s: float | None = None,  # None: FAULT_CLEAR_S
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._lock = threading.Lock()
+        self.clear_after_s = FAULT_CLEAR_S if clear_after_s is None else clear_after_s
+        self._clock = clock
+        self._last_at = 0.0
         self.last = ""
         self.count = 0
 
@@ -55,6 +72,14 @@ class _Faults:
         with self._lock:
             self.last = message
             self.count += 1
+            self._last_at = self._clock()
+
+    def current(self) -> str:
+        """The newest fault while it is recent, else ""."""
+        with self._lock:
+            if self.last and self._clock() - self._last_at < self.clear_after_s:
+                return self.last
+            return ""
 
 
 def run_actor(
@@ -66,7 +91,7 @@ def run_actor(
     runner_factory: RunnerFactory | None = None,
 ) -> dict[str, Any]:
     """Run the cell until `stop` is set, then drain and return a summary of counts."""
-    faults = _Faults()
+    faults = FaultLog()
     spool = ChunkSpool(config.spool_dir, config.spool_quota_bytes) if config.spool_dir else None
     uplink = Uplink(
         config.learner_address,
@@ -115,7 +140,9 @@ def run_actor(
             steps_acked=uplink.stats["steps_acked"],
             loop_hz=s["loop_hz"],
             late_ticks=s["late_ticks"],
-            last_fault=faults.last,
+            last_fault=faults.current(),
+            fault_count=faults.count,
+            shadow_version=s.get("shadow_version", ""),
             sent_at=cell.clock.now(),
             versions_adopted_json=json.dumps(adopted),
             successes=s["successes"],
@@ -139,8 +166,16 @@ def run_actor(
 
     def running() -> tuple[str, str, dict[str, str]]:
         s = loop.stats
-        labels = {"version": s["version_running"] or "none", "task": s["task"]}
-        return "fleet_edge_running", "the policy version and task this cell runs now", labels
+        labels = {
+            "version": s["version_running"] or "none",
+            "task": s["task"],
+            "shadow": s.get("shadow_version") or "none",
+        }
+        return (
+            "fleet_edge_running",
+            "the policy version, task and shadow version this cell runs now",
+            labels,
+        )
 
     cell_label = {"cell": config.cell_id}
     unregister_edge = metrics.register(

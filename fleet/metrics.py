@@ -232,6 +232,16 @@ EDGE_STATS = (
         "counter",
         "ticks that held the last target: no fresh chunk",
     ),
+    # Shadow evaluation: the candidate infers beside stable and is never executed.
+    Stat("shadow_calls", "fleet_edge_shadow_calls", "counter", "inferences asked of the shadow"),
+    Stat("shadow_steps", "fleet_edge_shadow_steps", "counter", "steps logged with a shadow action"),
+    Stat(
+        "shadow_steps_missing",
+        "fleet_edge_shadow_steps_missing",
+        "counter",
+        "steps a shadow ran for but its plan did not cover",
+    ),
+    Stat("shadow_errors", "fleet_edge_shadow_errors", "counter", "shadow inference failures"),
 )
 UPLINK_STATS = (
     Stat("steps_acked", "fleet_edge_steps_sent", "counter", "steps acked durable by the learner"),

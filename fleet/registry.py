@@ -64,7 +64,9 @@ class CellState:
     steps_acked: int = 0
     loop_hz: float = 0.0
     late_ticks: int = 0
-    last_fault: str = ""
+    last_fault: str = ""  # the newest fault, only while recent (actors/edge.py FaultLog)
+    fault_count: int = 0  # faults since the cell's actor started, cleared or not
+    shadow_version: str = ""  # the version the cell runs in shadow ("" = none)
     successes: int = 0
     interventions: int = 0
     spool_bytes: int = 0  # chunks waiting on the cell's disk for the learner's ack

@@ -2,6 +2,9 @@
 
 Actions (used by `fleet` commands, the dashboard and the rollout controller) change the
 rollout state in the registry and log an event naming who did it, why and the numbers.
+Stages: an operator may first run a candidate in shadow (it infers beside stable, never
+acts; `start_shadow`), `promote` then moves it to canary on the same cells; or start at
+canary (`start_rollout`). Canary -> fraction -> fleet follows the rule below.
 
 The decision rule (`decide`) compares a candidate with stable on episode outcomes.
 
@@ -200,6 +203,35 @@ def _candidate_episodes(registry: Registry, version_id: str) -> int:
     return sum(int(c.get("episodes", 0)) for c in per_task.values())
 
 
+def _choose_cells(registry: Registry, spec: int | Sequence[str], what: str) -> list[str]:
+    """The first `spec` live cells (known cells when none is live), or the named cells."""
+    if isinstance(spec, int):
+        if spec < 1:
+            raise ValueError(f"need at least one {what} cell, got {spec}")
+        pool = _alive_cells(registry) or _known_cells(registry)
+        cells = pool[:spec]
+    else:
+        cells = sorted(set(spec))
+    if not cells:
+        raise ValueError(f"no {what} cells: no cell is known to the registry")
+    return cells
+
+
+def _check_candidate(registry: Registry, version_id: str) -> dict[str, Any]:
+    """The rollout state, once `version_id` may become the candidate: it is known, not
+    stable, and no other candidate is in flight."""
+    if registry.version(version_id) is None:
+        raise KeyError(f"unknown version {version_id!r}")
+    state = registry.rollout()
+    if state["candidate"] and state["candidate"] != version_id:
+        raise RuntimeError(
+            f"version {state['candidate']} is already rolling out; promote or roll it back first"
+        )
+    if state["stable"] == version_id:
+        raise ValueError(f"version {version_id} is stable already")
+    return state
+
+
 def start_rollout(
     registry: Registry,
     version_id: str,
@@ -211,24 +243,8 @@ def start_rollout(
     """Make `version_id` the candidate on canary cells: the first `canary` live cells (an
     int) or the named cells. Refused while another candidate is in flight or when the
     version is stable already. Returns the canary cells."""
-    if registry.version(version_id) is None:
-        raise KeyError(f"unknown version {version_id!r}")
-    state = registry.rollout()
-    if state["candidate"] and state["candidate"] != version_id:
-        raise RuntimeError(
-            f"version {state['candidate']} is already rolling out; promote or roll it back first"
-        )
-    if state["stable"] == version_id:
-        raise ValueError(f"version {version_id} is stable already")
-    if isinstance(canary, int):
-        if canary < 1:
-            raise ValueError(f"need at least one canary cell, got {canary}")
-        pool = _alive_cells(registry) or _known_cells(registry)
-        cells = pool[:canary]
-    else:
-        cells = sorted(set(canary))
-    if not cells:
-        raise ValueError("no canary cells: no cell is known to the registry")
+    state = _check_candidate(registry, version_id)
+    cells = _choose_cells(registry, canary, "canary")
     registry.set_candidate(
         version_id,
         stage="canary",
@@ -245,15 +261,36 @@ def start_rollout(
 
 
 def start_shadow(
-    registry: Registry, version_id: str, cells: Sequence[str], *, actor: str, reason: str
+    registry: Registry,
+    version_id: str,
+    cells: int | Sequence[str],
+    *,
+    actor: str,
+    reason: str,
 ) -> list[str]:
-    """Run `version_id` in shadow on `cells`: it infers beside stable, never acts."""
-    if registry.rollout()["candidate"] not in (None, version_id):
-        raise RuntimeError("another candidate is rolling out; promote or roll it back first")
-    chosen = sorted(set(cells))
+    """Run `version_id` in shadow on `cells` (the first N live cells, or the named ones): it
+    infers beside stable on the same observations, its actions are logged and scored
+    against the executed ones (`Registry.shadow_scores`), never commanded. Stage "shadow"
+    comes before canary: `promote` moves it on to canary on the same cells, `rollback` ends
+    it. Refused while another candidate is in flight, for the stable version, and for a
+    candidate that already acts on cells (going back to shadow would be a rollback)."""
+    state = _check_candidate(registry, version_id)
+    if state["candidate"] == version_id and state["stage"] != "shadow":
+        raise RuntimeError(
+            f"version {version_id} already acts in stage {state['stage']}; "
+            "roll it back before running it in shadow"
+        )
+    chosen = _choose_cells(registry, cells, "shadow")
     registry.set_candidate(
-        version_id, stage="shadow", cells=chosen, kind="shadow_start", actor=actor, reason=reason
+        version_id,
+        stage="shadow",
+        cells=chosen,
+        kind="shadow_start",
+        actor=actor,
+        reason=reason,
+        stable=state["stable"] or "",
     )
+    log.info("shadow run of %s started on cells %s by %s: %s", version_id, chosen, actor, reason)
     return chosen
 
 
@@ -299,7 +336,45 @@ def fraction_cells(registry: Registry, fraction: float) -> list[str]:
 
 
 def promote(registry: Registry, *, actor: str, reason: str, **numbers: Any) -> str:
-    """Make the candidate the stable version on every (unpinned) cell; returns its id."""
+    """Move the candidate one step on; returns its id.
+
+    From stage "shadow" it starts acting as a canary on the cells it shadowed (event
+    "shadow_to_canary", with the shadow scores as numbers): a version is never made stable
+    on shadow evidence alone, since shadow scores measure how far its actions are from the
+    executed ones, not whether it succeeds. From then on the usual rule applies (the
+    controller's `decide` in mode "auto", or an operator's promote). From canary or
+    fraction it becomes the stable version on every (unpinned) cell."""
+    state = registry.rollout()
+    candidate = state["candidate"]
+    if candidate and state["stage"] == "shadow":
+        cells = state["candidate_cells"]
+        if not cells:
+            raise RuntimeError(f"shadow run of {candidate} has no cells to start a canary on")
+        score = registry.shadow_scores().get(candidate, {})
+        shadow_numbers = {
+            f"shadow_{k}": v for k, v in score.items() if v is not None and k not in numbers
+        }
+        registry.set_candidate(
+            candidate,
+            stage="canary",
+            cells=cells,
+            canary_cells=cells,
+            kind="shadow_to_canary",
+            actor=actor,
+            reason=reason,
+            stage_episodes=_candidate_episodes(registry, candidate),
+            stable=state["stable"] or "",
+            **shadow_numbers,
+            **numbers,
+        )
+        log.info(
+            "version %s moved from shadow to canary on %s by %s: %s",
+            candidate,
+            cells,
+            actor,
+            reason,
+        )
+        return candidate
     promoted = registry.clear_candidate(
         kind="promote", actor=actor, reason=reason, promote=True, **numbers
     )
@@ -310,8 +385,12 @@ def promote(registry: Registry, *, actor: str, reason: str, **numbers: Any) -> s
 
 
 def rollback(registry: Registry, *, actor: str, reason: str, **numbers: Any) -> str | None:
-    """Drop the candidate: every cell goes back to stable. Returns the rolled-back version
-    (None when nothing was rolling out; the no-op is still logged)."""
+    """Drop the candidate: every cell goes back to stable (a shadow run simply ends). The
+    version is remembered as rolled back. Returns the rolled-back version (None when
+    nothing was rolling out; the no-op is still logged)."""
+    stage = registry.rollout()["stage"]
+    if stage and "stage" not in numbers:
+        numbers["stage"] = stage  # "shadow": this rollback ended a shadow run
     dropped = registry.clear_candidate(
         kind="rollback", actor=actor, reason=reason, promote=False, **numbers
     )

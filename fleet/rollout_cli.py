@@ -42,15 +42,33 @@ def add_rollout_commands(sub: Any) -> None:
         return p
 
     new("versions", "list published versions, which is stable/candidate and their success")
-    p = new("rollout", "start a staged rollout of VERSION on canary cells")
+    p = new(
+        "rollout",
+        "start a staged rollout of VERSION: on canary cells (--canary), or first in shadow "
+        "(--shadow): shadow cells keep acting with the stable version and run VERSION beside "
+        "it on the same observations; its actions are logged and scored against the executed "
+        "ones (`fleet status`, dashboard), never sent to the arms. `fleet promote` then moves "
+        "a shadow run to canary on the same cells; `fleet rollback` ends it",
+    )
     p.add_argument("version")
-    p.add_argument(
-        "--canary", required=True, help="number of canary cells, or comma-separated cell ids"
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument(
+        "--canary", help="number of canary cells (live ones first), or comma-separated cell ids"
+    )
+    where.add_argument(
+        "--shadow",
+        metavar="N|CELL,CELL",
+        help="run VERSION in shadow (infer beside stable, never act) on N cells (live ones "
+        "first), or on comma-separated cell ids",
     )
     p.add_argument("--reason", default="started by an operator")
-    p = new("promote", "make the candidate stable on every cell")
+    p = new(
+        "promote",
+        "move the candidate on: a shadow run becomes a canary on its cells; a canary or "
+        "fraction becomes stable on every cell",
+    )
     p.add_argument("--reason", default="promoted by an operator")
-    p = new("rollback", "drop the candidate: every cell returns to stable")
+    p = new("rollback", "drop the candidate (or end a shadow run): every cell returns to stable")
     p.add_argument("--reason", default="rolled back by an operator")
     p = new("pin", "pin CELL to VERSION (it ignores the rollout until unpinned)")
     p.add_argument("cell")
@@ -70,17 +88,26 @@ def run_rollout_command(args: argparse.Namespace) -> int:
     try:
         if args.command == "versions":
             console.print(_versions_table(registry))
+        elif args.command == "rollout" and args.shadow is not None:
+            cells = rollout.start_shadow(
+                registry, args.version, _cells(args.shadow), actor=_who(), reason=args.reason
+            )
+            console.print(
+                f"running {args.version} in shadow (never acting) on cells: {', '.join(cells)}"
+            )
         elif args.command == "rollout":
-            canary: int | list[str]
-            spec = args.canary.strip()
-            canary = int(spec) if spec.isdigit() else [c for c in spec.split(",") if c]
             cells = rollout.start_rollout(
-                registry, args.version, canary, actor=_who(), reason=args.reason
+                registry, args.version, _cells(args.canary), actor=_who(), reason=args.reason
             )
             console.print(f"rolling out {args.version} on canary cells: {', '.join(cells)}")
         elif args.command == "promote":
             version = rollout.promote(registry, actor=_who(), reason=args.reason)
-            console.print(f"promoted {version} to stable")
+            state = registry.rollout()
+            if state["candidate"] == version and state["stage"] == "canary":
+                cells = ", ".join(state["candidate_cells"])
+                console.print(f"moved {version} from shadow to canary on cells: {cells}")
+            else:
+                console.print(f"promoted {version} to stable")
         elif args.command == "rollback":
             dropped = rollout.rollback(registry, actor=_who(), reason=args.reason)
             console.print(f"rolled back {dropped}" if dropped else "nothing was rolling out")
@@ -100,6 +127,12 @@ def run_rollout_command(args: argparse.Namespace) -> int:
     finally:
         registry.close()
     return 0
+
+
+def _cells(spec: str) -> int | list[str]:
+    """A --canary/--shadow value: a count of cells, or comma-separated cell ids."""
+    spec = spec.strip()
+    return int(spec) if spec.isdigit() else [c.strip() for c in spec.split(",") if c.strip()]
 
 
 def _rate(n: int, episodes: int) -> str:

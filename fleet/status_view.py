@@ -13,7 +13,11 @@ def _rate(successes: int, episodes: int) -> str:
 
 
 def render(registry: Registry) -> Group:
-    """Per cell: episodes, steps, version, success; then the learner's progress."""
+    """Per cell: episodes, steps, version (and shadow version), success, faults; then the
+    learner's progress, the rollout and the shadow evaluation scores.
+
+    A cell's fault column shows its newest fault only while it is recent (the cell clears
+    it after 60 s fault-free); "faults" counts every fault since its actor started."""
     cells = Table(title="cells", expand=False)
     for col in (
         "cell",
@@ -22,11 +26,13 @@ def render(registry: Registry) -> Group:
         "episodes",
         "steps sent",
         "version",
+        "shadow",
         "success",
         "interventions",
         "spool",
         "loop Hz",
-        "fault",
+        "faults",
+        "recent fault",
     ):
         cells.add_column(col)
     for c in sorted(registry.cells(), key=lambda c: c.cell_id):
@@ -37,10 +43,12 @@ def render(registry: Registry) -> Group:
             str(c.episodes),
             str(c.steps_acked),
             c.version_running or "-",
+            c.shadow_version or "-",
             _rate(c.successes, c.episodes),
             str(c.interventions),
             f"{c.spool_chunks} ({c.spool_bytes / 1e6:.1f} MB)",
             f"{c.loop_hz:.1f}",
+            str(c.fault_count),
             c.last_fault or "",
         )
     stats = registry.learner_stats()

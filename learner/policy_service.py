@@ -181,6 +181,8 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
             loop_hz=request.loop_hz,
             late_ticks=request.late_ticks,
             last_fault=request.last_fault,
+            fault_count=request.fault_count,
+            shadow_version=request.shadow_version,
             successes=request.successes,
             interventions=request.interventions,
             spool_bytes=request.spool_bytes,

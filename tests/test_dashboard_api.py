@@ -176,6 +176,62 @@ def test_pin_unpin_and_start_with_the_token(client: TestClient, world: World) ->
     assert world.registry.assignment_for("cell-01") == "v0003"
 
 
+def test_shadow_run_scores_cells_and_actions_through_the_api(
+    client: TestClient, world: World
+) -> None:
+    from fleet.registry import CellState
+
+    registry = world.registry
+    assert client.get("/api/rollout").json()["shadow_scores"] == {}
+    client.post("/api/rollout/rollback", json={}, headers=AUTH)  # end v0003's canary
+    r = client.post(
+        "/api/rollout/start",
+        json={"version": "v0003", "canary": ["cell-01"], "shadow": True, "reason": "shadow"},
+        headers=AUTH,
+    )
+    assert r.status_code == 200, r.text
+    assert r.json()["result"] == ["cell-01"]
+    state = registry.rollout()
+    assert (state["candidate"], state["stage"]) == ("v0003", "shadow")
+    assert registry.assignment_for("cell-01") == "v0002"  # a shadow never acts
+    registry.record_heartbeat(
+        CellState(
+            cell_id="cell-01",
+            version_running="v0002",
+            shadow_version="v0003",
+            fault_count=2,
+            last_seen=time.time(),
+        )
+    )
+    registry.record_shadow(
+        version="v0003", steps=50, dist_stable_sum=10.0, operator_steps=5, dist_operator_sum=1.5
+    )
+    body = client.get("/api/rollout").json()
+    assert body["rollout"]["stage"] == "shadow"
+    assert body["shadow_running"]["cell-01"] == "v0003"
+    assert body["shadow_scores"] == {
+        "v0003": {
+            "steps": 50,
+            "mean_dist_stable": pytest.approx(0.2),
+            "operator_steps": 5,
+            "mean_dist_operator": pytest.approx(0.3),
+        }
+    }
+    cells = {c["cell_id"]: c for c in client.get("/api/fleet").json()["cells"]}
+    assert (cells["cell-01"]["shadow_version"], cells["cell-01"]["fault_count"]) == ("v0003", 2)
+    assert (cells["cell-02"]["shadow_version"], cells["cell-02"]["fault_count"]) == ("", 0)
+    # Promote moves a shadow run on to canary on the same cells, never straight to stable.
+    r = client.post("/api/rollout/promote", json={}, headers=AUTH)
+    assert r.status_code == 200 and r.json()["result"] == "v0003"
+    state = registry.rollout()
+    assert (state["stable"], state["stage"], state["canary_cells"]) == (
+        "v0002",
+        "canary",
+        ["cell-01"],
+    )
+    assert registry.events()[-1]["kind"] == "shadow_to_canary"
+
+
 def test_lossless_depth_frames_are_rendered_for_the_browser() -> None:
     import simplejpeg
     from numcodecs import Zstd

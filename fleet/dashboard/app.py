@@ -47,6 +47,7 @@ def plotly_js_path() -> Path:
 class StartRollout(BaseModel):
     version: str
     canary: int | list[str] = Field(default=1)  # how many live cells, or which cells
+    shadow: bool = False  # run in shadow on those cells (infer beside stable, never act)
     reason: str = ""
 
 
@@ -167,6 +168,7 @@ def create_app(
                     "alive": c.alive,
                     "task": c.task,
                     "version_running": c.version_running,
+                    "shadow_version": c.shadow_version,
                     "loop_hz": c.loop_hz,
                     "late_ticks": c.late_ticks,
                     "episodes": c.episodes,
@@ -178,7 +180,8 @@ def create_app(
                     "unacked_steps": max(0, c.steps_recorded - c.steps_acked),
                     "spool_depth": spool,
                     "spool_chunks": c.spool_chunks,
-                    "last_fault": c.last_fault,
+                    "last_fault": c.last_fault,  # only while recent: cells clear it
+                    "fault_count": c.fault_count,
                     "last_seen": c.last_seen,
                     "seconds_since_seen": (now - c.last_seen) if c.last_seen else None,
                 }
@@ -212,9 +215,12 @@ def create_app(
             "rollout": registry.rollout(),
             "assignments": registry.assignments([c.cell_id for c in cells]),
             "running": {c.cell_id: c.version_running for c in cells},
+            "shadow_running": {c.cell_id: c.shadow_version for c in cells},
             "pins": pins,
             "versions": versions[-50:],
             "success": registry.success_counts(),
+            # version -> {steps, mean_dist_stable, operator_steps, mean_dist_operator}
+            "shadow_scores": registry.shadow_scores(),
             "decisions": [e for e in events if _is_decision(e)],
             "events": events,
             "operator_actions": bool(operator_token),
@@ -265,6 +271,13 @@ def create_app(
     def start(body: StartRollout, actor: str = Depends(require_operator)) -> JSONResponse:
         ro = rollout_module()
         reason = body.reason or "started from the dashboard"
+        if body.shadow:
+            return act(
+                f"start shadow run of {body.version}",
+                lambda: ro.start_shadow(
+                    registry, body.version, body.canary, actor=actor, reason=reason
+                ),
+            )
         return act(
             f"start rollout of {body.version}",
             lambda: ro.start_rollout(

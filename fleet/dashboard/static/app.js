@@ -48,6 +48,7 @@ async function refreshFleet() {
       <td class="status">${c.alive ? "alive" : "STALE"}</td>
       <td>${esc(c.task)}</td>
       <td class="version">${esc(c.version_running || "-")}</td>
+      <td class="shadow">${esc(c.shadow_version || "-")}</td>
       <td class="hz">${fmt(c.loop_hz, 1)}</td>
       <td class="episodes">${c.episodes}</td>
       <td>${c.episodes ? Math.round(100 * c.successes / c.episodes) + "%" : "-"}</td>
@@ -55,6 +56,7 @@ async function refreshFleet() {
       <td class="spool">${esc(c.spool_chunks + " chunks, " + (c.spool_depth / 1e6).toFixed(1) + " MB")}</td>
       <td>${c.unacked_steps}</td>
       <td>${c.seconds_since_seen === null ? "-" : fmt(c.seconds_since_seen, 1) + " s ago"}</td>
+      <td class="faults">${c.fault_count ?? 0}</td>
       <td class="fault">${esc(c.last_fault)}</td>
     </tr>`).join("");
 }
@@ -123,7 +125,7 @@ async function refreshRollout() {
   $("#rollout-canary").textContent = list(r.canary_cells);
   $("#rollout-cells").textContent = list(r.candidate_cells);
   $("#assign-table tbody").innerHTML = Object.entries(d.assignments).map(([cell, v]) => `
-    <tr data-cell="${esc(cell)}"><td>${esc(cell)}</td><td>${esc(v || "-")}</td><td>${esc(d.running[cell] || "-")}</td><td>${esc(d.pins[cell] || "")}</td></tr>`).join("");
+    <tr data-cell="${esc(cell)}"><td>${esc(cell)}</td><td>${esc(v || "-")}</td><td>${esc(d.running[cell] || "-")}</td><td class="shadow">${esc((d.shadow_running || {})[cell] || "-")}</td><td>${esc(d.pins[cell] || "")}</td></tr>`).join("");
   const rows = [];
   for (const [version, tasks] of Object.entries(d.success)) {
     for (const [task, c] of Object.entries(tasks)) {
@@ -131,6 +133,10 @@ async function refreshRollout() {
     }
   }
   $("#success-table tbody").innerHTML = rows.join("");
+  $("#shadow-table tbody").innerHTML = Object.entries(d.shadow_scores || {}).sort().map(([version, s]) => `
+    <tr data-version="${esc(version)}"><td>${esc(version)}</td><td class="steps">${s.steps}</td><td class="vs-stable">${fmt(s.mean_dist_stable, 4)}</td>
+    <td class="operator-steps">${s.operator_steps}</td><td class="vs-operator">${fmt(s.mean_dist_operator, 4)}</td></tr>`).join("")
+    || `<tr><td colspan="5" class="muted">no shadow runs scored yet</td></tr>`;
   $("#decisions-table tbody").innerHTML = d.decisions.slice().reverse().map(eventRow).join("") || `<tr><td colspan="5" class="muted">no automatic decisions yet</td></tr>`;
   $("#events-table tbody").innerHTML = d.events.slice().reverse().map(eventRow).join("");
   const versions = d.versions.map((v) => v.version_id).reverse();
@@ -251,6 +257,7 @@ $("#btn-pin").addEventListener("click", () => operatorAction("/api/rollout/pin",
 $("#btn-unpin").addEventListener("click", () => operatorAction("/api/rollout/pin", {cell: $("#pin-cell").value, version: ""}));
 $("#btn-start").addEventListener("click", () => operatorAction("/api/rollout/start", {
   version: $("#start-version").value,
+  shadow: $("#start-shadow").checked,
   canary: /^\s*\d+\s*$/.test($("#start-canary").value) ? Number($("#start-canary").value)
     : $("#start-canary").value.split(",").map((s) => s.trim()).filter(Boolean),
 }));

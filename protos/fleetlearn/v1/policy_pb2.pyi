@@ -60,7 +60,7 @@ class WeightsChunk(_message.Message):
     def __init__(self, offset: _Optional[int] = ..., data: _Optional[bytes] = ..., total_bytes: _Optional[int] = ...) -> None: ...
 
 class Heartbeat(_message.Message):
-    __slots__ = ("cell_id", "version_running", "task", "episodes", "steps_recorded", "steps_acked", "loop_hz", "late_ticks", "last_fault", "sent_at", "versions_adopted_json", "successes", "interventions", "token", "spool_bytes", "spool_chunks")
+    __slots__ = ("cell_id", "version_running", "task", "episodes", "steps_recorded", "steps_acked", "loop_hz", "late_ticks", "last_fault", "sent_at", "versions_adopted_json", "successes", "interventions", "token", "spool_bytes", "spool_chunks", "shadow_version", "fault_count")
     CELL_ID_FIELD_NUMBER: _ClassVar[int]
     VERSION_RUNNING_FIELD_NUMBER: _ClassVar[int]
     TASK_FIELD_NUMBER: _ClassVar[int]
@@ -77,6 +77,8 @@ class Heartbeat(_message.Message):
     TOKEN_FIELD_NUMBER: _ClassVar[int]
     SPOOL_BYTES_FIELD_NUMBER: _ClassVar[int]
     SPOOL_CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    SHADOW_VERSION_FIELD_NUMBER: _ClassVar[int]
+    FAULT_COUNT_FIELD_NUMBER: _ClassVar[int]
     cell_id: str
     version_running: str
     task: str
@@ -93,7 +95,9 @@ class Heartbeat(_message.Message):
     token: str
     spool_bytes: int
     spool_chunks: int
-    def __init__(self, cell_id: _Optional[str] = ..., version_running: _Optional[str] = ..., task: _Optional[str] = ..., episodes: _Optional[int] = ..., steps_recorded: _Optional[int] = ..., steps_acked: _Optional[int] = ..., loop_hz: _Optional[float] = ..., late_ticks: _Optional[int] = ..., last_fault: _Optional[str] = ..., sent_at: _Optional[float] = ..., versions_adopted_json: _Optional[str] = ..., successes: _Optional[int] = ..., interventions: _Optional[int] = ..., token: _Optional[str] = ..., spool_bytes: _Optional[int] = ..., spool_chunks: _Optional[int] = ...) -> None: ...
+    shadow_version: str
+    fault_count: int
+    def __init__(self, cell_id: _Optional[str] = ..., version_running: _Optional[str] = ..., task: _Optional[str] = ..., episodes: _Optional[int] = ..., steps_recorded: _Optional[int] = ..., steps_acked: _Optional[int] = ..., loop_hz: _Optional[float] = ..., late_ticks: _Optional[int] = ..., last_fault: _Optional[str] = ..., sent_at: _Optional[float] = ..., versions_adopted_json: _Optional[str] = ..., successes: _Optional[int] = ..., interventions: _Optional[int] = ..., token: _Optional[str] = ..., spool_bytes: _Optional[int] = ..., spool_chunks: _Optional[int] = ..., shadow_version: _Optional[str] = ..., fault_count: _Optional[int] = ...) -> None: ...
 
 class HeartbeatReply(_message.Message):
     __slots__ = ("server_time",)
