@@ -4,9 +4,22 @@ Each group holds arrays along time (timestamp, joint_pos, action, intervention, 
 `cameras` subgroup with one array of encoded frames per camera. The group's attributes are
 the commit record: `n_steps` and `next_seq` move only after a whole chunk's rows are written,
 and readers trust rows below `n_steps` only (arrays are allocated ahead, so their shape
-is a capacity, not a length). Every zarr.json is replaced atomically (the
-LocalStore writes a temporary file and renames it), so a crash between the data and the
-commit leaves the old commit in place and the actor's resend rewrites the same rows.
+is a capacity, not a length). Committed bytes are never rewritten in place: a file is
+replaced atomically (written to a temporary file, then renamed over the old one: every
+zarr.json, every frame chunk), or an uncompressed per-step chunk file gets only the new
+rows' bytes written into it, past the committed ones. So a crash between the data and the
+commit leaves the old commit and intact rows, and the actor's resend rewrites the same rows.
+
+"Durable" means the bytes are in the operating system's files: they survive the learner
+process dying at any point (crash, SIGKILL), not a power cut or kernel crash, because
+nothing is fsynced (zarr's LocalStore does not fsync either).
+
+The append hot path writes chunk files itself, encoded exactly as zarr encodes them (the
+`bytes`/`vlen-bytes` codecs, optionally zstd), because zarr's per-array async write
+machinery costs several milliseconds per append. Frame arrays are chunked along time at the
+uploaded chunk's step count, so an append of that size writes fresh frame files and never
+reads one back. Anything the direct writer does not know (another codec, a layout made by
+other code) goes through zarr itself. The result is a plain zarr v3 store either way.
 
 Idempotency is by (cell_id, episode_id, seq): a seq below `next_seq` was stored before and is
 acked as a duplicate; a seq above it is a gap the actor must fill first.
@@ -19,8 +32,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import itertools
 import json
 import logging
+import os
+import struct
 import threading
 import time
 import warnings
@@ -34,6 +51,9 @@ from typing import Any
 import grpc
 import numpy as np
 import zarr
+from numcodecs.zstd import Zstd
+from zarr.core.buffer import default_buffer_prototype
+from zarr.core.group import GroupMetadata
 from zarr.core.sync import sync
 from zarr.dtype import VariableLengthBytes
 from zarr.errors import UnstableSpecificationWarning
@@ -47,7 +67,7 @@ log = logging.getLogger(__name__)
 EPISODES = "episodes"
 CAMERAS = "cameras"
 # Rows per zarr chunk of the small per-step columns: an episode usually fits one file, and
-# rewriting a partly filled 1024-row chunk on each append costs well under a millisecond.
+# an append writes its rows into that (uncompressed) file in place.
 STEP_CHUNK_ROWS = 1024
 # Frames are big; their zarr chunk length follows the first uploaded chunk's step count so
 # that each later append of the same size writes fresh files instead of rewriting old ones.
@@ -158,8 +178,8 @@ class EpisodeStore:
         ref = EpisodeRef(chunk.cell_id, chunk.episode_id)
         where = f"cell {ref.cell_id} episode {ref.episode_id} seq {chunk.seq}"
         with self._episode_lock(ref):
-            attrs = self._attrs(ref)
-            if attrs is None:
+            meta = self._group_meta(ref)
+            if meta is None:
                 if chunk.seq != 0:
                     raise ChunkRejected(
                         grpc.StatusCode.FAILED_PRECONDITION,
@@ -167,8 +187,9 @@ class EpisodeStore:
                     )
                 self._forget(ref)
                 self._create(ref, chunk)
-                attrs = self._attrs(ref)
-                assert attrs is not None
+                meta = self._group_meta(ref)
+                assert meta is not None
+            attrs = _attributes(meta)
             next_seq, n_stored = int(attrs["next_seq"]), int(attrs["n_steps"])
             if chunk.seq < next_seq:
                 return AppendResult(True, bool(attrs["complete"]), 0)
@@ -195,7 +216,7 @@ class EpisodeStore:
             try:
                 # Rows, then the commit point: after the one atomic metadata write of the
                 # attributes the rows are visible; a crash before it leaves the old commit.
-                handles.write(chunk, n_stored, end, commit)
+                handles.write(chunk, n_stored, end, meta, commit)
             except BaseException:
                 self._forget(ref)
                 raise
@@ -252,8 +273,9 @@ class EpisodeStore:
                 self._locks[ref] = holder
         return _HeldLock(holder)
 
-    def _create(self, ref: EpisodeRef, chunk: DecodedChunk) -> zarr.Group:
-        """The episode's group with its initial (empty) commit record."""
+    def _create(self, ref: EpisodeRef, chunk: DecodedChunk) -> None:
+        """The episode's group with its initial (empty) commit record (zarr's own group
+        metadata, written directly: zarr's create calls cost tens of milliseconds)."""
         now = time.time()
         attrs = {
             "cell": ref.cell_id,
@@ -282,9 +304,10 @@ class EpisodeStore:
             "created_at": now,
             "updated_at": now,
         }
-        with self._guard:
-            cell = zarr.open_group(self._zstore, path=EPISODES, mode="a").require_group(ref.cell_id)
-        group = cell.create_group(ref.episode_id, attributes=attrs)
+        cell_meta = self.root / EPISODES / ref.cell_id / "zarr.json"
+        if not cell_meta.is_file():
+            _put_json(cell_meta, _group_template())
+        _put_json(self.root / ref.path / "zarr.json", {**_group_template(), "attributes": attrs})
         log.info(
             "cell %s episode %s started (%s, version %s)",
             ref.cell_id,
@@ -292,7 +315,6 @@ class EpisodeStore:
             chunk.task,
             chunk.policy_version or "none",
         )
-        return group
 
     @staticmethod
     def _check_consistent(where: str, attrs: dict[str, Any], chunk: DecodedChunk) -> None:
@@ -341,38 +363,39 @@ class EpisodeStore:
         self, ref: EpisodeRef, attrs: dict[str, Any], chunk: DecodedChunk, start: int
     ) -> _Writer:
         """Open (or create, before the first commit) every array of the episode once."""
-        group = self._open(ref, mode="r+")
-        if group is None:
+        ep_dir = self.root / ref.path
+        if not (ep_dir / "zarr.json").is_file():
             raise RuntimeError(f"episode group {ref.path} vanished while being written")
         capacity = _grow(0, start + chunk.n_steps)
-        columns: dict[str, zarr.Array] = {}
-        for name, (dtype, tail) in _COLUMNS.items():
-            arr = _array(group, name)
-            if arr is None:
-                _require_fresh(group, name, start)
-                arr = group.create_array(
-                    name, shape=(capacity, *tail), chunks=(STEP_CHUNK_ROWS, *tail), dtype=dtype
-                )
-            columns[name] = arr
-        cameras: dict[str, zarr.Array] = {}
+        specs = [
+            (name, dtype, tail, STEP_CHUNK_ROWS, False) for name, (dtype, tail) in _COLUMNS.items()
+        ]
         if chunk.cameras:
-            cams = group.require_group(CAMERAS)
+            if not (ep_dir / CAMERAS / "zarr.json").is_file():
+                _put_json(ep_dir / CAMERAS / "zarr.json", _group_template())
             rows = int(attrs["frame_chunk_rows"])
-            for name, column in sorted(chunk.cameras.items()):
-                with _quiet_vlen_bytes():
-                    arr = _array(cams, name)
-                    if arr is None:
-                        _require_fresh(group, f"{CAMERAS}/{name}", start)
-                        # Encoded images do not compress further; raw frames do.
-                        arr = cams.create_array(
-                            name,
-                            shape=(capacity,),
-                            chunks=(rows,),
-                            dtype=VariableLengthBytes(),
-                            compressors="auto" if column.encoding == "raw" else None,
-                        )
-                cameras[name] = arr
-        return _Writer(group, columns, cameras, _fingerprint(attrs))
+            # Encoded images do not compress further; raw frames do.
+            specs.extend(
+                (f"{CAMERAS}/{name}", _VLEN, (), rows, column.encoding == "raw")
+                for name, column in sorted(chunk.cameras.items())
+            )
+        arrays: dict[str, _DirectArray | zarr.Array] = {}
+        for key, dtype, tail, rows, compressed in specs:
+            meta_path = ep_dir / key / "zarr.json"
+            meta = _read_json(meta_path)
+            if meta is None:
+                _require_fresh(ref.path, key, start)
+                meta = _array_template(dtype, tail, rows, compressed)
+                meta["shape"] = [capacity, *tail]
+                _put_json(meta_path, meta)
+            direct = _DirectArray.of(meta, ep_dir / key)
+            arrays[key] = direct if direct is not None else self._zarr_array(ref, key)
+        return _Writer(arrays, ep_dir, _fingerprint(attrs))
+
+    def _zarr_array(self, ref: EpisodeRef, key: str) -> zarr.Array:
+        """An array the direct writer does not handle, written through zarr."""
+        with _quiet_vlen_bytes():
+            return zarr.open_array(self._zstore, path=f"{ref.path}/{key}", mode="r+")
 
     def _forget(self, ref: EpisodeRef) -> None:
         with self._guard:
@@ -471,12 +494,16 @@ class EpisodeStore:
     def _attrs(self, ref: EpisodeRef) -> dict[str, Any] | None:
         """The group's attributes read straight from its zarr.json: one small file read, no
         hop to zarr's event loop (the file is replaced atomically, so never seen torn)."""
+        meta = self._group_meta(ref)
+        return None if meta is None else _attributes(meta)
+
+    def _group_meta(self, ref: EpisodeRef) -> dict[str, Any] | None:
+        """The episode group's whole zarr.json document (None if there is no group)."""
         try:
             meta = json.loads((self.root / ref.path / "zarr.json").read_bytes())
         except FileNotFoundError:
             return None
-        attrs = meta.get("attributes", {})
-        return dict(attrs) if isinstance(attrs, dict) else {}
+        return meta if isinstance(meta, dict) else {}
 
     def _open(self, ref: EpisodeRef, *, mode: str) -> zarr.Group | None:
         try:
@@ -491,42 +518,124 @@ class EpisodeStore:
 
 
 class _Writer:
-    """Open handles of one episode's arrays, kept between appends so that an append is one
-    hop to zarr's event loop: all arrays' rows written concurrently, then the commit.
+    """Open handles of one episode's arrays, kept between appends.
 
-    Arrays are allocated ahead in geometric steps (`_grow`), so most appends rewrite no array
-    metadata; the logical length is the group's n_steps, and readers never look past it."""
+    An append writes each touched chunk file directly (`_DirectArray`) where the array's
+    layout allows, through zarr otherwise, and then moves the commit by replacing the
+    group's zarr.json. Arrays are allocated ahead in geometric steps (`_grow`), so most
+    appends rewrite no array metadata; the logical length is the group's n_steps, and
+    readers never look past it."""
 
-    __slots__ = ("cameras", "columns", "group", "seen")
+    __slots__ = ("arrays", "group_dir", "seen")
 
     def __init__(
         self,
-        group: zarr.Group,
-        columns: dict[str, zarr.Array],
-        cameras: dict[str, zarr.Array],
+        arrays: dict[str, _DirectArray | zarr.Array],
+        group_dir: Path,
         seen: tuple[Any, ...],
     ) -> None:
-        self.group = group
-        self.columns = columns
-        self.cameras = cameras
+        self.arrays = arrays  # by path in the group: "joint_pos", "cameras/overhead", ...
+        self.group_dir = group_dir
         self.seen = seen  # _fingerprint of the commit this writer made (or found) last
 
-    def write(self, chunk: DecodedChunk, start: int, end: int, commit: dict[str, Any]) -> None:
-        items: list[tuple[zarr.Array, np.ndarray]] = [
-            (arr, np.asarray(getattr(chunk, name))) for name, arr in self.columns.items()
-        ]
-        for name, arr in self.cameras.items():
-            frames = np.empty(chunk.n_steps, dtype=object)
-            frames[:] = chunk.cameras[name].frames
-            items.append((arr, frames))
-        run = _write_all(items, start, end)
-        if any(arr.shape[0] < end for arr in self.cameras.values()):
-            with _quiet_vlen_bytes():  # growing a frame array rewrites its metadata
-                sync(run)
-        else:
-            sync(run)
+    def write(
+        self,
+        chunk: DecodedChunk,
+        start: int,
+        end: int,
+        meta: dict[str, Any],
+        commit: dict[str, Any],
+    ) -> None:
+        slow: list[tuple[zarr.Array, np.ndarray]] = []
+        for key, arr in self.arrays.items():
+            if key.startswith(f"{CAMERAS}/"):
+                values: Any = chunk.cameras[key.removeprefix(f"{CAMERAS}/")].frames
+            else:
+                values = getattr(chunk, key)
+            if isinstance(arr, _DirectArray):
+                arr.reserve(end)
+                arr.write(values, start, end)
+            else:
+                slow.append((arr, _as_array(values)))
+        if slow:
+            with _quiet_vlen_bytes():
+                sync(_write_all(slow, start, end))
         # The commit point, strictly after every row write finished.
-        self.group.update_attributes(commit)
+        _put_json(
+            self.group_dir / "zarr.json", {**meta, "attributes": {**_attributes(meta), **commit}}
+        )
+
+
+def _put_json(path: Path, doc: dict[str, Any]) -> None:
+    """Replace a zarr.json (a commit, when it is a group's) in one atomic rename. Not
+    indented, unlike zarr's own: json's C encoder only runs without indent (5x faster)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _put(path, [json.dumps(doc).encode()])
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        doc = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        return None
+    return doc if isinstance(doc, dict) else {}
+
+
+_VLEN = "variable_length_bytes"
+
+
+@functools.cache
+def _group_template_json() -> str:
+    return (
+        GroupMetadata(zarr_format=3)
+        .to_buffer_dict(default_buffer_prototype())["zarr.json"]
+        .to_bytes()
+        .decode()
+    )
+
+
+def _group_template() -> dict[str, Any]:
+    """An empty group's zarr.json as zarr itself writes it."""
+    doc = json.loads(_group_template_json())
+    assert isinstance(doc, dict)
+    return doc
+
+
+@functools.cache
+def _array_template_json(dtype: str, tail: tuple[int, ...], rows: int, compressed: bool) -> str:
+    with _quiet_vlen_bytes():
+        arr = zarr.create_array(
+            zarr.storage.MemoryStore(),
+            shape=(rows, *tail),
+            chunks=(rows, *tail),
+            dtype=VariableLengthBytes() if dtype == _VLEN else dtype,
+            compressors="auto" if compressed else None,
+        )
+        docs = arr.metadata.to_buffer_dict(default_buffer_prototype())
+    return docs["zarr.json"].to_bytes().decode()
+
+
+def _array_template(
+    dtype: str, tail: tuple[int, ...], rows: int, compressed: bool
+) -> dict[str, Any]:
+    """A new array's zarr.json exactly as zarr would write it (made once per layout, in
+    memory, by zarr itself)."""
+    doc = json.loads(_array_template_json(dtype, tail, rows, compressed))
+    assert isinstance(doc, dict)
+    return doc
+
+
+def _attributes(meta: dict[str, Any]) -> dict[str, Any]:
+    attrs = meta.get("attributes", {})
+    return dict(attrs) if isinstance(attrs, dict) else {}
+
+
+def _as_array(values: Any) -> np.ndarray:
+    if isinstance(values, np.ndarray):
+        return values
+    out = np.empty(len(values), dtype=object)
+    out[:] = values
+    return out
 
 
 async def _write_all(items: list[tuple[zarr.Array, np.ndarray]], start: int, end: int) -> None:
@@ -537,6 +646,233 @@ async def _write_rows(arr: Any, values: np.ndarray, start: int, end: int) -> Non
     if arr.shape[0] < end:
         await arr.resize((_grow(int(arr.shape[0]), end), *arr.shape[1:]))
     await arr.setitem(slice(start, end), values)
+
+
+class _DirectArray:
+    """Writes one zarr array's chunk files the way zarr would, without zarr's async machinery.
+
+    Only layouts this code can encode byte for byte are accepted (`of` returns None
+    otherwise): a regular grid chunked along time only, '/'-separated default chunk keys,
+    and the `bytes` (little-endian) or `vlen-bytes` codec optionally followed by zstd. A
+    chunk that starts at or after the append's first row is written fresh (unwritten rows
+    hold the fill value, and lie past n_steps where readers never look). A chunk whose
+    earlier rows may be committed gets the new rows written in place when it is uncompressed
+    fixed-size data, and is otherwise read back and replaced whole (atomically)."""
+
+    __slots__ = (
+        "_dirs",
+        "dtype",
+        "fill",
+        "key_tail",
+        "meta",
+        "path",
+        "rows",
+        "tail",
+        "vlen",
+        "zstd",
+    )
+
+    def __init__(
+        self,
+        path: Path,
+        meta: dict[str, Any],
+        rows: int,
+        tail: tuple[int, ...],
+        dtype: np.dtype | None,
+        fill: Any,
+        zstd: Zstd | None,
+    ) -> None:
+        self.path = path
+        self.meta = meta  # the array's zarr.json, as last written
+        self.rows = rows
+        self.tail = tail
+        self.dtype = dtype  # little-endian numeric dtype, or None for variable-length bytes
+        self.vlen = dtype is None
+        self.fill = fill
+        self.zstd = zstd
+        self.key_tail = "/0" * len(tail)  # trailing dimensions are one chunk wide
+        self._dirs: set[Path] = set()
+
+    @classmethod
+    def of(cls, meta: dict[str, Any], path: Path) -> _DirectArray | None:
+        """The direct writer of the array whose zarr.json is `meta`, if its layout allows."""
+        try:
+            return cls._of(meta, path)
+        except (KeyError, TypeError, ValueError, AttributeError):
+            return None
+
+    @classmethod
+    def _of(cls, meta: dict[str, Any], path: Path) -> _DirectArray | None:
+        if meta.get("zarr_format") != 3 or meta.get("node_type") != "array":
+            return None
+        if meta.get("storage_transformers"):
+            return None
+        grid, keys = meta["chunk_grid"], meta["chunk_key_encoding"]
+        shape, chunks = list(meta["shape"]), list(grid["configuration"]["chunk_shape"])
+        if grid["name"] != "regular" or len(chunks) != len(shape) or chunks[1:] != shape[1:]:
+            return None
+        if keys["name"] != "default" or keys.get("configuration", {}).get("separator") != "/":
+            return None
+        codecs = list(meta["codecs"])
+        zstd: Zstd | None = None
+        if len(codecs) == 2 and codecs[1]["name"] == "zstd":
+            conf = codecs[1].get("configuration", {})
+            zstd = Zstd(level=int(conf.get("level", 0)), checksum=bool(conf.get("checksum")))
+            codecs = codecs[:1]
+        if len(codecs) != 1:
+            return None
+        first, data_type, fill = codecs[0], meta["data_type"], meta["fill_value"]
+        rows, tail = int(chunks[0]), tuple(int(n) for n in shape[1:])
+        if data_type == _VLEN and first["name"] == "vlen-bytes" and not tail:
+            return cls(path, meta, rows, tail, None, b"", zstd)
+        if first["name"] != "bytes" or data_type not in _NUMERIC or isinstance(fill, str):
+            return None
+        dtype = np.dtype(data_type)
+        endian = first.get("configuration", {}).get("endian")
+        if dtype.itemsize > 1 and endian != "little":
+            return None
+        return cls(path, meta, rows, tail, dtype.newbyteorder("<"), fill, zstd)
+
+    def reserve(self, end: int) -> None:
+        """Grow the array's capacity (its zarr.json shape) to hold `end` rows, if needed."""
+        capacity = int(self.meta["shape"][0])
+        if capacity < end:
+            self.meta["shape"] = [_grow(capacity, end), *self.tail]
+            _put_json(self.path / "zarr.json", self.meta)
+
+    def write(self, values: Any, start: int, end: int) -> None:
+        rows = self.rows
+        for index in range(start // rows, (end - 1) // rows + 1):
+            lo = index * rows
+            a, b = max(start, lo), min(end, lo + rows)
+            if self.vlen:
+                self._write_frames(index, values[a - start : b - start], a - lo, lo < a)
+            else:
+                self._write_numbers(index, values[a - start : b - start], a - lo, lo < a)
+
+    def _write_numbers(self, index: int, values: np.ndarray, at: int, keep: bool) -> None:
+        assert self.dtype is not None
+        rows = np.ascontiguousarray(values, dtype=self.dtype)
+        if keep and self.zstd is None and self._patch(index, rows, at):
+            return
+        buf = (
+            self._read_numbers(index)
+            if keep
+            else np.full((self.rows, *self.tail), self.fill, dtype=self.dtype)
+        )
+        buf[at : at + len(rows)] = rows
+        self._put(index, [buf if self.zstd is None else self.zstd.encode(buf)])
+
+    def _patch(self, index: int, rows: np.ndarray, at: int) -> bool:
+        """Write only the new rows into an uncompressed chunk file, in place: the bytes of
+        the rows before them (committed ones) are never touched, so no reader or crash can
+        see them torn. False when the file is not a whole chunk (then it is rewritten)."""
+        row_bytes = rows.itemsize * int(np.prod(self.tail, dtype=np.int64))
+        try:
+            fd = os.open(self.path / f"c/{index}{self.key_tail}", os.O_WRONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return False
+        try:
+            if os.fstat(fd).st_size != self.rows * row_bytes:
+                return False
+            data = memoryview(rows).cast("B")
+            offset = at * row_bytes
+            while data:
+                written = os.pwrite(fd, data, offset)
+                data, offset = data[written:], offset + written
+            return True
+        finally:
+            os.close(fd)
+
+    def _read_numbers(self, index: int) -> np.ndarray:
+        assert self.dtype is not None
+        data = self._read(index)
+        if data is None:
+            return np.full((self.rows, *self.tail), self.fill, dtype=self.dtype)
+        flat = np.frombuffer(data, dtype=self.dtype)
+        return flat.reshape((self.rows, *self.tail)).copy()
+
+    def _write_frames(self, index: int, values: list[bytes], at: int, keep: bool) -> None:
+        items: list[bytes] = _vlen_decode(self._read(index), self.rows) if keep else []
+        items = items + [b""] * (self.rows - len(items))
+        items[at : at + len(values)] = values
+        pieces: list[Any] = [struct.pack("<I", self.rows)]
+        for item in items:
+            pieces.append(struct.pack("<I", len(item)))
+            pieces.append(item)
+        if self.zstd is not None or len(pieces) > _MAX_PIECES:
+            joined = b"".join(pieces)
+            pieces = [joined if self.zstd is None else self.zstd.encode(joined)]
+        self._put(index, pieces)
+
+    def _read(self, index: int) -> bytes | None:
+        try:
+            data = (self.path / f"c/{index}{self.key_tail}").read_bytes()
+        except FileNotFoundError:
+            return None
+        return data if self.zstd is None else bytes(self.zstd.decode(data))
+
+    def _put(self, index: int, pieces: list[Any]) -> None:
+        path = self.path / f"c/{index}{self.key_tail}"
+        if path.parent not in self._dirs:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._dirs.add(path.parent)
+        _put(path, pieces)
+
+
+_NUMERIC = frozenset(
+    {"bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64"}
+    | {"float16", "float32", "float64"}
+)
+_MAX_PIECES = 512  # well below IOV_MAX (1024): more pieces are joined into one write
+_TEMP_IDS = itertools.count()
+
+
+def _put(path: Path, pieces: list[Any]) -> None:
+    """Write `pieces` to `path` atomically: a temporary file in the same directory, renamed
+    over the old one, so a reader or a crash sees the old file or the new one, never a torn
+    one. Temporary names end in .partial, like zarr's own LocalStore."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}-{next(_TEMP_IDS)}.partial")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
+    try:
+        try:
+            _write_fd(fd, pieces)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def _write_fd(fd: int, pieces: list[Any]) -> None:
+    """One writev of every piece (no join copy of the frames); a short write finishes the rest."""
+    total = sum(memoryview(p).nbytes for p in pieces)
+    done = os.writev(fd, pieces)
+    if done < total:
+        rest = memoryview(b"".join(bytes(memoryview(p).cast("B")) for p in pieces))[done:]
+        while rest:
+            rest = rest[os.write(fd, rest) :]
+
+
+def _vlen_decode(data: bytes | None, rows: int) -> list[bytes]:
+    """The items of a vlen-bytes chunk (u32 count, then u32 length + bytes per item)."""
+    if data is None:
+        return []
+    view = memoryview(data)
+    (count,) = struct.unpack_from("<I", view, 0)
+    if count != rows:
+        raise RuntimeError(f"vlen-bytes chunk holds {count} items, expected {rows}")
+    out, pos = [], 4
+    for _ in range(count):
+        (size,) = struct.unpack_from("<I", view, pos)
+        pos += 4
+        if pos + size > len(view):
+            raise RuntimeError("vlen-bytes chunk is truncated")
+        out.append(bytes(view[pos : pos + size]))
+        pos += size
+    return out
 
 
 def _grow(capacity: int, end: int) -> int:
@@ -584,11 +920,11 @@ def _array(group: zarr.Group, name: str) -> zarr.Array | None:
     return node
 
 
-def _require_fresh(group: zarr.Group, name: str, start: int) -> None:
+def _require_fresh(path: str, name: str, start: int) -> None:
     """A missing array is only normal before the first commit (a crash during creation)."""
     if start:
         raise RuntimeError(
-            f"episode group {group.path} holds {start} steps but has no array {name!r}; "
+            f"episode group {path} holds {start} steps but has no array {name!r}; "
             "the store is damaged"
         )
 

@@ -15,6 +15,7 @@ import pytest
 import simplejpeg
 import zarr
 
+import learner.store
 from fleet.wire import to_tensor
 from learner.chunks import ChunkRejected, DecodedChunk, decode_chunk
 from learner.store import AppendResult, EpisodeRef, EpisodeStore
@@ -198,15 +199,20 @@ def test_crash_between_rows_and_commit_is_repaired_by_the_resend(
     store: EpisodeStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     store.append(chunk(0))
-    real = zarr.Group.update_attributes
+    commit_file = store.root / EpisodeRef("c1", "e1").path / "zarr.json"
+    real = learner.store._put_json
 
-    def crash(self, new_attributes):  # the process dies after the rows, before the commit
-        raise OSError("simulated crash before commit")
+    def crash(path: Path, doc: dict) -> None:  # dies after the rows, before the commit
+        if path == commit_file:
+            raise OSError("simulated crash before commit")
+        real(path, doc)
 
-    monkeypatch.setattr(zarr.Group, "update_attributes", crash)
+    monkeypatch.setattr(learner.store, "_put_json", crash)
     with pytest.raises(OSError):
         store.append(chunk(1))
-    monkeypatch.setattr(zarr.Group, "update_attributes", real)
+    monkeypatch.setattr(learner.store, "_put_json", real)
+    # The rows of seq 1 did reach their chunk files; only the commit is missing.
+    assert (commit_file.parent / "cameras" / "overhead" / "c" / "1").is_file()
 
     # A reader (here: a fresh instance, as after a restart) trusts only committed rows.
     reopened = EpisodeStore(store.root)
@@ -394,3 +400,196 @@ def test_two_store_objects_writing_in_turn_keep_the_episode_exact(tmp_path: Path
     assert first.append(decode_chunk(msgs[-1], known_tasks=None)).duplicate
     assert_holds_exactly(first, msgs)
     assert_holds_exactly(EpisodeStore(tmp_path / "s"), msgs)
+
+
+# ------------------------------------------------------------------ direct chunk writes
+
+
+def read_with_plain_zarr(root: Path, ref: EpisodeRef) -> dict[str, object]:
+    """The committed rows as zarr itself reads them (what the sampler and export rely on)."""
+    group = zarr.open_group(root, path=ref.path, mode="r")
+    n = group.attrs["n_steps"]
+    out: dict[str, object] = {
+        name: np.asarray(group[name][:n])
+        for name in ("timestamp", "joint_pos", "action", "intervention", "reward")
+    }
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for cam in group.attrs["cameras"]:
+            out[cam] = [bytes(f) for f in group[f"cameras/{cam}"][:n]]
+    return out
+
+
+def test_plain_zarr_reads_what_the_direct_writer_wrote(store: EpisodeStore) -> None:
+    msgs = episode_msgs(4)
+    for m in msgs:
+        store.append(decode_chunk(m, known_tasks=None))
+    got = read_with_plain_zarr(store.root, EpisodeRef("c1", "e1"))
+    chunks = [decode_chunk(m, known_tasks=None) for m in msgs]
+    for name in ("timestamp", "joint_pos", "action", "intervention", "reward"):
+        want = np.concatenate([getattr(c, name) for c in chunks])
+        np.testing.assert_array_equal(got[name], want, err_msg=name)
+        assert got[name].dtype == want.dtype  # type: ignore[union-attr]
+    for cam in CAMERAS:
+        assert got[cam] == [f for c in chunks for f in c.cameras[cam].frames]
+    # Frame arrays are chunked at the upload's step count: one fresh file per append.
+    frame_files = sorted(
+        p.name for p in (store.root / "episodes/c1/e1/cameras/overhead/c").iterdir()
+    )
+    assert frame_files == ["0", "1", "2", "3"]
+
+
+def test_chunk_files_are_byte_identical_to_zarrs_own(store: EpisodeStore, tmp_path: Path) -> None:
+    """Same data written by zarr into an array with the same metadata: the same bytes."""
+    msgs = episode_msgs(2)
+    for m in msgs:
+        store.append(decode_chunk(m, known_tasks=None))
+    chunks = [decode_chunk(m, known_tasks=None) for m in msgs]
+    ours = store.root / "episodes/c1/e1"
+    ref_group = zarr.open_group(tmp_path / "ref", mode="w")
+    compared = 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for key in ("joint_pos", "intervention", "cameras/overhead"):
+            meta = json.loads((ours / key / "zarr.json").read_text())
+            (tmp_path / "ref" / key).mkdir(parents=True)
+            (tmp_path / "ref" / key / "zarr.json").write_text(json.dumps(meta))
+            arr = zarr.open_array(tmp_path / "ref", path=key, mode="r+")
+            if key.startswith("cameras/"):
+                values = np.empty(2 * T, dtype=object)
+                values[:] = [f for c in chunks for f in c.cameras["overhead"].frames]
+            else:
+                values = np.concatenate([getattr(c, key) for c in chunks])
+            arr[: 2 * T] = values
+            for theirs in (tmp_path / "ref" / key / "c").rglob("*"):
+                if theirs.is_file():
+                    mine = ours / key / theirs.relative_to(tmp_path / "ref" / key)
+                    assert mine.read_bytes() == theirs.read_bytes(), mine
+                    compared += 1
+    assert compared == 4  # joint_pos, intervention, two frame chunks
+    del ref_group
+
+
+def test_uneven_chunk_sizes_rewrite_shared_chunks_exactly(store: EpisodeStore) -> None:
+    """Frame chunks follow the first upload's length; later uploads of other lengths
+    straddle them, so committed frames are read back and rewritten (atomically)."""
+    sizes = [T, 5, 11, 3, T, 2 * T + 1]
+    msgs, first = [], 0
+    for seq, n in enumerate(sizes):
+        m = make_msg(seq, n=n, last=seq == len(sizes) - 1)
+        # make_msg derives first_step from seq * n; uneven chunks need the real offset.
+        m.first_step = first
+        msgs.append(m)
+        first += n
+    for m in msgs:
+        store.append(decode_chunk(m, known_tasks=None))
+    data = store.read_episode(EpisodeRef("c1", "e1"))
+    assert data.attrs["n_steps"] == sum(sizes)
+    want = [f for m in msgs for f in decode_chunk(m, known_tasks=None).cameras["overhead"].frames]
+    assert data.frames["overhead"] == want
+    got = read_with_plain_zarr(store.root, EpisodeRef("c1", "e1"))
+    assert got["overhead"] == want
+    np.testing.assert_array_equal(
+        got["joint_pos"],
+        np.concatenate([decode_chunk(m, known_tasks=None).joint_pos for m in msgs]),
+    )
+
+
+def test_arrays_of_other_layouts_are_written_through_zarr(tmp_path: Path) -> None:
+    """A store made by other code (zstd-compressed columns, another codec) stays appendable:
+    compressed chunks are re-encoded whole, unknown codecs go through zarr itself."""
+    root = tmp_path / "s"
+    msgs = episode_msgs(4)
+    EpisodeStore(root).append(decode_chunk(msgs[0], known_tasks=None))
+    group = zarr.open_group(root, path="episodes/c1/e1", mode="r+")
+    for name, compressors in (("joint_pos", "auto"), ("reward", zarr.codecs.BloscCodec())):
+        old = np.asarray(group[name][:])
+        del group[name]
+        arr = group.create_array(
+            name,
+            shape=old.shape,
+            chunks=(1024, *old.shape[1:]),
+            dtype=old.dtype,
+            compressors=compressors,
+        )
+        arr[:] = old
+    store = EpisodeStore(root)  # a fresh writer sees the new layouts
+    for m in msgs[1:]:
+        store.append(decode_chunk(m, known_tasks=None))
+    assert_holds_exactly(store, msgs)
+    codecs = json.loads((root / "episodes/c1/e1/reward/zarr.json").read_text())["codecs"]
+    assert codecs[-1]["name"] == "blosc"
+
+
+_KILL_SCRIPT = """
+import os, signal, sys
+sys.path.insert(0, sys.argv[3])
+import learner.store as st
+from test_store import chunk
+store = st.EpisodeStore(sys.argv[1])
+store.append(chunk(0))
+where = sys.argv[2]
+if where == "before_commit":
+    real = st._put_json
+    def put_json(path, doc):
+        if path.name == "zarr.json" and path.parent.name == "e1":
+            os.kill(os.getpid(), signal.SIGKILL)
+        real(path, doc)
+    st._put_json = put_json
+else:  # half way through writing a frame file
+    def write_fd(fd, pieces):
+        os.write(fd, b"".join(pieces[: len(pieces) // 2]))
+        os.kill(os.getpid(), signal.SIGKILL)
+    st._write_fd = write_fd
+store.append(chunk(1))
+"""
+
+
+@pytest.mark.parametrize("where", ["before_commit", "mid_frame_write"])
+def test_sigkill_during_an_append_leaves_the_old_commit(tmp_path: Path, where: str) -> None:
+    root = tmp_path / "s"
+    proc = subprocess.run(
+        [sys.executable, "-c", _KILL_SCRIPT, str(root), where, str(Path(__file__).parent)],
+        capture_output=True,
+        timeout=60,
+    )
+    assert proc.returncode == -9, proc.stderr.decode()[-2000:]
+    store = EpisodeStore(root)
+    assert store.totals() == (T, 1)
+    got = read_with_plain_zarr(root, EpisodeRef("c1", "e1"))
+    assert got["overhead"] == chunk(0).cameras["overhead"].frames
+    assert not store.append(chunk(1)).duplicate  # the resend rewrites the same rows
+    store.append(chunk(2, last=True))
+    assert_holds_exactly(store, episode_msgs(3))
+    assert_holds_exactly(EpisodeStore(root), episode_msgs(3))
+    leftovers = [p.name for p in root.rglob("*.partial")]
+    assert where == "before_commit" or leftovers  # a killed write leaves only a temp file
+
+
+def test_raw_frames_are_zstd_compressed_and_read_back_exactly(store: EpisodeStore) -> None:
+    """Raw (uncompressed) images go into zstd-compressed frame arrays; a chunk shared by two
+    uploads is decompressed, extended and recompressed whole."""
+    rng = np.random.default_rng(3)
+    msgs, first = [], 0
+    for seq, n in enumerate([4, 3, 6]):
+        m = make_msg(seq, n=n, cameras=(), last=seq == 2)
+        m.first_step = first
+        m.cameras.append(
+            arrays_pb2.CameraFrames(
+                camera="depth",
+                encoding="raw",
+                height=4,
+                width=5,
+                channels=1,
+                frames=[rng.integers(0, 3, 20, dtype=np.uint8).tobytes() for _ in range(n)],
+            )
+        )
+        msgs.append(m)
+        first += n
+    for m in msgs:
+        store.append(decode_chunk(m, known_tasks=None))
+    meta = json.loads((store.root / "episodes/c1/e1/cameras/depth/zarr.json").read_text())
+    assert [c["name"] for c in meta["codecs"]] == ["vlen-bytes", "zstd"]
+    want = [f for m in msgs for f in m.cameras[0].frames]
+    assert read_with_plain_zarr(store.root, EpisodeRef("c1", "e1"))["depth"] == want
+    assert store.read_episode(EpisodeRef("c1", "e1")).frames["depth"] == want
