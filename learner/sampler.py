@@ -8,9 +8,11 @@ can never stall a cell (unlike Reverb's limiter, which blocks inserts).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -34,6 +36,10 @@ class SamplerConfig:
     # Training starts once this many steps are stored.
     min_steps: int = 200
     refresh_interval_s: float = 2.0
+    # Encoded frames kept in memory, most recently sampled episodes first; an episode whose
+    # frames were dropped is read from the store again when it is next sampled. Bounds the
+    # sampler's memory however much data the store holds (joint columns are always kept).
+    frame_cache_mb: int = 2048
     # AWR-style outcome weighting (off until it shows a gain): weight *= clip(exp(A / beta))
     # with A = the episode's return (success = 1.0) minus its task's mean return.
     # Which steps the policy drove (not the operator) are trained on: "successful" = only
@@ -125,6 +131,9 @@ class EpisodeSampler:
             )
         self._rng = np.random.default_rng(self.seed)
         self._episodes: dict[EpisodeRef, _Episode] = {}
+        self._frames: OrderedDict[EpisodeRef, dict[str, list[bytes]]] = OrderedDict()
+        self._frame_bytes = 0
+        self.frame_reads = 0  # episodes whose frames were read back from the store
         self._by_task: dict[str, list[EpisodeRef]] = {}
         self._last_refresh = 0.0
         self.limiter = RateLimiter(self.config.max_samples_per_insert, self.config.min_steps)
@@ -190,6 +199,7 @@ class EpisodeSampler:
                 self._episodes[ref] = _Episode(data, task, 0)
                 continue
             steps = trainable_steps(data, self.config.policy_steps)
+            frames, data = data.frames, dataclasses.replace(data, frames={})
             self._episodes[ref] = _Episode(data, task, n, episode_return(dict(data.attrs)), steps)
             if len(steps) == 0:
                 log.info(
@@ -200,9 +210,33 @@ class EpisodeSampler:
                 )
                 continue
             self._by_task.setdefault(task, []).append(ref)
+            self._cache_frames(ref, frames)
             self.limiter.inserted += len(steps)
             added += 1
         return added
+
+    def _cache_frames(self, ref: EpisodeRef, frames: dict[str, list[bytes]]) -> None:
+        self._frames[ref] = frames
+        self._frame_bytes += sum(len(f) for column in frames.values() for f in column)
+        budget = self.config.frame_cache_mb << 20
+        while self._frame_bytes > budget and len(self._frames) > 1:
+            _, dropped = self._frames.popitem(last=False)
+            self._frame_bytes -= sum(len(f) for column in dropped.values() for f in column)
+
+    def episode_frames(self, ref: EpisodeRef) -> dict[str, list[bytes]]:
+        """An episode's encoded frames per camera: from memory, else read from the store."""
+        frames = self._frames.get(ref)
+        if frames is not None:
+            self._frames.move_to_end(ref)
+            return frames
+        frames = self.store.read_episode(ref).frames
+        self.frame_reads += 1
+        self._cache_frames(ref, frames)
+        return frames
+
+    @property
+    def frame_cache_bytes(self) -> int:
+        return self._frame_bytes
 
     def episode_weight(self, ref: EpisodeRef) -> float:
         """The outcome weight of one episode (1.0 unless advantage weighting is on)."""
@@ -226,8 +260,8 @@ class EpisodeSampler:
         if not tasks:
             raise RuntimeError("no complete episodes to sample from yet")
         b, k = cfg.batch_size, cfg.chunk_len
-        first = self._episodes[self._by_task[tasks[0]][0]].data
-        h, w = _frame_shape(first, self.cameras[0])
+        first = self._by_task[tasks[0]][0]
+        h, w = _frame_shape(first, self.episode_frames(first), self.cameras[0])
         images = np.zeros((b, len(self.cameras), h, w, 3), np.uint8)
         joint_pos = np.zeros((b, 14), np.float32)
         actions = np.zeros((b, k, 14), np.float32)
@@ -243,7 +277,8 @@ class EpisodeSampler:
             ep = self._episodes[ref]
             t = int(ep.steps[int(self._rng.integers(len(ep.steps)))])
             data = ep.data
-            jpegs.extend(bytes(data.frames[cam][t]) for cam in self.cameras)
+            frames = self.episode_frames(ref)
+            jpegs.extend(bytes(frames[cam][t]) for cam in self.cameras)
             joint_pos[i] = data.joint_pos[t]
             end = min(t + k, ep.n_steps)
             actions[i, : end - t] = data.action[t:end]
@@ -270,11 +305,11 @@ class EpisodeSampler:
         }
 
 
-def _frame_shape(data: EpisodeData, camera: str) -> tuple[int, int]:
-    if camera not in data.frames:
+def _frame_shape(ref: EpisodeRef, frames: dict[str, list[bytes]], camera: str) -> tuple[int, int]:
+    if camera not in frames:
         raise KeyError(
-            f"episode {data.ref.cell_id}/{data.ref.episode_id} has no camera {camera!r}; "
-            f"it has {sorted(data.frames)}"
+            f"episode {ref.cell_id}/{ref.episode_id} has no camera {camera!r}; "
+            f"it has {sorted(frames)}"
         )
-    img = simplejpeg.decode_jpeg(data.frames[camera][0], colorspace="RGB")
+    img = simplejpeg.decode_jpeg(frames[camera][0], colorspace="RGB")
     return int(img.shape[0]), int(img.shape[1])

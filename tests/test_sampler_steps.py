@@ -87,3 +87,49 @@ def test_all_policy_steps_when_asked(store: EpisodeStore) -> None:
 def test_unknown_policy_steps_mode_is_refused(store: EpisodeStore) -> None:
     with pytest.raises(ValueError, match="policy_steps"):
         EpisodeSampler(store, CAMERAS, TASKS, SamplerConfig(min_steps=1, policy_steps="some"))
+
+
+def test_frames_stay_within_the_cache_and_come_back_from_the_store(tmp_path) -> None:
+    """Months of data must not live in the learner's memory: beyond frame_cache_mb the
+    sampler drops the least recently sampled episodes' frames and reads them back."""
+    store = EpisodeStore(tmp_path / "store")
+    big = simplejpeg.encode_jpeg(
+        np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8),
+        quality=95,
+        colorspace="RGB",
+    )
+    for e in range(1, 9):
+        q = np.zeros((N, 14), np.float32)
+        q[:, 0] = e * 100 + np.arange(N)
+        store.append(
+            DecodedChunk(
+                cell_id="cell-a",
+                episode_id=f"ep-{e}",
+                seq=0,
+                first_step=0,
+                task="pick_cube",
+                policy_version="",
+                timestamp=np.arange(N, dtype=np.float64) * 0.05,
+                joint_pos=q,
+                action=q.copy(),
+                intervention=np.ones(N, bool),
+                reward=np.zeros(N, np.float32),
+                cameras={"overhead": CameraColumn("overhead", "jpeg", 64, 64, 3, [big] * N)},
+                last=True,
+                outcome={"success": True, "reason": "success", "started_at": 0.0, "ended_at": 1.0},
+            )
+        )
+    episode_bytes = N * len(big)
+    budget_mb = 1
+    assert 8 * episode_bytes > (budget_mb << 20) > 2 * episode_bytes  # 8 episodes do not fit
+    cfg = SamplerConfig(batch_size=16, min_steps=1, frame_cache_mb=budget_mb)
+    sampler = EpisodeSampler(store, CAMERAS, TASKS, cfg, seed=1)
+    sampler.refresh(force=True)
+    assert sampler.episodes_available == 8
+    for _ in range(20):
+        batch = sampler.sample()
+        assert sampler.frame_cache_bytes <= budget_mb << 20
+        # every image decodes from the right bytes, cached or read back
+        expected = simplejpeg.decode_jpeg(big, colorspace="RGB")
+        np.testing.assert_array_equal(batch["images"][0, 0], expected)
+    assert sampler.frame_reads > 0  # evicted episodes were read back from the store
