@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import simplejpeg
 
@@ -21,13 +23,20 @@ def record_expert_episodes(
     seed: int = 0,
     chunk_steps: int = 40,
     max_steps: int = 160,
+    scene_seeds: Sequence[int] | None = None,
 ) -> int:
-    """Drive the sim cell with its expert for `episodes` episodes; returns steps stored."""
+    """Drive the sim cell with its expert for `episodes` episodes; returns steps stored.
+
+    Episode `e` plays the scene `seed * 1000 + e`, or `scene_seeds[e]` when given (so a test
+    can replay exactly the scenes a ControlLoop will later reset to).
+    """
+    if scene_seeds is not None and len(scene_seeds) < episodes:
+        raise ValueError(f"{episodes} episodes need as many scene seeds, got {len(scene_seeds)}")
     cell = make_sim_cell(cell_id, seed=seed, cameras=CAMERAS, realtime_factor=0.0)
     period = 1.0 / cell.control_hz
     total = 0
     for e in range(episodes):
-        cell.scene.reset(task, seed * 1000 + e)
+        cell.scene.reset(task, seed * 1000 + e if scene_seeds is None else int(scene_seeds[e]))
         rows: dict[str, list] = {k: [] for k in ("t", "q", "a", "r", *CAMERAS)}
         t = cell.clock.now()
         success = False
