@@ -48,12 +48,21 @@ class VersionCache:
             raise ValueError(f"not a sha256 hex digest: {sha256_hex!r}")
         return self.directory / f"{digest}{_SUFFIX}"
 
-    def get(self, sha256_hex: str) -> bytes | None:
+    def get(self, sha256_hex: str) -> bytearray | None:
         """The cached bytes whose SHA-256 is `sha256_hex`, hashed again now; None if absent or
-        corrupt (a corrupt entry is deleted)."""
+        corrupt (a corrupt entry is deleted). A bytearray of its own, read in one copy, that
+        the caller may build a model on (see PolicyWatcher's runner factory)."""
         path = self._path(sha256_hex)
         try:
-            data = path.read_bytes()
+            with path.open("rb", buffering=0) as f:
+                size = os.fstat(f.fileno()).st_size
+                data = bytearray(size)
+                got = f.readinto(data)
+                while got < size:
+                    more = f.readinto(memoryview(data)[got:])
+                    if not more:
+                        raise OSError(f"file shrank while read ({got} of {size} bytes)")
+                    got += more
         except FileNotFoundError:
             self.misses += 1
             return None
@@ -76,10 +85,14 @@ class VersionCache:
         self.hits += 1
         return data
 
-    def put(self, data: bytes, sha256_hex: str, *, verified: bool = False) -> bool:
+    def put(self, data: bytes | bytearray, sha256_hex: str, *, verified: bool = False) -> bool:
         """Store bytes under their digest (hashed here unless the caller just `verified`
         them); False if they do not fit. Evicts least recently used entries to stay within
-        max_bytes."""
+        max_bytes.
+
+        Written atomically (temp file + rename) but not fsynced: `get` hashes every entry
+        it reads, so a file torn by a power cut is found and dropped, and a cell does not
+        spend the sync of ~100 MB (seconds on a slow SD card) beside its control loop."""
         if not verified and hashlib.sha256(data).hexdigest() != sha256_hex.lower():
             raise ValueError("bytes do not match the sha256 they are to be cached under")
         if len(data) > self.max_bytes:
@@ -100,8 +113,6 @@ class VersionCache:
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
             os.replace(tmp, path)
         except OSError as exc:
             Path(tmp).unlink(missing_ok=True)

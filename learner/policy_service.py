@@ -80,6 +80,11 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
         self._records: dict[str, dict] = {}
         self._messages: dict[str, policy_pb2.Assignment] = {}
         self._weights: OrderedDict[str, bytes] = OrderedDict()
+        # The cached versions' WeightsChunk messages on the default chunk grid, built once:
+        # every cell's fetch from offset 0 (or a resume on the grid) reuses them instead of
+        # slicing and copying the file into new messages (~0.05 s of learner CPU per cell
+        # per 100 MB). Costs a second copy of each cached version in memory.
+        self._chunks: dict[str, tuple[policy_pb2.WeightsChunk, ...]] = {}
         self._cache_lock = threading.Lock()
         self._load_lock = threading.Lock()
         # Distribution figures per version: weight bytes sent to cells, and reads of the file
@@ -147,13 +152,23 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
         if offset == total:  # nothing left: say so, with the size, in one empty chunk
             yield policy_pb2.WeightsChunk(offset=total, data=b"", total_bytes=total)
             return
+        prebuilt = (
+            self._chunk_messages(version_id, data)
+            if step == self.chunk_bytes and offset % step == 0
+            else None
+        )
         for start in range(offset, total, step):
             if not context.is_active():
                 return
-            piece = data[start : start + step]
+            if prebuilt is not None:
+                message = prebuilt[start // step]
+            else:
+                message = policy_pb2.WeightsChunk(
+                    offset=start, data=data[start : start + step], total_bytes=total
+                )
             with self._cache_lock:
-                self.bytes_sent[version_id] += len(piece)
-            yield policy_pb2.WeightsChunk(offset=start, data=piece, total_bytes=total)
+                self.bytes_sent[version_id] += min(step, total - start)
+            yield message
 
     def ReportHeartbeat(
         self, request: policy_pb2.Heartbeat, context: grpc.ServicerContext
@@ -349,9 +364,33 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
                 self._weights[version_id] = data
                 while len(self._weights) > self.cache_versions:
                     evicted, _ = self._weights.popitem(last=False)
+                    self._chunks.pop(evicted, None)
                     log.debug("weights cache dropped version %s", evicted)
             log.info("weights of version %s cached (%d bytes)", version_id, len(data))
             return data
+
+    def _chunk_messages(self, version_id: str, data: bytes) -> tuple[policy_pb2.WeightsChunk, ...]:
+        """The version's messages on the default chunk grid, built on first use. Sent as
+        they are to every stream (never mutated), like the cached Assignment messages."""
+        with self._cache_lock:
+            chunks = self._chunks.get(version_id)
+        if chunks is not None:
+            return chunks
+        with self._load_lock:
+            with self._cache_lock:
+                chunks = self._chunks.get(version_id)
+            if chunks is None:
+                step, total = self.chunk_bytes, len(data)
+                chunks = tuple(
+                    policy_pb2.WeightsChunk(
+                        offset=start, data=data[start : start + step], total_bytes=total
+                    )
+                    for start in range(0, total, step)
+                )
+                with self._cache_lock:
+                    if version_id in self._weights:  # not evicted meanwhile
+                        self._chunks[version_id] = chunks
+            return chunks
 
     # -- helpers -------------------------------------------------------------------------
 
