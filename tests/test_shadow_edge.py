@@ -118,8 +118,10 @@ class EdgeCell:
 
 
 def start_cell(cell_id: str, address: str, public_key: Path, seed: int) -> EdgeCell:
+    # Real time, as a cell runs: flat out, the loop outruns any inference worker and on a
+    # loaded machine the shadow (a low-priority worker) would rarely cover a whole chunk.
     sim = make_sim_cell(
-        cell_id, seed=seed, cameras=CAMERAS, height=48, width=64, realtime_factor=0.0
+        cell_id, seed=seed, cameras=CAMERAS, height=48, width=64, realtime_factor=1.0
     )
     config = ActorConfig(
         cell_id=cell_id,
