@@ -18,7 +18,6 @@ get the cores first, and a slow shadow only leaves its own steps without a shado
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from collections.abc import Mapping
@@ -28,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 from actors.blending import TimedChunk
+from actors.thread_priority import lower_this_thread
 from protos.joint_layout import JOINT_DIM
 
 if TYPE_CHECKING:
@@ -168,17 +168,8 @@ class ThreadedInference:
     def stats(self) -> dict[str, Any]:
         return self._counters.snapshot()
 
-    def _lower_priority(self) -> None:
-        if self.nice <= 0 or not hasattr(os, "setpriority"):
-            return
-        try:
-            tid = threading.get_native_id()
-            os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + self.nice)
-        except OSError as exc:
-            log.debug("cell %s: could not lower %s's priority: %s", self.cell_id, self.name, exc)
-
     def _work(self) -> None:
-        self._lower_priority()
+        lower_this_thread(self.nice, cell_id=self.cell_id, what=self.name)
         while True:
             with self._cond:
                 while self._pending is None and not self._stopping:

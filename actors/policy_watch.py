@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable
@@ -28,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
+from actors.thread_priority import lower_this_thread
 from actors.uplink import Backoff, open_channel
 from actors.version_cache import VersionCache
 from fleet.signing import SignatureError, verify
@@ -238,21 +238,9 @@ class PolicyWatcher:
             self._calls.discard(call)
         call.cancel()
 
-    def _lower_priority(self) -> None:
-        """Fetching, hashing and loading a large version take a core for a second: on Linux
-        this thread runs at a lower CPU priority (a per-thread nice), so on a busy cell
-        computer the control loop's thread always gets the core first."""
-        if self.nice <= 0 or not hasattr(os, "setpriority"):
-            return
-        try:
-            tid = threading.get_native_id()
-            os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + self.nice)
-        except OSError as exc:
-            log.debug("cell %s: could not lower the watcher's priority: %s", self.cell_id, exc)
-
     def _run(self) -> None:
         assert self._channel is not None
-        self._lower_priority()
+        lower_this_thread(self.nice, cell_id=self.cell_id, what="the version watcher")
         stub = policy_pb2_grpc.PolicyServiceStub(self._channel)
         backoff = Backoff()
         while not self._stopping.is_set():

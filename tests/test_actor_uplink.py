@@ -29,17 +29,9 @@ from protos.fleetlearn.v1 import (
     trajectory_pb2,
     trajectory_pb2_grpc,
 )
+from tests.waiting import wait_until
 
 CELL = "cell-01"
-
-
-def wait_for(predicate, timeout_s: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.01)
-    return predicate()
 
 
 def make_chunk(
@@ -240,12 +232,12 @@ def test_learner_restart_mid_stream_loses_nothing(learner: FakeLearner, uplink: 
     traj.hold_acks.set()
     for seq in range(5, 8):
         uplink.submit(make_chunk("ep0", seq))
-    assert wait_for(lambda: (CELL, "ep0", 5) in traj.stored)
+    assert wait_until(lambda: (CELL, "ep0", 5) in traj.stored)
     learner.kill()
     traj.hold_acks.clear()
     for seq in range(8, 10):  # recorded while the learner is down: queued, not blocked
         assert uplink.submit(make_chunk("ep0", seq))
-    assert wait_for(lambda: not uplink.stats["connected"])
+    assert wait_until(lambda: not uplink.stats["connected"])
     assert uplink.pending == 5
     learner.start()
     assert uplink.flush(15.0), uplink.stats
@@ -289,7 +281,7 @@ def test_missing_ack_past_the_deadline_reconnects_and_resends(learner: FakeLearn
     try:
         for seq in range(3):
             up.submit(make_chunk("ep0", seq))
-        assert wait_for(lambda: up.stats["resends"] >= 1, timeout_s=5.0)
+        assert wait_until(lambda: up.stats["resends"] >= 1, timeout_s=5.0)
         traj.hold_acks.clear()
         assert up.flush(10.0)
     finally:
@@ -411,7 +403,7 @@ def test_watcher_fetches_resumes_and_hands_over(learner: FakeLearner, watcher) -
     policy.weights["v1"] = bytes(range(256)) * 20  # 5120 bytes, six chunks
     policy.interrupt_once.add("v1")
     policy.assign("v1")
-    assert wait_for(lambda: w.loaded_version == "v1")
+    assert wait_until(lambda: w.loaded_version == "v1")
     assert policy.fetch_offsets == [("v1", 0), ("v1", 1000)]  # resumed, not restarted
     runner = w.take_new()
     assert runner is not None and runner.version_id == "v1"
@@ -429,19 +421,19 @@ def test_watcher_keeps_last_good_version_on_bad_hash_or_load(learner: FakeLearne
     policy.weights["v3"] = b"broken" * 500
     policy.weights["v4"] = b"better" * 500
     policy.assign("v1")
-    assert wait_for(lambda: w.loaded_version == "v1")
+    assert wait_until(lambda: w.loaded_version == "v1")
     assert w.take_new().version_id == "v1"
 
     policy.assign("v2", sha256=hashlib.sha256(b"something else").hexdigest())
-    assert wait_for(lambda: any("sha256" in f for f in faults))
+    assert wait_until(lambda: any("sha256" in f for f in faults))
     policy.assign("v3")
-    assert wait_for(lambda: any("does not load" in f for f in faults))
+    assert wait_until(lambda: any("does not load" in f for f in faults))
     assert w.take_new() is None
     assert w.loaded_version == "v1"
     assert all("keeping version 'v1'" in f for f in faults)
 
     policy.assign("v4")
-    assert wait_for(lambda: w.loaded_version == "v4")
+    assert wait_until(lambda: w.loaded_version == "v4")
     assert w.take_new().version_id == "v4"
 
 
@@ -458,9 +450,9 @@ def test_heartbeats_arrive_and_failures_never_raise(learner: FakeLearner) -> Non
         learner.address, snapshot, interval_s=0.05, deadline_s=2.0, cell_id=CELL
     )
     sender.start()
-    assert wait_for(lambda: len(learner.policy.heartbeats) >= 3)
+    assert wait_until(lambda: len(learner.policy.heartbeats) >= 3)
     learner.kill()
-    assert wait_for(lambda: sender.failed >= 1)
+    assert wait_until(lambda: sender.failed >= 1)
     sender.stop()
     assert sender.send_now(timeout_s=0.5) is False
     beats = learner.policy.heartbeats

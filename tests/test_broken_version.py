@@ -15,8 +15,6 @@ it is untrained) are added to that record, so the comparison is conservative.
 from __future__ import annotations
 
 import threading
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -32,19 +30,11 @@ from learner.gateway import Gateway
 from learner.publisher import Publisher
 from learner.rollout_controller import ControllerConfig, RolloutController
 from learner.store import EpisodeStore
+from tests.waiting import wait_for
 
 TASK = "pick_cube"
 CAMERAS = ("overhead", "front")
 CELLS = ("cell-0", "cell-1", "cell-2", "cell-3")
-
-
-def wait_for(predicate: Callable[[], bool], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
 
 
 def running(registry: Registry) -> dict[str, str]:

@@ -33,19 +33,11 @@ from learner import policy_service
 from learner.policy_service import PolicyServicer
 from learner.publisher import Publisher
 from protos.fleetlearn.v1 import policy_pb2
+from tests.waiting import wait_until
 
 TASKS = ("pick_cube",)
 CAMERAS = ("overhead",)
 CELL = "cell-01"
-
-
-def wait_for(predicate: Callable[[], object], timeout_s: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return bool(predicate())
 
 
 class LossyServicer(PolicyServicer):
@@ -193,7 +185,7 @@ def status_text(registry: Registry) -> str:
 
 
 def run_until_loaded(cell: Cell, version: str) -> None:
-    assert wait_for(lambda: cell.watcher.loaded_version == version), cell.faults
+    assert wait_until(lambda: cell.watcher.loaded_version == version), cell.faults
     cell.adopt()
     assert cell.running[-1] == version
 
@@ -207,7 +199,7 @@ def assert_rejected(learner: Learner, cell: Cell, version: str, words: str) -> N
         state = {c.cell_id: c for c in learner.registry.cells()}.get(CELL)
         return state is not None and version in state.last_fault and words in state.last_fault
 
-    assert wait_for(reported), (cell.faults, learner.registry.cells())
+    assert wait_until(reported), (cell.faults, learner.registry.cells())
     cell.adopt()
     assert cell.running[-1] == good
     assert cell.watcher.loaded_version == good
@@ -374,7 +366,7 @@ def test_swapping_in_a_large_version_misses_no_control_tick(learner: Learner, tm
     watcher.start()
     runner.start()
     try:
-        assert wait_for(lambda: loop.stats["version_running"] == "v0001", 20.0)
+        assert wait_until(lambda: loop.stats["version_running"] == "v0001", 20.0)
         time.sleep(0.5)
         late_before = loop.stats["late_ticks"]
         torch.manual_seed(1)
@@ -382,7 +374,7 @@ def test_swapping_in_a_large_version_misses_no_control_tick(learner: Learner, tm
             policy_config("tiny", tasks, cameras, d_model=512, n_heads=8, ff_dim=4096, n_layers=2)
         )
         learner.publisher.publish(big, training_step=1, data_seen=1)
-        assert wait_for(lambda: loop.stats["version_running"] == "v0002", 30.0)
+        assert wait_until(lambda: loop.stats["version_running"] == "v0002", 30.0)
         time.sleep(1.0)  # and a second of running it
         size = Path(learner.registry.version("v0002")["weights_path"]).stat().st_size
         assert size > 40e6

@@ -7,8 +7,6 @@ metrics."""
 from __future__ import annotations
 
 import threading
-import time
-from collections.abc import Callable
 from concurrent import futures
 from pathlib import Path
 
@@ -31,19 +29,11 @@ from learner.policy_service import PolicyServicer
 from learner.publisher import Publisher
 from learner.store import EpisodeStore
 from protos.fleetlearn.v1 import policy_pb2, policy_pb2_grpc
+from tests.waiting import wait_for
 
 TASK = "pick_cube"
 CAMERAS = ("overhead",)
 CELL = "cell-hb"
-
-
-def wait_for(predicate: Callable[[], object], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
 
 
 def test_a_fault_clears_after_a_fault_free_while_and_stays_counted() -> None:

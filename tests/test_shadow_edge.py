@@ -55,20 +55,12 @@ from tests.test_control_loop import (
     FakeScene,
     FakeUplink,
 )
+from tests.waiting import wait_for
 
 TASK = "pick_cube"
 CAMERAS = ("overhead",)
 SHADOW_CELL, PLAIN_CELL = "cell-shadow", "cell-plain"
 POSE = np.asarray(JOINT_UPPER, np.float32)  # what the candidate always asks for
-
-
-def wait_for(predicate: Callable[[], object], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
 
 
 def models() -> tuple[UnifiedPolicy, UnifiedPolicy]:

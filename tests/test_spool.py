@@ -23,6 +23,7 @@ from actors.uplink import Uplink
 from fleet.net import free_port
 from fleet.wire import to_tensor
 from protos.fleetlearn.v1 import trajectory_pb2, trajectory_pb2_grpc
+from tests.waiting import wait_until
 
 CELL = "cell-07"
 
@@ -44,15 +45,6 @@ def make_chunk(episode: str, seq: int, steps: int = 5, last: bool = False):
     if last:
         chunk.outcome.reason = "timeout"
     return chunk
-
-
-def wait_for(predicate, timeout_s: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.01)
-    return predicate()
 
 
 class Recorder(trajectory_pb2_grpc.TrajectoryServiceServicer):
@@ -197,7 +189,7 @@ def test_actor_restart_resends_spooled_chunks_in_order(tmp_path: Path) -> None:
     for k, chunk in enumerate(submitted, start=1):
         assert first.submit(chunk)
         # One at a time, so the writer's backlog (max_queue=2) never refuses one.
-        assert wait_for(lambda k=k: first.stats["spool_chunks"] == k)
+        assert wait_until(lambda k=k: first.stats["spool_chunks"] == k)
     first.stop()  # the actor goes away with nothing acked
     assert len(list(tmp_path.glob("*.chunk"))) == 9
 
@@ -215,7 +207,7 @@ def test_actor_restart_resends_spooled_chunks_in_order(tmp_path: Path) -> None:
         second.start()
         assert second.submit(make_chunk("ep1", 3, last=True))
         assert second.flush(10.0)
-        assert wait_for(lambda: not list(tmp_path.glob("*.chunk")))
+        assert wait_until(lambda: not list(tmp_path.glob("*.chunk")))
     finally:
         second.stop()
         server.stop(0)
@@ -250,7 +242,7 @@ def test_full_spool_refuses_the_episode_tail_loudly_and_never_blocks(tmp_path: P
         assert stats["dropped"] == 3 and stats["dropped_steps"] == 15
         assert stats["spool_full"]
         assert len(faults) == 1 and faults[0].startswith("spool_full: cell cell-07 episode ep0")
-        assert wait_for(lambda: up.stats["spool_chunks"] == 4)
+        assert wait_until(lambda: up.stats["spool_chunks"] == 4)
         assert up.stats["spool_bytes"] <= 4 * size + size // 2
 
         servicer = Recorder()
