@@ -8,7 +8,6 @@ can never stall a cell (unlike Reverb's limiter, which blocks inserts).
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import time
@@ -133,7 +132,7 @@ class EpisodeSampler:
         self._episodes: dict[EpisodeRef, _Episode] = {}
         self._frames: OrderedDict[EpisodeRef, dict[str, list[bytes]]] = OrderedDict()
         self._frame_bytes = 0
-        self.frame_reads = 0  # episodes whose frames were read back from the store
+        self.frame_reads = 0  # times an episode's frames were read from the store
         self._by_task: dict[str, list[EpisodeRef]] = {}
         self._last_refresh = 0.0
         self.limiter = RateLimiter(self.config.max_samples_per_insert, self.config.min_steps)
@@ -186,7 +185,9 @@ class EpisodeSampler:
         for ref in self.store.episodes(complete_only=True):
             if ref in self._episodes:
                 continue
-            data = self.store.read_episode(ref)
+            # Frames are read when the episode is first sampled: not at all for one the
+            # trainer will never sample (a failed autonomous attempt, an unknown task).
+            data = self.store.read_episode(ref, frames=False)
             task = str(data.attrs.get("task", ""))
             n = int(data.joint_pos.shape[0])
             if task not in self._task_ids or n == 0:
@@ -199,7 +200,6 @@ class EpisodeSampler:
                 self._episodes[ref] = _Episode(data, task, 0)
                 continue
             steps = trainable_steps(data, self.config.policy_steps)
-            frames, data = data.frames, dataclasses.replace(data, frames={})
             self._episodes[ref] = _Episode(data, task, n, episode_return(dict(data.attrs)), steps)
             if len(steps) == 0:
                 log.info(
@@ -210,7 +210,6 @@ class EpisodeSampler:
                 )
                 continue
             self._by_task.setdefault(task, []).append(ref)
-            self._cache_frames(ref, frames)
             self.limiter.inserted += len(steps)
             added += 1
         return added
