@@ -134,7 +134,10 @@ def decode_chunk(
     ) -> ChunkRejected:
         return ChunkRejected(code, f"{where}: {field}: {problem}")
 
-    size = _payload_bytes(msg)
+    # One copy of each camera's frames out of the message (indexing or iterating a repeated
+    # bytes field copies every time), used for the size limit and kept as the columns.
+    frame_lists = [list(cam.frames) for cam in msg.cameras]
+    size = _payload_bytes(msg, frame_lists)
     if size > max_bytes:
         raise reject(
             "chunk",
@@ -185,7 +188,7 @@ def decode_chunk(
     if (np.frombuffer(msg.intervention.data, dtype=np.uint8) > 1).any():
         raise reject("intervention", "bool bytes must be 0 or 1")
 
-    cameras = _cameras(msg, n, reject)
+    cameras = _cameras(msg, frame_lists, n, reject)
     outcome = _outcome(msg, reject)
     shadow_action = None
     if msg.HasField("shadow_action"):
@@ -212,8 +215,8 @@ def decode_chunk(
     )
 
 
-def _payload_bytes(msg: trajectory_pb2.StepChunk) -> int:
-    """The bulk of the message (array data and frames); cheaper than msg.ByteSize()."""
+def _payload_bytes(msg: trajectory_pb2.StepChunk, frame_lists: list[list[bytes]]) -> int:
+    """The bulk of the message (array data and frames); far cheaper than msg.ByteSize()."""
     tensors = (
         msg.timestamp,
         msg.joint_pos,
@@ -223,7 +226,7 @@ def _payload_bytes(msg: trajectory_pb2.StepChunk) -> int:
         msg.shadow_action,
     )
     return sum(len(t.data) for t in tensors) + sum(
-        len(frame) for cam in msg.cameras for frame in cam.frames
+        len(frame) for frames in frame_lists for frame in frames
     )
 
 
@@ -248,11 +251,13 @@ def _shape_text(shape: tuple[int | None, ...]) -> str:
     return "(" + ", ".join("T" if d is None else str(d) for d in shape) + ")"
 
 
-def _cameras(msg: trajectory_pb2.StepChunk, n: int, reject: _Reject) -> dict[str, CameraColumn]:
+def _cameras(
+    msg: trajectory_pb2.StepChunk, frame_lists: list[list[bytes]], n: int, reject: _Reject
+) -> dict[str, CameraColumn]:
     if len(msg.cameras) > MAX_CAMERAS:
         raise reject("cameras", f"{len(msg.cameras)} cameras, at most {MAX_CAMERAS}")
     cameras: dict[str, CameraColumn] = {}
-    for cam in msg.cameras:
+    for cam, frames in zip(msg.cameras, frame_lists, strict=True):
         if not is_safe_id(cam.camera):
             raise reject("cameras", f"camera name {cam.camera[:40]!r} is not a valid id")
         field = f"cameras[{cam.camera}]"
@@ -266,10 +271,8 @@ def _cameras(msg: trajectory_pb2.StepChunk, n: int, reject: _Reject) -> dict[str
             raise reject(field, f"image size {cam.height}x{cam.width} out of range")
         if cam.channels not in (1, 3, 4):
             raise reject(field, f"{cam.channels} channels, expected 1, 3 or 4")
-        if len(cam.frames) != n:
-            raise reject(field, f"{len(cam.frames)} frames for {n} steps; send one per step")
-        # One copy out of the message; indexing a repeated bytes field copies every time.
-        frames = list(cam.frames)
+        if len(frames) != n:
+            raise reject(field, f"{len(frames)} frames for {n} steps; send one per step")
         magic = _MAGIC.get(cam.encoding)
         raw_sizes = {cam.height * cam.width * cam.channels * k for k in (1, 2)}
         for i, frame in enumerate(frames):

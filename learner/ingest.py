@@ -22,6 +22,7 @@ from fleet.metrics import ACK_LATENCY_BUCKETS
 from fleet.tls import peer_common_name
 from learner.auth import check_cell
 from learner.chunks import ChunkRejected, DecodedChunk, decode_chunk
+from learner.read_ahead import read_ahead
 from learner.store import AppendResult, EpisodeStore, EpisodeSummary
 from protos.fleetlearn.v1 import trajectory_pb2, trajectory_pb2_grpc
 
@@ -86,9 +87,9 @@ class IngestServicer(trajectory_pb2_grpc.TrajectoryServiceServicer):
         peer = context.peer()
         # One identity per stream: the verified client certificate's CN under mutual TLS.
         cert_cn = peer_common_name(context)
-        # Each chunk is stored before the next is read: a slow store stops reading, and
-        # gRPC flow control then holds the cell back (no unbounded queue here).
-        for msg in request_iterator:
+        # The next chunk is received while this one is stored (read_ahead), at most one
+        # ahead: a slow store stops reading, and gRPC flow control then holds the cell back.
+        for msg in read_ahead(request_iterator, name=f"ingest-read {peer}"):
             t0 = time.perf_counter()
             ack = self._handle(msg, peer, cert_cn=cert_cn)
             ACK_SECONDS.observe(time.perf_counter() - t0)

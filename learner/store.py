@@ -4,11 +4,13 @@ Each group holds arrays along time (timestamp, joint_pos, action, intervention, 
 `cameras` subgroup with one array of encoded frames per camera. The group's attributes are
 the commit record: `n_steps` and `next_seq` move only after a whole chunk's rows are written,
 and readers trust rows below `n_steps` only (arrays are allocated ahead, so their shape
-is a capacity, not a length). Committed bytes are never rewritten in place: a file is
-replaced atomically (written to a temporary file, then renamed over the old one: every
-zarr.json, every frame chunk), or an uncompressed per-step chunk file gets only the new
-rows' bytes written into it, past the committed ones. So a crash between the data and the
-commit leaves the old commit and intact rows, and the actor's resend rewrites the same rows.
+is a capacity, not a length). Committed bytes are never rewritten in place: a file that
+holds committed rows is replaced atomically (written to a temporary file, then renamed over
+the old one: every zarr.json, a frame chunk that was partly filled), or an uncompressed
+per-step chunk file gets only the new rows' bytes written into it, past the committed ones.
+A chunk file whose rows all lie past the commit (a fresh frame chunk) is written directly:
+no reader looks at it yet. So a crash between the data and the commit leaves the old commit
+and intact rows, and the actor's resend rewrites the same rows.
 
 "Durable" means the bytes are in the operating system's files: they survive the learner
 process dying at any point (crash, SIGKILL), not a power cut or kernel crash, because
@@ -654,8 +656,8 @@ class _DirectArray:
     Only layouts this code can encode byte for byte are accepted (`of` returns None
     otherwise): a regular grid chunked along time only, '/'-separated default chunk keys,
     and the `bytes` (little-endian) or `vlen-bytes` codec optionally followed by zstd. A
-    chunk that starts at or after the append's first row is written fresh (unwritten rows
-    hold the fill value, and lie past n_steps where readers never look). A chunk whose
+    chunk that starts at or after the append's first row is written fresh, in place (unwritten
+    rows hold the fill value, and lie past n_steps where readers never look). A chunk whose
     earlier rows may be committed gets the new rows written in place when it is uncompressed
     fixed-size data, and is otherwise read back and replaced whole (atomically)."""
 
@@ -761,7 +763,7 @@ class _DirectArray:
             else np.full((self.rows, *self.tail), self.fill, dtype=self.dtype)
         )
         buf[at : at + len(rows)] = rows
-        self._put(index, [buf if self.zstd is None else self.zstd.encode(buf)])
+        self._put(index, [buf if self.zstd is None else self.zstd.encode(buf)], atomic=keep)
 
     def _patch(self, index: int, rows: np.ndarray, at: int) -> bool:
         """Write only the new rows into an uncompressed chunk file, in place: the bytes of
@@ -803,7 +805,7 @@ class _DirectArray:
         if self.zstd is not None or len(pieces) > _MAX_PIECES:
             joined = b"".join(pieces)
             pieces = [joined if self.zstd is None else self.zstd.encode(joined)]
-        self._put(index, pieces)
+        self._put(index, pieces, atomic=keep)
 
     def _read(self, index: int) -> bytes | None:
         try:
@@ -812,12 +814,22 @@ class _DirectArray:
             return None
         return data if self.zstd is None else bytes(self.zstd.decode(data))
 
-    def _put(self, index: int, pieces: list[Any]) -> None:
+    def _put(self, index: int, pieces: list[Any], *, atomic: bool) -> None:
+        """Replace the chunk file atomically when it may hold committed rows (`atomic`);
+        one whose rows all lie past the commit is written in place (no reader looks at it,
+        and a torn one is rewritten whole by the resend), saving a create and a rename."""
         path = self.path / f"c/{index}{self.key_tail}"
         if path.parent not in self._dirs:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._dirs.add(path.parent)
-        _put(path, pieces)
+        if atomic:
+            _put(path, pieces)
+            return
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
+        try:
+            _write_fd(fd, pieces)
+        finally:
+            os.close(fd)
 
 
 _NUMERIC = frozenset(

@@ -7,8 +7,15 @@ is measured alone and the client's work does not count against it. Figures:
 - throughput: steps/s through ingest (decode, validate, durable zarr append, ack) over the
   steps/s of a trivial servicer that receives the identical StepChunk bytes and acks
   (goal >= 0.8 of that ceiling); one stream, 3 JPEG 240x320 frames a step, one server
-  process each. Both servers stay up and their runs alternate (--repeats pairs), so load
-  from other work on the machine hits both alike; the ratio is the median of the pairs'.
+  process each. The servers stay up and their runs alternate (--repeats rounds), so load
+  from other work on the machine hits them alike; the ratio is the median of the rounds'.
+- write ceiling: a third servicer receives the same bytes, reads one ahead as ingest does,
+  and writes each message to a file of its own before acking: no validation, no zarr. Its
+  ratio to raw bounds what any ingest that stores what it receives can reach here.
+  What a round wrote is deleted after it (outside the timing), so every round writes into
+  recycled page cache, as a long-running learner does once memory has filled; otherwise
+  each later round pays more of this VM's first-touch cost for fresh memory (measured:
+  both ingest and the ceiling fall to ~0.3-0.4 after ~500 MB when nothing is deleted).
 - steps per second per ingest core: stored steps / server CPU seconds (goal >= 1,000).
 - step-to-durable latency p50/p99: cells record at 20 Hz, send a chunk once its last step is
   recorded, and each step's latency runs from its recording to the chunk's durable ack
@@ -23,7 +30,10 @@ Run: .venv/bin/python tests/bench/ingest.py [--seconds 6]
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
+import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -39,6 +49,7 @@ import psutil
 import simplejpeg
 
 from fleet.wire import to_tensor
+from learner.read_ahead import read_ahead
 from protos.fleetlearn.v1 import arrays_pb2, trajectory_pb2
 
 METHOD = "/fleetlearn.v1.TrajectoryService/Upload"
@@ -73,6 +84,7 @@ def _serve(kind: str, store_dir: str) -> None:
         ingest.add_to_server(server, IngestServicer(EpisodeStore(store_dir), known_tasks=None))
     else:
         ack = trajectory_pb2.ChunkAck(durable=True).SerializeToString()
+        written = itertools.count()
 
         def echo(requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
             # Same bytes in, an ack out: gRPC and protobuf decoding, nothing else.
@@ -80,9 +92,22 @@ def _serve(kind: str, store_dir: str) -> None:
                 trajectory_pb2.StepChunk.FromString(raw)
                 yield ack
 
+        def write(requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
+            # As echo, plus the message's bytes into a new file of their own before the ack.
+            for raw in read_ahead(requests):
+                trajectory_pb2.StepChunk.FromString(raw)
+                fd = os.open(f"{store_dir}/{next(written)}", os.O_WRONLY | os.O_CREAT, 0o666)
+                try:
+                    view = memoryview(raw)
+                    while view:
+                        view = view[os.write(fd, view[: 1 << 20]) :]
+                finally:
+                    os.close(fd)
+                yield ack
+
         handler = grpc.method_handlers_generic_handler(
             "fleetlearn.v1.TrajectoryService",
-            {"Upload": grpc.stream_stream_rpc_method_handler(echo)},
+            {"Upload": grpc.stream_stream_rpc_method_handler(echo if kind == "raw" else write)},
         )
         server.add_generic_rpc_handlers((handler,))
     port = server.add_insecure_port("127.0.0.1:0")
@@ -94,6 +119,7 @@ def _serve(kind: str, store_dir: str) -> None:
 
 class Child:
     def __init__(self, kind: str, store_dir: str) -> None:
+        self.store_dir = Path(store_dir) if store_dir else None
         self.proc = subprocess.Popen(
             [sys.executable, __file__, "--serve", kind, "--store", store_dir],
             stdin=subprocess.PIPE,
@@ -106,6 +132,17 @@ class Child:
     def cpu(self) -> float:
         t = self.ps.cpu_times()
         return float(t.user + t.system)
+
+    def discard_written(self) -> None:
+        """Delete what the throughput runs stored (see the module docstring)."""
+        if self.store_dir is None:
+            return
+        cells = self.store_dir / "episodes"
+        for path in [*cells.glob("*/*/"), *self.store_dir.glob("[0-9]*")]:
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
 
     def close(self) -> None:
         assert self.proc.stdin is not None
@@ -169,11 +206,15 @@ def make_chunk(
 
 
 def stream_all(port: int, payloads: list[bytes]) -> tuple[float, int]:
-    """Send every payload on one stream as fast as flow control allows; (seconds, acks)."""
+    """Send every payload on one stream as fast as flow control allows; (seconds, durable
+    acks)."""
     with grpc.insecure_channel(f"127.0.0.1:{port}", options=OPTIONS) as ch:
         call = ch.stream_stream(METHOD)
         t0 = time.perf_counter()
-        acks = sum(1 for _ in call(iter(payloads), timeout=300))
+        acks = sum(
+            trajectory_pb2.ChunkAck.FromString(raw).durable
+            for raw in call(iter(payloads), timeout=300)
+        )
         return time.perf_counter() - t0, acks
 
 
@@ -294,13 +335,13 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seconds", type=float, default=6.0, help="length of each paced run")
     p.add_argument("--chunks", type=int, default=60, help="chunks in the throughput runs")
-    p.add_argument("--repeats", type=int, default=5, help="raw/ingest throughput run pairs")
+    p.add_argument("--repeats", type=int, default=5, help="raw/ingest/write throughput rounds")
     p.add_argument("--chunk-steps", type=int, default=20, help="steps a chunk (throughput)")
     p.add_argument(
         "--latency-chunk-steps", type=int, default=5, help="steps a chunk in the paced runs"
     )
     p.add_argument("--light-chunk-steps", type=int, default=20, help="steps a chunk, light cells")
-    p.add_argument("--serve", choices=["ingest", "raw"], help=argparse.SUPPRESS)
+    p.add_argument("--serve", choices=["ingest", "raw", "write"], help=argparse.SUPPRESS)
     p.add_argument("--store", default="", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.serve:
@@ -327,21 +368,27 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-ingest-") as tmp:
         tmp_path = Path(tmp)
         raw_child = Child("raw", "")
+        (tmp_path / "written").mkdir()
+        write_child = Child("write", str(tmp_path / "written"))
         child = Child("ingest", str(tmp_path / "store"))
         try:
             warm = [
                 make_chunk("cell-00", "warm", s, n, frames).SerializeToString() for s in range(3)
             ]
-            stream_all(raw_child.port, warm)
-            stream_all(child.port, warm)
-            raws, ings = [], []
+            for server in (raw_child, write_child, child):
+                stream_all(server.port, warm)
+            raws, ings, writes = [], [], []
+            order = [(raws, raw_child), (ings, child), (writes, write_child)]
             for r in range(args.repeats):
                 payloads = run_payloads(r)
-                # Alternate which goes first, so a trend in the machine's load favours neither.
-                order = ((raws, raw_child), (ings, child))
-                for out, server in order if r % 2 == 0 else order[::-1]:
+                # Rotate which goes first, so a trend in the machine's load favours none.
+                for out, server in order[r % 3 :] + order[: r % 3]:
                     out.append(throughput(server, payloads, steps))
+                    server.discard_written()
             ratios = [i["steps_per_s"] / w["steps_per_s"] for i, w in zip(ings, raws, strict=True)]
+            ceiling = [
+                c["steps_per_s"] / w["steps_per_s"] for c, w in zip(writes, raws, strict=True)
+            ]
             raw = _median_run(raws)
             ing = _median_run(ings)
             for median, all_runs in ((raw, raws), (ing, ings)):
@@ -357,12 +404,18 @@ def main(argv: list[str] | None = None) -> int:
                 f"{ing['mb_per_s']:.0f} MB/s, {ing['steps_per_cpu_s']:.0f} steps per server CPU "
                 f"second; runs {_figures(ings)}"
             )
-            print(f"ratio per pair: {', '.join(f'{x:.2f}' for x in ratios)}")
+            print(f"ratio per round: {', '.join(f'{x:.2f}' for x in ratios)}")
+            print(
+                f"write ceiling (receive + write the bytes to a file, nothing else): "
+                f"{_median_run(writes)['steps_per_s']:.0f} steps/s (median), ratio per round "
+                f"{', '.join(f'{x:.2f}' for x in ceiling)}"
+            )
         except BaseException:
             child.close()
             raise
         finally:
             raw_child.close()
+            write_child.close()
         try:
             lat = paced_cells(child.port, 4, args.seconds, args.latency_chunk_steps, frames)
             print(
@@ -395,6 +448,8 @@ def main(argv: list[str] | None = None) -> int:
         "ingest_mb_per_s": round(ing["mb_per_s"], 1),
         "ratio_to_raw_grpc": round(float(np.median(ratios)), 3),
         "ratio_runs": [round(x, 3) for x in ratios],
+        "write_ceiling_ratio": round(float(np.median(ceiling)), 3),
+        "write_ceiling_runs": [round(x, 3) for x in ceiling],
         # Load-independent view: server CPU per step, ingest against raw (1.0 = free).
         "raw_grpc_steps_per_cpu_s": round(raw["steps_per_cpu_s"], 1),
         "cpu_ratio_to_raw_grpc": round(ing["steps_per_cpu_s"] / raw["steps_per_cpu_s"], 3),
