@@ -13,6 +13,7 @@ from pathlib import Path
 
 import grpc
 
+from fleet.heap import keep_freed_memory
 from fleet.registry import Registry
 from fleet.tls import server_credentials
 from learner import ingest, policy_service
@@ -46,6 +47,9 @@ class Gateway:
         truncate_after_s: float | None = None,
         reuse_port: bool = False,
     ) -> None:
+        # Ingest frees megabytes a chunk; refaulting them each time costs more than the
+        # store's own work (fleet/heap.py).
+        keep_freed_memory()
         self.store = EpisodeStore(store_root)
         self.registry = Registry(registry_url)
         self.host = host
