@@ -267,6 +267,27 @@ class EpisodeStore:
                 reason,
             )
 
+    def remove_temp_files(self, ref: EpisodeRef) -> int:
+        """Delete the `*.partial` files a killed write left in an episode; how many.
+
+        Only safe once no writer can be mid-write in it: the episode is complete, or has
+        been idle far longer than one append takes (the truncation sweeper calls it then).
+        """
+        removed = 0
+        with self._episode_lock(ref):
+            for path in (self.root / ref.path).rglob("*.partial"):
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+                    removed += 1
+        if removed:
+            log.info(
+                "cell %s episode %s: removed %d temporary file(s) a killed write left",
+                ref.cell_id,
+                ref.episode_id,
+                removed,
+            )
+        return removed
+
     def _episode_lock(self, ref: EpisodeRef) -> _HeldLock:
         with self._guard:
             holder = self._locks.get(ref)

@@ -6,6 +6,11 @@ The sweeper marks it truncated (EpisodeStore.mark_truncated); its stored steps s
 readable, and a cell that comes back and resumes the episode clears the mark with its next
 chunk. Age is the store's own `updated_at` (the learner's clock at the last commit), so the
 sweep is right whichever ingest server wrote the episode and survives learner restarts.
+
+The sweep also deletes the temporary files a killed learner left in an episode (a write
+cut between its temporary file and the rename) once the episode is finished or truncated:
+then no write can be in progress there. Episodes already complete when the sweeper starts
+are not walked, so a restart on a large store stays cheap.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ class TruncationSweeper:
             float(interval_s) if interval_s is not None else min(5.0, truncate_after_s / 4)
         )
         self._done: set[EpisodeRef] = set()  # complete episodes never change again
+        self._watched: set[EpisodeRef] = set()  # seen in progress: cleaned when they end
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.truncated_total = 0
@@ -68,11 +74,12 @@ class TruncationSweeper:
             if ref in self._done:
                 continue
             attrs = self._attrs(ref)
-            if attrs is None or attrs.get("truncated"):
+            if attrs is None:
                 continue
-            if attrs.get("complete"):
-                self._done.add(ref)
+            if attrs.get("complete") or attrs.get("truncated"):
+                self._end(ref, complete=bool(attrs.get("complete")))
                 continue
+            self._watched.add(ref)
             idle = now - float(attrs.get("updated_at") or attrs.get("created_at") or now)
             if idle < self.truncate_after_s:
                 continue
@@ -82,8 +89,17 @@ class TruncationSweeper:
                 "vanished mid-episode",
             )
             marked.append(ref)
+            self._end(ref, complete=False)
         self.truncated_total += len(marked)
         return marked
+
+    def _end(self, ref: EpisodeRef, *, complete: bool) -> None:
+        """An episode finished or truncated: clean it once if it was watched in progress."""
+        if ref in self._watched:
+            self._watched.discard(ref)
+            self.store.remove_temp_files(ref)
+        if complete:
+            self._done.add(ref)
 
     def _attrs(self, ref: EpisodeRef) -> dict[str, Any] | None:
         """The episode's committed attributes, read straight from its zarr.json (cheap)."""

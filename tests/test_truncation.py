@@ -52,6 +52,33 @@ def test_a_resumed_episode_clears_the_mark(tmp_path: Path) -> None:
     assert attrs["complete"] and not attrs["truncated"]
 
 
+def test_temp_files_of_a_killed_write_are_removed_once_the_episode_ends(tmp_path: Path) -> None:
+    """A learner killed between a temporary file and its rename leaves `*.partial` behind;
+    the sweeper deletes them when the episode is finished or truncated, never while a write
+    could still be in progress."""
+    store = EpisodeStore(tmp_path)
+    _append(store, 0, episode="finishing")
+    _append(store, 0, episode="vanishing")
+    leftovers = {}
+    for episode in ("finishing", "vanishing"):
+        frame_dir = tmp_path / "episodes/c1" / episode / "cameras/overhead/c"
+        leftovers[episode] = frame_dir / "1.4242-7.partial"
+        leftovers[episode].write_bytes(b"half a frame chunk")
+    sweeper = TruncationSweeper(store, truncate_after_s=60)
+
+    assert sweeper.sweep() == []
+    assert all(p.exists() for p in leftovers.values())  # both still in progress
+
+    _append(store, 1, episode="finishing", last=True)
+    sweeper.sweep()
+    assert not leftovers["finishing"].exists()
+    assert leftovers["vanishing"].exists()  # idle 0 s: a write may still come
+
+    assert sweeper.sweep(now=time.time() + 61) == [EpisodeRef("c1", "vanishing")]
+    assert not leftovers["vanishing"].exists()
+    assert len(store.read_episode(EpisodeRef("c1", "finishing")).frames["overhead"]) == 12
+
+
 def test_gateway_sweeper_truncates_after_the_timeout(tmp_path: Path, redis_server: str) -> None:
     gw = Gateway(tmp_path / "store", redis_server, TASKS, truncate_after_s=0.5)
     assert gw.sweeper is not None
