@@ -17,6 +17,7 @@ from actors.config import ActorConfig
 from actors.edge import run_actor
 from fleet.logs import setup_logging
 from fleet.metrics import add_metrics_arguments
+from fleet.supervision import stop_with_supervisor
 
 log = logging.getLogger("actor")
 
@@ -174,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
+    stop_with_supervisor()  # under `fleet up`: its death is a SIGTERM here
     from fleet.metrics import serve_metrics
 
     metrics_server = serve_metrics(args.metrics_port, host=args.metrics_host)

@@ -119,7 +119,9 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_status(args)
     if args.command == "dashboard":
         from fleet.dashboard.server import run_dashboard
+        from fleet.supervision import stop_with_supervisor
 
+        stop_with_supervisor()  # under `fleet up`: its death is a SIGTERM here
         return run_dashboard(args)
     from fleet.rollout_cli import COMMANDS, run_rollout_command
 

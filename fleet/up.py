@@ -28,6 +28,7 @@ from fleet.net import free_port
 from fleet.redis_server import RedisServer
 from fleet.registry import Registry
 from fleet.status_view import render
+from fleet.supervision import supervised_env
 
 log = logging.getLogger(__name__)
 
@@ -162,6 +163,7 @@ class _Fleet:
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,
+                env=supervised_env(),  # the child stops if fleet up dies (fleet/supervision.py)
             )
         child = _Child(name, proc, log_path)
         self.children.append(child)

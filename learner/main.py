@@ -22,6 +22,7 @@ from fleet import metrics
 from fleet.logs import setup_logging
 from fleet.metrics import add_metrics_arguments
 from fleet.registry import Registry
+from fleet.supervision import stop_with_supervisor
 from learner.chunks import DecodedChunk
 from learner.gateway import Gateway
 from learner.sampler import SamplerConfig
@@ -221,6 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
+    stop_with_supervisor()  # under `fleet up`: its death is a SIGTERM here
     tokens = _load_tokens(args.tokens_file)
     n_servers = max(1, args.ingest_servers)
 

@@ -91,7 +91,8 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Regis
             _eventually(lambda: proc.poll() is None and ready(), 200, "a running fleet")
             yield url, registry, run
         finally:
-            proc.send_signal(signal.SIGINT)
+            # SIGTERM, not SIGINT: a suite run as a background job inherits SIGINT ignored.
+            proc.send_signal(signal.SIGTERM)
             try:
                 proc.wait(120)
             except subprocess.TimeoutExpired:
