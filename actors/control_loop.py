@@ -272,6 +272,8 @@ class ControlLoop:
             self._version,
         )
         success, reason = False, "aborted"
+        # A real cell's operator may judge the episode a failure (drivers/operator_console).
+        failed = getattr(self.scene, "failed", None)
         lateness = TICK_LATENESS.labels(cell=self.config.cell_id)
         try:
             next_tick = started
@@ -313,6 +315,9 @@ class ControlLoop:
                 )
                 if success:
                     reason = "success"
+                    break
+                if failed is not None and failed():
+                    reason = "failure"
                     break
                 if self.clock.now() - started >= cfg.max_episode_s - 1e-9:
                     reason = "timeout"

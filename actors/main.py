@@ -1,6 +1,8 @@
 """`fleet actor`: one cell's edge actor until SIGINT/SIGTERM, then drain and report.
 
-With --sim the cell is the simulated one from drivers/sim; the actor code is the same.
+With --sim the cell is the simulated one from drivers/sim; with --cell-config it is a real
+cell (actors/real_cell.py) described by a TOML file (ops/cell.example.toml). The actor
+code is the same.
 """
 
 from __future__ import annotations
@@ -44,11 +46,21 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: plaintext)",
     )
     p.add_argument("--sim", action="store_true", help="drive the simulated cell")
+    p.add_argument(
+        "--cell-config",
+        type=Path,
+        default=None,
+        help="drive a real cell described by this TOML file (ops/cell.example.toml); it "
+        "sets the cell's arms, cameras, control rate, episode limit, tasks and JPEG quality "
+        "(the sim-only and cell flags here are then ignored); --cell must match its cell.id",
+    )
     p.add_argument("--seed", type=int, default=0, help="sim seed (episode layouts)")
     p.add_argument("--cameras", default="overhead,front", help="comma-separated camera names")
     p.add_argument("--height", type=int, default=96)
     p.add_argument("--width", type=int, default=128)
-    p.add_argument("--control-hz", type=float, default=20.0)
+    p.add_argument(
+        "--control-hz", type=float, default=20.0, help="sim only (a real cell: its config)"
+    )
     p.add_argument(
         "--realtime-factor",
         type=float,
@@ -79,7 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-episode-s",
         type=float,
         default=None,
-        help="episode time limit (default: 10 s mujoco, 8 s kinematic)",
+        help="sim only: episode time limit (default: 10 s mujoco, 8 s kinematic; a real "
+        "cell: its config)",
     )
     p.add_argument(
         "--verify-key",
@@ -105,7 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--spool-quota-mb", type=int, default=2048, help="disk quota of the spool, MB")
     p.add_argument(
-        "--jpeg-quality", type=int, default=90, help="JPEG quality of uploaded frames, 1-100"
+        "--jpeg-quality",
+        type=int,
+        default=90,
+        help="JPEG quality of uploaded frames, 1-100 (a real cell: its config)",
     )
     add_metrics_arguments(p)
     p.add_argument(
@@ -120,13 +136,38 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging()
-    if not args.sim:
+    real = None
+    if args.cell_config is not None:
+        from actors.cell_config import CellConfig, CellConfigError
+
+        if args.sim:
+            log.error("cell %s: give --sim or --cell-config, not both", args.cell)
+            return 2
+        try:
+            real = CellConfig.load(args.cell_config)
+        except CellConfigError as exc:
+            log.error("cell %s: %s", args.cell, exc)
+            return 2
+        if real.cell_id != args.cell:
+            log.error(
+                "cell %s: %s is the config of cell %r; run it with --cell %s",
+                args.cell,
+                real.source,
+                real.cell_id,
+                real.cell_id,
+            )
+            return 2
+    elif not args.sim:
         log.error(
-            "cell %s: only --sim cells are wired so far; real drivers arrive with the "
-            "drivers issue",
+            "cell %s: say which cell to drive: --sim (a simulated cell) or --cell-config PATH "
+            "(a real cell from its TOML config, see ops/cell.example.toml)",
             args.cell,
         )
         return 2
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop_with_supervisor()  # under `fleet up`: its death is a SIGTERM here
     cameras = tuple(c for c in args.cameras.split(",") if c)
     cell_args = dict(
         seed=args.seed,
@@ -138,54 +179,67 @@ def main(argv: list[str] | None = None) -> int:
         takeover_prob=args.takeover_prob,
         takeover_stall_s=args.takeover_stall_s,
     )
-    if args.sim_backend == "mujoco":
+    control_hz, jpeg_quality = args.control_hz, args.jpeg_quality
+    tasks: tuple[str, ...] = ()  # empty: the scene's own tasks (sim)
+    if real is not None:
+        from actors.real_cell import make_real_cell
+
+        try:
+            cell: Any = make_real_cell(real, stop=stop)  # the console's waits end on stop
+        except Exception as exc:
+            log.error("cell %s: could not open the real cell: %s", args.cell, exc)
+            return 2
+        max_episode_s = real.max_episode_s
+        control_hz, jpeg_quality, tasks = real.control_hz, real.jpeg_quality, real.tasks
+    elif args.sim_backend == "mujoco":
         from drivers.sim.sdk_cell import make_sdk_sim_cell
 
-        cell: Any = make_sdk_sim_cell(args.cell, **cell_args)
+        cell = make_sdk_sim_cell(args.cell, **cell_args)
         max_episode_s = 10.0
     else:
         from drivers.sim import make_sim_cell
 
         cell = make_sim_cell(args.cell, **cell_args)
         max_episode_s = 8.0
-    if args.max_episode_s is not None:
+    if args.max_episode_s is not None and real is None:
         max_episode_s = args.max_episode_s
-    config = ActorConfig(
-        cell_id=args.cell,
-        learner_address=args.learner,
-        token=args.token_file.read_text().strip() if args.token_file else args.token,
-        control_hz=args.control_hz,
-        max_episode_s=max_episode_s,
-        seed=args.seed,
-        verify_key=str(args.verify_key) if args.verify_key else "",
-        version_cache_dir=str(
-            args.version_cache or Path.home() / ".cache" / "fleetlearn" / args.cell / "versions"
-        ),
-        version_cache_max_bytes=args.version_cache_mb << 20,
-        spool_dir=str(
-            args.spool_dir or Path.home() / ".local" / "share" / "fleetlearn" / args.cell / "spool"
-        ),
-        spool_quota_bytes=args.spool_quota_mb << 20,
-        jpeg_quality=args.jpeg_quality,
-    )
-    if args.tls_dir is not None:
-        from fleet.tls import use_client_tls
-
-        use_client_tls(args.tls_dir, args.cell)
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    stop_with_supervisor()  # under `fleet up`: its death is a SIGTERM here
-    from fleet.metrics import serve_metrics
-
-    metrics_server = serve_metrics(args.metrics_port, host=args.metrics_host)
+    # From here on the cell is open: whatever fails, it is closed (a real cell's torque off).
     try:
-        summary = run_actor(config, cell, stop)
+        config = ActorConfig(
+            cell_id=args.cell,
+            learner_address=args.learner,
+            token=args.token_file.read_text().strip() if args.token_file else args.token,
+            control_hz=control_hz,
+            max_episode_s=max_episode_s,
+            tasks=tasks,
+            seed=args.seed,
+            verify_key=str(args.verify_key) if args.verify_key else "",
+            version_cache_dir=str(
+                args.version_cache or Path.home() / ".cache" / "fleetlearn" / args.cell / "versions"
+            ),
+            version_cache_max_bytes=args.version_cache_mb << 20,
+            spool_dir=str(
+                args.spool_dir
+                or Path.home() / ".local" / "share" / "fleetlearn" / args.cell / "spool"
+            ),
+            spool_quota_bytes=args.spool_quota_mb << 20,
+            jpeg_quality=jpeg_quality,
+        )
+        if args.tls_dir is not None:
+            from fleet.tls import use_client_tls
+
+            use_client_tls(args.tls_dir, args.cell)
+        from fleet.metrics import serve_metrics
+
+        metrics_server = serve_metrics(args.metrics_port, host=args.metrics_host)
+        try:
+            summary = run_actor(config, cell, stop)
+        finally:
+            if metrics_server is not None:
+                metrics_server.stop()
     finally:
-        if metrics_server is not None:
-            metrics_server.stop()
         if hasattr(cell, "close"):
-            cell.close()  # stops the simulated servo chains
+            cell.close()  # torque off on a real cell; stops the simulated servo chains
     if args.summary_json is not None:
         args.summary_json.parent.mkdir(parents=True, exist_ok=True)
         args.summary_json.write_text(json.dumps(summary, indent=2))

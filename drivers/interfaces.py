@@ -87,7 +87,11 @@ class Operator(Protocol):
 
 
 class TaskScene(Protocol):
-    """Episode boundaries and outcomes: a person (or the sim) resets and judges the scene."""
+    """Episode boundaries and outcomes: a person (or the sim) resets and judges the scene.
+
+    A scene may also have `failed() -> bool` (a real cell's operator console does): the
+    control loop then ends the episode early with reason "failure" when it turns True.
+    """
 
     tasks: tuple[str, ...]
 

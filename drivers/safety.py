@@ -14,6 +14,15 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
+# The speed a command may move at, per arm (rad/s for the six joints, gripper travel/s):
+# a calm teleoperator's. One bound for every cell, simulated or real.
+ARM_SPEED = np.array([3.0, 3.0, 3.0, 3.0, 3.0, 3.0, 4.0])
+
+
+def step_bound(control_hz: float, arms: int = 2) -> list[float]:
+    """The per-tick step bound of every joint (left arm, then right) at `control_hz`."""
+    return [float(v) for v in ARM_SPEED / control_hz] * arms
+
 
 def _inward_f32(lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Round float64 bounds to float32 without widening them (lo up, hi down)."""

@@ -27,7 +27,7 @@ from drivers.cell import CellHardware
 from drivers.dynamixel import control_table as ct
 from drivers.dynamixel.arm_bus import DynamixelArmBus
 from drivers.interfaces import Clock, Operator, TaskScene
-from drivers.safety import SafetyGate
+from drivers.safety import SafetyGate, step_bound
 from drivers.sim.devices import SimClock, SimOperator
 from drivers.sim.mujoco import MUJOCO_TASKS, MujocoExpert, MujocoWorld
 from drivers.sim.rs_software import PushedRealSense, SoftwareRealSense
@@ -36,9 +36,6 @@ from drivers.sim.servo_peer import ServoPeer
 from protos.joint_layout import ARM_SIDES, JOINT_LOWER, JOINT_UPPER
 
 log = logging.getLogger(__name__)
-
-# Per-tick step bound the safety gate allows (rad/s; gripper travel/s): a calm teleoperator.
-JOINT_SPEED = np.array([3.0, 3.0, 3.0, 3.0, 3.0, 3.0, 4.0])
 
 
 def shaft_from_joint(cal: ArmCalibration, q: np.ndarray) -> list[float]:
@@ -217,9 +214,7 @@ def make_sdk_sim_cell(
             _camera(world, name, i, cell_id, height, width, control_hz)
             for i, name in enumerate(cameras)
         ]
-        gate = SafetyGate(
-            JOINT_LOWER, JOINT_UPPER, max_step=list(JOINT_SPEED / control_hz) * len(ARM_SIDES)
-        )
+        gate = SafetyGate(JOINT_LOWER, JOINT_UPPER, max_step=step_bound(control_hz, len(ARM_SIDES)))
         hardware = CellHardware(arms=arms, cameras=cams, clock=clock, gate=gate)
         hardware.enable()
         if watchdog:

@@ -1,0 +1,171 @@
+"""A real cell from its config: the same driver classes drivers/sim/sdk_cell.py assembles
+for the MuJoCo cell, on real serial ports and RealSense serials.
+
+The scene is the person at the cell (drivers/operator_console.py); the operator is the
+leader arms plus the console's takeover toggle (or nobody, without leaders); the clock is
+the wall clock. Construction is all-or-nothing: a failure half way closes every port and
+camera already opened, so a retry never finds a port still held by a dead attempt.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from actors.cell_config import CellConfig
+from drivers.calibration import CellCalibration
+from drivers.cell import CellHardware
+from drivers.clock import WallClock
+from drivers.dynamixel.arm_bus import DynamixelArmBus
+from drivers.dynamixel.leader import LeaderArms
+from drivers.interfaces import Camera, Clock, Operator
+from drivers.operator_console import NoTakeover, OperatorConsole
+from drivers.safety import SafetyGate, step_bound
+from drivers.teleop import TeleopOperator
+from protos.joint_layout import ARM_SIDES, JOINT_LOWER, JOINT_UPPER
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RealCell:
+    """A cell's drivers behind the CellLike shape run_actor takes; close() makes it safe."""
+
+    hardware: CellHardware
+    scene: OperatorConsole
+    operator: Operator
+    clock: Clock
+    cell_id: str = ""
+    control_hz: float = 50.0
+    calibration: CellCalibration | None = None
+    _closed: bool = False
+
+    def close(self) -> None:
+        """Hold, torque off, close the buses, cameras, leaders and the console (each once;
+        one failing does not stop the rest)."""
+        if self._closed:
+            return
+        self._closed = True
+        errors: list[BaseException] = []
+        self.hardware.stop_watchdog()
+        self.hardware.torque_off()  # logs, never raises
+        closers: list[Callable[[], None]] = [self.hardware.close, self.scene.close]
+        if isinstance(self.operator, TeleopOperator):
+            closers.append(self.operator.close)
+        for closer in closers:
+            try:
+                closer()
+            except Exception as exc:
+                errors.append(exc)
+        if errors:
+            log.warning(
+                "cell %s: %d errors while closing: %s", self.cell_id, len(errors), errors[0]
+            )
+        log.info("cell %s: torque off, devices closed", self.cell_id)
+
+
+def make_real_cell(
+    config: CellConfig,
+    *,
+    stop: threading.Event | None = None,
+    console_source: Any = None,
+    watchdog: bool = True,
+    bus_kwargs: dict[str, Any] | None = None,
+) -> RealCell:
+    """Open the cell `config` describes. `stop` is the actor's stop event (the console's
+    waits end on it); `console_source` overrides the config's operator input (tests)."""
+    cal = CellCalibration.load(config.calibration)
+    clock = WallClock()
+    extra = dict(bus_kwargs or {})
+    opened: list[Any] = []  # everything with a close(), in opening order
+    try:
+        arms: dict[str, DynamixelArmBus] = {}
+        for side in ARM_SIDES:
+            spec = config.followers[side]
+            arms[side] = DynamixelArmBus(
+                side,
+                spec.port,
+                cal.arm(spec.calibration_arm),
+                baud=spec.baud,
+                clock=clock,
+                **extra,
+            )
+            opened.append(arms[side])
+        cams: list[Camera] = []
+        if config.cameras:
+            from drivers.realsense import RealSenseCamera  # only cells with cameras need it
+
+            for c in config.cameras:
+                cam = RealSenseCamera(c.name, c.serial, c.height, c.width, c.fps, depth=c.depth)
+                cams.append(cam)
+                opened.append(cam)
+        leaders: LeaderArms | None = None
+        if config.leaders is not None:
+            leader_arms: dict[str, DynamixelArmBus] = {}
+            for side in ARM_SIDES:
+                spec = config.leaders[side]
+                leader_arms[side] = DynamixelArmBus(
+                    f"leader_{side}",
+                    spec.port,
+                    cal.arm(spec.calibration_arm),
+                    baud=spec.baud,
+                    clock=clock,
+                    gripper_current_ma=None,  # never powered: no current limit
+                    **extra,
+                )
+                opened.append(leader_arms[side])
+            leaders = LeaderArms(leader_arms)
+        console = OperatorConsole(
+            config.cell_id,
+            config.tasks,
+            console_source if console_source is not None else config.operator_input,
+            stop=stop,
+            can_take_over=leaders is not None,
+        )
+        opened.append(console)
+        gate = SafetyGate(
+            JOINT_LOWER,
+            JOINT_UPPER,
+            max_step=step_bound(config.control_hz, len(ARM_SIDES)),
+        )
+        hardware = CellHardware(arms=arms, cameras=cams, clock=clock, gate=gate)
+        operator: Operator = (
+            TeleopOperator(leaders, console.takeover)
+            if leaders is not None
+            else NoTakeover(hardware.read_joints)
+        )
+        hardware.enable()
+        if watchdog:
+            hardware.start_watchdog(1.0 / config.control_hz)
+    except BaseException:
+        for dev in reversed(opened):
+            if isinstance(dev, DynamixelArmBus) and dev.torque_enabled:
+                try:
+                    dev.set_torque(False)
+                except Exception:
+                    log.exception("cell %s: torque off failed on %s", config.cell_id, dev.name)
+            try:
+                dev.close()
+            except Exception:
+                log.exception("cell %s: closing %r failed", config.cell_id, dev)
+        raise
+    log.info(
+        "cell %s: real cell open (arms %s, leaders %s, cameras %s, %.0f Hz)",
+        config.cell_id,
+        ",".join(f"{s}@{config.followers[s].port}" for s in ARM_SIDES),
+        "yes" if leaders is not None else "no",
+        ",".join(c.name for c in config.cameras) or "none",
+        config.control_hz,
+    )
+    return RealCell(
+        hardware=hardware,
+        scene=console,
+        operator=operator,
+        clock=clock,
+        cell_id=config.cell_id,
+        control_hz=config.control_hz,
+        calibration=cal,
+    )
