@@ -8,13 +8,14 @@ must keep up with the trainer (goal: >= 1x the trainer's batches per second), or
 starves on a fast learner.
 
 Prints a few lines, and as its LAST line one JSON object with figures and goals.
-Run: .venv/bin/python -m tests.bench.trainer [--updates 40] [--batch-size 32]
+Run: .venv/bin/python tests/bench/trainer.py [--updates 40] [--batch-size 32]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -29,6 +30,10 @@ from fleet.policy.model import UnifiedPolicy
 from learner.learner_group import build_learner_group, set_state_dict, update
 from learner.sampler import EpisodeSampler, SamplerConfig
 from learner.store import EpisodeStore
+
+# Run as `python tests/bench/trainer.py`, the repository root is not on the path; the expert
+# episodes are recorded by the suite's own helper (tests/expert_episodes.py).
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from tests.expert_episodes import CAMERAS, record_expert_episodes
 
 TASKS = ("pick_cube", "touch_target")
