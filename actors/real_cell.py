@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -74,9 +74,12 @@ def make_real_cell(
     console_source: Any = None,
     watchdog: bool = True,
     bus_kwargs: dict[str, Any] | None = None,
+    camera_devices: Mapping[str, Any] | None = None,
 ) -> RealCell:
     """Open the cell `config` describes. `stop` is the actor's stop event (the console's
-    waits end on it); `console_source` overrides the config's operator input (tests)."""
+    waits end on it); `console_source` overrides the config's operator input (tests).
+    `camera_devices` maps a serial to a RealSense device already held (a simulated
+    `rs.software_device`, which the SDK does not list); other cameras are found by serial."""
     cal = CellCalibration.load(config.calibration)
     clock = WallClock()
     extra = dict(bus_kwargs or {})
@@ -99,7 +102,15 @@ def make_real_cell(
             from drivers.realsense import RealSenseCamera  # only cells with cameras need it
 
             for c in config.cameras:
-                cam = RealSenseCamera(c.name, c.serial, c.height, c.width, c.fps, depth=c.depth)
+                cam = RealSenseCamera(
+                    c.name,
+                    c.serial,
+                    c.height,
+                    c.width,
+                    c.fps,
+                    depth=c.depth,
+                    device=(camera_devices or {}).get(c.serial),
+                )
                 cams.append(cam)
                 opened.append(cam)
         leaders: LeaderArms | None = None

@@ -3,8 +3,9 @@ servo chains on pseudo-terminals (the real dynamixel_sdk path), and `fleet actor
 --cell-config` recording an episode the operator marked a success.
 
 Cameras: RealSenseCamera finds a camera by serial among connected devices; the SDK's
-software device is not enumerated by rs.context, so these configs have no cameras (the
-camera path itself is covered by tests/test_realsense.py with an explicit device).
+software device is not enumerated by rs.context, so the camera test hands the builder the
+simulated device for its serial (`camera_devices`), and frames still travel the SDK's own
+pipeline into the real driver.
 """
 
 from __future__ import annotations
@@ -129,13 +130,16 @@ def test_keys_from_a_named_pipe(tmp_path: Path) -> None:
 # The builder over simulated chains -----------------------------------------------------
 
 
-def _config(tmp_path: Path, ports: dict[str, str], leaders: dict[str, str] | None) -> Path:
+def _config(
+    tmp_path: Path, ports: dict[str, str], leaders: dict[str, str] | None, cameras: str = ""
+) -> Path:
     default_calibration("cell-r", leaders=leaders is not None).save(tmp_path / "cal.json")
     text = '[cell]\nid = "cell-r"\n[calibration]\nfile = "cal.json"\n'
     for side, port in ports.items():
         text += f'[arms.followers.{side}]\nport = "{port}"\n'
     for side, port in (leaders or {}).items():
         text += f'[arms.leaders.{side}]\nport = "{port}"\n'
+    text += cameras
     text += '[actor]\ncontrol_hz = 20\nmax_episode_s = 20\ntasks = ["transfer_cube"]\n'
     path = tmp_path / "cell.toml"
     path.write_text(text)
@@ -186,6 +190,34 @@ def test_real_cell_reads_commands_clamps_and_torques_off(tmp_path: Path, chains)
         os.close(r)
     for side in ("left", "right"):
         assert all(chains[side].register(sid, ct.TORQUE_ENABLE) == 0 for sid in range(1, 8))
+
+
+def test_real_cell_cameras_come_through_the_realsense_driver(tmp_path: Path, chains) -> None:
+    from drivers.sim.rs_software import SoftwareRealSense
+
+    ports = {s: chains[s].port for s in ("left", "right")}
+    camera = '[cameras.overhead]\nserial = "SIM-OVERHEAD"\nwidth = 320\nheight = 240\nfps = 30\n'
+    cfg = CellConfig.load(_config(tmp_path, ports, None, camera))
+    sim = SoftwareRealSense("SIM-OVERHEAD", 320, 240, 30)
+    r, w = os.pipe()
+    cell = make_real_cell(
+        cfg, console_source=r, watchdog=False, camera_devices={"SIM-OVERHEAD": sim.device}
+    )
+    try:
+        color = np.zeros((240, 320, 3), np.uint8)
+        color[:, :, 1] = 200
+        depth = np.full((240, 320), 500, np.uint16)
+
+        def frame_arrives() -> bool:
+            sim.push(color, depth, time.time())
+            obs = cell.hardware.observe()
+            return "overhead" in obs.frames and int(obs.frames["overhead"].color[0, 0, 1]) == 200
+
+        assert wait_until(frame_arrives, timeout_s=5.0)
+    finally:
+        cell.close()
+        os.close(w)
+        os.close(r)
 
 
 def test_without_leaders_nobody_takes_over(tmp_path: Path, chains) -> None:
