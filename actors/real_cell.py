@@ -17,7 +17,7 @@ from typing import Any
 
 from actors.cell_config import CellConfig
 from drivers.calibration import CellCalibration
-from drivers.cell import CellHardware
+from drivers.cell import CellHardware, close_each
 from drivers.clock import WallClock
 from drivers.dynamixel.arm_bus import DynamixelArmBus
 from drivers.dynamixel.leader import LeaderArms
@@ -49,21 +49,12 @@ class RealCell:
         if self._closed:
             return
         self._closed = True
-        errors: list[BaseException] = []
         self.hardware.stop_watchdog()
         self.hardware.torque_off()  # logs, never raises
         closers: list[Callable[[], None]] = [self.hardware.close, self.scene.close]
         if isinstance(self.operator, TeleopOperator):
             closers.append(self.operator.close)
-        for closer in closers:
-            try:
-                closer()
-            except Exception as exc:
-                errors.append(exc)
-        if errors:
-            log.warning(
-                "cell %s: %d errors while closing: %s", self.cell_id, len(errors), errors[0]
-            )
+        close_each(closers, self.cell_id)
         log.info("cell %s: torque off, devices closed", self.cell_id)
 
 

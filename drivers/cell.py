@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -187,6 +187,19 @@ class CellHardware:
                 errors.append(exc)
         if errors:
             raise errors[0]
+
+
+def close_each(closers: Iterable[Callable[[], None]], cell_id: str) -> None:
+    """Call every closer even when some fail (one stuck device must not keep the others
+    open), then log the failures."""
+    errors: list[Exception] = []
+    for closer in closers:
+        try:
+            closer()
+        except Exception as exc:
+            errors.append(exc)
+    if errors:
+        log.warning("cell %s: %d errors while closing: %s", cell_id, len(errors), errors[0])
 
 
 class _FaultGuard:

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from drivers.calibration import ArmCalibration, CellCalibration, default_calibration
-from drivers.cell import CellHardware
+from drivers.cell import CellHardware, close_each
 from drivers.dynamixel import control_table as ct
 from drivers.dynamixel.arm_bus import DynamixelArmBus
 from drivers.interfaces import Clock, Operator, TaskScene
@@ -152,20 +152,10 @@ class SdkSimCell:
     calibration: CellCalibration = field(default_factory=default_calibration)
 
     def close(self) -> None:
-        errors: list[BaseException] = []
-        for closer in (
-            self.hardware.close,
-            *(p.close for p in self.peers.values()),
-            self.world.close,
-        ):
-            try:
-                closer()
-            except Exception as exc:
-                errors.append(exc)
-        if errors:
-            log.warning(
-                "cell %s: %d errors while closing: %s", self.cell_id, len(errors), errors[0]
-            )
+        close_each(
+            (self.hardware.close, *(p.close for p in self.peers.values()), self.world.close),
+            self.cell_id,
+        )
 
 
 def make_sdk_sim_cell(
