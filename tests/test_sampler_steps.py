@@ -17,7 +17,17 @@ N = 20
 _JPEG = simplejpeg.encode_jpeg(np.zeros((8, 8, 3), np.uint8), quality=90, colorspace="RGB")
 
 
-def _episode(store: EpisodeStore, name: str, operator: np.ndarray, success: bool) -> None:
+def _episode(
+    store: EpisodeStore,
+    name: str,
+    operator: np.ndarray,
+    success: bool,
+    *,
+    task: str = "touch_target",
+    version: str = "v1",
+    frame: bytes = _JPEG,
+    side: int = 8,
+) -> None:
     """One episode whose joint_pos[:, 0] encodes (episode number, step) for identification."""
     number = int(name.split("-")[1])
     q = np.zeros((N, 14), np.float32)
@@ -28,14 +38,14 @@ def _episode(store: EpisodeStore, name: str, operator: np.ndarray, success: bool
             episode_id=name,
             seq=0,
             first_step=0,
-            task="touch_target",
-            policy_version="v1",
+            task=task,
+            policy_version=version,
             timestamp=np.arange(N, dtype=np.float64) * 0.05,
             joint_pos=q,
             action=q.copy(),
             intervention=operator,
             reward=np.zeros(N, np.float32),
-            cameras={"overhead": CameraColumn("overhead", "jpeg", 8, 8, 3, [_JPEG] * N)},
+            cameras={"overhead": CameraColumn("overhead", "jpeg", side, side, 3, [frame] * N)},
             last=True,
             outcome={
                 "success": success,
@@ -101,26 +111,8 @@ def test_frames_stay_within_the_cache_and_come_back_from_the_store(tmp_path) -> 
         colorspace="RGB",
     )
     for e in range(1, 9):
-        q = np.zeros((N, 14), np.float32)
-        q[:, 0] = e * 100 + np.arange(N)
-        store.append(
-            DecodedChunk(
-                cell_id="cell-a",
-                episode_id=f"ep-{e}",
-                seq=0,
-                first_step=0,
-                task="pick_cube",
-                policy_version="",
-                timestamp=np.arange(N, dtype=np.float64) * 0.05,
-                joint_pos=q,
-                action=q.copy(),
-                intervention=np.ones(N, bool),
-                reward=np.zeros(N, np.float32),
-                cameras={"overhead": CameraColumn("overhead", "jpeg", 64, 64, 3, [big] * N)},
-                last=True,
-                outcome={"success": True, "reason": "success", "started_at": 0.0, "ended_at": 1.0},
-            )
-        )
+        operator = np.ones(N, bool)
+        _episode(store, f"ep-{e}", operator, True, task="pick_cube", version="", frame=big, side=64)
     episode_bytes = N * len(big)
     budget_mb = 1
     assert 8 * episode_bytes > (budget_mb << 20) > 2 * episode_bytes  # 8 episodes do not fit
