@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from drivers.calibration import CalibrationError, CellCalibration
+from fleet.ids import ID_RULE, is_safe_id
 from protos.joint_layout import ARM_SIDES
 
 DEFAULT_BAUD = 1_000_000
@@ -84,6 +85,8 @@ class CellConfig:
         cell = r.table(data, "cell")
         r.only(cell, "cell", {"id"})
         cell_id = r.string(cell, "cell.id")
+        if not is_safe_id(cell_id):  # the learner refuses any other id with every chunk
+            r.fail("cell.id", ID_RULE, cell_id)
         arms = r.table(data, "arms")
         r.only(arms, "arms", {"followers", "leaders"})
         followers = r.arm_pair(r.table(arms, "followers", "arms."), "arms.followers", "")
@@ -228,6 +231,8 @@ class _Reader:
 
     def camera(self, name: str, spec: Any) -> CameraConfig:
         key = f"cameras.{name}"
+        if not is_safe_id(name):  # the camera's array name in the episode store
+            self.fail(key, f"a camera name of {ID_RULE}", name)
         if not isinstance(spec, Mapping):
             self.fail(key, "a table with serial, width, height, fps, depth", spec)
         self.only(spec, key, {"serial", "width", "height", "fps", "depth"})

@@ -10,7 +10,6 @@ field, so the person reading the ack (or the actor's log) knows what to fix.
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any
@@ -18,20 +17,14 @@ from typing import Any
 import grpc
 import numpy as np
 
+from fleet.ids import ID_RULE, MAX_ID_LEN, is_safe_id
 from fleet.wire import WireError, from_tensor
 from protos.fleetlearn.v1 import arrays_pb2, trajectory_pb2
 from protos.joint_layout import JOINT_DIM
 
 ENCODINGS = frozenset({"jpeg", "png16", "zstd16", "raw"})
-MAX_ID_LEN = 128
 MAX_IMAGE_SIDE = 8192
 MAX_CAMERAS = 16
-
-# Ids become path components (episodes/<cell_id>/<episode_id>/): a leading letter or digit
-# keeps out ".", "..", hidden names and option-like names; "zarr.json" would collide with
-# the group metadata file next to the episode directories.
-_SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
-_RESERVED_IDS = frozenset({"zarr.json"})
 
 # Cheap magic-number checks catch a mislabelled encoding without decoding any frame.
 _MAGIC = {
@@ -97,16 +90,6 @@ class ChunkRejected(Exception):
 _Reject = Callable[..., "ChunkRejected"]
 
 
-def is_safe_id(value: str) -> bool:
-    """True when `value` can be used as one path component of the store."""
-    return (
-        0 < len(value) <= MAX_ID_LEN
-        and _SAFE_ID.fullmatch(value) is not None
-        and ".." not in value
-        and value not in _RESERVED_IDS
-    )
-
-
 def _where(msg: trajectory_pb2.StepChunk) -> str:
     """'cell X episode Y seq N' for messages, with untrusted ids shortened and quoted."""
 
@@ -149,8 +132,7 @@ def decode_chunk(
         if not is_safe_id(value):
             raise reject(
                 field,
-                f"{value[:40]!r} is not a valid id (1-{MAX_ID_LEN} characters of "
-                "A-Z a-z 0-9 . _ -, starting with a letter or digit, no '..')",
+                f"{value[:40]!r} is not a valid id ({ID_RULE})",
             )
     if not msg.task:
         raise reject("task", "empty; every chunk names its task")

@@ -61,7 +61,8 @@ from zarr.dtype import VariableLengthBytes
 from zarr.errors import UnstableSpecificationWarning
 from zarr.storage import LocalStore
 
-from learner.chunks import ChunkRejected, DecodedChunk, is_safe_id
+from fleet.ids import is_safe_id
+from learner.chunks import ChunkRejected, DecodedChunk
 from protos.joint_layout import JOINT_DIM
 
 log = logging.getLogger(__name__)

@@ -66,6 +66,9 @@ def test_a_minimal_config_gets_defaults(tmp_path: Path) -> None:
     [
         ('id = "cell-07"\n', "", "cell.id", "is missing"),
         ('id = "cell-07"', "id = 7", "cell.id", "a non-empty string"),
+        # ids the learner would refuse with every chunk fail at start-up instead
+        ('id = "cell-07"', 'id = "../cell-07"', "cell.id", "starting with a letter or digit"),
+        ("[cameras.overhead]", '[cameras."over head"]', "cameras.over head", "camera name"),
         ('port = "/dev/ttyA"\n', "", "arms.followers.left.port", "is missing"),
         ("[arms.followers.right]", "[arms.followers.middle]", "arms.followers.middle", "left"),
         ("baud = 3000000", "baud = 12345", "arms.followers.right.baud", "baud rate"),

@@ -11,7 +11,6 @@ import json
 import logging
 import math
 import os
-import re
 import tempfile
 import warnings
 from collections.abc import Callable
@@ -21,13 +20,12 @@ import torch
 from safetensors.torch import save as safetensors_save
 from torch import nn
 
+from fleet.ids import ID_RULE, is_safe_id
 from fleet.policy.config import PolicyConfig
 from fleet.policy.manifest import Manifest
 from fleet.policy.model import UnifiedPolicy
 
 log = logging.getLogger(__name__)
-
-_VERSION_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
 def state_dict_to_bytes(model: nn.Module) -> bytes:
@@ -217,11 +215,8 @@ def save_version(
     Fills manifest.sha256 and manifest.parameter_count from what is written. The manifest
     lands last, so a manifest on disk always has its complete weights beside it.
     """
-    if not _VERSION_ID.match(manifest.version_id):
-        raise ValueError(
-            f"version id {manifest.version_id!r} is not a safe file name "
-            "(letters, digits, '.', '_', '-'; not starting with a dot)"
-        )
+    if not is_safe_id(manifest.version_id):
+        raise ValueError(f"version id {manifest.version_id!r} is not a safe file name ({ID_RULE})")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     data = state_dict_to_bytes(model)
