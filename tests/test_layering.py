@@ -1,0 +1,101 @@
+"""The layering rule of docs/architecture.md, read from every import in the product code.
+
+The edge (actors/, drivers/) must install and run without the learner, Ray or Redis, and
+drivers/ must not know what runs above it. A runtime check only sees the modules one test
+happens to import; this reads every `import` statement, at module level or inside a
+function, so a lazy import cannot slip an edge past it.
+"""
+
+from __future__ import annotations
+
+import ast
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Which of our top-level packages each package may import (docs/architecture.md).
+MAY_IMPORT: dict[str, set[str]] = {
+    "protos": set(),
+    "drivers": {"protos"},
+    "fleet": {"protos"},
+    "actors": {"drivers", "fleet", "protos"},
+    "learner": {"fleet", "protos"},
+}
+
+# The documented exceptions: (importing file, imported package). Each needs a reason.
+EXCEPTIONS: dict[tuple[str, str], str] = {
+    # The dashboard's episode browser reads the store through the store's own reader,
+    # imported inside the functions that need it (the dashboard runs on the centre).
+    ("fleet/dashboard/store_reader.py", "learner"): "episode browser reads the zarr store",
+}
+
+
+def _imports(path: Path) -> list[tuple[int, str]]:
+    """(line, imported module) for every absolute import in a file, lazy ones included."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    found: list[tuple[int, str]] = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, alias.name) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found.append((node.lineno, node.module))
+    return found
+
+
+def _product_files(package: str) -> list[Path]:
+    return sorted(
+        p
+        for p in (ROOT / package).rglob("*.py")
+        if "_pb2" not in p.name  # generated stubs
+    )
+
+
+def layering_violations() -> list[str]:
+    """Every import that crosses the rule, as 'file:line: imports module'."""
+    bad: list[str] = []
+    for package, allowed in MAY_IMPORT.items():
+        for path in _product_files(package):
+            rel = path.relative_to(ROOT).as_posix()
+            for line, module in _imports(path):
+                target = module.split(".")[0]
+                if target not in MAY_IMPORT or target == package or target in allowed:
+                    continue
+                if (rel, target) in EXCEPTIONS:
+                    continue
+                bad.append(f"{rel}:{line}: imports {module}")
+    return bad
+
+
+def test_no_package_imports_across_the_layering_rule() -> None:
+    assert layering_violations() == []
+
+
+def test_every_exception_is_still_needed() -> None:
+    """An exception nobody uses any more is a hole waiting for the next import."""
+    for (rel, target), reason in EXCEPTIONS.items():
+        used = any(m.split(".")[0] == target for _, m in _imports(ROOT / rel))
+        assert used, f"{rel} no longer imports {target} ({reason}): drop the exception"
+
+
+@pytest.mark.parametrize(
+    ("package", "source", "expected"),
+    [
+        ("drivers", "from actors.control_loop import ControlLoop\n", "imports actors.control_loop"),
+        ("fleet", "def f():\n    import learner.store\n", "imports learner.store"),
+        ("actors", "import learner\n", "imports learner"),
+    ],
+)
+def test_the_check_catches_a_crossing_import(
+    package: str, source: str, expected: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The rule is not vacuous: a planted crossing import, even a lazy one, is reported."""
+    fake_root = tmp_path
+    for name in MAY_IMPORT:
+        (fake_root / name).mkdir()
+    (fake_root / package / "planted.py").write_text(source)
+    monkeypatch.setattr(sys.modules[__name__], "ROOT", fake_root)
+    found = layering_violations()
+    assert found == [f"{package}/planted.py:{source.count(chr(10))}: {expected}"]
