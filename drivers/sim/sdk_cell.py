@@ -11,12 +11,23 @@ Physics and servos meet once per physics step: the goals the peer last received 
 (only goals newer than the last reset, so a reset is never undone by a stale goal), the
 world steps, and the measured joint positions are published back in each servo's shaft
 frame (before homing offset and direction, as a real servo measures).
+
+Lockstep (`lockstep=True`, what `fleet eval` runs): the same seed and the same commands give
+the same episode, step for step. A goal write is a Protocol 2.0 sync write, which no servo
+answers: the driver returns once the bytes are in the pty, and the peer process applies them
+whenever the kernel hands them over and its serial thread runs. Without lockstep the physics
+may already be stepping by then, so a goal lands a few substeps (or a tick) late at random,
+as on a real bus. In lockstep the sim clock first makes one round trip on each arm's bus (a
+ping, through the same driver and SDK): the bus is first-in first-out and the peer answers
+in order, so the reply proves every earlier goal reached the servo link before the physics
+takes a step. The watchdog is off in lockstep: sim time only moves when the loop sleeps, so
+commands cannot stop coming in sim time however slowly the host runs.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -66,10 +77,17 @@ class LinkedPhysics:
     servo peers at every physics step."""
 
     def __init__(
-        self, world: MujocoWorld, links: dict[str, ServoLink], calibration: CellCalibration
+        self,
+        world: MujocoWorld,
+        links: dict[str, ServoLink],
+        calibration: CellCalibration,
+        barrier: Callable[[], None] | None = None,
     ) -> None:
+        """`barrier` (lockstep): called before each run of steps; returns once every command
+        the driver sent so far is in the servo links."""
         self.world = world
         self.links = links
+        self.barrier = barrier
         self.cal = {side: calibration.arm(side) for side in ARM_SIDES}
         self._seen = {side: {sid: 0 for sid in self.cal[side].ids} for side in ARM_SIDES}
         self.publish()
@@ -82,6 +100,8 @@ class LinkedPhysics:
         return self.world.steps_until(t)
 
     def step(self, n: int = 1) -> None:
+        if n > 0 and self.barrier is not None:
+            self.barrier()
         for _ in range(n):
             self.apply_commands()
             self.world.step(1)
@@ -172,9 +192,12 @@ def make_sdk_sim_cell(
     wire_model: bool = False,
     calibration: CellCalibration | None = None,
     watchdog: bool = True,
+    lockstep: bool = False,
 ) -> SdkSimCell:
     """A MuJoCo cell whose arms and cameras are reached through dynamixel_sdk and
-    pyrealsense2. `seed` is the cell's own (its operator's takeovers)."""
+    pyrealsense2. `seed` is the cell's own (its operator's takeovers). `lockstep`: every
+    goal reaches the physics before it steps (reproducible episodes, no watchdog; see the
+    module docstring)."""
     cal = calibration or default_calibration(cell_id)
     world = MujocoWorld(seed=seed, control_hz=control_hz)
     peers: dict[str, ServoPeer] = {}
@@ -207,7 +230,9 @@ def make_sdk_sim_cell(
         gate = SafetyGate(JOINT_LOWER, JOINT_UPPER, max_step=step_bound(control_hz, len(ARM_SIDES)))
         hardware = CellHardware(arms=arms, cameras=cams, clock=clock, gate=gate)
         hardware.enable()
-        if watchdog:
+        if lockstep:
+            physics.barrier = lambda: bus_barrier(arms.values())
+        elif watchdog:
             hardware.start_watchdog(
                 1.0 / control_hz / max(realtime_factor, 1e-9)
                 if realtime_factor > 0
@@ -238,6 +263,14 @@ def make_sdk_sim_cell(
         control_hz=float(control_hz),
         calibration=cal,
     )
+
+
+def bus_barrier(arms: Iterable[DynamixelArmBus]) -> None:
+    """One ping round trip per arm: returns once the servos answered it, so every packet
+    sent before it on that bus has been handled (a bus is first-in first-out)."""
+    for arm in arms:
+        with arm.bus.lock:
+            arm.bus.ping(arm.ids[0])
 
 
 def _camera(
