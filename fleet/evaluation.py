@@ -35,7 +35,9 @@ def wilson_interval(successes: int, episodes: int, z: float = Z_95) -> tuple[flo
     z2 = z * z
     centre = (p + z2 / (2 * episodes)) / (1 + z2 / episodes)
     half = z * math.sqrt(p * (1 - p) / episodes + z2 / (4 * episodes**2)) / (1 + z2 / episodes)
-    return max(0.0, centre - half), min(1.0, centre + half)
+    lo = 0.0 if successes == 0 else max(0.0, centre - half)
+    hi = 1.0 if successes == episodes else min(1.0, centre + half)
+    return lo, hi
 
 
 @dataclass(frozen=True)

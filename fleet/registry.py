@@ -336,6 +336,19 @@ class Registry:
         pipe.execute()
         return candidate
 
+    def block_version(self, version_id: str, *, actor: str, reason: str, **numbers: Any) -> None:
+        """Keep a version that never became the candidate from ever being proposed (the
+        rollout's sim gate found it credibly worse): remembered as rolled back, logged as a
+        "sim_gate_block" event with the numbers."""
+        if not self.r.exists(self._k("version", version_id)):
+            raise KeyError(f"unknown version {version_id!r}")
+        pipe = self.r.pipeline(transaction=True)
+        pipe.sadd(self._k("rolled_back"), version_id)
+        self._add_event(
+            pipe, "sim_gate_block", actor=actor, reason=reason, version=version_id, **numbers
+        )
+        pipe.execute()
+
     def rolled_back(self) -> set[str]:
         """Versions that were rolled back (the controller never proposes them again)."""
         return set(self.r.smembers(self._k("rolled_back")))
