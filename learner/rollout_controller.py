@@ -31,6 +31,7 @@ from learner.sim_gate import SimGate
 log = logging.getLogger(__name__)
 
 ACTOR = "rollout-controller"
+GATE_RETRY_S = 300.0  # after a sim gate evaluation failed to run, before trying it again
 
 
 @dataclass
@@ -56,6 +57,7 @@ class RolloutController:
         self.registry = registry
         self.config = config or ControllerConfig()
         self.sim_gate = sim_gate
+        self._gate_retry_at: dict[str, float] = {}  # version -> when to try its gate again
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._last_wait_log = (0.0, -1)  # (when, candidate episodes)
@@ -91,8 +93,8 @@ class RolloutController:
 
     def step(self) -> str | None:
         """Look at the registry once and act; returns what was done (for tests and logs):
-        "bootstrap", "start", "blocked" (by the sim gate), "advance", "promote", "rollback",
-        "wait" or None."""
+        "bootstrap", "start", "blocked" (by the sim gate), "gate_error", "advance", "promote",
+        "rollback", "wait" or None."""
         state = self.registry.rollout()
         if state["mode"] != "auto":
             return None
@@ -134,7 +136,20 @@ class RolloutController:
             return None  # an operator promoted something newer by hand
         reason = f"newly published version; canary on {self.config.canary} cell(s)"
         if self.sim_gate is not None:
-            verdict = self.sim_gate.check(latest, state["stable"])
+            if time.monotonic() < self._gate_retry_at.get(latest, 0.0):
+                return None
+            try:
+                verdict = self.sim_gate.check(latest, state["stable"])
+            except Exception as exc:
+                if self._stop.is_set():
+                    return None
+                # No evidence is no pass: the version waits, and is evaluated again later.
+                self._gate_retry_at[latest] = time.monotonic() + GATE_RETRY_S
+                log.error("sim gate could not evaluate %s: %s", latest, exc)
+                self.registry.log_event(
+                    "sim_gate_error", actor=ACTOR, reason=str(exc)[-500:], version=latest
+                )
+                return "gate_error"
             if not verdict.passed:
                 self.registry.block_version(
                     latest, actor=ACTOR, reason=verdict.reason, **verdict.numbers

@@ -310,3 +310,17 @@ def test_sim_gate_passes_equal_outcomes_given_the_same_numbers(registry, tmp_pat
         runner=lambda c, s: _summary((8, 10), (8, 10)),
     )
     assert RolloutController(registry, ControllerConfig(), sim_gate=gate).step() == "start"
+
+
+def test_a_sim_gate_that_cannot_evaluate_keeps_the_version_from_canary(
+    registry, redis_server: str, tmp_path: Path
+) -> None:
+    _gate_world(registry, tmp_path)
+    (tmp_path / "v0002.safetensors").unlink()  # the candidate's weights are gone
+    gate = SimGate(2, redis_url=redis_server, prefix=registry.prefix, backend="kinematic")
+    controller = RolloutController(registry, ControllerConfig(), sim_gate=gate)
+    assert controller.step() == "gate_error"
+    assert registry.rollout()["candidate"] is None
+    [error] = [e for e in registry.events() if e["kind"] == "sim_gate_error"]
+    assert error["version"] == "v0002" and "weights not found" in error["reason"]
+    assert controller.step() is None  # not evaluated again at once

@@ -48,6 +48,9 @@ from protos.joint_layout import ARM_SIDES, JOINT_LOWER, JOINT_UPPER
 
 log = logging.getLogger(__name__)
 
+LOCKSTEP_RETRIES = 1000  # bus retries in lockstep, within ...
+LOCKSTEP_RETRY_S = 30.0  # ... this many wall seconds a transaction
+
 
 def shaft_from_joint(cal: ArmCalibration, q: np.ndarray) -> list[float]:
     """Joint positions (rad, gripper 0..1) to shaft angles, as the servos would measure."""
@@ -218,9 +221,19 @@ def make_sdk_sim_cell(
         physics = LinkedPhysics(world, links, cal)  # type: ignore[arg-type]
         clock = SimClock(physics, realtime_factor=realtime_factor)  # type: ignore[arg-type]
         # More retries than a real bus needs: a simulated chain shares the CPU with the
-        # renderer and the learner, and a late reply there is not a broken servo.
+        # renderer and the learner, and a late reply there is not a broken servo. In
+        # lockstep sim time waits for the bus, so a starved servo process only costs wall
+        # time (LOCKSTEP_RETRIES), never a fault that a faster host would not have had.
+        retries, budget_s = (LOCKSTEP_RETRIES, LOCKSTEP_RETRY_S) if lockstep else (4, 0.25)
         arms = {
-            side: DynamixelArmBus(side, peers[side].port, cal.arm(side), clock=clock, retries=4)
+            side: DynamixelArmBus(
+                side,
+                peers[side].port,
+                cal.arm(side),
+                clock=clock,
+                retries=retries,
+                retry_budget_s=budget_s,
+            )
             for side in ARM_SIDES
         }
         cams = [
