@@ -395,9 +395,12 @@ def run_jobs(
     """Run `jobs` on one lockstep cell of `backend`, reporting each episode as it ends."""
     import torch
 
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the same arithmetic on every run and every machine load
     by_name = {p.name: p for p in policies}
-    with sim_cell(backend, cell_id, cameras) as cell:
+    with contextlib.ExitStack() as stack:
+        stack.callback(torch.set_num_threads, threads)
+        cell = stack.enter_context(sim_cell(backend, cell_id, cameras))
         runner = EpisodeRunner(backend, cameras, cell, cell_id)
         for name, task, seed in jobs:
             record, _ = runner.run(by_name[name], task, seed)
