@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 
 from actors.config import ActorConfig
-from actors.control_loop import ControlLoop, EpisodeOutcome
+from actors.control_loop import ControlLoop
 from actors.inference import InlineInference
 from fleet.evaluation import BASELINES, EpisodeRecord, EvalResult, store_evaluation
 from fleet.policy.manifest import Manifest
@@ -281,8 +281,8 @@ class _TraceSink:
 
 @dataclass(frozen=True)
 class PolicySpec:
-    """What a worker runs: `kind` "version" (weights + manifest files), "untrained" (a fresh
-    model of `manifest_path`'s config, seeded) or "expert"."""
+    """What a worker runs: `kind` "version" (its weights file, checked against the
+    manifest), "untrained" (a fresh model of the manifest's config, seeded) or "expert"."""
 
     name: str
     kind: str
@@ -313,39 +313,37 @@ def _build_runner(spec: PolicySpec) -> Any:
 
 
 class EpisodeRunner:
-    """One lockstep sim cell and one control loop per policy; runs (policy, task, seed)
-    jobs one after another. Each loop starts its plan afresh at every episode, so an
-    episode does not depend on what ran before it on this cell."""
+    """One lockstep sim cell; runs (policy, task, seed) jobs one after another, each in a
+    control loop of its own (a policy's model is built once), so nothing of one episode (a
+    plan, a tick count, a version that failed to predict) carries into the next."""
 
-    def __init__(self, backend: str, cameras: Sequence[str], cell: Any, cell_id: str) -> None:
+    def __init__(self, backend: str, cell: Any, cell_id: str) -> None:
         self.backend = backend
         self.cell = cell
         self.cell_id = cell_id
         self.sink = _TraceSink()
-        self.cameras = tuple(cameras)
-        self._loops: dict[str, ControlLoop] = {}
+        self._runners: dict[str, Any] = {}
         self._stop = threading.Event()
-
-    def _loop(self, spec: PolicySpec) -> ControlLoop:
-        loop = self._loops.get(spec.name)
-        if loop is not None:
-            return loop
-        config = ActorConfig(
-            cell_id=self.cell_id,
+        self._config = ActorConfig(
+            cell_id=cell_id,
             learner_address="eval.invalid:0",  # nothing is uploaded
             control_hz=CONTROL_HZ,
-            max_episode_s=max(task_time_limit(self.backend, t) for t in self.cell.scene.tasks),
+            max_episode_s=max(task_time_limit(backend, t) for t in cell.scene.tasks),
         )
+
+    def _loop(self, spec: PolicySpec) -> ControlLoop:
         if spec.kind == "expert":
             operator, watcher, lookahead = self.cell.operator, None, None
         else:
-            runner = _build_runner(spec)
+            runner = self._runners.get(spec.name)
+            if runner is None:
+                runner = self._runners[spec.name] = _build_runner(spec)
             operator, watcher = _HoldOperator(self.cell.hardware), _OneRunner(runner)
             # Inline inference has no latency in sim time: ask for the next chunk halfway
             # through the plan, as the loop does with an instant policy, never on wall time.
             lookahead = max(1, runner.config.chunk_len // 2)
-        loop = ControlLoop(
-            config,
+        return ControlLoop(
+            self._config,
             self.cell.hardware,
             self.cell.scene,
             operator,
@@ -356,16 +354,13 @@ class EpisodeRunner:
             shadow_inference=InlineInference(),
             lookahead=lookahead,
         )
-        self._loops[spec.name] = loop
-        return loop
 
-    def run(self, spec: PolicySpec, task: str, seed: int) -> tuple[EpisodeRecord, EpisodeOutcome]:
-        loop = self._loop(spec)
+    def run(self, spec: PolicySpec, task: str, seed: int) -> EpisodeRecord:
         self.sink.clear()
-        outcome = loop.run_episode(
+        outcome = self._loop(spec).run_episode(
             task, seed, self._stop, max_episode_s=task_time_limit(self.backend, task)
         )
-        record = EpisodeRecord(
+        return EpisodeRecord(
             policy=spec.name,
             task=task,
             seed=seed,
@@ -376,7 +371,6 @@ class EpisodeRunner:
             intervention_steps=outcome.intervention_steps,
             trace_sha256=self.sink.digest(),
         )
-        return record, outcome
 
 
 Job = tuple[str, str, int]  # (policy name, task, seed)
@@ -401,9 +395,9 @@ def run_jobs(
     with contextlib.ExitStack() as stack:
         stack.callback(torch.set_num_threads, threads)
         cell = stack.enter_context(sim_cell(backend, cell_id, cameras))
-        runner = EpisodeRunner(backend, cameras, cell, cell_id)
+        runner = EpisodeRunner(backend, cell, cell_id)
         for name, task, seed in jobs:
-            record, _ = runner.run(by_name[name], task, seed)
+            record = runner.run(by_name[name], task, seed)
             log.info(
                 "cell %s: %s on %s scene %d: %s after %d steps (progress %.3f)",
                 cell_id,

@@ -324,3 +324,26 @@ def test_a_sim_gate_that_cannot_evaluate_keeps_the_version_from_canary(
     [error] = [e for e in registry.events() if e["kind"] == "sim_gate_error"]
     assert error["version"] == "v0002" and "weights not found" in error["reason"]
     assert controller.step() is None  # not evaluated again at once
+
+
+def test_a_version_that_cannot_act_fails_every_scene_and_no_operator_rescues_it(
+    tmp_path: Path,
+) -> None:
+    torch.manual_seed(3)
+    model = UnifiedPolicy(policy_config("tiny", KINEMATIC_TASKS, CAMERAS))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(float("nan"))  # every prediction is non-finite: the loop refuses it
+    manifest = Manifest(
+        version_id="v0009",
+        parent=None,
+        model_config=model.config.to_dict(),
+        training_step=0,
+        data_seen=0,
+        sha256="",
+    )
+    _, path = save_version(tmp_path, model, manifest)
+    result = evaluate(path, tasks=["touch_target"], episodes=2, backend="kinematic", baselines=())
+    assert [r.success for r in result.records] == [False, False]
+    assert all(r.reason == "timeout" and r.intervention_steps == r.steps for r in result.records)
+    assert result.scores["v0009"]["touch_target"].successes == 0
