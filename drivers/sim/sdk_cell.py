@@ -49,7 +49,7 @@ from protos.joint_layout import ARM_SIDES, JOINT_LOWER, JOINT_UPPER
 log = logging.getLogger(__name__)
 
 LOCKSTEP_RETRIES = 1000  # bus retries in lockstep, within ...
-LOCKSTEP_RETRY_S = 30.0  # ... this many wall seconds a transaction
+LOCKSTEP_RETRY_S = 30.0  # ... this many wall seconds a transaction (or a camera frame)
 
 
 def shaft_from_joint(cal: ArmCalibration, q: np.ndarray) -> list[float]:
@@ -237,7 +237,7 @@ def make_sdk_sim_cell(
             for side in ARM_SIDES
         }
         cams = [
-            _camera(world, name, i, cell_id, height, width, control_hz)
+            _camera(world, name, i, cell_id, height, width, control_hz, lockstep)
             for i, name in enumerate(cameras)
         ]
         gate = SafetyGate(JOINT_LOWER, JOINT_UPPER, max_step=step_bound(control_hz, len(ARM_SIDES)))
@@ -287,7 +287,14 @@ def bus_barrier(arms: Iterable[DynamixelArmBus]) -> None:
 
 
 def _camera(
-    world: MujocoWorld, name: str, index: int, cell_id: str, height: int, width: int, fps: float
+    world: MujocoWorld,
+    name: str,
+    index: int,
+    cell_id: str,
+    height: int,
+    width: int,
+    fps: float,
+    lockstep: bool = False,
 ) -> PushedRealSense:
     serial = f"sim-{cell_id}-{index}"
     sensor = SoftwareRealSense(serial, width=width, height=height, fps=max(1, round(fps)))
@@ -296,4 +303,10 @@ def _camera(
         color, depth = world.render(name, height, width)
         return color, depth, world.time
 
-    return PushedRealSense(name, sensor, render, revision=lambda: world.revision)
+    return PushedRealSense(
+        name,
+        sensor,
+        render,
+        revision=lambda: world.revision,
+        min_read_timeout_s=LOCKSTEP_RETRY_S if lockstep else 0.0,
+    )
