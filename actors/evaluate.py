@@ -147,6 +147,8 @@ def resolve_version(
             return _from_files(_newest_in(directory))
         if text == "stable":
             raise LookupError("`stable` is the registry's to say: give --redis-url")
+        if not (directory / f"{text}.json").is_file():
+            raise LookupError(f"no version {text!r} in {directory} (no {text}.json there)")
         return _from_files(directory / f"{text}.json")
     raise LookupError(
         f"cannot find version {text!r}: give a manifest or weights file, a versions "
@@ -458,6 +460,24 @@ def _policies(
     return out
 
 
+def resolve_baselines(
+    baselines: Sequence[str | LoadedVersion], *, registry: Any = None, versions_dir: Path | None
+) -> list[str | LoadedVersion]:
+    """Baseline names kept as they are, versions loaded; LookupError names a bad one."""
+    out: list[str | LoadedVersion] = []
+    for b in baselines:
+        if isinstance(b, LoadedVersion) or b in BASELINES:
+            out.append(b)
+            continue
+        try:
+            out.append(resolve_version(b, registry=registry, versions_dir=versions_dir))
+        except (LookupError, OSError, ValueError) as exc:
+            raise LookupError(
+                f"baseline {b!r} is neither {' nor '.join(BASELINES)} nor a version: {exc}"
+            ) from None
+    return out
+
+
 def eval_tasks(
     version: LoadedVersion, backend: str, tasks: Sequence[str] | None
 ) -> tuple[str, ...]:
@@ -541,7 +561,9 @@ def evaluate(
     indices seed_start .., the same for every policy). Baselines: "untrained", "expert",
     or versions (a LoadedVersion, or with a registry an id / "stable" / "latest").
     `progress` is called after each episode; `on_trace` (in-process runs only, workers=1)
-    gets each episode's joint positions and commanded actions, step by step."""
+    gets each episode's joint positions and commanded actions, step by step. Nothing is
+    stored here: `fleet.evaluation.store_evaluation(result.summary(), ...)` keeps a result
+    with its version (as `fleet eval` does)."""
     if episodes < 1:
         raise ValueError(f"episodes must be >= 1, got {episodes}")
     if workers < 1:
@@ -549,12 +571,7 @@ def evaluate(
     if on_trace is not None and workers != 1:
         raise ValueError("on_trace needs workers=1 (traces stay in the worker processes)")
     version = resolve_version(version_source, registry=registry, versions_dir=versions_dir)
-    base_specs: list[str | LoadedVersion] = [
-        b
-        if b in BASELINES or isinstance(b, LoadedVersion)
-        else resolve_version(b, registry=registry, versions_dir=versions_dir)
-        for b in baselines
-    ]
+    base_specs = resolve_baselines(baselines, registry=registry, versions_dir=versions_dir)
     chosen = eval_tasks(version, backend, tasks)
     policies = _policies(version, base_specs, untrained_seed)
     cameras = tuple(version.manifest.model_config.get("cameras", DEFAULT_CAMERAS))
@@ -731,7 +748,11 @@ def main(argv: list[str] | None = None) -> int:
             if args.verify_key is not None:
                 check_signature(version, args.verify_key)
             tasks = [t for t in args.tasks.split(",") if t]
-            baselines = [b for b in args.baselines.split(",") if b]
+            baselines = resolve_baselines(
+                [b for b in args.baselines.split(",") if b],
+                registry=registry,
+                versions_dir=args.versions_dir,
+            )
             chosen = eval_tasks(version, args.backend, tasks)
         except (LookupError, OSError, ValueError) as exc:
             console.print(f"[red]fleet eval:[/red] {exc}")
