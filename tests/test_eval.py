@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 from fastapi.testclient import TestClient
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from rich.console import Console
 
@@ -163,6 +163,7 @@ def test_a_mujoco_episode_replays_step_for_step(tmp_path: Path) -> None:
         np.testing.assert_array_equal(tr1[name][1], tr2[name][1], err_msg=f"{name} actions")
 
 
+@settings(max_examples=500, deadline=None)  # deadline: a loaded machine is not a failure
 @given(
     cell_seed=st.integers(min_value=0, max_value=2**64 - 1),
     index=st.integers(min_value=0, max_value=10**9),
