@@ -784,16 +784,21 @@ def main(argv: list[str] | None = None) -> int:
                 return 2
         Console().print(_table(result))
         if not args.no_store:
-            stored = store_where(version, registry)
-            store_evaluation(
-                result.summary(),
-                manifest_path=version.manifest_path,
-                registry=registry if "registry" in stored else None,
-            )
-            if stored:
-                log.info(
-                    "evaluation of %s stored in the %s", version.version_id, " and ".join(stored)
+            try:
+                stored = store_where(version, registry)
+                store_evaluation(
+                    result.summary(),
+                    manifest_path=version.manifest_path,
+                    registry=registry if "registry" in stored else None,
                 )
+                if stored:
+                    log.info(
+                        "evaluation of %s stored in the %s",
+                        version.version_id,
+                        " and ".join(stored),
+                    )
+            except Exception as exc:  # the result still goes out below; say what was lost
+                log.error("evaluation of %s could not be stored: %s", version.version_id, exc)
         print(result.to_json(), flush=True)
         return 0
     finally:
