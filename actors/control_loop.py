@@ -39,6 +39,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
@@ -51,6 +52,7 @@ from actors.recorder import EpisodeRecorder
 from drivers.cell import CellFault
 from drivers.interfaces import Clock, Observation, Operator, TaskScene
 from fleet.metrics import TICK_LATENESS_BUCKETS
+from fleet.scenes import training_seed
 from protos.fleetlearn.v1 import trajectory_pb2
 
 if TYPE_CHECKING:
@@ -72,6 +74,20 @@ TICK_LATENESS = Histogram(
 RATE_WINDOW_TICKS = 100  # loop_hz is measured over this many recent ticks
 
 
+@dataclass(frozen=True)
+class EpisodeOutcome:
+    """How one episode ended: `reward` is the task's dense reward at its last step."""
+
+    episode_id: str
+    task: str
+    seed: int
+    success: bool
+    reason: str  # success, failure, timeout, fault or aborted
+    steps: int
+    intervention_steps: int
+    reward: float
+
+
 class ChunkSink(Protocol):
     def submit(self, chunk: trajectory_pb2.StepChunk) -> bool: ...
 
@@ -84,8 +100,9 @@ SHADOW_NICE = 5  # the shadow's inference worker yields the CPU to acting infere
 
 
 def episode_seed(seed: int, index: int) -> int:
-    """A scene seed per episode: reproducible from the actor's seed and the episode index."""
-    return int(np.random.SeedSequence([seed & 0xFFFFFFFF, index]).generate_state(1)[0])
+    """A scene seed per episode: reproducible from the actor's seed and the episode index,
+    and always a training scene, never one of `fleet eval`'s held-out ones (fleet/scenes.py)."""
+    return training_seed(seed, index)
 
 
 class ControlLoop:
@@ -247,10 +264,29 @@ class ControlLoop:
     # -- episodes ------------------------------------------------------------------------
 
     def _run_episode(self, stop: threading.Event) -> None:
-        cfg = self.config
         index = self._episode_index
         self._episode_index += 1
         task = self.tasks[index % len(self.tasks)]
+        self.run_episode(task, episode_seed(self.config.seed, index), stop, index=index)
+
+    def run_episode(
+        self,
+        task: str,
+        seed: int,
+        stop: threading.Event,
+        *,
+        index: int | None = None,
+        max_episode_s: float | None = None,
+    ) -> EpisodeOutcome:
+        """One episode of `task` on the scene of `seed`, ended by success, failure, the time
+        limit (`max_episode_s`, default the config's), a fault or `stop`. `run` calls this
+        for its round robin; `fleet eval` (actors/evaluate.py) calls it with held-out seeds
+        and each task's own limit."""
+        cfg = self.config
+        if index is None:
+            index = self._episode_index
+            self._episode_index += 1
+        limit_s = cfg.max_episode_s if max_episode_s is None else float(max_episode_s)
         episode_id = f"{self._run_id}-{index:06d}"
         with self._lock:
             self._task = task
@@ -259,7 +295,7 @@ class ControlLoop:
         self._drop_plan()  # a new scene: nothing planned for the last one carries over
         self._drop_shadow_plan()
         self._last_target = None  # the reset may have moved the arms: hold where they are
-        self.scene.reset(task, episode_seed(cfg.seed, index))
+        self.scene.reset(task, seed)
         recorder = EpisodeRecorder(
             cfg.cell_id, episode_id, task, cfg.chunk_steps, cfg.jpeg_quality, cfg.token
         )
@@ -272,6 +308,7 @@ class ControlLoop:
             self._version,
         )
         success, reason = False, "aborted"
+        steps, interventions, reward = 0, 0, 0.0
         # A real cell's operator may judge the episode a failure (drivers/operator_console).
         failed = getattr(self.scene, "failed", None)
         lateness = TICK_LATENESS.labels(cell=self.config.cell_id)
@@ -304,22 +341,17 @@ class ControlLoop:
                 # The step's reward is the one its action earned (read after the physics or
                 # the real arms moved), so the success step itself carries the success reward.
                 success = bool(self.scene.success())
-                self._record(
-                    recorder,
-                    obs,
-                    sent,
-                    intervention,
-                    float(self.scene.reward()),
-                    version,
-                    shadow,
-                )
+                reward = float(self.scene.reward())
+                steps += 1
+                interventions += int(intervention)
+                self._record(recorder, obs, sent, intervention, reward, version, shadow)
                 if success:
                     reason = "success"
                     break
                 if failed is not None and failed():
                     reason = "failure"
                     break
-                if self.clock.now() - started >= cfg.max_episode_s - 1e-9:
+                if self.clock.now() - started >= limit_s - 1e-9:
                     reason = "timeout"
                     break
         finally:
@@ -346,6 +378,7 @@ class ControlLoop:
                     ended - started,
                     self._version,
                 )
+        return EpisodeOutcome(episode_id, task, seed, success, reason, steps, interventions, reward)
 
     def _record(
         self,

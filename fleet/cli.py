@@ -86,6 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
         "actor", help="run a cell's edge actor (see `fleet actor --help`)", add_help=False
     )
     sub.add_parser(
+        "eval",
+        help="run a version on simulated cells on held-out scenes (see `fleet eval --help`)",
+        add_help=False,
+    )
+    sub.add_parser(
         "export",
         help="write stored episodes as a LeRobot v3 dataset (see `fleet export --help`)",
         add_help=False,
@@ -104,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
         return _exec_module("learner.main", argv[1:])
     if argv and argv[0] == "actor":
         return _exec_module("actors.main", argv[1:])
+    if argv and argv[0] == "eval":  # runs sim cells: drivers, actors
+        return _exec_module("actors.evaluate", argv[1:])
     if argv and argv[0] == "calibrate":
         return _exec_module("actors.calibrate", argv[1:])
     if argv and argv[0] == "export":  # the store is learner-side: zarr, pyarrow, av

@@ -5,7 +5,8 @@ reach it through the learner's gRPC services.
 Keys, all under one prefix (default "fleet:"):
 
     versions                ZSET   version id -> published_at
-    version:<id>            HASH   manifest (JSON), weights_path, published_at
+    version:<id>            HASH   manifest (JSON), weights_path, published_at, evaluation
+                                   (JSON: the newest `fleet eval` summary, fleet/evaluation.py)
     rollout                 HASH   mode, stable, candidate, stage, candidate_cells (JSON
                                    list), canary_cells (JSON list), stage_started_at,
                                    stage_episodes (candidate episodes when the stage began)
@@ -169,7 +170,34 @@ class Registry:
         out = json.loads(raw["manifest"])
         out["weights_path"] = raw["weights_path"]
         out["published_at"] = float(raw["published_at"])
+        if raw.get("evaluation"):
+            out["evaluation"] = json.loads(raw["evaluation"])
         return out
+
+    def set_evaluation(self, version_id: str, summary_json: str) -> None:
+        """Keep a `fleet eval` summary with a registered version (its record's `evaluation`;
+        the manifest itself stays as published) and log it as an event."""
+        summary = json.loads(summary_json)
+        if not isinstance(summary, dict):
+            raise ValueError("an evaluation summary must be a JSON object")
+        key = self._k("version", version_id)
+        if not self.r.exists(key):
+            raise KeyError(f"unknown version {version_id!r}")
+        numbers = {
+            f"task.{task}": f"{s['successes']}/{s['episodes']}"
+            for task, s in summary.get("scores", {}).get(version_id, {}).items()
+        }
+        pipe = self.r.pipeline(transaction=True)
+        pipe.hset(key, "evaluation", summary_json)
+        self._add_event(
+            pipe,
+            "evaluation",
+            actor="fleet-eval",
+            reason=f"held-out scenes, {summary.get('backend', '?')} backend",
+            version=version_id,
+            **numbers,
+        )
+        pipe.execute()
 
     def versions(self) -> list[dict]:
         """Every version, oldest published first: manifest fields + weights_path + published_at."""
@@ -307,6 +335,19 @@ class Registry:
         )
         pipe.execute()
         return candidate
+
+    def block_version(self, version_id: str, *, actor: str, reason: str, **numbers: Any) -> None:
+        """Keep a version that never became the candidate from ever being proposed (the
+        rollout's sim gate found it credibly worse): remembered as rolled back, logged as a
+        "sim_gate_block" event with the numbers."""
+        if not self.r.exists(self._k("version", version_id)):
+            raise KeyError(f"unknown version {version_id!r}")
+        pipe = self.r.pipeline(transaction=True)
+        pipe.sadd(self._k("rolled_back"), version_id)
+        self._add_event(
+            pipe, "sim_gate_block", actor=actor, reason=reason, version=version_id, **numbers
+        )
+        pipe.execute()
 
     def rolled_back(self) -> set[str]:
         """Versions that were rolled back (the controller never proposes them again)."""

@@ -146,6 +146,7 @@ def _versions_table(registry: Any) -> Table:
     table = Table(title=f"versions (rollout mode {state['mode'] or '-'})")
     for column in ("version", "role", "published", "step", "episodes", "success", "autonomous"):
         table.add_column(column)
+    table.add_column("eval (held-out scenes)")
     for v in registry.versions():
         vid = v["version_id"]
         if vid == state["stable"]:
@@ -168,11 +169,23 @@ def _versions_table(registry: Any) -> Table:
             str(episodes),
             _rate(successes, episodes),
             _rate(autonomous, episodes),
+            _eval_cell(vid, v.get("evaluation")),
         )
     pins = registry.pins()
     if pins:
         table.caption = "pins: " + ", ".join(f"{c}->{v}" for c, v in sorted(pins.items()))
     return table
+
+
+def _eval_cell(version_id: str, summary: dict | None) -> str:
+    """A version's newest `fleet eval` result: successes per task, backend, scenes."""
+    if not summary:
+        return "-"
+    from fleet.evaluation import successes_by_task
+
+    per_task = successes_by_task(summary, version_id)
+    tasks = " ".join(f"{t} {s}/{n}" for t, (s, n) in sorted(per_task.items()))
+    return f"{tasks} ({summary.get('backend', '?')})"
 
 
 def _events_table(registry: Any, count: int) -> Table:

@@ -61,6 +61,14 @@ def add_up_arguments(p: argparse.ArgumentParser) -> None:
         "worse; immediate: every cell takes each new version as it is published",
     )
     p.add_argument(
+        "--sim-gate",
+        type=int,
+        default=0,
+        metavar="N",
+        help="auto rollout: each new version must pass `fleet eval` against stable on N "
+        "held-out scenes a task (sim backend of the cells) before its canary (0 = off)",
+    )
+    p.add_argument(
         "--redis-url", default=None, help="use this Redis instead of starting a private one"
     )
     p.add_argument(
@@ -272,6 +280,10 @@ def run_up(args: argparse.Namespace) -> int:
                 str(args.min_steps),
                 "--rollout",
                 args.rollout,
+                "--sim-gate",
+                str(args.sim_gate),
+                "--sim-gate-backend",
+                args.sim_backend,
                 "--signing-key",
                 str(signing_key),
                 "--metrics-port",

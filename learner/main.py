@@ -129,6 +129,20 @@ def build_parser() -> argparse.ArgumentParser:
         default=30,
         help="auto rollout: candidate episodes per stage before it may advance",
     )
+    p.add_argument(
+        "--sim-gate",
+        type=int,
+        default=0,
+        metavar="N",
+        help="auto rollout: a new version goes to canary only after `fleet eval` on N "
+        "held-out scenes a task shows it not credibly worse than stable (0 = off)",
+    )
+    p.add_argument(
+        "--sim-gate-backend",
+        choices=["mujoco", "kinematic"],
+        default="mujoco",
+        help="sim backend of the sim gate's evaluation",
+    )
     p.add_argument("--ray-address", default=None, help="join this Ray cluster (default: local)")
     p.add_argument(
         "--tls-dir",
@@ -295,6 +309,11 @@ def main(argv: list[str] | None = None) -> int:
         from fleet.rollout import RuleConfig
         from learner.rollout_controller import ControllerConfig, RolloutController
 
+        gate = None
+        if args.sim_gate > 0:
+            from learner.sim_gate import SimGate
+
+            gate = SimGate(args.sim_gate, redis_url=args.redis_url, backend=args.sim_gate_backend)
         controller = RolloutController(
             registry,
             ControllerConfig(
@@ -302,6 +321,7 @@ def main(argv: list[str] | None = None) -> int:
                 fraction=args.rollout_fraction,
                 rule=RuleConfig(min_episodes=args.rollout_min_episodes),
             ),
+            sim_gate=gate,
         )
         controller.start()
     stop.wait()

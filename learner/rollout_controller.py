@@ -2,6 +2,11 @@
 fraction of the fleet, then the whole fleet while it is not credibly worse than stable, and is
 rolled back as soon as it is credibly worse (the rule is `fleet.rollout.decide`).
 
+With a sim gate (`fleet learner --sim-gate N`, learner/sim_gate.py) a new version first runs
+`fleet eval` against stable on N held-out scenes a task, and goes to canary only if it is not
+credibly worse there; a blocked version is remembered as rolled back and never proposed
+again. Both outcomes land in the event log with the numbers.
+
 It runs as a thread in the learner's driver process (it only reads and writes the registry;
 no Ray actor is needed for a loop that wakes every few seconds). Each decision that changes
 something lands in the event log with its numbers; "wait" decisions are logged when new
@@ -21,10 +26,12 @@ import redis
 from fleet import rollout
 from fleet.registry import Registry
 from fleet.rollout import Decision, RuleConfig
+from learner.sim_gate import SimGate
 
 log = logging.getLogger(__name__)
 
 ACTOR = "rollout-controller"
+GATE_RETRY_S = 300.0  # after a sim gate evaluation failed to run, before trying it again
 
 
 @dataclass
@@ -39,9 +46,18 @@ class ControllerConfig:
 class RolloutController:
     """Drives the rollout state in the registry while the rollout mode is "auto"."""
 
-    def __init__(self, registry: Registry, config: ControllerConfig | None = None) -> None:
+    def __init__(
+        self,
+        registry: Registry,
+        config: ControllerConfig | None = None,
+        *,
+        sim_gate: SimGate | None = None,
+    ) -> None:
+        """`sim_gate`: evaluate each new version against stable in sim before its canary."""
         self.registry = registry
         self.config = config or ControllerConfig()
+        self.sim_gate = sim_gate
+        self._gate_retry_at: dict[str, float] = {}  # version -> when to try its gate again
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._last_wait_log = (0.0, -1)  # (when, candidate episodes)
@@ -52,6 +68,8 @@ class RolloutController:
 
     def stop(self) -> None:
         self._stop.set()
+        if self.sim_gate is not None:
+            self.sim_gate.stop()
         if self._thread is not None:
             self._thread.join(timeout=10.0)
 
@@ -75,7 +93,8 @@ class RolloutController:
 
     def step(self) -> str | None:
         """Look at the registry once and act; returns what was done (for tests and logs):
-        "bootstrap", "start", "advance", "promote", "rollback", "wait" or None."""
+        "bootstrap", "start", "blocked" (by the sim gate), "gate_error", "advance", "promote",
+        "rollback", "wait" or None."""
         state = self.registry.rollout()
         if state["mode"] != "auto":
             return None
@@ -115,13 +134,37 @@ class RolloutController:
             and latest_record["published_at"] < stable_record["published_at"]
         ):
             return None  # an operator promoted something newer by hand
-        rollout.start_rollout(
-            self.registry,
-            latest,
-            self.config.canary,
-            actor=ACTOR,
-            reason=f"newly published version; canary on {self.config.canary} cell(s)",
-        )
+        reason = f"newly published version; canary on {self.config.canary} cell(s)"
+        if self.sim_gate is not None:
+            if time.monotonic() < self._gate_retry_at.get(latest, 0.0):
+                return None
+            try:
+                verdict = self.sim_gate.check(latest, state["stable"])
+            except Exception as exc:
+                if self._stop.is_set():
+                    return None
+                # No evidence is no pass: the version waits, and is evaluated again later.
+                self._gate_retry_at[latest] = time.monotonic() + GATE_RETRY_S
+                log.error("sim gate could not evaluate %s: %s", latest, exc)
+                self.registry.log_event(
+                    "sim_gate_error", actor=ACTOR, reason=str(exc)[-500:], version=latest
+                )
+                return "gate_error"
+            if not verdict.passed:
+                self.registry.block_version(
+                    latest, actor=ACTOR, reason=verdict.reason, **verdict.numbers
+                )
+                log.warning("version %s blocked before canary: %s", latest, verdict.reason)
+                return "blocked"
+            self.registry.log_event(
+                "sim_gate_pass",
+                actor=ACTOR,
+                reason=verdict.reason,
+                version=latest,
+                **{k: v for k, v in verdict.numbers.items() if isinstance(v, int | float | str)},
+            )
+            reason += f"; {verdict.reason}"
+        rollout.start_rollout(self.registry, latest, self.config.canary, actor=ACTOR, reason=reason)
         return "start"
 
     def _advance(self, state: dict, decision: Decision) -> str:

@@ -23,7 +23,7 @@ def fleet(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     )
 
 
-@pytest.mark.parametrize("command", ["up", "status", "learner", "actor", "calibrate"])
+@pytest.mark.parametrize("command", ["up", "status", "learner", "actor", "calibrate", "eval"])
 def test_every_command_has_help(command: str) -> None:
     out = fleet(command, "--help")
     assert out.returncode == 0, out.stderr

@@ -178,3 +178,51 @@ def test_episodes_view_filters_and_plays_back(page: Page, world: World) -> None:
     page.wait_for_function("document.getElementById('player-step').value !== '0'", timeout=10_000)
     page.click("#btn-play")
     assert img.get_attribute("src") != first_src
+
+
+def test_fleet_eval_results_show_in_the_rollout_table_and_on_the_success_chart(
+    page: Page, world: World
+) -> None:
+    import json
+
+    summary = {
+        "version": "v0002",
+        "backend": "kinematic",
+        "baselines": ["expert"],
+        "evaluated_at": time.time(),
+        "scores": {
+            "v0002": {
+                "pick_cube": {
+                    "successes": 7,
+                    "episodes": 10,
+                    "success_rate": 0.7,
+                    "ci95": [0.3968, 0.8922],
+                    "mean_progress": 0.81,
+                }
+            },
+            "expert": {
+                "pick_cube": {
+                    "successes": 10,
+                    "episodes": 10,
+                    "success_rate": 1.0,
+                    "ci95": [0.7225, 1.0],
+                    "mean_progress": 1.0,
+                }
+            },
+        },
+    }
+    world.registry.set_evaluation("v0002", json.dumps(summary))
+    page.goto("/?poll=300#rollout")
+    row = page.locator('#eval-table tr[data-version="v0002"]')
+    expect(row.locator(".eval-success")).to_have_text("7/10")
+    expect(row).to_contain_text("expert 10/10")
+    page.goto("/?poll=250#learning")  # a new query: a fresh load, not only a new hash
+    page.wait_for_function(
+        "(document.getElementById('chart-success').data || [])"
+        ".some(t => t.name === 'eval: pick_cube')",
+        timeout=10_000,
+    )
+    point = page.evaluate(
+        "document.getElementById('chart-success').data.find(t => t.name === 'eval: pick_cube').y"
+    )
+    assert point == [0.7]

@@ -191,9 +191,13 @@ class PushedRealSense:
         sensor: SoftwareRealSense,
         render: Callable[[], tuple[np.ndarray, np.ndarray, float]],
         revision: Callable[[], int] | None = None,
+        min_read_timeout_s: float = 0.0,
         **camera_options: Any,
     ) -> None:
+        """`min_read_timeout_s`: a lockstep cell's floor under every read's timeout (sim time
+        waits for the frame, so a slow host must not turn into a camera fault)."""
         self.sensor = sensor
+        self.min_read_timeout_s = float(min_read_timeout_s)
         self.camera = RealSenseCamera(
             name,
             sensor.serial,
@@ -211,6 +215,7 @@ class PushedRealSense:
         self._last: tuple[int, Frame] | None = None
 
     def read(self, timeout_s: float = 1.0) -> Frame:
+        timeout_s = max(timeout_s, self.min_read_timeout_s)
         rev = self._revision() if self._revision is not None else None
         if rev is not None and self._last is not None and self._last[0] == rev:
             return self._last[1]

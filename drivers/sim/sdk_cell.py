@@ -11,12 +11,23 @@ Physics and servos meet once per physics step: the goals the peer last received 
 (only goals newer than the last reset, so a reset is never undone by a stale goal), the
 world steps, and the measured joint positions are published back in each servo's shaft
 frame (before homing offset and direction, as a real servo measures).
+
+Lockstep (`lockstep=True`, what `fleet eval` runs): the same seed and the same commands give
+the same episode, step for step. A goal write is a Protocol 2.0 sync write, which no servo
+answers: the driver returns once the bytes are in the pty, and the peer process applies them
+whenever the kernel hands them over and its serial thread runs. Without lockstep the physics
+may already be stepping by then, so a goal lands a few substeps (or a tick) late at random,
+as on a real bus. In lockstep the sim clock first makes one round trip on each arm's bus (a
+ping, through the same driver and SDK): the bus is first-in first-out and the peer answers
+in order, so the reply proves every earlier goal reached the servo link before the physics
+takes a step. The watchdog is off in lockstep: sim time only moves when the loop sleeps, so
+commands cannot stop coming in sim time however slowly the host runs.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,6 +47,9 @@ from drivers.sim.servo_peer import ServoPeer
 from protos.joint_layout import ARM_SIDES, JOINT_LOWER, JOINT_UPPER
 
 log = logging.getLogger(__name__)
+
+LOCKSTEP_RETRIES = 1000  # bus retries in lockstep, within ...
+LOCKSTEP_RETRY_S = 30.0  # ... this many wall seconds a transaction (or a camera frame)
 
 
 def shaft_from_joint(cal: ArmCalibration, q: np.ndarray) -> list[float]:
@@ -66,10 +80,17 @@ class LinkedPhysics:
     servo peers at every physics step."""
 
     def __init__(
-        self, world: MujocoWorld, links: dict[str, ServoLink], calibration: CellCalibration
+        self,
+        world: MujocoWorld,
+        links: dict[str, ServoLink],
+        calibration: CellCalibration,
+        barrier: Callable[[], None] | None = None,
     ) -> None:
+        """`barrier` (lockstep): called before each run of steps; returns once every command
+        the driver sent so far is in the servo links."""
         self.world = world
         self.links = links
+        self.barrier = barrier
         self.cal = {side: calibration.arm(side) for side in ARM_SIDES}
         self._seen = {side: {sid: 0 for sid in self.cal[side].ids} for side in ARM_SIDES}
         self.publish()
@@ -82,6 +103,8 @@ class LinkedPhysics:
         return self.world.steps_until(t)
 
     def step(self, n: int = 1) -> None:
+        if n > 0 and self.barrier is not None:
+            self.barrier()
         for _ in range(n):
             self.apply_commands()
             self.world.step(1)
@@ -172,9 +195,12 @@ def make_sdk_sim_cell(
     wire_model: bool = False,
     calibration: CellCalibration | None = None,
     watchdog: bool = True,
+    lockstep: bool = False,
 ) -> SdkSimCell:
     """A MuJoCo cell whose arms and cameras are reached through dynamixel_sdk and
-    pyrealsense2. `seed` is the cell's own (its operator's takeovers)."""
+    pyrealsense2. `seed` is the cell's own (its operator's takeovers). `lockstep`: every
+    goal reaches the physics before it steps (reproducible episodes, no watchdog; see the
+    module docstring)."""
     cal = calibration or default_calibration(cell_id)
     world = MujocoWorld(seed=seed, control_hz=control_hz)
     peers: dict[str, ServoPeer] = {}
@@ -195,19 +221,31 @@ def make_sdk_sim_cell(
         physics = LinkedPhysics(world, links, cal)  # type: ignore[arg-type]
         clock = SimClock(physics, realtime_factor=realtime_factor)  # type: ignore[arg-type]
         # More retries than a real bus needs: a simulated chain shares the CPU with the
-        # renderer and the learner, and a late reply there is not a broken servo.
+        # renderer and the learner, and a late reply there is not a broken servo. In
+        # lockstep sim time waits for the bus, so a starved servo process only costs wall
+        # time (LOCKSTEP_RETRIES), never a fault that a faster host would not have had.
+        retries, budget_s = (LOCKSTEP_RETRIES, LOCKSTEP_RETRY_S) if lockstep else (4, 0.25)
         arms = {
-            side: DynamixelArmBus(side, peers[side].port, cal.arm(side), clock=clock, retries=4)
+            side: DynamixelArmBus(
+                side,
+                peers[side].port,
+                cal.arm(side),
+                clock=clock,
+                retries=retries,
+                retry_budget_s=budget_s,
+            )
             for side in ARM_SIDES
         }
         cams = [
-            _camera(world, name, i, cell_id, height, width, control_hz)
+            _camera(world, name, i, cell_id, height, width, control_hz, lockstep)
             for i, name in enumerate(cameras)
         ]
         gate = SafetyGate(JOINT_LOWER, JOINT_UPPER, max_step=step_bound(control_hz, len(ARM_SIDES)))
         hardware = CellHardware(arms=arms, cameras=cams, clock=clock, gate=gate)
         hardware.enable()
-        if watchdog:
+        if lockstep:
+            physics.barrier = lambda: bus_barrier(arms.values())
+        elif watchdog:
             hardware.start_watchdog(
                 1.0 / control_hz / max(realtime_factor, 1e-9)
                 if realtime_factor > 0
@@ -240,8 +278,23 @@ def make_sdk_sim_cell(
     )
 
 
+def bus_barrier(arms: Iterable[DynamixelArmBus]) -> None:
+    """One ping round trip per arm: returns once the servos answered it, so every packet
+    sent before it on that bus has been handled (a bus is first-in first-out)."""
+    for arm in arms:
+        with arm.bus.lock:
+            arm.bus.ping(arm.ids[0])
+
+
 def _camera(
-    world: MujocoWorld, name: str, index: int, cell_id: str, height: int, width: int, fps: float
+    world: MujocoWorld,
+    name: str,
+    index: int,
+    cell_id: str,
+    height: int,
+    width: int,
+    fps: float,
+    lockstep: bool = False,
 ) -> PushedRealSense:
     serial = f"sim-{cell_id}-{index}"
     sensor = SoftwareRealSense(serial, width=width, height=height, fps=max(1, round(fps)))
@@ -250,4 +303,10 @@ def _camera(
         color, depth = world.render(name, height, width)
         return color, depth, world.time
 
-    return PushedRealSense(name, sensor, render, revision=lambda: world.revision)
+    return PushedRealSense(
+        name,
+        sensor,
+        render,
+        revision=lambda: world.revision,
+        min_read_timeout_s=LOCKSTEP_RETRY_S if lockstep else 0.0,
+    )

@@ -91,6 +91,25 @@ def _is_decision(event: dict[str, Any]) -> bool:
     )
 
 
+def _evaluation_points(versions: list[dict]) -> list[dict[str, Any]]:
+    """One point per evaluated version for the success chart: when it was evaluated and its
+    held-out success rate per task."""
+    out = []
+    for v in versions:
+        summary = v.get("evaluation") or {}
+        scores = summary.get("scores", {}).get(v.get("version_id"), {})
+        if scores:
+            out.append(
+                {
+                    "version": v.get("version_id"),
+                    "t": summary.get("evaluated_at"),
+                    "backend": summary.get("backend"),
+                    "success": {t: s.get("success_rate") for t, s in scores.items()},
+                }
+            )
+    return out
+
+
 def create_app(
     registry: Registry,
     store_root: Path | str | None,
@@ -195,6 +214,7 @@ def create_app(
             "stats": registry.learner_stats(),
             "store": registry.store_totals(),
             "points": history.points(since),
+            "evaluations": _evaluation_points(registry.versions()),
         }
 
     @app.get("/api/rollout")
@@ -207,6 +227,7 @@ def create_app(
                 "parent": v.get("parent"),
                 "published_at": v.get("published_at"),
                 "training_step": v.get("training_step"),
+                "evaluation": v.get("evaluation"),  # newest `fleet eval` summary, or None
             }
             for v in registry.versions()
         ]

@@ -188,7 +188,8 @@ def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
+def write_atomic(path: Path, data: bytes) -> None:
+    """Replace `path` with `data` all at once (versions, and manifests gaining results)."""
     # tmp file in the same directory + fsync + os.replace: readers see the old file or the
     # whole new one, never a torn write, even if the learner dies mid-publish.
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -226,8 +227,8 @@ def save_version(
         manifest.signature = signer(manifest.version_id, manifest.sha256)
     weights_path = directory / f"{manifest.version_id}.safetensors"
     manifest_path = directory / f"{manifest.version_id}.json"
-    _atomic_write(weights_path, data)
-    _atomic_write(manifest_path, manifest.to_json().encode())
+    write_atomic(weights_path, data)
+    write_atomic(manifest_path, manifest.to_json().encode())
     log.info(
         "saved version %s: %d bytes, %d parameters, sha256 %s",
         manifest.version_id,

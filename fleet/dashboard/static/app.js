@@ -103,6 +103,15 @@ async function refreshLearning() {
       }
     }
   }
+  for (const e of d.evaluations || []) {  // held-out `fleet eval` results: markers only
+    for (const [task, rate] of Object.entries(e.success)) {
+      const name = `eval: ${task}`;
+      traces[name] = traces[name] || {x: [], y: [], text: [], mode: "markers", marker: {symbol: "diamond", size: 10}, name};
+      traces[name].x.push(new Date(e.t * 1000));
+      traces[name].y.push(rate);
+      traces[name].text.push(`${e.version} (${e.backend}, held-out)`);
+    }
+  }
   const sl = layout("success rate per task per version", "success rate", true);
   sl.yaxis.range = [0, 1.05];
   Plotly.react("chart-success", Object.values(traces), sl);
@@ -133,6 +142,20 @@ async function refreshRollout() {
     }
   }
   $("#success-table tbody").innerHTML = rows.join("");
+  const evalRows = [];
+  for (const v of d.versions) {
+    const e = v.evaluation;
+    if (!e || !e.scores) continue;
+    for (const [task, s] of Object.entries(e.scores[v.version_id] || {})) {
+      const base = (e.baselines || []).map((b) => {
+        const c = (e.scores[b] || {})[task];
+        return c ? `${esc(b)} ${c.successes}/${c.episodes}` : "";
+      }).filter(Boolean).join(", ");
+      evalRows.push(`<tr data-version="${esc(v.version_id)}"><td>${esc(v.version_id)}</td><td>${esc(task)}</td><td class="eval-success">${s.successes}/${s.episodes}</td>
+        <td>${fmt(s.ci95[0], 2)}-${fmt(s.ci95[1], 2)}</td><td>${fmt(s.mean_progress, 3)}</td><td>${base || "-"}</td><td>${esc(e.backend)}</td><td>${when(e.evaluated_at)}</td></tr>`);
+    }
+  }
+  $("#eval-table tbody").innerHTML = evalRows.join("") || `<tr><td colspan="8" class="muted">no version evaluated yet (fleet eval)</td></tr>`;
   $("#shadow-table tbody").innerHTML = Object.entries(d.shadow_scores || {}).sort().map(([version, s]) => `
     <tr data-version="${esc(version)}"><td>${esc(version)}</td><td class="steps">${s.steps}</td><td class="vs-stable">${fmt(s.mean_dist_stable, 4)}</td>
     <td class="operator-steps">${s.operator_steps}</td><td class="vs-operator">${fmt(s.mean_dist_operator, 4)}</td></tr>`).join("")
