@@ -82,14 +82,18 @@ class Admission:
         except Refused as exc:
             self._refuse(context, exc.code, exc.message)
 
-    def open_stream(self, context: grpc.ServicerContext, kind: str) -> Caller:
+    def open_stream(self, context: grpc.ServicerContext, kind: str, claimed: str = "") -> Caller:
         """Authenticate and admit a stream; aborts it when refused. The stream's place is
         given back when the call ends, however it ends (a termination callback, not the
-        handler's own `finally`, which a dropped generator may run late)."""
+        handler's own `finally`, which a dropped generator may run late). `claimed`: the
+        cell id in the request, counted against when the call itself names no cell
+        (--insecure)."""
         caller = self.caller(context)
+        if not caller.key and claimed:
+            caller = Caller(caller.cell_id, claimed, caller.token)
         limits = self.limits
         with self._lock:
-            if self._open[caller.key] >= limits.per_cell:
+            if caller.key and self._open[caller.key] >= limits.per_cell:
                 message = (
                     f"cell {caller.key!r} already has {self._open[caller.key]} open streams, "
                     f"the most one cell may hold; close one before opening this {kind}"
@@ -130,7 +134,7 @@ class Admission:
         return still_allowed(caller, self.tokens)
 
     def open_streams(self) -> dict[str, int]:
-        """Open streams per cell (or connection) now."""
+        """Open streams per cell now ("" = streams that named no cell)."""
         with self._lock:
             return dict(self._open)
 

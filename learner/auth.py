@@ -46,7 +46,7 @@ class Caller:
     """The authenticated party of one call."""
 
     cell_id: str | None  # None only without a tokens file and without an id sent
-    key: str  # what the stream caps count against: the cell id, else the connection
+    key: str  # what the per-cell stream cap counts against; "" = only the global cap
     token: str = field(default="", repr=False)
 
     def may_act_as(self, cell_id: str) -> str | None:
@@ -139,9 +139,9 @@ def authenticate(context: grpc.ServicerContext, tokens: Mapping[str, str] | None
         )
     cell_id = cert_cn or claimed or None
     if tokens is None:
-        # Unauthenticated (--insecure) and no id sent: capped per connection; loopback sim
-        # cells share one host, so a per-host cap would count them all as one.
-        return Caller(cell_id, cell_id or f"peer {context.peer()}", token)
+        # Unauthenticated (--insecure) and no id sent: only the global cap applies (cells in
+        # one process share one connection, so a per-connection cap would count them as one).
+        return Caller(cell_id, cell_id or "", token)
     if cell_id is None:
         raise Refused(
             grpc.StatusCode.UNAUTHENTICATED,

@@ -431,7 +431,7 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
             _abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"cell_id over {MAX_ID_LEN} chars")
         # Call credentials and, over mutual TLS, the certificate's CN (learner/auth.py).
         if stream:
-            caller = self.admission.open_stream(context, stream)
+            caller = self.admission.open_stream(context, stream, claimed=cell_id)
         else:
             caller = self.admission.caller(context)
         denied = caller.may_act_as(cell_id)
