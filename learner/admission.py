@@ -13,7 +13,10 @@ thread pool anyway. So the servers stay sync and every stream is admitted here f
 - in all: at most `total` open streams, and the gateway's thread pool is sized `total +
   unary_reserve`, so unary calls (heartbeats) and refusals always find a free worker;
 - idle: an Upload that sends nothing for `idle_timeout_s` is closed (DEADLINE_EXCEEDED with
-  a message); keepalive pings (`server_options`) find peers that vanished.
+  a message); keepalive pings (`server_options`) find peers that vanished;
+- lifetime: any stream still open after `max_stream_s` is cancelled by the server, whatever
+  deadline the client set (or none), so a peer that stops reading a FetchWeights or holds a
+  watch forever gives its worker back. The edge's own streams end well before (300 s).
 
 A refused stream costs a worker for microseconds: the caps are checked from the call's
 metadata, before a byte of payload is read.
@@ -43,6 +46,7 @@ class StreamLimits:
     total: int = 96
     unary_reserve: int = 16
     idle_timeout_s: float = 60.0
+    max_stream_s: float = 900.0
     keepalive_time_s: float = 20.0
     keepalive_timeout_s: float = 10.0
 
@@ -113,10 +117,24 @@ class Admission:
             self._refuse(context, grpc.StatusCode.RESOURCE_EXHAUSTED, message)
         once = threading.Lock()
 
+        def expire() -> None:
+            log.warning(
+                "%s of cell %s open for %.0f s, the most a stream may last: cancelled",
+                kind,
+                caller.key or "-",
+                limits.max_stream_s,
+            )
+            context.cancel()
+
+        timer = threading.Timer(limits.max_stream_s, expire)
+        timer.daemon = True
+
         def release() -> None:
             if once.acquire(blocking=False):  # the callback and the fallback run it once
+                timer.cancel()
                 self._close_stream(caller)
 
+        timer.start()
         if not context.add_callback(release):
             release()  # the call has already ended
             self._refuse(context, grpc.StatusCode.CANCELLED, f"{kind} ended before it began")

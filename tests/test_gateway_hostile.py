@@ -463,3 +463,17 @@ def test_signed_certificate_outside_the_allow_list_is_refused(learner: Learner) 
                 call()
             assert err.value.code() == Code.PERMISSION_DENIED
             assert "not in the learner's tokens file" in err.value.details()
+
+
+def test_a_stream_held_past_its_lifetime_is_cancelled(
+    tmp_path: Path, lab: Path, redis_server: str
+) -> None:
+    with _serve(tmp_path, lab, redis_server, StreamLimits(max_stream_s=1.0)) as learner:
+        with learner.channel("c1") as channel:
+            stub = policy_pb2_grpc.PolicyServiceStub(channel)
+            watch = stub.WatchAssignment(policy_pb2.WatchRequest(cell_id="c1"))  # no deadline
+            assert next(watch).version_id == ""
+            with pytest.raises(grpc.RpcError) as err:
+                next(watch)
+            assert err.value.code() == Code.CANCELLED
+        wait_for(lambda: learner.gateway.admission.total_open() == 0, 30, "stream released")
