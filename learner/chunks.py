@@ -132,6 +132,8 @@ def decode_chunk(
             )
     if not msg.task:
         raise reject("task", "empty; every chunk names its task")
+    if len(msg.task) > MAX_ID_LEN:
+        raise reject("task", f"longer than {MAX_ID_LEN} characters")
     if known_tasks is not None and msg.task not in known_tasks:
         raise reject(
             "task", f"unknown task {msg.task[:80]!r}; the learner knows {sorted(known_tasks)}"

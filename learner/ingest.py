@@ -109,7 +109,7 @@ class IngestServicer(trajectory_pb2_grpc.TrajectoryServiceServicer):
                 yield ack
         except StreamIdle:
             message = (
-                f"cell {caller.key}: no chunk for {idle_s:g} s on this upload stream; the "
+                f"cell {caller.key or peer}: no chunk for {idle_s:g} s on this upload stream; the "
                 "learner closed it (idle timeout); open a new stream when there is data"
             )
             log.info("upload from %s closed: %s", peer, message)

@@ -163,3 +163,11 @@ def test_refused_first_chunk_leaves_nothing_on_disk(tmp_path: Path) -> None:
     episodes_dir = tmp_path / "store" / "episodes"
     leftovers = [p for p in episodes_dir.rglob("*") if p.is_dir()] if episodes_dir.exists() else []
     assert leftovers == [], leftovers
+
+
+def test_overlong_task_is_refused_even_when_any_task_is_accepted() -> None:
+    msg = make_msg(0)
+    msg.task = "t" * 100_000
+    with pytest.raises(ChunkRejected) as info:
+        decode_chunk(msg, known_tasks=None)
+    assert "task: longer than 128 characters" in info.value.message
