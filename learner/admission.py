@@ -14,6 +14,10 @@ thread pool anyway. So the servers stay sync and every stream is admitted here f
   unary_reserve`, so unary calls (heartbeats) and refusals always find a free worker;
 - idle: an Upload that sends nothing for `idle_timeout_s` is closed (DEADLINE_EXCEEDED with
   a message); keepalive pings (`server_options`) find peers that vanished;
+- rate: each cell may start at most `calls_per_s` calls a second (bursts of `call_burst`),
+  unary and streams alike; a cell's edge makes about one a second (its heartbeat), so a
+  cell flooding heartbeats or churning streams is refused (RESOURCE_EXHAUSTED) before it
+  costs Redis writes or other cells their workers;
 - lifetime: any stream still open after `max_stream_s` is cancelled by the server, whatever
   deadline the client set (or none), so a peer that stops reading a FetchWeights or holds a
   watch forever gives its worker back. The edge's own streams end well before (300 s).
@@ -26,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -47,6 +52,8 @@ class StreamLimits:
     unary_reserve: int = 16
     idle_timeout_s: float = 60.0
     max_stream_s: float = 900.0
+    calls_per_s: float = 20.0
+    call_burst: float = 40.0
     keepalive_time_s: float = 20.0
     keepalive_timeout_s: float = 10.0
 
@@ -78,13 +85,38 @@ class Admission:
         self._open: Counter[str] = Counter()
         self._total = 0
         self.refused: Counter[str] = Counter()  # by status code name
+        self._buckets: dict[str, tuple[float, float]] = {}  # key -> (calls left, when)
 
     def caller(self, context: grpc.ServicerContext) -> Caller:
-        """Authenticate a unary call; aborts the call when refused."""
+        """Authenticate a call and charge it to its cell's call rate; aborts when refused."""
         try:
-            return authenticate(context, self.tokens)
+            caller = authenticate(context, self.tokens)
         except Refused as exc:
             self._refuse(context, exc.code, exc.message)
+        if caller.key and not self._take_call(caller.key):
+            self._refuse(
+                context,
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"cell {caller.key!r} makes calls faster than {self.limits.calls_per_s:g} a "
+                "second, the most one cell may; slow down and retry",
+            )
+        return caller
+
+    def _take_call(self, key: str) -> bool:
+        """Token bucket per cell: True when this call is within the cell's rate."""
+        now, limits = time.monotonic(), self.limits
+        with self._lock:
+            if len(self._buckets) > 10_000:  # claimed ids under --insecure: forget idle ones
+                self._buckets = {
+                    k: v for k, v in self._buckets.items() if now - v[1] < 60.0
+                }
+            left, then = self._buckets.get(key, (limits.call_burst, now))
+            left = min(limits.call_burst, left + (now - then) * limits.calls_per_s)
+            if left < 1.0:
+                self._buckets[key] = (left, now)
+                return False
+            self._buckets[key] = (left - 1.0, now)
+            return True
 
     def open_stream(self, context: grpc.ServicerContext, kind: str, claimed: str = "") -> Caller:
         """Authenticate and admit a stream; aborts it when refused. The stream's place is
