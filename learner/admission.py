@@ -107,9 +107,7 @@ class Admission:
         now, limits = time.monotonic(), self.limits
         with self._lock:
             if len(self._buckets) > 10_000:  # claimed ids under --insecure: forget idle ones
-                self._buckets = {
-                    k: v for k, v in self._buckets.items() if now - v[1] < 60.0
-                }
+                self._buckets = {k: v for k, v in self._buckets.items() if now - v[1] < 60.0}
             left, then = self._buckets.get(key, (limits.call_burst, now))
             left = min(limits.call_burst, left + (now - then) * limits.calls_per_s)
             if left < 1.0:
@@ -144,8 +142,6 @@ class Admission:
                 self._total += 1
                 message = ""
         if message:
-            if self.refused["RESOURCE_EXHAUSTED"] % 100 == 0:  # a flood logs once a hundred
-                log.warning("%s refused: %s", kind, message)
             self._refuse(context, grpc.StatusCode.RESOURCE_EXHAUSTED, message)
         once = threading.Lock()
 
@@ -195,5 +191,10 @@ class Admission:
     def _refuse(self, context: grpc.ServicerContext, code: grpc.StatusCode, msg: str) -> NoReturn:
         with self._lock:
             self.refused[code.name] += 1
+            n = self.refused[code.name]
+        if n == 1 or n % 100 == 0:  # a flood of refusals logs once a hundred
+            log.warning(
+                "call from %s refused (%s, %d so far): %s", context.peer(), code.name, n, msg
+            )
         context.abort(code, msg)
         raise AssertionError("context.abort returned")  # pragma: no cover
