@@ -156,7 +156,7 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
     def FetchWeights(
         self, request: policy_pb2.FetchRequest, context: grpc.ServicerContext
     ) -> Iterator[policy_pb2.WeightsChunk]:
-        self._authorise(request.cell_id, context, stream="FetchWeights")
+        caller = self._authorise(request.cell_id, context, stream="FetchWeights")
         version_id = request.version_id
         if len(version_id) > MAX_ID_LEN:
             _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "version_id is too long")
@@ -190,6 +190,9 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
         for start in range(offset, total, step):
             if not context.is_active():
                 return
+            revoked = self.admission.revoked(caller)
+            if revoked is not None:  # removed from the tokens file mid-download
+                _abort(context, grpc.StatusCode.PERMISSION_DENIED, revoked)
             if prebuilt is not None:
                 message = prebuilt[start // step]
             else:

@@ -246,3 +246,28 @@ def test_tokens_guard_every_rpc(registry, tmp_path) -> None:
     finally:
         servicer.stop()
         server.stop(0).wait(5)
+
+
+def test_a_fetch_ends_when_its_cell_is_revoked_mid_download(registry, tmp_path) -> None:
+    tokens = {"c1": "right"}  # the servicer reads this mapping live, like a tokens file
+    data = publish(registry, tmp_path, "v0001", n_floats=10_000_000)  # 40 MB
+    server, servicer, address = serve(registry, tokens=tokens, chunk_bytes=16 << 10)
+    try:
+        with grpc.insecure_channel(address) as channel:
+            stub = policy_pb2_grpc.PolicyServiceStub(channel)
+            stream = stub.FetchWeights(
+                policy_pb2.FetchRequest(cell_id="c1", version_id="v0001"),
+                timeout=DEADLINE_S,
+                metadata=cell_metadata("c1", "right"),
+            )
+            received = len(next(stream).data)
+            del tokens["c1"]
+            with pytest.raises(grpc.RpcError) as err:
+                for chunk in stream:
+                    received += len(chunk.data)
+            assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+            assert "revoked" in err.value.details()
+            assert received < len(data)
+    finally:
+        servicer.stop()
+        server.stop(0).wait(5)
