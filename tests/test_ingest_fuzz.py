@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 
 from fleet.cell_auth import cell_metadata
 from learner import ingest
+from learner.admission import Admission, StreamLimits
 from learner.chunks import decode_chunk
 from learner.ingest import IngestServicer
 from learner.store import EpisodeStore
@@ -48,8 +49,11 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, obj
     # A stored episode (2 chunks, still open) that hostile resends and gaps aim at.
     for seq in range(2):
         store.append(decode_chunk(make_msg(seq, episode="base"), known_tasks=TASKS))
+    # One stream per example, thousands in seconds: far above a cell's call rate, which
+    # tests/test_gateway_hostile.py checks; here only the chunks are under test.
+    admission = Admission(TOKENS, StreamLimits(calls_per_s=1e6, call_burst=1e6))
     servicer = IngestServicer(
-        store, known_tasks=TASKS, tokens=TOKENS, max_steps=MAX_STEPS, max_bytes=MAX_BYTES
+        store, known_tasks=TASKS, admission=admission, max_steps=MAX_STEPS, max_bytes=MAX_BYTES
     )
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
     ingest.add_to_server(server, servicer)
