@@ -12,7 +12,6 @@ class ActorConfig:
 
     cell_id: str
     learner_address: str  # "host:port" of the learner gateway
-    token: str = ""  # this cell's credential, sent with every chunk, watch and heartbeat
     control_hz: float = 20.0
     chunk_steps: int = 20  # steps per uploaded StepChunk
     max_episode_s: float = 8.0  # clock seconds before an episode ends as "timeout"

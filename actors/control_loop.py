@@ -296,9 +296,7 @@ class ControlLoop:
         self._drop_shadow_plan()
         self._last_target = None  # the reset may have moved the arms: hold where they are
         self.scene.reset(task, seed)
-        recorder = EpisodeRecorder(
-            cfg.cell_id, episode_id, task, cfg.chunk_steps, cfg.jpeg_quality, cfg.token
-        )
+        recorder = EpisodeRecorder(cfg.cell_id, episode_id, task, cfg.chunk_steps, cfg.jpeg_quality)
         started = self.clock.now()
         log.info(
             "cell %s episode %s: %s starts (version %r)",

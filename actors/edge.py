@@ -104,7 +104,6 @@ def run_actor(
     watcher = PolicyWatcher(
         config.learner_address,
         config.cell_id,
-        config.token,
         deadline_s=config.rpc_deadline_s,
         on_fault=faults.report,
         runner_factory=runner_factory,
@@ -149,7 +148,6 @@ def run_actor(
             interventions=s["interventions"],
             spool_bytes=int(uplink.stats.get("spool_bytes", 0)),
             spool_chunks=int(uplink.stats.get("spool_chunks", 0)),
-            token=config.token,
         )
 
     heartbeat = HeartbeatSender(

@@ -31,7 +31,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--cell", required=True, help="this cell's id, e.g. cell-01")
     p.add_argument("--learner", required=True, help="learner gateway address host:port")
-    p.add_argument("--token", default="", help="this cell's credential")
+    p.add_argument(
+        "--token",
+        default="",
+        help="this cell's credential, sent as call credentials over TLS (prefer --token-file)",
+    )
     p.add_argument(
         "--token-file",
         type=Path,
@@ -98,7 +102,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--verify-key",
         type=Path,
         default=None,
-        help="learner's Ed25519 public key (PEM); versions must carry its signature",
+        help="learner's Ed25519 public key (PEM); versions must carry its signature "
+        "(required unless --allow-unsigned)",
+    )
+    p.add_argument(
+        "--allow-unsigned",
+        action="store_true",
+        help="run versions without checking their signature (no --verify-key; tests only)",
     )
     p.add_argument(
         "--version-cache",
@@ -136,6 +146,21 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging()
+    if args.verify_key is None and not args.allow_unsigned:
+        log.error(
+            "cell %s: no --verify-key; a cell runs only versions signed by the learner's key "
+            "(--allow-unsigned runs unsigned ones, for tests only)",
+            args.cell,
+        )
+        return 2
+    from fleet.tls import TLSConfigError, use_client_tls
+
+    token = args.token_file.read_text().strip() if args.token_file else args.token
+    try:  # the token becomes call credentials of every channel; never logged or spooled
+        use_client_tls(args.tls_dir, args.cell, token)
+    except TLSConfigError as exc:
+        log.error("%s", exc)
+        return 2
     real = None
     if args.cell_config is not None:
         from actors.cell_config import CellConfig, CellConfigError
@@ -208,7 +233,6 @@ def main(argv: list[str] | None = None) -> int:
         config = ActorConfig(
             cell_id=args.cell,
             learner_address=args.learner,
-            token=args.token_file.read_text().strip() if args.token_file else args.token,
             control_hz=control_hz,
             max_episode_s=max_episode_s,
             tasks=tasks,
@@ -225,10 +249,6 @@ def main(argv: list[str] | None = None) -> int:
             spool_quota_bytes=args.spool_quota_mb << 20,
             jpeg_quality=jpeg_quality,
         )
-        if args.tls_dir is not None:
-            from fleet.tls import use_client_tls
-
-            use_client_tls(args.tls_dir, args.cell)
         from fleet.metrics import serve_metrics
 
         metrics_server = serve_metrics(args.metrics_port, host=args.metrics_host)

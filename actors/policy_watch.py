@@ -112,7 +112,6 @@ class PolicyWatcher:
         self,
         address: str,
         cell_id: str,
-        token: str,
         *,
         deadline_s: float,
         on_fault: Callable[[str], None],
@@ -127,7 +126,6 @@ class PolicyWatcher:
     ) -> None:
         self.address = address
         self.cell_id = cell_id
-        self.token = token
         self.deadline_s = float(deadline_s)
         self.on_fault = on_fault
         self.runner_factory: RunnerFactory = runner_factory or load_runner
@@ -245,7 +243,7 @@ class PolicyWatcher:
         backoff = Backoff()
         while not self._stopping.is_set():
             request = policy_pb2.WatchRequest(
-                cell_id=self.cell_id, current_version=self.loaded_version, token=self.token
+                cell_id=self.cell_id, current_version=self.loaded_version
             )
             opened = time.monotonic()
             call = self._track(stub.WatchAssignment(request, timeout=self.stream_lifetime_s))
@@ -443,7 +441,6 @@ class PolicyWatcher:
                 version_id=version,
                 offset=received,
                 chunk_bytes=self.fetch_chunk_bytes,
-                token=self.token,
             )
             before = received
             self.fetches += 1

@@ -108,7 +108,6 @@ class EpisodeRecorder:
         task: str,
         chunk_steps: int,
         jpeg_quality: int,
-        token: str,
     ) -> None:
         if chunk_steps < 1:
             raise ValueError(f"chunk_steps must be >= 1, got {chunk_steps}")
@@ -117,7 +116,6 @@ class EpisodeRecorder:
         self.task = task
         self.chunk_steps = int(chunk_steps)
         self.jpeg_quality = int(jpeg_quality)
-        self.token = token
         self.steps_recorded = 0
         self.chunks_emitted = 0
         self.shadow_chunks = 0  # chunks emitted with shadow actions
@@ -267,7 +265,6 @@ class EpisodeRecorder:
             reward=to_tensor(np.array([s.reward for s in steps], dtype=np.float32)),
             cameras=cameras,
             last=last,
-            token=self.token,
         )
         if outcome is not None:
             chunk.outcome.CopyFrom(outcome)

@@ -76,6 +76,14 @@ def decode_record(data: bytes) -> bytes:
     return payload
 
 
+def _parse(record: bytes) -> trajectory_pb2.StepChunk:
+    """A spooled chunk. Fields this version does not know are dropped, so a chunk spooled
+    before the token moved to call credentials (its old field 15) never sends it again."""
+    chunk = trajectory_pb2.StepChunk.FromString(decode_record(record))
+    chunk.DiscardUnknownFields()
+    return chunk
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -117,7 +125,7 @@ class ChunkSpool:
                 continue
             try:
                 data = path.read_bytes()
-                chunk = trajectory_pb2.StepChunk.FromString(decode_record(data))
+                chunk = _parse(data)
             except Exception as exc:  # SpoolError or a protobuf DecodeError
                 self._quarantine(path, str(exc))
                 continue
@@ -167,7 +175,7 @@ class ChunkSpool:
         return SpoolRecord(n, path, len(data))
 
     def read(self, n: int) -> trajectory_pb2.StepChunk:
-        return trajectory_pb2.StepChunk.FromString(decode_record(self.path_of(n).read_bytes()))
+        return _parse(self.path_of(n).read_bytes())
 
     def delete(self, n: int) -> None:
         """Forget record `n` (acked durable). A crash before the unlink reaches the disk

@@ -500,6 +500,13 @@ class Uplink:
                     time.monotonic() - stream.opened_at >= self.stream_lifetime_s * 0.9
                 ):
                     clean = True  # the stream reached its lifetime: reopen at once
+                elif code is grpc.StatusCode.DEADLINE_EXCEEDED and "idle timeout" in (
+                    details or ""
+                ):
+                    # The learner closes streams that carry nothing (learner/admission.py);
+                    # nothing was lost: reopen at once, quietly.
+                    clean = True
+                    log.debug("cell %s: learner closed idle upload stream", self.cell_id)
                 else:
                     log.warning(
                         "cell %s: upload stream %d failed (%s: %s); %d chunks unacked",

@@ -263,6 +263,8 @@ INGEST_STATS = (
     Stat("rejected", "fleet_ingest_rejected", "counter", "chunks refused (all codes)"),
     Stat("steps_stored", "fleet_ingest_steps_stored", "counter", "steps written to the store"),
     Stat("episodes_completed", "fleet_ingest_episodes_completed", "counter", "episodes closed"),
+    Stat("open_streams", "fleet_gateway_open_streams", "gauge", "streams open on the gateway"),
+    Stat("calls_refused", "fleet_gateway_calls_refused", "counter", "calls refused at admission"),
 )
 TRAINER_STATS = (
     Stat("updates", "fleet_trainer_updates", "counter", "gradient updates done"),

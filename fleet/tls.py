@@ -7,7 +7,8 @@ so a cell needs no crypto package beyond grpcio.
 
 The edge opens its channels through `client_channel`, which uses the TLS settings this
 process chose once at start-up (`use_client_tls`): the uplink, the policy watcher and the
-heartbeat then all speak TLS without each of them carrying the settings around.
+heartbeat then all speak TLS, and carry the cell's token as call credentials
+(fleet/cell_auth.py), without each of them carrying the settings or the token around.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+
+from fleet.cell_auth import call_credentials
 
 log = logging.getLogger(__name__)
 
@@ -82,22 +85,32 @@ def secure_channel(
 class ClientTLS:
     tls_dir: Path
     cell_id: str | None
+    token: str = ""
+
+    def __repr__(self) -> str:  # never the token
+        return f"ClientTLS({str(self.tls_dir)!r}, {self.cell_id!r})"
 
 
 _client_lock = threading.Lock()
 _client_tls: ClientTLS | None = None
 
 
-def use_client_tls(tls_dir: Path | str | None, cell_id: str | None) -> None:
-    """Choose this process's TLS settings for `client_channel` (None = plaintext)."""
+def use_client_tls(tls_dir: Path | str | None, cell_id: str | None, token: str = "") -> None:
+    """Choose this process's TLS settings and cell token for `client_channel` (None =
+    plaintext, which carries no token: a token is only ever sent over TLS)."""
     global _client_tls
     with _client_lock:
         if tls_dir is None:
+            if token:
+                raise TLSConfigError(
+                    f"cell {cell_id}: a token is only sent over TLS; give the TLS directory "
+                    "(--tls-dir), or run learner and cell with --insecure and no token"
+                )
             _client_tls = None
             return
         # Fail at start-up, not at the first reconnect, when a file is missing.
         channel_credentials(tls_dir, cell_id)
-        _client_tls = ClientTLS(Path(tls_dir), cell_id)
+        _client_tls = ClientTLS(Path(tls_dir), cell_id, token)
     log.info("cell %s: gRPC channels use TLS from %s", cell_id or "-", tls_dir)
 
 
@@ -111,7 +124,12 @@ def client_channel(address: str, options: Sequence[tuple[str, Any]] = ()) -> grp
     cfg = client_tls()
     if cfg is None:
         return grpc.insecure_channel(address, options=list(options))
-    return secure_channel(address, cfg.tls_dir, cfg.cell_id, options)
+    if not (cfg.token and cfg.cell_id):
+        return secure_channel(address, cfg.tls_dir, cfg.cell_id, options)
+    creds = grpc.composite_channel_credentials(
+        channel_credentials(cfg.tls_dir, cfg.cell_id), call_credentials(cfg.cell_id, cfg.token)
+    )
+    return grpc.secure_channel(address, creds, list(options))
 
 
 def peer_common_name(context: grpc.ServicerContext) -> str | None:

@@ -423,7 +423,7 @@ def _transport_security(
     and one client certificate per cell (ops/make_certs.py) plus a random token per cell,
     all kept in the run directory (0700). `insecure` gives plaintext without tokens."""
     if insecure:
-        return [], {cell: [] for cell in cells}
+        return ["--insecure"], {cell: [] for cell in cells}
     tls_dir = run_dir / "tls"
     make_certs = Path(__file__).resolve().parents[1] / "ops" / "make_certs.py"
     subprocess.run(

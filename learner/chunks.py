@@ -19,19 +19,13 @@ import numpy as np
 
 from fleet.ids import ID_RULE, MAX_ID_LEN, is_safe_id
 from fleet.wire import WireError, from_tensor
+from learner.frame_checks import MAX_IMAGE_PIXELS, frame_problem
 from protos.fleetlearn.v1 import arrays_pb2, trajectory_pb2
 from protos.joint_layout import JOINT_DIM
 
 ENCODINGS = frozenset({"jpeg", "png16", "zstd16", "raw"})
 MAX_IMAGE_SIDE = 8192
 MAX_CAMERAS = 16
-
-# Cheap magic-number checks catch a mislabelled encoding without decoding any frame.
-_MAGIC = {
-    "jpeg": b"\xff\xd8",
-    "png16": b"\x89PNG\r\n\x1a\n",
-    "zstd16": b"\x28\xb5\x2f\xfd",
-}
 
 
 @dataclass(frozen=True)
@@ -105,10 +99,12 @@ def decode_chunk(
     known_tasks: Collection[str] | None,
     max_steps: int = 1000,
     max_bytes: int = 64 << 20,
+    full_decode: bool = False,
 ) -> DecodedChunk:
     """Check `msg` against the contract and return its columns; raises ChunkRejected.
 
-    `known_tasks=None` accepts any non-empty task name.
+    `known_tasks=None` accepts any non-empty task name. `full_decode` decodes every JPEG
+    frame besides checking its header (learner/frame_checks.py says why it is off).
     """
     where = _where(msg)
 
@@ -136,10 +132,16 @@ def decode_chunk(
             )
     if not msg.task:
         raise reject("task", "empty; every chunk names its task")
+    if len(msg.task) > MAX_ID_LEN:
+        raise reject("task", f"longer than {MAX_ID_LEN} characters")
     if known_tasks is not None and msg.task not in known_tasks:
         raise reject(
             "task", f"unknown task {msg.task[:80]!r}; the learner knows {sorted(known_tasks)}"
         )
+    if msg.seq == 0 and msg.first_step != 0:
+        # Checked here, before the store creates the episode: a refused first chunk must
+        # leave nothing on disk (a stray empty episode would later count as truncated).
+        raise reject("first_step", f"{msg.first_step} on seq 0; an episode starts at step 0")
     if len(msg.policy_version) > MAX_ID_LEN:
         raise reject("policy_version", f"longer than {MAX_ID_LEN} characters")
 
@@ -170,7 +172,7 @@ def decode_chunk(
     if (np.frombuffer(msg.intervention.data, dtype=np.uint8) > 1).any():
         raise reject("intervention", "bool bytes must be 0 or 1")
 
-    cameras = _cameras(msg, frame_lists, n, reject)
+    cameras = _cameras(msg, frame_lists, n, reject, full_decode=full_decode)
     outcome = _outcome(msg, reject)
     shadow_action = None
     if msg.HasField("shadow_action"):
@@ -234,7 +236,12 @@ def _shape_text(shape: tuple[int | None, ...]) -> str:
 
 
 def _cameras(
-    msg: trajectory_pb2.StepChunk, frame_lists: list[list[bytes]], n: int, reject: _Reject
+    msg: trajectory_pb2.StepChunk,
+    frame_lists: list[list[bytes]],
+    n: int,
+    reject: _Reject,
+    *,
+    full_decode: bool,
 ) -> dict[str, CameraColumn]:
     if len(msg.cameras) > MAX_CAMERAS:
         raise reject("cameras", f"{len(msg.cameras)} cameras, at most {MAX_CAMERAS}")
@@ -251,18 +258,31 @@ def _cameras(
             )
         if not (0 < cam.height <= MAX_IMAGE_SIDE and 0 < cam.width <= MAX_IMAGE_SIDE):
             raise reject(field, f"image size {cam.height}x{cam.width} out of range")
+        if cam.height * cam.width > MAX_IMAGE_PIXELS:
+            raise reject(
+                field,
+                f"image size {cam.height}x{cam.width} is over {MAX_IMAGE_PIXELS} pixels",
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+            )
         if cam.channels not in (1, 3, 4):
             raise reject(field, f"{cam.channels} channels, expected 1, 3 or 4")
         if len(frames) != n:
             raise reject(field, f"{len(frames)} frames for {n} steps; send one per step")
-        magic = _MAGIC.get(cam.encoding)
         raw_sizes = {cam.height * cam.width * cam.channels * k for k in (1, 2)}
         for i, frame in enumerate(frames):
             step = msg.first_step + i
             if not frame:
                 raise reject(field, f"empty frame at step {step}")
-            if magic is not None and not frame.startswith(magic):
-                raise reject(field, f"frame at step {step} is not {cam.encoding} data")
+            problem = frame_problem(
+                frame,
+                cam.encoding,
+                cam.height,
+                cam.width,
+                cam.channels,
+                full_decode=full_decode,
+            )
+            if problem is not None:
+                raise reject(field, f"frame at step {step} {problem}")
             if cam.encoding == "raw" and len(frame) not in raw_sizes:
                 raise reject(
                     field,

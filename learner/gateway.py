@@ -1,7 +1,9 @@
 """The learner's gRPC endpoint: trajectory ingest and policy distribution on one port.
 
 Cells see one address. Ingest writes each received chunk to the zarr store and acks it once
-durable; the policy service answers version watches, weight fetches and heartbeats.
+durable; the policy service answers version watches, weight fetches and heartbeats. Both
+share one Admission (learner/admission.py): one allow-list of cells, and one count of each
+cell's open streams against the caps, which also size the server's thread pool.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from fleet.heap import keep_freed_memory
 from fleet.registry import Registry
 from fleet.tls import server_credentials
 from learner import ingest, policy_service
+from learner.admission import Admission, StreamLimits
+from learner.auth import TokensFile
 from learner.chunks import DecodedChunk
 from learner.ingest import IngestServicer
 from learner.policy_service import PolicyServicer
@@ -41,7 +45,8 @@ class Gateway:
         host: str = "127.0.0.1",
         port: int = 0,
         tokens: Mapping[str, str] | None = None,
-        max_workers: int = 64,
+        tokens_file: Path | None = None,
+        limits: StreamLimits | None = None,
         tls_dir: Path | None = None,
         require_client_cert: bool = False,
         truncate_after_s: float | None = None,
@@ -67,23 +72,30 @@ class Gateway:
         if reuse_port:
             # Several ingest servers share one address; the kernel spreads connections.
             extra_options.append(("grpc.so_reuseport", 1))
+        # The tokens file is the allow-list, re-read when it changes (revocation).
+        allowed = TokensFile(tokens_file) if tokens_file is not None else tokens
+        self.limits = limits or StreamLimits()
+        self.admission = Admission(allowed, self.limits)
         self.ingest = IngestServicer(
             self.store,
             known_tasks=tasks,
-            tokens=tokens,
+            admission=self.admission,
             on_chunk=self._on_chunk,
             on_episode_end=self._on_episode_end,
         )
-        self.policy = PolicyServicer(self.registry, tokens=tokens)
+        self.policy = PolicyServicer(self.registry, admission=self.admission)
         self.server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="gateway"),
+            futures.ThreadPoolExecutor(
+                max_workers=self.limits.workers, thread_name_prefix="gateway"
+            ),
             options=[
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-                ("grpc.keepalive_permit_without_calls", 1),
-                ("grpc.http2.min_ping_interval_without_data_ms", 5000),
+                *self.limits.server_options(),
                 *extra_options,
             ],
+            # Calls beyond this wait for no worker: refused at once (RESOURCE_EXHAUSTED).
+            maximum_concurrent_rpcs=self.limits.workers * 4,
         )
         ingest.add_to_server(self.server, self.ingest)
         policy_service.add_to_server(self.server, self.policy)
@@ -118,7 +130,11 @@ class Gateway:
         return {"steps": steps, "episodes": episodes}
 
     def stats(self) -> dict[str, int]:
-        return dict(self.ingest.stats)
+        return {
+            **self.ingest.stats,
+            "open_streams": self.admission.total_open(),
+            "calls_refused": sum(self.admission.refused.values()),
+        }
 
     def stop(self, grace_s: float = 5.0) -> None:
         if self.sweeper is not None:

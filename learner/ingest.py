@@ -19,10 +19,11 @@ import grpc
 from prometheus_client import Counter, Histogram
 
 from fleet.metrics import ACK_LATENCY_BUCKETS
-from fleet.tls import peer_common_name
-from learner.auth import check_cell
+from learner.admission import Admission
+from learner.auth import Caller
 from learner.chunks import ChunkRejected, DecodedChunk, decode_chunk
-from learner.read_ahead import read_ahead
+from learner.grpc_handlers import add_servicer
+from learner.read_ahead import StreamIdle, read_ahead
 from learner.store import AppendResult, EpisodeStore, EpisodeSummary
 from protos.fleetlearn.v1 import trajectory_pb2, trajectory_pb2_grpc
 
@@ -62,10 +63,14 @@ class IngestServicer(trajectory_pb2_grpc.TrajectoryServiceServicer):
         on_chunk: Callable[[DecodedChunk], None] | None = None,
         max_steps: int = 1000,
         max_bytes: int = 64 << 20,
+        admission: Admission | None = None,
+        full_decode: bool = False,
     ) -> None:
         self.store = store
         self.known_tasks = None if known_tasks is None else frozenset(known_tasks)
-        self.tokens = tokens
+        # Shared with the policy service in the gateway, so caps count a cell's every stream.
+        self.admission = admission or Admission(tokens)
+        self.full_decode = full_decode
         self.on_episode_end = on_episode_end
         self.on_chunk = on_chunk
         self.max_steps = max_steps
@@ -85,27 +90,46 @@ class IngestServicer(trajectory_pb2_grpc.TrajectoryServiceServicer):
         context: grpc.ServicerContext,
     ) -> Iterator[trajectory_pb2.ChunkAck]:
         peer = context.peer()
-        # One identity per stream: the verified client certificate's CN under mutual TLS.
-        cert_cn = peer_common_name(context)
+        # One identity per stream: its call credentials, and its client certificate's CN
+        # under mutual TLS. Refused here, before a byte of payload is read.
+        caller = self.admission.open_stream(context, "Upload")
+        idle_s = self.admission.limits.idle_timeout_s
         # The next chunk is received while this one is stored (read_ahead), at most one
         # ahead: a slow store stops reading, and gRPC flow control then holds the cell back.
-        for msg in read_ahead(request_iterator, name=f"ingest-read {peer}"):
-            t0 = time.perf_counter()
-            ack = self._handle(msg, peer, cert_cn=cert_cn)
-            ACK_SECONDS.observe(time.perf_counter() - t0)
-            yield ack
+        chunks = read_ahead(request_iterator, name=f"ingest-read {peer}", idle_timeout_s=idle_s)
+        try:
+            for msg in chunks:
+                revoked = self.admission.revoked(caller)
+                if revoked is not None:
+                    log.warning("upload from %s closed: %s", peer, revoked)
+                    context.abort(grpc.StatusCode.PERMISSION_DENIED, revoked)
+                t0 = time.perf_counter()
+                ack = self._handle(msg, peer, caller)
+                ACK_SECONDS.observe(time.perf_counter() - t0)
+                yield ack
+        except StreamIdle:
+            message = (
+                f"cell {caller.key or peer}: no chunk for {idle_s:g} s on this upload stream; the "
+                "learner closed it (idle timeout); open a new stream when there is data"
+            )
+            log.info("upload from %s closed: %s", peer, message)
+            context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, message)
 
     def _handle(
-        self, msg: trajectory_pb2.StepChunk, peer: str, *, cert_cn: str | None = None
+        self, msg: trajectory_pb2.StepChunk, peer: str, caller: Caller | None = None
     ) -> trajectory_pb2.ChunkAck:
-        """One chunk to one ack; never raises."""
+        """One chunk to one ack; never raises. `caller` None: already authorised."""
         try:
-            self._authorise(msg, cert_cn)
+            if caller is not None:
+                denied = caller.may_act_as(msg.cell_id)
+                if denied is not None:
+                    raise ChunkRejected(grpc.StatusCode.PERMISSION_DENIED, denied)
             chunk = decode_chunk(
                 msg,
                 known_tasks=self.known_tasks,
                 max_steps=self.max_steps,
                 max_bytes=self.max_bytes,
+                full_decode=self.full_decode,
             )
             result = self.store.append(chunk)
         except ChunkRejected as exc:
@@ -147,12 +171,6 @@ class IngestServicer(trajectory_pb2_grpc.TrajectoryServiceServicer):
             durable=True,
             duplicate=result.duplicate,
         )
-
-    def _authorise(self, msg: trajectory_pb2.StepChunk, cert_cn: str | None = None) -> None:
-        """Token and, over mutual TLS, the certificate's CN (see learner/auth.py)."""
-        denied = check_cell(msg.cell_id, msg.token, tokens=self.tokens, cert_cn=cert_cn)
-        if denied is not None:
-            raise ChunkRejected(grpc.StatusCode.PERMISSION_DENIED, denied)
 
     def _after_append(self, chunk: DecodedChunk, result: AppendResult) -> None:
         """Callbacks after a durable append; their failures are logged, never sent back."""
@@ -207,5 +225,6 @@ class IngestServicer(trajectory_pb2_grpc.TrajectoryServiceServicer):
 
 
 def add_to_server(server: grpc.Server, servicer: IngestServicer) -> None:
-    """Register the servicer on a grpc server (before it starts)."""
-    trajectory_pb2_grpc.add_TrajectoryServiceServicer_to_server(servicer, server)
+    """Register the servicer on a grpc server (before it starts); undecodable requests
+    get INVALID_ARGUMENT (learner/grpc_handlers.py)."""
+    add_servicer(server, trajectory_pb2.DESCRIPTOR.services_by_name["TrajectoryService"], servicer)

@@ -8,7 +8,6 @@ local by default; `--ray-address` joins a cluster.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import signal
@@ -23,6 +22,8 @@ from fleet.logs import setup_logging
 from fleet.metrics import add_metrics_arguments
 from fleet.registry import Registry
 from fleet.supervision import stop_with_supervisor
+from learner.admission import StreamLimits
+from learner.auth import TokensFile
 from learner.chunks import DecodedChunk
 from learner.gateway import Gateway
 from learner.sampler import SamplerConfig
@@ -148,7 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--tls-dir",
         type=Path,
         default=None,
-        help="serve TLS with learner.pem/learner.key and ca.pem from here (default: plaintext)",
+        help="serve TLS with learner.pem/learner.key and ca.pem from here (required unless "
+        "--insecure)",
     )
     p.add_argument(
         "--mtls", action="store_true", help="with --tls-dir: require a cell client certificate"
@@ -157,7 +159,23 @@ def build_parser() -> argparse.ArgumentParser:
         "--tokens-file",
         type=Path,
         default=None,
-        help='JSON {"cell_id": "token"}: only these cells, each with its own token',
+        help='JSON {"cell_id": "token"}: the allow-list of cells, re-read when it changes '
+        "(remove a cell to revoke it); required unless --insecure",
+    )
+    p.add_argument(
+        "--insecure",
+        action="store_true",
+        help="serve plaintext gRPC and accept any cell without a token (local tests only)",
+    )
+    p.add_argument(
+        "--max-streams-per-cell", type=int, default=8, help="open streams one cell may hold"
+    )
+    p.add_argument("--max-streams", type=int, default=96, help="open streams in all")
+    p.add_argument(
+        "--idle-timeout-s",
+        type=float,
+        default=60.0,
+        help="close an upload stream that sends nothing for this long",
     )
     p.add_argument(
         "--truncate-after-s",
@@ -199,20 +217,32 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _load_tokens(path: Path | None) -> dict[str, str] | None:
-    """{cell_id: token} from a JSON file, or None (no token check) without one."""
-    if path is None:
+def _security_problem(args: argparse.Namespace) -> str | None:
+    """Why these arguments may not start a learner (secure by default), or None."""
+    if args.insecure:
         return None
-    data = json.loads(path.read_text())
-    if not isinstance(data, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) and v for k, v in data.items()
-    ):
-        raise SystemExit(f"{path}: expected a JSON object of cell id -> non-empty token")
-    return data
+    missing = [
+        flag
+        for flag, value in (("--tls-dir", args.tls_dir), ("--tokens-file", args.tokens_file))
+        if value is None
+    ]
+    if missing:
+        return (
+            f"fleet learner: {' and '.join(missing)} missing; the learner serves TLS with a "
+            "tokens file (the allow-list of cells) unless --insecure is given"
+        )
+    try:
+        TokensFile(args.tokens_file)
+    except (OSError, ValueError) as exc:
+        return f"fleet learner: tokens file unusable: {exc}"
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    problem = _security_problem(args)
+    if problem is not None:
+        raise SystemExit(problem)
     setup_logging()
     tasks = tuple(t for t in args.tasks.split(",") if t)
     cameras = tuple(c for c in args.cameras.split(",") if c)
@@ -237,7 +267,12 @@ def main(argv: list[str] | None = None) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     stop_with_supervisor()  # under `fleet up`: its death is a SIGTERM here
-    tokens = _load_tokens(args.tokens_file)
+    tokens_file = args.tokens_file.resolve() if args.tokens_file else None
+    limits = StreamLimits(
+        per_cell=args.max_streams_per_cell,
+        total=args.max_streams,
+        idle_timeout_s=args.idle_timeout_s,
+    )
     n_servers = max(1, args.ingest_servers)
 
     def new_gateway(index: int) -> Any:
@@ -247,7 +282,8 @@ def main(argv: list[str] | None = None) -> int:
             tasks,
             host=args.host,
             port=port,
-            tokens=tokens,
+            tokens_file=tokens_file,
+            limits=limits,
             tls_dir=args.tls_dir.resolve() if args.tls_dir else None,
             require_client_cert=args.mtls,
             truncate_after_s=args.truncate_after_s if index == 0 else None,

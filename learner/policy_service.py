@@ -16,8 +16,11 @@ Cells never talk to Redis; this servicer is their window onto the registry:
   memory for the next cells; the newest few versions stay cached.
 - ReportHeartbeat: the cell's state into the registry, stamped with the learner's clock.
 
-Each open watch (like each upload stream) holds one worker thread of a sync gRPC server for
-its lifetime: size the server's thread pool for it.
+Each open watch or fetch (like each upload stream) holds one worker thread of a sync gRPC
+server for its lifetime, so each is admitted against the per-cell and global stream caps
+first (learner/admission.py), and a watch ends (PERMISSION_DENIED) within a second or so of
+its cell being removed from the tokens file. Every field a cell sends is bounded: ids,
+`chunk_bytes`, heartbeat strings and numbers, `versions_adopted_json` (size, depth, shape).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import threading
 import time
@@ -35,15 +39,23 @@ from typing import Any, NoReturn, TypeVar
 import grpc
 import redis
 
+from fleet.ids import MAX_ID_LEN
 from fleet.registry import CellState, Registry
-from fleet.tls import peer_common_name
-from learner.auth import check_cell
+from learner.admission import Admission
+from learner.auth import Caller
+from learner.grpc_handlers import add_servicer
 from protos.fleetlearn.v1 import policy_pb2, policy_pb2_grpc
 
 log = logging.getLogger(__name__)
 
 # A chunk must fit a client's default 4 MiB receive limit with room for the envelope.
 MAX_CHUNK_BYTES = 3 << 20
+# A client-chosen chunk below this costs a message per few bytes (chunk_bytes=1 was 23,040
+# messages in 3 s): refused.
+MIN_CHUNK_BYTES = 16 << 10
+MAX_FAULT_CHARS = 2048
+MAX_ADOPTED_JSON = 64 << 10
+MAX_ADOPTED_ENTRIES = 256
 _UNSET = object()
 T = TypeVar("T")
 # (version to act with, version to run in shadow), None where there is none.
@@ -61,11 +73,13 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
         poll_interval_s: float = 0.25,
         chunk_bytes: int = 1 << 20,
         cache_versions: int = 3,
+        admission: Admission | None = None,
     ) -> None:
         if not 0 < chunk_bytes <= MAX_CHUNK_BYTES:
             raise ValueError(f"chunk_bytes must be in 1..{MAX_CHUNK_BYTES}, got {chunk_bytes}")
         self.registry = registry
-        self.tokens = dict(tokens) if tokens is not None else None
+        # Shared with ingest in the gateway, so caps count a cell's every stream.
+        self.admission = admission or Admission(tokens)
         self.poll_interval_s = poll_interval_s
         self.chunk_bytes = chunk_bytes
         self.cache_versions = max(1, cache_versions)
@@ -98,7 +112,9 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
         self, request: policy_pb2.WatchRequest, context: grpc.ServicerContext
     ) -> Iterator[policy_pb2.Assignment]:
         cell_id = request.cell_id
-        self._authorise(cell_id, request.token, context)
+        caller = self._authorise(cell_id, context, stream="WatchAssignment")
+        if len(request.current_version) > MAX_ID_LEN:
+            _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "current_version is too long")
         current = self._registry_call(context, self._lookup, [cell_id])[cell_id]
         with self._cond:
             if self._stopped:
@@ -109,6 +125,7 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
         context.add_callback(self._wake_all)
         log.info("cell %s watches its assignment (runs %r)", cell_id, request.current_version)
         sent: object = _UNSET
+        revoked: str | None = None
         try:
             while True:
                 with self._cond:
@@ -116,9 +133,10 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
                         not self._stopped
                         and context.is_active()
                         and self._assigned.get(cell_id) == sent
+                        and (revoked := self.admission.revoked(caller)) is None
                     ):
                         self._cond.wait(timeout=1.0)
-                    if self._stopped or not context.is_active():
+                    if self._stopped or not context.is_active() or revoked is not None:
                         break
                     pair = self._assigned.get(cell_id, (None, None))
                 yield self._with_shadow(pair, context)
@@ -129,14 +147,26 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
                 if self._watchers[cell_id] <= 0:
                     del self._watchers[cell_id]
                     self._assigned.pop(cell_id, None)
+        if revoked is not None:
+            log.warning("cell %s: assignment watch closed: %s", cell_id, revoked)
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, revoked)
         if self._stopped and context.is_active():
             context.abort(grpc.StatusCode.UNAVAILABLE, "policy service is stopping; reconnect")
 
     def FetchWeights(
         self, request: policy_pb2.FetchRequest, context: grpc.ServicerContext
     ) -> Iterator[policy_pb2.WeightsChunk]:
-        self._authorise(request.cell_id, request.token, context)
+        caller = self._authorise(request.cell_id, context, stream="FetchWeights")
         version_id = request.version_id
+        if len(version_id) > MAX_ID_LEN:
+            _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "version_id is too long")
+        if request.chunk_bytes and not MIN_CHUNK_BYTES <= request.chunk_bytes <= MAX_CHUNK_BYTES:
+            _abort(
+                context,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"chunk_bytes {request.chunk_bytes} is out of range: 0 (the learner's default) "
+                f"or {MIN_CHUNK_BYTES}..{MAX_CHUNK_BYTES}",
+            )
         record = self._record(version_id, context)
         if record is None:
             context.abort(grpc.StatusCode.NOT_FOUND, f"unknown policy version {version_id!r}")
@@ -160,6 +190,9 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
         for start in range(offset, total, step):
             if not context.is_active():
                 return
+            revoked = self.admission.revoked(caller)
+            if revoked is not None:  # removed from the tokens file mid-download
+                _abort(context, grpc.StatusCode.PERMISSION_DENIED, revoked)
             if prebuilt is not None:
                 message = prebuilt[start // step]
             else:
@@ -173,18 +206,15 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
     def ReportHeartbeat(
         self, request: policy_pb2.Heartbeat, context: grpc.ServicerContext
     ) -> policy_pb2.HeartbeatReply:
-        self._authorise(request.cell_id, request.token, context)
-        try:
-            adopted = json.loads(request.versions_adopted_json or "[]")
-        except json.JSONDecodeError as exc:
-            context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT, f"versions_adopted_json is not JSON: {exc}"
-            )
-        if not isinstance(adopted, list) or not all(isinstance(a, dict) for a in adopted):
-            context.abort(
+        self._authorise(request.cell_id, context)
+        problem = _heartbeat_problem(request)
+        if problem is not None:
+            _abort(
+                context,
                 grpc.StatusCode.INVALID_ARGUMENT,
-                "versions_adopted_json must be a list of {version, adopted_at} objects",
+                f"cell {request.cell_id}: heartbeat {problem}",
             )
+        adopted = json.loads(request.versions_adopted_json or "[]")
         now = time.time()
         state = CellState(
             cell_id=request.cell_id,
@@ -394,13 +424,23 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
 
     # -- helpers -------------------------------------------------------------------------
 
-    def _authorise(self, cell_id: str, token: str, context: grpc.ServicerContext) -> None:
+    def _authorise(
+        self, cell_id: str, context: grpc.ServicerContext, *, stream: str = ""
+    ) -> Caller:
+        """The caller, checked to act as `cell_id`; a stream is admitted under the caps."""
         if not cell_id:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "cell_id is required")
-        # Token and, over mutual TLS, the client certificate's CN (see learner/auth.py).
-        denied = check_cell(cell_id, token, tokens=self.tokens, cert_cn=peer_common_name(context))
+            _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "cell_id is required")
+        if len(cell_id) > MAX_ID_LEN:
+            _abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"cell_id over {MAX_ID_LEN} chars")
+        # Call credentials and, over mutual TLS, the certificate's CN (learner/auth.py).
+        if stream:
+            caller = self.admission.open_stream(context, stream, claimed=cell_id)
+        else:
+            caller = self.admission.caller(context)
+        denied = caller.may_act_as(cell_id)
         if denied is not None:
-            context.abort(grpc.StatusCode.PERMISSION_DENIED, denied)
+            _abort(context, grpc.StatusCode.PERMISSION_DENIED, denied)
+        return caller
 
     def _registry_call(self, context: grpc.ServicerContext, fn: Callable[..., T], *args: Any) -> T:
         try:
@@ -414,5 +454,41 @@ def _abort(context: grpc.ServicerContext, code: grpc.StatusCode, message: str) -
     raise AssertionError("context.abort returned")  # pragma: no cover
 
 
+def _heartbeat_problem(beat: policy_pb2.Heartbeat) -> str | None:
+    """What is out of bounds in a heartbeat, or None. Checked before any JSON is parsed
+    deeper than its size allows (a deeply nested document cannot reach the parser)."""
+    for name in ("version_running", "task", "shadow_version"):
+        if len(getattr(beat, name)) > MAX_ID_LEN:
+            return f"{name} is longer than {MAX_ID_LEN} characters"
+    if len(beat.last_fault) > MAX_FAULT_CHARS:
+        return f"last_fault is {len(beat.last_fault)} characters, at most {MAX_FAULT_CHARS}"
+    for name in ("loop_hz", "sent_at"):
+        if not math.isfinite(getattr(beat, name)):
+            return f"{name} is not a finite number"
+    text = beat.versions_adopted_json or "[]"
+    if len(text) > MAX_ADOPTED_JSON:
+        return f"versions_adopted_json is {len(text)} characters, at most {MAX_ADOPTED_JSON}"
+    depth = 0
+    for ch in text:  # a list of flat objects nests two deep; refuse deeper before parsing
+        depth += (ch in "[{") - (ch in "]}")
+        if depth > 2:
+            return "versions_adopted_json nests deeper than a list of flat objects"
+    try:
+        adopted = json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        return f"versions_adopted_json is not JSON: {exc}"
+    if (
+        not isinstance(adopted, list)
+        or len(adopted) > MAX_ADOPTED_ENTRIES
+        or not all(isinstance(a, dict) for a in adopted)
+    ):
+        return (
+            f"versions_adopted_json must be a list of at most {MAX_ADOPTED_ENTRIES} "
+            "{version, adopted_at} objects"
+        )
+    return None
+
+
 def add_to_server(server: grpc.Server, servicer: PolicyServicer) -> None:
-    policy_pb2_grpc.add_PolicyServiceServicer_to_server(servicer, server)
+    """Register on a server (before it starts); undecodable requests get INVALID_ARGUMENT."""
+    add_servicer(server, policy_pb2.DESCRIPTOR.services_by_name["PolicyService"], servicer)

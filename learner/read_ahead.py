@@ -20,6 +20,10 @@ _END = object()
 _POLL_S = 0.5  # how often a blocked reader checks whether its consumer has gone
 
 
+class StreamIdle(TimeoutError):
+    """The source yielded nothing for the consumer's idle timeout."""
+
+
 class _Failed:
     """The reader's exception, carried to the consumer's thread and raised there."""
 
@@ -27,11 +31,19 @@ class _Failed:
         self.exc = exc
 
 
-def read_ahead(source: Iterator[T], *, depth: int = 1, name: str = "read-ahead") -> Iterator[T]:
+def read_ahead(
+    source: Iterator[T],
+    *,
+    depth: int = 1,
+    name: str = "read-ahead",
+    idle_timeout_s: float | None = None,
+) -> Iterator[T]:
     """Yield `source`'s items in order while a daemon thread fetches the next ones.
 
     An exception raised by `source` is raised to the consumer at the same position. When the
-    consumer stops early (the generator is closed), the reader stops at its next item.
+    consumer stops early (the generator is closed), the reader stops at its next item. When
+    the consumer has waited `idle_timeout_s` for the next item, StreamIdle is raised to it
+    (the reader stays blocked until the source ends, which closing the call brings about).
     """
     items: queue.Queue[object] = queue.Queue(maxsize=depth)
     gone = threading.Event()
@@ -59,7 +71,10 @@ def read_ahead(source: Iterator[T], *, depth: int = 1, name: str = "read-ahead")
     thread.start()
     try:
         while True:
-            item = items.get()
+            try:
+                item = items.get(timeout=idle_timeout_s)
+            except queue.Empty:
+                raise StreamIdle(f"nothing received for {idle_timeout_s} s") from None
             if item is _END:
                 return
             if isinstance(item, _Failed):

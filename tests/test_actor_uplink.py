@@ -331,7 +331,7 @@ def _add(rec: EpisodeRecorder, step: int, version: str = "v1") -> trajectory_pb2
 
 
 def test_recorder_chunks_are_what_the_learner_accepts() -> None:
-    rec = EpisodeRecorder(CELL, "ep-1", "pick_cube", chunk_steps=4, jpeg_quality=95, token="t")
+    rec = EpisodeRecorder(CELL, "ep-1", "pick_cube", chunk_steps=4, jpeg_quality=95)
     chunks = [c for step in range(10) if (c := _add(rec, step)) is not None]
     assert [chunk_steps_of(c) for c in chunks] == [4, 4]  # the 10th step is held back
     chunks.append(rec.finish(success=True, reason="success", started_at=0.0, ended_at=0.5))
@@ -345,7 +345,9 @@ def test_recorder_chunks_are_what_the_learner_accepts() -> None:
     np.testing.assert_array_equal(
         np.concatenate([d.intervention for d in decoded]), [s % 3 == 0 for s in range(10)]
     )
-    assert all(c.token == "t" and c.policy_version == "v1" for c in chunks)
+    assert all(c.policy_version == "v1" for c in chunks)
+    # The token travels as call credentials, never in a chunk (and so never in the spool).
+    assert all("token" not in c.DESCRIPTOR.fields_by_name for c in chunks)
     last = decoded[-1].cameras["overhead"]
     assert (last.height, last.width, last.channels) == (24, 32, 3)
     image = simplejpeg.decode_jpeg(last.frames[1], colorspace="RGB")
@@ -354,7 +356,7 @@ def test_recorder_chunks_are_what_the_learner_accepts() -> None:
 
 
 def test_recorder_closes_a_chunk_when_the_version_changes() -> None:
-    rec = EpisodeRecorder(CELL, "ep-2", "pick_cube", chunk_steps=20, jpeg_quality=90, token="")
+    rec = EpisodeRecorder(CELL, "ep-2", "pick_cube", chunk_steps=20, jpeg_quality=90)
     out = [_add(rec, step, "" if step < 3 else "v7") for step in range(5)]
     assert [c is not None for c in out] == [False, False, False, True, False]
     first = out[3]
@@ -387,7 +389,6 @@ def watcher(learner: FakeLearner) -> Iterator[tuple[PolicyWatcher, list[str]]]:
     w = PolicyWatcher(
         learner.address,
         CELL,
-        "tok",
         deadline_s=5.0,
         on_fault=faults.append,
         runner_factory=_factory,
@@ -444,7 +445,7 @@ def test_heartbeats_arrive_and_failures_never_raise(learner: FakeLearner) -> Non
     count = iter(range(1000))
 
     def snapshot() -> policy_pb2.Heartbeat:
-        return policy_pb2.Heartbeat(cell_id=CELL, episodes=next(count), token="tok")
+        return policy_pb2.Heartbeat(cell_id=CELL, episodes=next(count))
 
     sender = HeartbeatSender(
         learner.address, snapshot, interval_s=0.05, deadline_s=2.0, cell_id=CELL
@@ -457,4 +458,4 @@ def test_heartbeats_arrive_and_failures_never_raise(learner: FakeLearner) -> Non
     assert sender.send_now(timeout_s=0.5) is False
     beats = learner.policy.heartbeats
     assert [b.episodes for b in beats[:3]] == [0, 1, 2]
-    assert beats[0].cell_id == CELL and beats[0].token == "tok"
+    assert beats[0].cell_id == CELL

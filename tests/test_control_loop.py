@@ -180,7 +180,7 @@ def run_loop(
     faults: list[str] = []
     settings: dict = {"control_hz": HZ, "chunk_steps": 7, "max_episode_s": 1.0, **config}
     loop = ControlLoop(
-        ActorConfig(cell_id="cell-01", learner_address="127.0.0.1:1", token="tok", **settings),
+        ActorConfig(cell_id="cell-01", learner_address="127.0.0.1:1", **settings),
         FakeHardware(clock, slow_at=slow_at, slow_s=0.3),
         FakeScene(clock, success_after or {}),
         operator,

@@ -149,7 +149,6 @@ def make_cell(learner: Learner, tmp_path: Path) -> Iterator[Callable[..., Cell]]
         watcher = PolicyWatcher(
             learner.address,
             cell_id,
-            "",
             deadline_s=5.0,
             on_fault=faults.append,
             verify_key=signing.load_public_key(learner.public_key_path),
@@ -337,7 +336,6 @@ def test_swapping_in_a_large_version_misses_no_control_tick(learner: Learner, tm
     watcher = PolicyWatcher(
         learner.address,
         CELL,
-        "",
         deadline_s=10.0,
         on_fault=print,
         verify_key=signing.load_public_key(learner.public_key_path),

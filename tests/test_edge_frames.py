@@ -25,7 +25,7 @@ def test_depth_is_lossless_and_colour_is_jpeg_at_the_configured_quality() -> Non
     steps = [_frames(rng) for _ in range(3)]
     sizes = {}
     for quality in (30, 95):
-        recorder = EpisodeRecorder("cell-01", "ep-1", "pick_cube", 10, quality, "")
+        recorder = EpisodeRecorder("cell-01", "ep-1", "pick_cube", 10, quality)
         for i, frames in enumerate(steps):
             recorder.add_step(
                 stamp=float(i),

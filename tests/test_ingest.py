@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import simplejpeg
 
+from fleet.cell_auth import cell_metadata
 from fleet.wire import to_tensor
 from learner import ingest
 from learner.chunks import DecodedChunk
@@ -51,7 +52,6 @@ def make_msg(
         intervention=to_tensor(steps % 2 == 0),
         reward=to_tensor(np.zeros(n, np.float32)),
         last=last,
-        token=TOKENS.get(cell, ""),
     )
     msg.cameras.append(
         arrays_pb2.CameraFrames(
@@ -73,8 +73,12 @@ class Served:
     chunks_seen: list[DecodedChunk] = field(default_factory=list)
     ended: list[tuple[DecodedChunk, EpisodeSummary]] = field(default_factory=list)
 
-    def upload(self, msgs: list[trajectory_pb2.StepChunk]) -> list[trajectory_pb2.ChunkAck]:
-        return list(self.stub.Upload(iter(msgs), timeout=DEADLINE_S))
+    def upload(
+        self, msgs: list[trajectory_pb2.StepChunk], *, as_cell: str = "c1"
+    ) -> list[trajectory_pb2.ChunkAck]:
+        """One stream with `as_cell`'s call credentials (metadata: plaintext test server)."""
+        metadata = cell_metadata(as_cell, TOKENS[as_cell])
+        return list(self.stub.Upload(iter(msgs), timeout=DEADLINE_S, metadata=metadata))
 
 
 @pytest.fixture
@@ -223,7 +227,7 @@ MALFORMED = {
     "outcome on a middle chunk": (_outcome_not_last, INVALID, "outcome"),
     "last without outcome": (_attr("last", True), INVALID, "outcome"),
     "too many steps": (_too_many_steps, grpc.StatusCode.RESOURCE_EXHAUSTED, "1001 steps"),
-    "wrong token": (_attr("token", "guess"), grpc.StatusCode.PERMISSION_DENIED, "token"),
+    "another cell's id": (_attr("cell_id", "c2"), grpc.StatusCode.PERMISSION_DENIED, "c2"),
     "unknown cell": (_attr("cell_id", "c9"), grpc.StatusCode.PERMISSION_DENIED, "c9"),
 }
 
@@ -290,7 +294,7 @@ def test_concurrent_streams_from_two_cells(served: Served) -> None:
             for e in range(2)
             for s in range(3)
         ]
-        results[cell_id] = served.upload(msgs)
+        results[cell_id] = served.upload(msgs, as_cell=cell_id)
 
     threads = [threading.Thread(target=cell, args=(c,)) for c in TOKENS]
     for t in threads:

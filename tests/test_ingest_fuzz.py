@@ -17,12 +17,16 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from fleet.cell_auth import cell_metadata
 from learner import ingest
+from learner.admission import Admission, StreamLimits
 from learner.chunks import decode_chunk
 from learner.ingest import IngestServicer
 from learner.store import EpisodeStore
 from protos.fleetlearn.v1 import trajectory_pb2, trajectory_pb2_grpc
 from tests.test_ingest import TASKS, TOKENS, make_msg
+
+AS_C1 = cell_metadata("c1", TOKENS["c1"])
 
 MAX_BYTES = 16 << 10
 MAX_STEPS = 64
@@ -45,8 +49,11 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, obj
     # A stored episode (2 chunks, still open) that hostile resends and gaps aim at.
     for seq in range(2):
         store.append(decode_chunk(make_msg(seq, episode="base"), known_tasks=TASKS))
+    # One stream per example, thousands in seconds: far above a cell's call rate, which
+    # tests/test_gateway_hostile.py checks; here only the chunks are under test.
+    admission = Admission(TOKENS, StreamLimits(calls_per_s=1e6, call_burst=1e6))
     servicer = IngestServicer(
-        store, known_tasks=TASKS, tokens=TOKENS, max_steps=MAX_STEPS, max_bytes=MAX_BYTES
+        store, known_tasks=TASKS, admission=admission, max_steps=MAX_STEPS, max_bytes=MAX_BYTES
     )
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
     ingest.add_to_server(server, servicer)
@@ -135,13 +142,7 @@ def _seq_repeat(msg: Msg, data: st.DataObject) -> Code:
 
 def _other_cells_id(msg: Msg, data: st.DataObject) -> Code:
     msg.cell_id = data.draw(st.sampled_from(["c2", "c3", "cell-99"]))
-    msg.token = TOKENS["c1"]
-    return Code.PERMISSION_DENIED
-
-
-def _bad_token(msg: Msg, data: st.DataObject) -> Code:
-    msg.token = data.draw(st.text(max_size=40).filter(lambda t: t != TOKENS["c1"]))
-    return Code.PERMISSION_DENIED
+    return Code.PERMISSION_DENIED  # the stream is authenticated as c1
 
 
 def _hostile_id(msg: Msg, data: st.DataObject) -> Code:
@@ -197,7 +198,6 @@ MUTATIONS: list[Mutation] = [
     _seq_gap,
     _seq_repeat,
     _other_cells_id,
-    _bad_token,
     _hostile_id,
     _unknown_task,
     _bad_camera,
@@ -225,7 +225,7 @@ def test_hostile_chunks_get_a_specific_status_and_change_nothing(
     expected = mutations[0](msg, data)
     # A good chunk after the bad one shows the stream is still usable.
     probe = make_msg(1, episode="base")
-    acks = list(stub.Upload(iter([msg, probe]), timeout=10))
+    acks = list(stub.Upload(iter([msg, probe]), timeout=10, metadata=AS_C1))
     assert len(acks) == 2
     ack = acks[0]
     if expected == Code.OK:
@@ -248,9 +248,10 @@ def test_undecodable_bytes_do_not_take_the_server_down(served: tuple[Path, grpc.
     for _ in range(50):
         junk = rng.integers(0, 256, int(rng.integers(1, 200)), dtype=np.uint8).tobytes()
         try:
-            list(raw(iter([junk]), timeout=5))
-        except grpc.RpcError as exc:
-            assert exc.code() in (Code.INTERNAL, Code.INVALID_ARGUMENT, Code.UNKNOWN)
+            list(raw(iter([junk]), timeout=5, metadata=AS_C1))
+        except grpc.RpcError as exc:  # junk that happens to parse is refused as a chunk
+            assert exc.code() == Code.INVALID_ARGUMENT, exc
+            assert "not a valid fleetlearn.v1.StepChunk protobuf" in exc.details()
     stub = trajectory_pb2_grpc.TrajectoryServiceStub(channel)
-    (ack,) = stub.Upload(iter([make_msg(0, episode="base")]), timeout=5)
+    (ack,) = stub.Upload(iter([make_msg(0, episode="base")]), timeout=5, metadata=AS_C1)
     assert ack.durable and ack.duplicate

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
+from fleet.cell_auth import cell_metadata
 from fleet.registry import Registry
 from learner import policy_service
 from learner.policy_service import PolicyServicer
@@ -211,27 +212,62 @@ def test_tokens_guard_every_rpc(registry, tmp_path) -> None:
         with grpc.insecure_channel(address) as channel:
             stub = policy_pb2_grpc.PolicyServiceStub(channel)
             calls = [
-                lambda t: next(
+                lambda md: next(
                     stub.WatchAssignment(
-                        policy_pb2.WatchRequest(cell_id="c1", token=t), timeout=DEADLINE_S
+                        policy_pb2.WatchRequest(cell_id="c1"), timeout=DEADLINE_S, metadata=md
                     )
                 ),
-                lambda t: list(
+                lambda md: list(
                     stub.FetchWeights(
-                        policy_pb2.FetchRequest(cell_id="c1", version_id="v1", token=t),
+                        policy_pb2.FetchRequest(cell_id="c1", version_id="v1"),
                         timeout=DEADLINE_S,
+                        metadata=md,
                     )
                 ),
-                lambda t: stub.ReportHeartbeat(
-                    policy_pb2.Heartbeat(cell_id="c1", token=t), timeout=DEADLINE_S
+                lambda md: stub.ReportHeartbeat(
+                    policy_pb2.Heartbeat(cell_id="c1"), timeout=DEADLINE_S, metadata=md
                 ),
             ]
+            refusals = [
+                (cell_metadata("c1", "wrong"), grpc.StatusCode.UNAUTHENTICATED, "wrong token"),
+                (cell_metadata("c1", ""), grpc.StatusCode.UNAUTHENTICATED, "no token"),
+                ((), grpc.StatusCode.UNAUTHENTICATED, "no cell id"),
+                (cell_metadata("c9", "right"), grpc.StatusCode.PERMISSION_DENIED, "tokens file"),
+            ]
             for call in calls:
-                with pytest.raises(grpc.RpcError) as err:
-                    call("wrong")
-                assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
-            assert calls[0]("right").version_id == ""
-            calls[2]("right")
+                for metadata, code, says in refusals:
+                    with pytest.raises(grpc.RpcError) as err:
+                        call(metadata)
+                    assert err.value.code() == code, (metadata, err.value)
+                    assert says in err.value.details()
+            right = cell_metadata("c1", "right")
+            assert calls[0](right).version_id == ""
+            calls[2](right)
+    finally:
+        servicer.stop()
+        server.stop(0).wait(5)
+
+
+def test_a_fetch_ends_when_its_cell_is_revoked_mid_download(registry, tmp_path) -> None:
+    tokens = {"c1": "right"}  # the servicer reads this mapping live, like a tokens file
+    data = publish(registry, tmp_path, "v0001", n_floats=10_000_000)  # 40 MB
+    server, servicer, address = serve(registry, tokens=tokens, chunk_bytes=16 << 10)
+    try:
+        with grpc.insecure_channel(address) as channel:
+            stub = policy_pb2_grpc.PolicyServiceStub(channel)
+            stream = stub.FetchWeights(
+                policy_pb2.FetchRequest(cell_id="c1", version_id="v0001"),
+                timeout=DEADLINE_S,
+                metadata=cell_metadata("c1", "right"),
+            )
+            received = len(next(stream).data)
+            del tokens["c1"]
+            with pytest.raises(grpc.RpcError) as err:
+                for chunk in stream:
+                    received += len(chunk.data)
+            assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+            assert "revoked" in err.value.details()
+            assert received < len(data)
     finally:
         servicer.stop()
         server.stop(0).wait(5)

@@ -284,6 +284,7 @@ def test_fleet_actor_runs_a_real_cell_config(tmp_path: Path, chains) -> None:
             learner.address,
             "--cell-config",
             str(path),
+            "--allow-unsigned",
             "--spool-dir",
             str(tmp_path / "spool"),
             "--version-cache",
@@ -349,4 +350,4 @@ def test_fleet_actor_runs_a_real_cell_config(tmp_path: Path, chains) -> None:
 def test_fleet_actor_needs_sim_or_a_cell_config() -> None:
     from actors.main import main
 
-    assert main(["--cell", "c", "--learner", "127.0.0.1:1"]) == 2
+    assert main(["--cell", "c", "--learner", "127.0.0.1:1", "--allow-unsigned"]) == 2

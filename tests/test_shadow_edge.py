@@ -131,7 +131,6 @@ def start_cell(cell_id: str, address: str, public_key: Path, seed: int) -> EdgeC
     watcher = PolicyWatcher(
         address,
         cell_id,
-        "",
         deadline_s=5.0,
         on_fault=faults.append,
         verify_key=signing.load_public_key(public_key),
@@ -311,7 +310,6 @@ def test_assignment_carries_the_shadow_and_a_bad_shadow_leaves_acting_alone(
     watcher = PolicyWatcher(
         address,
         "cell-a",
-        "",
         deadline_s=5.0,
         on_fault=faults.append,
         verify_key=signing.load_public_key(public),
@@ -457,7 +455,7 @@ def test_a_slow_shadow_leaves_its_steps_without_shadow_actions_and_never_holds_t
 
 
 def test_recorder_sends_shadow_actions_only_for_fully_covered_chunks() -> None:
-    recorder = EpisodeRecorder("cell-01", "ep", TASK, 3, 80, "")
+    recorder = EpisodeRecorder("cell-01", "ep", TASK, 3, 80)
     frame = {"overhead": Frame("overhead", np.zeros((8, 8, 3), np.uint8), 0.0)}
     plan: list[tuple[np.ndarray | None, str]] = [
         (np.full(14, 1.0), "v2"),

@@ -261,3 +261,13 @@ def test_full_spool_refuses_the_episode_tail_loudly_and_never_blocks(tmp_path: P
 def test_quota_must_be_positive(tmp_path: Path) -> None:
     with pytest.raises(ValueError):
         ChunkSpool(tmp_path, 0)
+
+
+def test_a_token_spooled_by_an_older_version_is_never_sent_again(tmp_path: Path) -> None:
+    spool = ChunkSpool(tmp_path / "spool", 1 << 20, fsync=False)
+    old_token_field = b"\x7a\x0aold-secret"  # field 15 (length-delimited): the old token
+    spool.write(0, make_chunk("ep", 0).SerializeToString() + old_token_field)
+    assert b"old-secret" in spool.path_of(0).read_bytes()
+    for chunk in (spool.read(0), ChunkSpool(tmp_path / "spool", 1 << 20).recover()[0][1]):
+        assert chunk.episode_id == "ep"
+        assert b"old-secret" not in chunk.SerializeToString()

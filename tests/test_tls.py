@@ -12,6 +12,7 @@ import grpc
 import pytest
 
 from fleet import tls
+from fleet.cell_auth import call_credentials
 from learner import ingest, policy_service
 from learner.ingest import IngestServicer
 from learner.policy_service import PolicyServicer
@@ -29,7 +30,7 @@ PERMISSION_DENIED = grpc.StatusCode.PERMISSION_DENIED.value[0]
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("tls")
-    make_certs(out, ["127.0.0.1"], ["c1", "c2"])
+    make_certs(out, ["127.0.0.1"], ["c1", "c2", "c3"])  # c3: signed, not in TOKENS
     return out
 
 
@@ -81,8 +82,17 @@ def _upload(channel: grpc.Channel, *msgs):
     return list(stub.Upload(iter(msgs), timeout=DEADLINE_S))
 
 
+def _cell_channel(address: str, lab: Path, cert: str | None, cell: str, token: str):
+    """A TLS channel presenting `cert`'s certificate (None: none) whose calls carry `cell`
+    and `token` as call credentials, the way the edge sends them."""
+    creds = grpc.composite_channel_credentials(
+        tls.channel_credentials(lab, cert), call_credentials(cell, token)
+    )
+    return grpc.secure_channel(address, creds)
+
+
 def test_mutual_tls_upload_is_stored(mtls_server: Server, lab: Path) -> None:
-    with tls.secure_channel(mtls_server.address, lab, "c1") as ch:
+    with _cell_channel(mtls_server.address, lab, "c1", "c1", TOKENS["c1"]) as ch:
         (ack,) = _upload(ch, make_msg(0, cell="c1"))
     assert ack.durable and ack.code == 0
     assert mtls_server.store.totals() == (6, 1)
@@ -125,40 +135,50 @@ def test_plaintext_client_cannot_talk_to_a_tls_learner(mtls_server: Server) -> N
 
 
 def test_cell_a_certificate_cannot_write_as_cell_b(mtls_server: Server, lab: Path) -> None:
-    # Even with cell B's valid token: the certificate says who is on the line.
-    with tls.secure_channel(mtls_server.address, lab, "c1") as ch:
+    # Cell A's stream cannot carry cell B's chunks...
+    with _cell_channel(mtls_server.address, lab, "c1", "c1", TOKENS["c1"]) as ch:
         (ack,) = _upload(ch, make_msg(0, cell="c2"))
     assert not ack.durable
     assert ack.code == PERMISSION_DENIED
-    assert "certificate is for 'c1'" in ack.message
+    assert "authenticated as cell 'c1'" in ack.message
+    # ...and even with cell B's valid token, the certificate says who is on the line.
+    with (
+        _cell_channel(mtls_server.address, lab, "c1", "c2", TOKENS["c2"]) as ch,
+        pytest.raises(grpc.RpcError) as err,
+    ):
+        _upload(ch, make_msg(0, cell="c2"))
+    assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "certificate is for 'c1'" in err.value.details()
     assert mtls_server.store.totals() == (0, 0)
 
 
-def test_token_mismatch_is_permission_denied(mtls_server: Server, lab: Path) -> None:
-    bad = make_msg(0, cell="c1")
-    bad.token = "not-the-token"
-    good = make_msg(0, cell="c1")
-    with tls.secure_channel(mtls_server.address, lab, "c1") as ch:
-        denied, ok = _upload(ch, bad, good)
-    assert denied.code == PERMISSION_DENIED and "wrong token" in denied.message
-    assert ok.durable  # the stream stays usable
-    assert mtls_server.store.totals() == (6, 1)
-
-
-def test_client_certificate_alone_authenticates(mtls_server: Server, lab: Path) -> None:
-    msg = make_msg(0, cell="c1")
-    msg.token = ""
-    with tls.secure_channel(mtls_server.address, lab, "c1") as ch:
-        (ack,) = _upload(ch, msg)
-    assert ack.durable
+@pytest.mark.parametrize(
+    ("cert", "token", "code", "says"),
+    [
+        ("c1", "not-the-token", grpc.StatusCode.UNAUTHENTICATED, "wrong token"),
+        ("c1", "", grpc.StatusCode.UNAUTHENTICATED, "no token"),
+        # A CA-signed certificate is not enough: the tokens file is the allow-list.
+        ("c3", "any", grpc.StatusCode.PERMISSION_DENIED, "not in the learner's tokens file"),
+    ],
+)
+def test_certificate_without_its_token_is_refused(
+    mtls_server: Server, lab: Path, cert: str, token: str, code: grpc.StatusCode, says: str
+) -> None:
+    with (
+        _cell_channel(mtls_server.address, lab, cert, cert, token) as ch,
+        pytest.raises(grpc.RpcError) as err,
+    ):
+        _upload(ch, make_msg(0, cell=cert))
+    assert err.value.code() == code
+    assert says in err.value.details()
+    assert mtls_server.store.totals() == (0, 0)
 
 
 def test_tls_without_client_certs_still_checks_tokens(tmp_path: Path, lab: Path) -> None:
     for server in _serve(tmp_path, lab, mtls=False, tokens=TOKENS):
-        bad = make_msg(0, cell="c2")
-        bad.token = TOKENS["c1"]  # cell 1's token cannot write as cell 2
-        with tls.secure_channel(server.address, lab, None) as ch:
-            denied, ok = _upload(ch, bad, make_msg(0, cell="c2"))
+        # Cell 1's token cannot write as cell 2.
+        with _cell_channel(server.address, lab, None, "c1", TOKENS["c1"]) as ch:
+            denied, ok = _upload(ch, make_msg(0, cell="c2"), make_msg(0, cell="c1"))
         assert denied.code == PERMISSION_DENIED
         assert ok.durable
         assert server.store.totals() == (6, 1)
@@ -166,12 +186,10 @@ def test_tls_without_client_certs_still_checks_tokens(tmp_path: Path, lab: Path)
 
 def test_policy_service_checks_the_certificate_too(tmp_path: Path, lab: Path, registry) -> None:
     for server in _serve(tmp_path, lab, mtls=True, tokens=TOKENS, registry=registry):
-        with tls.secure_channel(server.address, lab, "c1") as ch:
+        with _cell_channel(server.address, lab, "c1", "c2", TOKENS["c2"]) as ch:
             stub = policy_pb2_grpc.PolicyServiceStub(ch)
             with pytest.raises(grpc.RpcError) as err:
-                stub.ReportHeartbeat(
-                    policy_pb2.Heartbeat(cell_id="c2", token=TOKENS["c2"]), timeout=DEADLINE_S
-                )
+                stub.ReportHeartbeat(policy_pb2.Heartbeat(cell_id="c2"), timeout=DEADLINE_S)
         assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
         assert "certificate is for 'c1'" in (err.value.details() or "")
 
@@ -179,13 +197,19 @@ def test_policy_service_checks_the_certificate_too(tmp_path: Path, lab: Path, re
 def test_edge_channels_use_the_process_tls_settings(mtls_server: Server, lab: Path) -> None:
     from actors.uplink import open_channel
 
-    tls.use_client_tls(lab, "c1")
+    tls.use_client_tls(lab, "c1", TOKENS["c1"])
     try:
+        assert TOKENS["c1"] not in repr(tls.client_tls())  # never in a log line
         with open_channel(mtls_server.address) as ch:
             (ack,) = _upload(ch, make_msg(0, cell="c1"))
     finally:
         tls.use_client_tls(None, None)
     assert ack.durable
+
+
+def test_a_token_is_never_sent_over_plaintext() -> None:
+    with pytest.raises(tls.TLSConfigError, match="only sent over TLS"):
+        tls.use_client_tls(None, "c1", TOKENS["c1"])
 
 
 def test_missing_tls_file_is_named(tmp_path: Path) -> None:

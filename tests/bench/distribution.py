@@ -162,7 +162,6 @@ def _watcher(args: argparse.Namespace, cell: int, faults: list[str]) -> PolicyWa
     return PolicyWatcher(
         args.address,
         cell_id,
-        "",
         deadline_s=30.0,
         on_fault=faults.append,
         verify_key=signing.load_public_key(Path(args.verify_key)),

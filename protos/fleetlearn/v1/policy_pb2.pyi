@@ -6,14 +6,12 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class WatchRequest(_message.Message):
-    __slots__ = ("cell_id", "current_version", "token")
+    __slots__ = ("cell_id", "current_version")
     CELL_ID_FIELD_NUMBER: _ClassVar[int]
     CURRENT_VERSION_FIELD_NUMBER: _ClassVar[int]
-    TOKEN_FIELD_NUMBER: _ClassVar[int]
     cell_id: str
     current_version: str
-    token: str
-    def __init__(self, cell_id: _Optional[str] = ..., current_version: _Optional[str] = ..., token: _Optional[str] = ...) -> None: ...
+    def __init__(self, cell_id: _Optional[str] = ..., current_version: _Optional[str] = ...) -> None: ...
 
 class Assignment(_message.Message):
     __slots__ = ("version_id", "manifest_json", "size_bytes", "sha256", "signature", "published_at", "shadow_version_id", "shadow")
@@ -36,18 +34,16 @@ class Assignment(_message.Message):
     def __init__(self, version_id: _Optional[str] = ..., manifest_json: _Optional[str] = ..., size_bytes: _Optional[int] = ..., sha256: _Optional[str] = ..., signature: _Optional[str] = ..., published_at: _Optional[float] = ..., shadow_version_id: _Optional[str] = ..., shadow: _Optional[_Union[Assignment, _Mapping]] = ...) -> None: ...
 
 class FetchRequest(_message.Message):
-    __slots__ = ("cell_id", "version_id", "offset", "chunk_bytes", "token")
+    __slots__ = ("cell_id", "version_id", "offset", "chunk_bytes")
     CELL_ID_FIELD_NUMBER: _ClassVar[int]
     VERSION_ID_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
     CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
-    TOKEN_FIELD_NUMBER: _ClassVar[int]
     cell_id: str
     version_id: str
     offset: int
     chunk_bytes: int
-    token: str
-    def __init__(self, cell_id: _Optional[str] = ..., version_id: _Optional[str] = ..., offset: _Optional[int] = ..., chunk_bytes: _Optional[int] = ..., token: _Optional[str] = ...) -> None: ...
+    def __init__(self, cell_id: _Optional[str] = ..., version_id: _Optional[str] = ..., offset: _Optional[int] = ..., chunk_bytes: _Optional[int] = ...) -> None: ...
 
 class WeightsChunk(_message.Message):
     __slots__ = ("offset", "data", "total_bytes")
@@ -60,7 +56,7 @@ class WeightsChunk(_message.Message):
     def __init__(self, offset: _Optional[int] = ..., data: _Optional[bytes] = ..., total_bytes: _Optional[int] = ...) -> None: ...
 
 class Heartbeat(_message.Message):
-    __slots__ = ("cell_id", "version_running", "task", "episodes", "steps_recorded", "steps_acked", "loop_hz", "late_ticks", "last_fault", "sent_at", "versions_adopted_json", "successes", "interventions", "token", "spool_bytes", "spool_chunks", "shadow_version", "fault_count")
+    __slots__ = ("cell_id", "version_running", "task", "episodes", "steps_recorded", "steps_acked", "loop_hz", "late_ticks", "last_fault", "sent_at", "versions_adopted_json", "successes", "interventions", "spool_bytes", "spool_chunks", "shadow_version", "fault_count")
     CELL_ID_FIELD_NUMBER: _ClassVar[int]
     VERSION_RUNNING_FIELD_NUMBER: _ClassVar[int]
     TASK_FIELD_NUMBER: _ClassVar[int]
@@ -74,7 +70,6 @@ class Heartbeat(_message.Message):
     VERSIONS_ADOPTED_JSON_FIELD_NUMBER: _ClassVar[int]
     SUCCESSES_FIELD_NUMBER: _ClassVar[int]
     INTERVENTIONS_FIELD_NUMBER: _ClassVar[int]
-    TOKEN_FIELD_NUMBER: _ClassVar[int]
     SPOOL_BYTES_FIELD_NUMBER: _ClassVar[int]
     SPOOL_CHUNKS_FIELD_NUMBER: _ClassVar[int]
     SHADOW_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -92,12 +87,11 @@ class Heartbeat(_message.Message):
     versions_adopted_json: str
     successes: int
     interventions: int
-    token: str
     spool_bytes: int
     spool_chunks: int
     shadow_version: str
     fault_count: int
-    def __init__(self, cell_id: _Optional[str] = ..., version_running: _Optional[str] = ..., task: _Optional[str] = ..., episodes: _Optional[int] = ..., steps_recorded: _Optional[int] = ..., steps_acked: _Optional[int] = ..., loop_hz: _Optional[float] = ..., late_ticks: _Optional[int] = ..., last_fault: _Optional[str] = ..., sent_at: _Optional[float] = ..., versions_adopted_json: _Optional[str] = ..., successes: _Optional[int] = ..., interventions: _Optional[int] = ..., token: _Optional[str] = ..., spool_bytes: _Optional[int] = ..., spool_chunks: _Optional[int] = ..., shadow_version: _Optional[str] = ..., fault_count: _Optional[int] = ...) -> None: ...
+    def __init__(self, cell_id: _Optional[str] = ..., version_running: _Optional[str] = ..., task: _Optional[str] = ..., episodes: _Optional[int] = ..., steps_recorded: _Optional[int] = ..., steps_acked: _Optional[int] = ..., loop_hz: _Optional[float] = ..., late_ticks: _Optional[int] = ..., last_fault: _Optional[str] = ..., sent_at: _Optional[float] = ..., versions_adopted_json: _Optional[str] = ..., successes: _Optional[int] = ..., interventions: _Optional[int] = ..., spool_bytes: _Optional[int] = ..., spool_chunks: _Optional[int] = ..., shadow_version: _Optional[str] = ..., fault_count: _Optional[int] = ...) -> None: ...
 
 class HeartbeatReply(_message.Message):
     __slots__ = ("server_time",)

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from protos.fleetlearn.v1 import arrays_pb2 as protos_dot_fleetlearn_dot_v1_dot_arrays__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%protos/fleetlearn/v1/trajectory.proto\x12\rfleetlearn.v1\x1a!protos/fleetlearn/v1/arrays.proto\"W\n\x0e\x45pisodeOutcome\x12\x0f\n\x07success\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x12\n\nstarted_at\x18\x03 \x01(\x01\x12\x10\n\x08\x65nded_at\x18\x04 \x01(\x01\"\x87\x04\n\tStepChunk\x12\x0f\n\x07\x63\x65ll_id\x18\x01 \x01(\t\x12\x12\n\nepisode_id\x18\x02 \x01(\t\x12\x0b\n\x03seq\x18\x03 \x01(\x04\x12\x12\n\nfirst_step\x18\x04 \x01(\x04\x12\x0c\n\x04task\x18\x05 \x01(\t\x12\x16\n\x0epolicy_version\x18\x06 \x01(\t\x12(\n\ttimestamp\x18\x07 \x01(\x0b\x32\x15.fleetlearn.v1.Tensor\x12(\n\tjoint_pos\x18\x08 \x01(\x0b\x32\x15.fleetlearn.v1.Tensor\x12%\n\x06\x61\x63tion\x18\t \x01(\x0b\x32\x15.fleetlearn.v1.Tensor\x12+\n\x0cintervention\x18\n \x01(\x0b\x32\x15.fleetlearn.v1.Tensor\x12%\n\x06reward\x18\x0b \x01(\x0b\x32\x15.fleetlearn.v1.Tensor\x12,\n\x07\x63\x61meras\x18\x0c \x03(\x0b\x32\x1b.fleetlearn.v1.CameraFrames\x12\x0c\n\x04last\x18\r \x01(\x08\x12.\n\x07outcome\x18\x0e \x01(\x0b\x32\x1d.fleetlearn.v1.EpisodeOutcome\x12\r\n\x05token\x18\x0f \x01(\t\x12,\n\rshadow_action\x18\x10 \x01(\x0b\x32\x15.fleetlearn.v1.Tensor\x12\x16\n\x0eshadow_version\x18\x11 \x01(\t\"\x7f\n\x08\x43hunkAck\x12\x0f\n\x07\x63\x65ll_id\x18\x01 \x01(\t\x12\x12\n\nepisode_id\x18\x02 \x01(\t\x12\x0b\n\x03seq\x18\x03 \x01(\x04\x12\x0f\n\x07\x64urable\x18\x04 \x01(\x08\x12\x11\n\tduplicate\x18\x05 \x01(\x08\x12\x0c\n\x04\x63ode\x18\x06 \x01(\x05\x12\x0f\n\x07message\x18\x07 \x01(\t2T\n\x11TrajectoryService\x12?\n\x06Upload\x12\x18.fleetlearn.v1.StepChunk\x1a\x17.fleetlearn.v1.ChunkAck(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%protos/fleetlearn/v1/trajectory.proto\x12\rfleetlearn.v1\x1a!protos/fleetlearn/v1/arrays.proto\"W\n\x0e\x45pisodeOutcome\x12\x0f\n\x07success\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x12\n\nstarted_at\x18\x03 \x01(\x01\x12\x10\n\x08\x65nded_at\x18\x04 \x01(\x01\"\x85\x04\n\tStepChunk\x12\x0f\n\x07\x63\x65ll_id\x18\x01 \x01(\t\x12\x12\n\nepisode_id\x18\x02 \x01(\t\x12\x0b\n\x03seq\x18\x03 \x01(\x04\x12\x12\n\nfirst_step\x18\x04 \x01(\x04\x12\x0c\n\x04task\x18\x05 \x01(\t\x12\x16\n\x0epolicy_version\x18\x06 \x01(\t\x12(\n\ttimestamp\x18\x07 \x01(\x0b\x32\x15.fleetlearn.v1.Tensor\x12(\n\tjoint_pos\x18\x08 \x01(\x0b\x32\x15.fleetlearn.v1.Tensor\x12%\n\x06\x61\x63tion\x18\t \x01(\x0b\x32\x15.fleetlearn.v1.Tensor\x12+\n\x0cintervention\x18\n \x01(\x0b\x32\x15.fleetlearn.v1.Tensor\x12%\n\x06reward\x18\x0b \x01(\x0b\x32\x15.fleetlearn.v1.Tensor\x12,\n\x07\x63\x61meras\x18\x0c \x03(\x0b\x32\x1b.fleetlearn.v1.CameraFrames\x12\x0c\n\x04last\x18\r \x01(\x08\x12.\n\x07outcome\x18\x0e \x01(\x0b\x32\x1d.fleetlearn.v1.EpisodeOutcome\x12,\n\rshadow_action\x18\x10 \x01(\x0b\x32\x15.fleetlearn.v1.Tensor\x12\x16\n\x0eshadow_version\x18\x11 \x01(\tJ\x04\x08\x0f\x10\x10R\x05token\"\x7f\n\x08\x43hunkAck\x12\x0f\n\x07\x63\x65ll_id\x18\x01 \x01(\t\x12\x12\n\nepisode_id\x18\x02 \x01(\t\x12\x0b\n\x03seq\x18\x03 \x01(\x04\x12\x0f\n\x07\x64urable\x18\x04 \x01(\x08\x12\x11\n\tduplicate\x18\x05 \x01(\x08\x12\x0c\n\x04\x63ode\x18\x06 \x01(\x05\x12\x0f\n\x07message\x18\x07 \x01(\t2T\n\x11TrajectoryService\x12?\n\x06Upload\x12\x18.fleetlearn.v1.StepChunk\x1a\x17.fleetlearn.v1.ChunkAck(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,9 +35,9 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_EPISODEOUTCOME']._serialized_start=91
   _globals['_EPISODEOUTCOME']._serialized_end=178
   _globals['_STEPCHUNK']._serialized_start=181
-  _globals['_STEPCHUNK']._serialized_end=700
-  _globals['_CHUNKACK']._serialized_start=702
-  _globals['_CHUNKACK']._serialized_end=829
-  _globals['_TRAJECTORYSERVICE']._serialized_start=831
-  _globals['_TRAJECTORYSERVICE']._serialized_end=915
+  _globals['_STEPCHUNK']._serialized_end=698
+  _globals['_CHUNKACK']._serialized_start=700
+  _globals['_CHUNKACK']._serialized_end=827
+  _globals['_TRAJECTORYSERVICE']._serialized_start=829
+  _globals['_TRAJECTORYSERVICE']._serialized_end=913
 # @@protoc_insertion_point(module_scope)

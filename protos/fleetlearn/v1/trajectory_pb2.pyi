@@ -20,7 +20,7 @@ class EpisodeOutcome(_message.Message):
     def __init__(self, success: _Optional[bool] = ..., reason: _Optional[str] = ..., started_at: _Optional[float] = ..., ended_at: _Optional[float] = ...) -> None: ...
 
 class StepChunk(_message.Message):
-    __slots__ = ("cell_id", "episode_id", "seq", "first_step", "task", "policy_version", "timestamp", "joint_pos", "action", "intervention", "reward", "cameras", "last", "outcome", "token", "shadow_action", "shadow_version")
+    __slots__ = ("cell_id", "episode_id", "seq", "first_step", "task", "policy_version", "timestamp", "joint_pos", "action", "intervention", "reward", "cameras", "last", "outcome", "shadow_action", "shadow_version")
     CELL_ID_FIELD_NUMBER: _ClassVar[int]
     EPISODE_ID_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
@@ -35,7 +35,6 @@ class StepChunk(_message.Message):
     CAMERAS_FIELD_NUMBER: _ClassVar[int]
     LAST_FIELD_NUMBER: _ClassVar[int]
     OUTCOME_FIELD_NUMBER: _ClassVar[int]
-    TOKEN_FIELD_NUMBER: _ClassVar[int]
     SHADOW_ACTION_FIELD_NUMBER: _ClassVar[int]
     SHADOW_VERSION_FIELD_NUMBER: _ClassVar[int]
     cell_id: str
@@ -52,10 +51,9 @@ class StepChunk(_message.Message):
     cameras: _containers.RepeatedCompositeFieldContainer[_arrays_pb2.CameraFrames]
     last: bool
     outcome: EpisodeOutcome
-    token: str
     shadow_action: _arrays_pb2.Tensor
     shadow_version: str
-    def __init__(self, cell_id: _Optional[str] = ..., episode_id: _Optional[str] = ..., seq: _Optional[int] = ..., first_step: _Optional[int] = ..., task: _Optional[str] = ..., policy_version: _Optional[str] = ..., timestamp: _Optional[_Union[_arrays_pb2.Tensor, _Mapping]] = ..., joint_pos: _Optional[_Union[_arrays_pb2.Tensor, _Mapping]] = ..., action: _Optional[_Union[_arrays_pb2.Tensor, _Mapping]] = ..., intervention: _Optional[_Union[_arrays_pb2.Tensor, _Mapping]] = ..., reward: _Optional[_Union[_arrays_pb2.Tensor, _Mapping]] = ..., cameras: _Optional[_Iterable[_Union[_arrays_pb2.CameraFrames, _Mapping]]] = ..., last: _Optional[bool] = ..., outcome: _Optional[_Union[EpisodeOutcome, _Mapping]] = ..., token: _Optional[str] = ..., shadow_action: _Optional[_Union[_arrays_pb2.Tensor, _Mapping]] = ..., shadow_version: _Optional[str] = ...) -> None: ...
+    def __init__(self, cell_id: _Optional[str] = ..., episode_id: _Optional[str] = ..., seq: _Optional[int] = ..., first_step: _Optional[int] = ..., task: _Optional[str] = ..., policy_version: _Optional[str] = ..., timestamp: _Optional[_Union[_arrays_pb2.Tensor, _Mapping]] = ..., joint_pos: _Optional[_Union[_arrays_pb2.Tensor, _Mapping]] = ..., action: _Optional[_Union[_arrays_pb2.Tensor, _Mapping]] = ..., intervention: _Optional[_Union[_arrays_pb2.Tensor, _Mapping]] = ..., reward: _Optional[_Union[_arrays_pb2.Tensor, _Mapping]] = ..., cameras: _Optional[_Iterable[_Union[_arrays_pb2.CameraFrames, _Mapping]]] = ..., last: _Optional[bool] = ..., outcome: _Optional[_Union[EpisodeOutcome, _Mapping]] = ..., shadow_action: _Optional[_Union[_arrays_pb2.Tensor, _Mapping]] = ..., shadow_version: _Optional[str] = ...) -> None: ...
 
 class ChunkAck(_message.Message):
     __slots__ = ("cell_id", "episode_id", "seq", "durable", "duplicate", "code", "message")
