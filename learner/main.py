@@ -280,6 +280,7 @@ def main(argv: list[str] | None = None) -> int:
             }
         )
     )
+    metrics.register(metrics.RegistryCollector(registry))  # outcomes, cells, rollout
     metrics_server = metrics.serve_metrics(args.metrics_port, host=args.metrics_host)
     registry.set_learner_stats(state="ready", port=port)
     log.info(

@@ -62,6 +62,7 @@ from zarr.errors import UnstableSpecificationWarning
 from zarr.storage import LocalStore
 
 from fleet.ids import is_safe_id
+from fleet.interventions import count_takeovers
 from learner.chunks import ChunkRejected, DecodedChunk
 from protos.joint_layout import JOINT_DIM
 
@@ -113,6 +114,7 @@ class AppendResult:
     # without reading the episode back from the store on the ack path.
     episode_steps: int = 0
     intervention_steps: int = 0
+    takeovers: int = 0  # contiguous runs of intervention steps (fleet/interventions.py)
 
 
 @dataclass(frozen=True)
@@ -121,6 +123,7 @@ class EpisodeSummary:
 
     steps: int
     intervention_steps: int
+    takeovers: int = 0
 
 
 @dataclass(frozen=True, order=True)
@@ -239,7 +242,12 @@ class EpisodeStore:
                     chunk.policy_version or "none",
                 )
             return AppendResult(
-                False, chunk.last, chunk.n_steps, end, int(commit["intervention_steps"])
+                False,
+                chunk.last,
+                chunk.n_steps,
+                end,
+                int(commit["intervention_steps"]),
+                int(commit["takeovers"]),
             )
 
     def mark_truncated(self, ref: EpisodeRef, reason: str) -> None:
@@ -432,6 +440,14 @@ class EpisodeStore:
             "next_seq": chunk.seq + 1,
             "intervention_steps": int(attrs.get("intervention_steps", 0))
             + int(np.count_nonzero(chunk.intervention)),
+            # A takeover spanning chunks counts once: the last flag carries over.
+            "takeovers": int(attrs.get("takeovers", 0))
+            + count_takeovers(chunk.intervention, previous=bool(attrs.get("intervention_last"))),
+            "intervention_last": (
+                bool(chunk.intervention[-1])
+                if chunk.n_steps
+                else bool(attrs.get("intervention_last"))
+            ),
             "updated_at": time.time(),
             "truncated": False,
             "truncated_reason": None,

@@ -12,7 +12,6 @@ import importlib.util
 import logging
 import secrets
 import time
-from collections import deque
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -23,14 +22,13 @@ from pydantic import BaseModel, Field
 
 from fleet.dashboard.history import LearningHistory
 from fleet.dashboard.store_reader import StoreReader
+from fleet.interventions import figures
 from fleet.registry import Registry
 
 log = logging.getLogger(__name__)
 
 STATIC = Path(__file__).parent / "static"
 OPERATOR_HEADER = "X-Operator-Token"
-# Interventions per hour are measured over this window of the dashboard's own samples.
-RATE_WINDOW_S = 3600.0
 
 
 def plotly_js_path() -> Path:
@@ -60,25 +58,6 @@ class Pin(BaseModel):
     version: str = ""  # empty: unpin
 
 
-class _InterventionRates:
-    """Per-cell intervention counters seen over time, to turn totals into a rate per hour."""
-
-    def __init__(self) -> None:
-        self._seen: dict[str, deque[tuple[float, int]]] = {}
-
-    def rate(self, cell_id: str, now: float, count: int) -> float | None:
-        samples = self._seen.setdefault(cell_id, deque())
-        if samples and count < samples[-1][1]:
-            samples.clear()  # the cell restarted its counters
-        samples.append((now, count))
-        while len(samples) > 2 and now - samples[1][0] > RATE_WINDOW_S:
-            samples.popleft()
-        t0, c0 = samples[0]
-        if now - t0 < 5.0:
-            return None
-        return (count - c0) / (now - t0) * 3600.0
-
-
 def _is_decision(event: dict[str, Any]) -> bool:
     """Automatic rollout decisions, as opposed to operator actions and other events."""
     kind = str(event.get("kind", "")).lower()
@@ -101,7 +80,6 @@ def create_app(
     """The dashboard app. `operator_token` None disables every rollout action."""
     history = LearningHistory(registry, interval_s=sample_interval_s)
     reader = StoreReader(store_root) if store_root is not None else None
-    rates = _InterventionRates()
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):  # type: ignore[no-untyped-def]
@@ -159,8 +137,10 @@ def create_app(
     def fleet() -> dict[str, Any]:
         now = time.time()
         cells = []
+        outcomes = registry.cell_outcomes()
         for c in registry.cells():
             spool = c.spool_bytes
+            stored = outcomes.get(c.cell_id, {})
             cells.append(
                 {
                     "cell_id": c.cell_id,
@@ -173,8 +153,11 @@ def create_app(
                     "late_ticks": c.late_ticks,
                     "episodes": c.episodes,
                     "successes": c.successes,
-                    "interventions": c.interventions,
-                    "interventions_per_hour": rates.rate(c.cell_id, now, c.interventions),
+                    # Steps an operator drove since the cell's actor started (heartbeat).
+                    "intervention_steps": c.interventions,
+                    # Takeovers over every episode the learner stored from this cell.
+                    "takeovers": stored.get("takeovers", 0),
+                    **figures(stored),
                     "steps_recorded": c.steps_recorded,
                     "steps_acked": c.steps_acked,
                     "unacked_steps": max(0, c.steps_recorded - c.steps_acked),
@@ -211,6 +194,7 @@ def create_app(
             for v in registry.versions()
         ]
         pins = registry.pins() if hasattr(registry, "pins") else {}
+        success = registry.success_counts()
         return {
             "rollout": registry.rollout(),
             "assignments": registry.assignments([c.cell_id for c in cells]),
@@ -218,7 +202,12 @@ def create_app(
             "shadow_running": {c.cell_id: c.shadow_version for c in cells},
             "pins": pins,
             "versions": versions[-50:],
-            "success": registry.success_counts(),
+            "success": success,
+            # version -> task -> takeovers/h, /episode, intervention share, human steps
+            # per autonomous success (fleet/interventions.py)
+            "interventions": {
+                v: {t: figures(n) for t, n in tasks.items()} for v, tasks in success.items()
+            },
             # version -> {steps, mean_dist_stable, operator_steps, mean_dist_operator}
             "shadow_scores": registry.shadow_scores(),
             "decisions": [e for e in events if _is_decision(e)],

@@ -11,6 +11,7 @@ let player = null; // {data, step, timer}
 const $ = (sel) => document.querySelector(sel);
 const esc = (s) => String(s ?? "").replace(/[&<>"']/g, (c) => ({"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;"}[c]));
 const fmt = (x, d = 1) => (x === null || x === undefined || Number.isNaN(x)) ? "-" : Number(x).toFixed(d);
+const pct = (x) => (x === null || x === undefined) ? "-" : (100 * x).toFixed(1) + "%";
 const when = (t) => t ? new Date(t * 1000).toLocaleTimeString() : "-";
 
 async function getJSON(url) {
@@ -52,7 +53,10 @@ async function refreshFleet() {
       <td class="hz">${fmt(c.loop_hz, 1)}</td>
       <td class="episodes">${c.episodes}</td>
       <td>${c.episodes ? Math.round(100 * c.successes / c.episodes) + "%" : "-"}</td>
-      <td class="iph">${fmt(c.interventions_per_hour, 0)}</td>
+      <td class="tph">${fmt(c.takeovers_per_hour, 1)}</td>
+      <td class="tpe">${fmt(c.takeovers_per_episode, 2)}</td>
+      <td class="share">${pct(c.intervention_share)}</td>
+      <td class="isteps">${c.intervention_steps}</td>
       <td class="spool">${esc(c.spool_chunks + " chunks, " + (c.spool_depth / 1e6).toFixed(1) + " MB")}</td>
       <td>${c.unacked_steps}</td>
       <td>${c.seconds_since_seen === null ? "-" : fmt(c.seconds_since_seen, 1) + " s ago"}</td>
@@ -129,7 +133,10 @@ async function refreshRollout() {
   const rows = [];
   for (const [version, tasks] of Object.entries(d.success)) {
     for (const [task, c] of Object.entries(tasks)) {
-      rows.push(`<tr><td>${esc(version || "(none)")}</td><td>${esc(task)}</td><td>${c.episodes}</td><td>${c.successes}</td><td>${c.episodes ? fmt(c.successes / c.episodes, 2) : "-"}</td><td>${c.intervention_steps}</td></tr>`);
+      const f = ((d.interventions || {})[version] || {})[task] || {};
+      rows.push(`<tr data-version="${esc(version)}" data-task="${esc(task)}"><td>${esc(version || "(none)")}</td><td>${esc(task)}</td><td>${c.episodes}</td><td>${c.successes}</td><td>${c.episodes ? fmt(c.successes / c.episodes, 2) : "-"}</td>
+        <td class="auto">${c.autonomous_successes}</td><td class="takeovers">${c.takeovers}</td><td class="tph">${fmt(f.takeovers_per_hour, 1)}</td><td class="tpe">${fmt(f.takeovers_per_episode, 2)}</td>
+        <td class="share">${pct(f.intervention_share)}</td><td class="hpa">${fmt(f.human_steps_per_autonomous_success, 0)}</td><td>${c.intervention_steps}</td></tr>`);
     }
   }
   $("#success-table tbody").innerHTML = rows.join("");
