@@ -21,10 +21,16 @@ def _exec_module(module: str, argv: list[str]) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    from fleet.connection import redis_url
     from fleet.registry import Registry
     from fleet.status_view import render
 
-    registry = Registry(args.redis_url)
+    try:
+        url = redis_url(args)
+    except ValueError as exc:
+        print(f"fleet status: {exc}", file=sys.stderr)
+        return 2
+    registry = Registry(url)
     console = Console()
     if not args.watch:
         console.print(render(registry))
@@ -58,7 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="print the fleet's live state from Redis",
         description="Print cells, learner and success counts from Redis.",
     )
-    status.add_argument("--redis-url", required=True)
+    from fleet.connection import add_redis_arguments
+
+    add_redis_arguments(status)
     status.add_argument("--watch", action="store_true", help="keep refreshing")
 
     from fleet.dashboard.server import add_dashboard_arguments

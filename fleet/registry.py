@@ -41,7 +41,9 @@ import redis
 
 # immediate: every cell runs the newest published version as soon as it is published.
 # auto: the rollout controller (learner/rollout_controller.py) stages each version.
-ROLLOUT_MODES = ("immediate", "auto")
+# manual: versions are only registered; nothing moves until an operator acts (`fleet
+# rollout`, `fleet promote`, the dashboard).
+ROLLOUT_MODES = ("immediate", "auto", "manual")
 # A rollout's stage: shadow (candidate infers beside stable, never acts), canary (a few
 # cells run it), fraction (a larger share of cells), fleet (promoted: it is stable).
 ROLLOUT_STAGES = ("shadow", "canary", "fraction", "fleet")

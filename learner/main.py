@@ -116,8 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--rollout",
         default="immediate",
-        choices=["immediate", "auto"],
-        help="immediate: every cell takes each new version; auto: staged canary rollout",
+        choices=["immediate", "auto", "manual"],
+        help="immediate: every cell takes each new version; auto: staged canary rollout; "
+        "manual: versions are registered and nothing moves until an operator acts",
     )
     p.add_argument("--canary", type=int, default=1, help="auto rollout: canary cells")
     p.add_argument(

@@ -60,7 +60,13 @@ def fleet_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
         if p.pid not in before and p.pid != os.getpid() and _is_ours(p)
     ]
     summary = json.loads(summary_path.read_text())
-    return {"summary": summary, "leftovers": leftovers, "logs": logs, "run_dir": run_dir}
+    return {
+        "summary": summary,
+        "leftovers": leftovers,
+        "logs": logs,
+        "run_dir": run_dir,
+        "stdout": proc.stdout,
+    }
 
 
 def _is_ours(p: psutil.Process) -> bool:
@@ -107,6 +113,17 @@ def test_versions_are_published_and_every_cell_adopts_each_promptly(fleet_run: d
             assert version in adopted, f"{cell_id} never ran {version}: {c['adoptions']}"
             delay = adopted[version] - published_at
             assert 0 <= delay <= ADOPTION_LIMIT_S, f"{cell_id} took {delay:.1f}s for {version}"
+
+
+def test_connection_details_are_written_owner_only_and_announced(fleet_run: dict) -> None:
+    """`fleet status --run DIR` and the rollout commands need the Redis URL (and password)
+    of a running fleet: `fleet up` writes them into the run directory, 0600, and says where."""
+    path = Path(fleet_run["run_dir"]) / "run" / "connection.json"
+    assert path.stat().st_mode & 0o777 == 0o600
+    details = json.loads(path.read_text())
+    assert details["redis_url"].startswith("redis://:") and "@127.0.0.1:" in details["redis_url"]
+    assert details["learner"].startswith("127.0.0.1:") and details["operator_token"]
+    assert str(path) in fleet_run["stdout"].replace("\n", "")
 
 
 def test_nothing_is_left_running(fleet_run: dict) -> None:
