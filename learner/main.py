@@ -306,9 +306,16 @@ def main(argv: list[str] | None = None) -> int:
             ),
         )
         controller.start()
+    # The learning curves in Redis, sampled here too so they have no gaps while no
+    # dashboard runs (fleet/dashboard/history.py; only one process writes each sample).
+    from fleet.dashboard.history import LearningHistory
+
+    history = LearningHistory(registry)
+    history.start()
     stop.wait()
 
     log.info("learner stopping")
+    history.stop()
     if controller is not None:
         controller.stop()
     if metrics_server is not None:

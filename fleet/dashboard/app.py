@@ -172,12 +172,16 @@ def create_app(
         return {"now": now, "heartbeat_ttl_s": registry.heartbeat_ttl_s, "cells": cells}
 
     @app.get("/api/learning")
-    def learning(since: float = 0.0) -> dict[str, Any]:
+    def learning(since: float = 0.0, until: float | None = None) -> dict[str, Any]:
+        """Learner stats now, and the history (kept in Redis: it outlives this process)
+        with since < t <= until; `oldest` is the first sample kept, for a range picker."""
         return {
             "now": time.time(),
             "stats": registry.learner_stats(),
             "store": registry.store_totals(),
-            "points": history.points(since),
+            "points": history.points(since, until),
+            "oldest": history.oldest(),
+            "retention_s": {t.name: t.retention_s for t in history.tiers},
         }
 
     @app.get("/api/rollout")

@@ -78,12 +78,36 @@ function series(key) {
   return {x: pts.map((p) => new Date(p.t * 1000)), y: pts.map((p) => p[key]), mode: "lines", name: key};
 }
 
+// The time range picker: seconds of history to show (0 = the whole run, as Redis keeps it).
+function learningRange() {
+  return Number($("#learning-range").value) || 0;
+}
+
+function resetLearning() {
+  const range = learningRange();
+  learningPoints = [];
+  learningSince = range ? Date.now() / 1000 - range : 0;
+  if (view === "learning") refresh();
+}
+
 async function refreshLearning() {
   const d = await getJSON(`/api/learning?since=${learningSince}`);
   if (d.points.length) {
-    learningPoints = learningPoints.concat(d.points).slice(-3600);
+    // A point's throughput is measured from the point before it (the first one has none).
+    if (learningPoints.length && d.points[0].steps_per_s === null) {
+      const prev = learningPoints[learningPoints.length - 1], p = d.points[0];
+      p.steps_per_s = p.t > prev.t ? Math.max(0, (p.store_steps - prev.store_steps) / (p.t - prev.t)) : null;
+    }
+    learningPoints = learningPoints.concat(d.points);
     learningSince = d.points[d.points.length - 1].t;
   }
+  const range = learningRange();
+  if (range) {
+    const cutoff = d.now - range;
+    learningPoints = learningPoints.filter((p) => p.t > cutoff);
+  }
+  if (learningPoints.length > 20000) learningPoints = learningPoints.slice(-20000);
+  $("#learning-oldest").textContent = d.oldest ? new Date(d.oldest * 1000).toLocaleString() : "-";
   const s = d.stats;
   const card = (label, value) => `<div class="card"><div class="label">${label}</div><div class="value">${esc(value)}</div></div>`;
   $("#learner-summary").innerHTML = [
@@ -268,6 +292,7 @@ $("#btn-start").addEventListener("click", () => operatorAction("/api/rollout/sta
   canary: /^\s*\d+\s*$/.test($("#start-canary").value) ? Number($("#start-canary").value)
     : $("#start-canary").value.split(",").map((s) => s.trim()).filter(Boolean),
 }));
+$("#learning-range").addEventListener("change", resetLearning);
 ["#f-cell", "#f-task", "#f-version", "#f-outcome"].forEach((s) => $(s).addEventListener("change", refreshEpisodes));
 $("#episodes-table tbody").addEventListener("click", (ev) => {
   const tr = ev.target.closest("tr[data-episode]");
