@@ -255,6 +255,12 @@ UPLINK_STATS = (
     Stat("spool_chunks", "fleet_edge_spool_chunks", "gauge", "chunks spooled awaiting upload"),
     Stat("dropped_steps", "fleet_edge_dropped_steps", "counter", "steps dropped: spool full"),
     Stat("spool_full", "fleet_edge_spool_full", "gauge", "1 while the spool quota is full"),
+    Stat(
+        "spool_corrupt",
+        "fleet_edge_spool_quarantined",
+        "counter",
+        "spool files found corrupt and moved to the spool's corrupt/ folder",
+    ),
     Stat("transient_rejects", "fleet_edge_transient_rejects", "counter", "refusals retried"),
 )
 INGEST_STATS = (
