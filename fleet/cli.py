@@ -103,6 +103,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="write one stored episode as a Rerun recording (see `fleet episode --help`)",
         add_help=False,
     )
+    sub.add_parser(
+        "store",
+        help="episode store disk use and retention: du, gc (see `fleet store --help`)",
+        add_help=False,
+    )
     return parser
 
 
@@ -118,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
         return _exec_module("learner.export", argv[1:])
     if argv and argv[0] == "episode":
         return _exec_module("learner.export", argv)
+    if argv and argv[0] == "store":  # disk use and retention of the learner's store
+        return _exec_module("learner.retention", argv[1:])
     args = build_parser().parse_args(argv)
     if args.command == "up":
         from fleet.up import run_up

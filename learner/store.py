@@ -39,6 +39,7 @@ import itertools
 import json
 import logging
 import os
+import shutil
 import struct
 import threading
 import time
@@ -488,6 +489,29 @@ class EpisodeStore:
                 steps += int(attrs.get("n_steps", 0))
             episodes += 1
         return steps, episodes
+
+    def attributes(self, ref: EpisodeRef) -> dict[str, Any] | None:
+        """An episode's attributes only (task, versions, outcome, times), no arrays read."""
+        return self._attrs(ref)
+
+    def remove_episode(self, ref: EpisodeRef) -> int:
+        """Delete a finished episode's group from disk (retention, `fleet store gc`);
+        returns the bytes freed. An episode still being written is refused."""
+        with self._episode_lock(ref):
+            attrs = self._attrs(ref)
+            if attrs is None:
+                raise KeyError(f"no episode {ref.cell_id}/{ref.episode_id} in {self.root}")
+            if not (attrs.get("complete") or attrs.get("truncated")):
+                raise ValueError(f"episode {ref.cell_id}/{ref.episode_id} is still being written")
+            ep_dir = self.root / ref.path
+            freed = sum(f.stat().st_size for f in ep_dir.rglob("*") if f.is_file())
+            self._forget(ref)
+            with self._guard:
+                self._complete.pop(ref, None)
+            # Its zarr.json first: a crash halfway leaves no group for readers to trip on.
+            (ep_dir / "zarr.json").unlink()
+            shutil.rmtree(ep_dir)
+        return freed
 
     def read_episode(self, ref: EpisodeRef, *, frames: bool = True) -> EpisodeData:
         """The committed rows of one episode; `frames=False` skips the camera arrays."""
