@@ -43,7 +43,7 @@ class EpisodeUsage:
     task: str
     version: str
     outcome: str  # success, failure, truncated or in progress
-    ended_at: float
+    ended_at: float  # learner wall time of the episode's last write
     intervention_steps: int
 
     def age_days(self, now: float) -> float:
@@ -72,7 +72,9 @@ def usage(store: EpisodeStore) -> list[EpisodeUsage]:
         else:
             outcome = "truncated" if attrs.get("truncated") else "in progress"
         versions = attrs.get("policy_versions") or [""]
-        ended = attrs.get("ended_at") or attrs.get("updated_at") or attrs.get("created_at") or 0
+        # The learner's wall clock at the episode's last commit: `ended_at` is the cell's
+        # clock (sim time on a sim cell), no measure of how long the lab has kept it.
+        ended = attrs.get("updated_at") or attrs.get("created_at") or 0
         out.append(
             EpisodeUsage(
                 ref=ref,

@@ -268,3 +268,24 @@ def test_lossless_depth_frames_are_rendered_for_the_browser() -> None:
     grey = simplejpeg.decode_jpeg(data, colorspace="GRAY")[..., 0].astype(int)
     assert grey.shape == (96, 128)
     assert grey[:, :28].mean() < 10 < grey[:, 36:60].mean() < grey[:, 68:].mean() - 100
+
+
+def test_store_disk_use_and_growth(client: TestClient, world: World) -> None:
+    body = client.get("/api/store").json()
+    on_disk = sum(
+        f.stat().st_size
+        for ep_dir in (world.store_root / "episodes").glob("*/*")
+        for f in ep_dir.rglob("*")
+        if f.is_file()
+    )
+    assert body["available"] and body["episodes"] == world.episodes
+    assert body["bytes"] == on_disk > 0
+    assert {c["cell"] for c in body["by_cell"]} == {"cell-01", "cell-02"}
+    assert sum(c["bytes"] for c in body["by_cell"]) == on_disk
+    assert len(body["growth_per_day"]) == 7 and body["growth_per_day"][-1] == on_disk
+
+
+def test_store_disk_use_without_a_store_is_not_an_error(world: World) -> None:
+    with TestClient(create_app(world.registry, None)) as c:
+        reply = c.get("/api/store")
+    assert reply.status_code == 200 and reply.json() == {"available": False}

@@ -4,6 +4,7 @@ unlogged, and logs every removal in the registry's event log."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -36,7 +37,7 @@ def _episode(
     store: EpisodeStore, cell: str, episode: str, *, age_days: float, intervened: bool
 ) -> None:
     n = 12
-    ended = time.time() - age_days * DAY
+    ended = time.time()
     frame = simplejpeg.encode_jpeg(np.zeros((24, 32, 3), np.uint8), colorspace="RGB")
     flags = np.zeros(n, bool)
     flags[3:6] = intervened
@@ -58,6 +59,15 @@ def _episode(
             outcome={"success": True, "reason": "", "started_at": ended - 1, "ended_at": ended},
         )
     )
+    _age(store.root / "episodes" / cell / episode / "zarr.json", age_days)
+
+
+def _age(group_meta: Path, days: float) -> None:
+    """Make an episode `days` old: its last write moved back on the learner's clock (the
+    store stamps `updated_at` with the time of each commit)."""
+    meta = json.loads(group_meta.read_text())
+    meta["attributes"]["updated_at"] -= days * DAY
+    group_meta.write_text(json.dumps(meta))
 
 
 @pytest.fixture

@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 
 STATIC = Path(__file__).parent / "static"
 OPERATOR_HEADER = "X-Operator-Token"
+STORE_USAGE_EVERY_S = 60.0  # how often /api/store walks the store's files again
 
 
 def plotly_js_path() -> Path:
@@ -183,6 +184,38 @@ def create_app(
             "oldest": history.oldest(),
             "retention_s": {t.name: t.retention_s for t in history.tiers},
         }
+
+    disk: dict[str, Any] = {"at": 0.0, "body": None}
+
+    @app.get("/api/store")
+    def store_usage() -> dict[str, Any]:
+        """Disk use of the episode store by cell and outcome, and bytes added per day over
+        the last week (learner/retention.py, as `fleet store du`); walked at most once a
+        minute, since it stats every file."""
+        if reader is None:
+            return {"available": False}
+        now = time.time()
+        if disk["body"] is None or now - disk["at"] > STORE_USAGE_EVERY_S:
+            from learner.retention import growth_per_day, summarise, usage  # learner extra
+
+            episodes = usage(reader.store)
+            disk["body"] = {
+                "available": True,
+                "at": now,
+                "bytes": sum(e.bytes for e in episodes),
+                "episodes": len(episodes),
+                "by_cell": [
+                    {"cell": k[0], "episodes": n, "bytes": b}
+                    for k, n, b in summarise(episodes, ["cell"], now)
+                ],
+                "by_outcome": [
+                    {"outcome": k[0], "episodes": n, "bytes": b}
+                    for k, n, b in summarise(episodes, ["outcome"], now)
+                ],
+                "growth_per_day": growth_per_day(episodes, now),  # oldest day first
+            }
+            disk["at"] = now
+        return disk["body"]
 
     @app.get("/api/rollout")
     def rollout() -> dict[str, Any]:

@@ -90,6 +90,25 @@ function resetLearning() {
   if (view === "learning") refresh();
 }
 
+// Store disk use: the server walks the store at most once a minute; ask no more often.
+let storeUsageAt = 0;
+const bytes = (n) => n >= 1e9 ? (n / 1e9).toFixed(2) + " GB" : (n / 1e6).toFixed(1) + " MB";
+
+async function refreshStoreUsage() {
+  if (Date.now() - storeUsageAt < 30000) return;
+  storeUsageAt = Date.now();
+  const d = await getJSON("/api/store");
+  if (!d.available) return;
+  const card = (label, value) => `<div class="card"><div class="label">${label}</div><div class="value">${esc(value)}</div></div>`;
+  $("#store-disk").innerHTML = [
+    card("store on disk", bytes(d.bytes)), card("episodes on disk", d.episodes),
+    ...d.by_cell.slice(0, 6).map((c) => card(`cell ${c.cell}`, bytes(c.bytes))),
+  ].join("");
+  const days = d.growth_per_day.map((_, i) => new Date((d.at - (d.growth_per_day.length - 1 - i) * 86400) * 1000));
+  const gl = layout("store growth per day (bytes of episodes ended that day)", "MB");
+  Plotly.react("chart-disk", [{x: days, y: d.growth_per_day.map((b) => b / 1e6), type: "bar", name: "MB"}], gl);
+}
+
 async function refreshLearning() {
   const d = await getJSON(`/api/learning?since=${learningSince}`);
   if (d.points.length) {
@@ -101,6 +120,7 @@ async function refreshLearning() {
     learningPoints = learningPoints.concat(d.points);
     learningSince = d.points[d.points.length - 1].t;
   }
+  refreshStoreUsage().catch((err) => console.warn("store disk use:", err.message));
   const range = learningRange();
   if (range) {
     const cutoff = d.now - range;
