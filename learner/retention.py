@@ -2,11 +2,19 @@
 what a lab no longer wants, by explicit policies.
 
 The store only grows while a fleet runs for months. `du` sums each episode's files by cell,
-task, policy version, outcome and age. `gc` removes episodes older than `--keep-days`, but
-never one with an operator intervention (unless `--drop-interventions`), never one a
-checkpoint's sampler still indexes (unless `--ignore-checkpoint`), and never one still being
-written. It is a dry run unless `--apply` is given; each removal is logged and written to the
-registry's event log ("store_gc", with the episode, its size and the policy that removed it).
+task, policy version, outcome and age (by the learner's clock at its last write). `gc`
+removes episodes older than `--keep-days`, but by default never
+
+- one with an operator intervention (`--drop-interventions` lifts this),
+- one the sampler trains on (operator steps, or an autonomous success: `sampler.trained_on`):
+  a running learner samples its frames any time, and one resumed from a checkpoint re-reads
+  the store and expects them (`--drop-trained` lifts this; stop the learner first),
+- one still being written.
+
+So by default it removes old failed autonomous attempts and old truncated episodes, which
+no model is trained on. It is a dry run unless `--apply` is given; each removal is logged and
+written to the registry's event log ("store_gc", with the episode, its size and the policy
+that removed it).
 
     python -m learner.retention du --store DIR [--by cell,task]
     python -m learner.retention gc --store DIR --keep-days 30 [--apply --redis-url URL]
@@ -27,6 +35,7 @@ from rich.table import Table
 
 from fleet.connection import redis_url
 from fleet.logs import setup_logging
+from learner.sampler import trained_on
 from learner.store import EpisodeRef, EpisodeStore
 
 log = logging.getLogger("store")
@@ -45,6 +54,7 @@ class EpisodeUsage:
     outcome: str  # success, failure, truncated or in progress
     ended_at: float  # learner wall time of the episode's last write
     intervention_steps: int
+    trained_on: bool  # the sampler imitates some of its steps
 
     def age_days(self, now: float) -> float:
         return max(0.0, now - self.ended_at) / 86400.0
@@ -84,6 +94,7 @@ def usage(store: EpisodeStore) -> list[EpisodeUsage]:
                 outcome=outcome,
                 ended_at=float(ended),
                 intervention_steps=int(attrs.get("intervention_steps", 0)),
+                trained_on=outcome != "in progress" and trained_on(attrs),
             )
         )
     return out
@@ -115,14 +126,13 @@ def growth_per_day(episodes: Iterable[EpisodeUsage], now: float, days: int = 7) 
 class Policy:
     keep_days: float
     keep_interventions: bool = True
-    keep_checkpointed: bool = True
+    keep_trained: bool = True  # what the sampler trains on, now or after a resume
 
 
 def plan_gc(
     episodes: Iterable[EpisodeUsage],
     policy: Policy,
     now: float,
-    checkpointed: set[EpisodeRef],
 ) -> list[tuple[EpisodeUsage, str]]:
     """(episode, why it goes) for each episode the policy removes."""
     out = []
@@ -131,22 +141,10 @@ def plan_gc(
             continue
         if policy.keep_interventions and ep.intervention_steps > 0:
             continue
-        if policy.keep_checkpointed and ep.ref in checkpointed:
+        if policy.keep_trained and ep.trained_on:
             continue
         out.append((ep, f"older than {policy.keep_days:g} days ({ep.age_days(now):.1f})"))
     return out
-
-
-def checkpointed_episodes(checkpoint_dir: Path | None) -> set[EpisodeRef]:
-    """The episodes the latest checkpoint's sampler indexes (it resumes with them)."""
-    if checkpoint_dir is None or not checkpoint_dir.exists():
-        return set()
-    from learner.checkpoint import load_checkpoint
-
-    state = load_checkpoint(checkpoint_dir)
-    if state is None:
-        return set()
-    return {EpisodeRef(str(c), str(e)) for c, e, *_ in state["sampler"]["episodes"]}
 
 
 def _human(n: float) -> str:
@@ -188,11 +186,9 @@ def cmd_gc(args: argparse.Namespace, console: Console) -> int:
     policy = Policy(
         keep_days=args.keep_days,
         keep_interventions=not args.drop_interventions,
-        keep_checkpointed=not args.ignore_checkpoint,
+        keep_trained=not args.drop_trained,
     )
-    checkpoint_dir = args.checkpoint_dir or Path(args.store).parent / "checkpoints"
-    kept = checkpointed_episodes(checkpoint_dir) if policy.keep_checkpointed else set()
-    doomed = plan_gc(usage(store), policy, now, kept)
+    doomed = plan_gc(usage(store), policy, now)
     registry = None
     if args.apply:
         from fleet.registry import Registry
@@ -263,8 +259,10 @@ def build_parser() -> argparse.ArgumentParser:
         "gc",
         help="remove old episodes by explicit policies (a dry run unless --apply)",
         description="Remove episodes older than --keep-days, keeping every episode with an "
-        "operator intervention and every episode the latest checkpoint's sampler indexes. "
-        "A dry run unless --apply; each removal goes to the registry's event log.",
+        "operator intervention and every episode the sampler trains on (operator steps or an "
+        "autonomous success; a learner resumed from a checkpoint re-reads them): by default "
+        "old failed autonomous attempts and truncated episodes go. A dry run unless --apply; each "
+        "removal goes to the registry's event log.",
     )
     gc.add_argument("--store", type=Path, required=True, help="episode store (<data-dir>/store)")
     gc.add_argument("--keep-days", type=float, required=True, help="keep episodes younger")
@@ -274,13 +272,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="also remove old episodes an operator intervened in (kept by default)",
     )
     gc.add_argument(
-        "--checkpoint-dir",
-        type=Path,
-        default=None,
-        help="checkpoints whose sampler's episodes are kept (default: <store>/../checkpoints)",
-    )
-    gc.add_argument(
-        "--ignore-checkpoint", action="store_true", help="do not keep the checkpoint's episodes"
+        "--drop-trained",
+        action="store_true",
+        help="also remove old episodes the sampler trains on (stop the learner first: a "
+        "running sampler reads their frames)",
     )
     gc.add_argument("--apply", action="store_true", help="really remove (default: dry run)")
     where = gc.add_mutually_exclusive_group()

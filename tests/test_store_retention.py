@@ -1,6 +1,6 @@
 """`fleet store du` and `fleet store gc` on a real zarr store: disk use adds up, gc is a dry
-run by default, keeps intervention episodes and the checkpoint's episodes, refuses to work
-unlogged, and logs every removal in the registry's event log."""
+run by default, keeps intervention episodes and every episode the sampler trains on, refuses
+to work unlogged, and logs every removal in the registry's event log."""
 
 from __future__ import annotations
 
@@ -16,7 +16,6 @@ import pytest
 import simplejpeg
 
 from fleet.registry import Registry
-from learner.checkpoint import save_checkpoint
 from learner.chunks import CameraColumn, DecodedChunk
 from learner.store import EpisodeRef, EpisodeStore
 
@@ -34,7 +33,13 @@ def fleet(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def _episode(
-    store: EpisodeStore, cell: str, episode: str, *, age_days: float, intervened: bool
+    store: EpisodeStore,
+    cell: str,
+    episode: str,
+    *,
+    age_days: float,
+    intervened: bool,
+    success: bool,
 ) -> None:
     n = 12
     ended = time.time()
@@ -56,7 +61,7 @@ def _episode(
             reward=np.zeros(n, np.float32),
             cameras={"overhead": CameraColumn("overhead", "jpeg", 24, 32, 3, [frame] * n)},
             last=True,
-            outcome={"success": True, "reason": "", "started_at": ended - 1, "ended_at": ended},
+            outcome={"success": success, "reason": "", "started_at": ended - 1, "ended_at": ended},
         )
     )
     _age(store.root / "episodes" / cell / episode / "zarr.json", age_days)
@@ -74,14 +79,12 @@ def _age(group_meta: Path, days: float) -> None:
 def store_root(tmp_path: Path) -> Path:
     root = tmp_path / "run" / "store"
     store = EpisodeStore(root)
-    _episode(store, "cell-01", "old-auto", age_days=40, intervened=False)
-    _episode(store, "cell-01", "old-rescued", age_days=40, intervened=True)
-    _episode(store, "cell-02", "old-in-checkpoint", age_days=50, intervened=False)
-    _episode(store, "cell-02", "fresh", age_days=0.1, intervened=False)
-    save_checkpoint(
-        root.parent / "checkpoints",
-        {"sampler": {"episodes": [["cell-02", "old-in-checkpoint", 12]], "sampled": 0}},
-    )
+    # An old failed autonomous attempt: nothing in it is trained on.
+    _episode(store, "cell-01", "old-failed", age_days=40, intervened=False, success=False)
+    # An old rescue (operator steps) and an old autonomous success: both are trained on.
+    _episode(store, "cell-01", "old-rescued", age_days=40, intervened=True, success=True)
+    _episode(store, "cell-02", "old-success", age_days=50, intervened=False, success=True)
+    _episode(store, "cell-02", "fresh", age_days=0.1, intervened=False, success=False)
     return root
 
 
@@ -143,11 +146,11 @@ def test_gc_removes_by_policy_and_logs_each_removal(store_root: Path) -> None:
         assert out.returncode == 0, out.stderr
         assert "removed 1 episodes" in out.stdout
         left = {r.episode_id for r in EpisodeStore(store_root).episodes()}
-        # Kept: the intervention episode, the checkpoint's, the fresh one.
-        assert left == {"old-rescued", "old-in-checkpoint", "fresh"}
+        # Kept: the rescue and the success the sampler trains on, the young one.
+        assert left == {"old-rescued", "old-success", "fresh"}
         registry = Registry(server.url)
         (event,) = [e for e in registry.events() if e["kind"] == "store_gc"]
-        assert (event["cell"], event["episode"]) == ("cell-01", "old-auto")
+        assert (event["cell"], event["episode"]) == ("cell-01", "old-failed")
         assert int(event["bytes"]) > 0 and "older than 30 days" in event["reason"]
 
         out = fleet(
@@ -158,7 +161,7 @@ def test_gc_removes_by_policy_and_logs_each_removal(store_root: Path) -> None:
             "--keep-days",
             "30",
             "--drop-interventions",
-            "--ignore-checkpoint",
+            "--drop-trained",
             "--apply",
             "--redis-url",
             server.url,
@@ -170,3 +173,22 @@ def test_gc_removes_by_policy_and_logs_each_removal(store_root: Path) -> None:
     # What is left reads back whole.
     store = EpisodeStore(store_root)
     assert store.read_episode(EpisodeRef("cell-02", "fresh")).joint_pos.shape == (12, 14)
+
+
+def test_trained_on_agrees_with_the_samplers_step_rule(store_root: Path) -> None:
+    """gc decides from attributes what the sampler decides from the steps: they must agree."""
+    from learner.sampler import trainable_steps, trained_on
+
+    store = EpisodeStore(store_root)
+    verdicts = {}
+    for ref in store.episodes():
+        data = store.read_episode(ref, frames=False)
+        for mode in ("successful", "all"):
+            assert trained_on(data.attrs, mode) == (len(trainable_steps(data, mode)) > 0)
+        verdicts[ref.episode_id] = trained_on(data.attrs)
+    assert verdicts == {
+        "old-failed": False,
+        "old-rescued": True,
+        "old-success": True,
+        "fresh": False,
+    }
