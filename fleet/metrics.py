@@ -293,6 +293,7 @@ _OUTCOME_METRICS = (
     ("intervention_steps", "intervention_steps", "steps an operator drove"),
     ("steps", "steps", "steps stored"),
     ("duration_ms", "episode_seconds", "episode wall time, seconds"),
+    ("demonstrations", "demonstrations", "episodes no policy version ran (all operator)"),
 )
 
 

@@ -19,9 +19,13 @@ Keys, all under one prefix (default "fleet:"):
                                    episodes, successes, intervention_steps, steps,
                                    intervened_episodes (an operator took over at least once),
                                    autonomous_successes (succeeded with no intervention),
-                                   takeovers (contiguous runs of intervention steps),
-                                   duration_ms (episode time)
-    cell_outcomes           HASH   JSON [cell, counter] -> count; the same counters per cell
+                                   takeovers (contiguous runs of intervention steps in
+                                   an episode a policy version ran), duration_ms (episode
+                                   time), demonstrations (episodes with no version: the
+                                   operator drove it all, which is no takeover)
+    cell_outcomes           HASH   JSON [cell, counter] -> count; the same counters per cell,
+                                   over the episodes a policy version ran (demonstrations
+                                   only counted as such)
     learner                 HASH   learner progress (free-form scalars)
     store                   HASH   steps, episodes held by the episode store
     events                  STREAM append-only log of rollout actions and other events
@@ -56,7 +60,10 @@ _OUTCOME_COUNTERS = (
     "autonomous_successes",
     "takeovers",
     "duration_ms",
+    "demonstrations",
 )
+# The version of an episode no policy ran (the operator demonstrated the task).
+NO_VERSION = ("", "none")
 _SHADOW_COUNTERS = ("steps", "dist_stable_sum", "operator_steps", "dist_operator_sum")
 
 
@@ -429,9 +436,14 @@ class Registry:
         rollout decisions use it, so an episode an operator had to rescue counts as a failure
         of the version (a success the operator made is not the policy's). `takeovers` is the
         number of contiguous runs of intervention steps (None: at least one if any step was
-        an intervention); `duration_s` the episode's wall time, for per-hour figures."""
+        an intervention); `duration_s` the episode's wall time, for per-hour figures. An
+        episode with no version (NO_VERSION) is a demonstration: no takeover, and its cell
+        counts it only as a demonstration."""
         intervened = int(intervention_steps) > 0
-        if takeovers is None:
+        demonstration = version in NO_VERSION
+        if demonstration:
+            takeovers = 0  # nothing to take over from: the operator drove it all
+        elif takeovers is None:
             takeovers = int(intervened)
         amounts = (
             ("episodes", 1),
@@ -442,11 +454,14 @@ class Registry:
             ("autonomous_successes", int(bool(success) and not intervened)),
             ("takeovers", int(takeovers)),
             ("duration_ms", max(0, round(float(duration_s) * 1000))),
+            ("demonstrations", int(demonstration)),
         )
         pipe = self.r.pipeline(transaction=True)
         for counter, amount in amounts:
             pipe.hincrby(self._k("outcomes"), json.dumps([version, task, counter]), amount)
-            pipe.hincrby(self._k("cell_outcomes"), json.dumps([cell_id, counter]), amount)
+            # A cell's figures describe it running policies; demonstrations are only counted.
+            if not demonstration or counter == "demonstrations":
+                pipe.hincrby(self._k("cell_outcomes"), json.dumps([cell_id, counter]), amount)
         pipe.execute()
 
     def success_counts(self) -> dict[str, dict[str, dict[str, int]]]:

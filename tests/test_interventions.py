@@ -82,6 +82,19 @@ def test_figures_per_version_task_and_cell(registry: Registry) -> None:
     assert all(v is None for v in figures({}).values())
 
 
+def test_a_demonstration_is_no_takeover(registry: Registry) -> None:
+    """With no policy version the operator drives the whole episode: a demonstration, not a
+    takeover, and no part of the cell's figures for running policies."""
+    _fill(registry)
+    _episode(registry, "cell-02", "none", success=True, flags=[1] * 400)
+    demo = registry.success_counts()["none"]["pick_cube"]
+    assert demo["takeovers"] == 0 and demo["demonstrations"] == 1
+    assert demo["intervention_steps"] == 400
+    cell = registry.cell_outcomes()["cell-02"]
+    assert cell["demonstrations"] == 1 and cell["episodes"] == 6 and cell["steps"] == 36_000
+    assert figures(cell)["takeovers_per_hour"] == 0.0
+
+
 def test_dashboard_shows_takeovers_not_ticks(registry: Registry) -> None:
     _fill(registry)
     with TestClient(create_app(registry, None, sample_interval_s=0.1)) as client:

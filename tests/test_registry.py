@@ -122,6 +122,7 @@ def test_success_counts(registry: Registry) -> None:
                 "autonomous_successes": 1,
                 "takeovers": 2,  # not given: one per episode with an intervention
                 "duration_ms": 0,
+                "demonstrations": 0,
             }
         },
         "v0002": {
@@ -134,6 +135,7 @@ def test_success_counts(registry: Registry) -> None:
                 "autonomous_successes": 0,
                 "takeovers": 0,
                 "duration_ms": 0,
+                "demonstrations": 0,
             }
         },
     }

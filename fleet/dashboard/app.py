@@ -158,6 +158,7 @@ def create_app(
                     "intervention_steps": c.interventions,
                     # Takeovers over every episode the learner stored from this cell.
                     "takeovers": stored.get("takeovers", 0),
+                    "demonstrations": stored.get("demonstrations", 0),
                     **figures(stored),
                     "steps_recorded": c.steps_recorded,
                     "steps_acked": c.steps_acked,
