@@ -21,10 +21,16 @@ def _exec_module(module: str, argv: list[str]) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    from fleet.connection import redis_url
     from fleet.registry import Registry
     from fleet.status_view import render
 
-    registry = Registry(args.redis_url)
+    try:
+        url = redis_url(args)
+    except ValueError as exc:
+        print(f"fleet status: {exc}", file=sys.stderr)
+        return 2
+    registry = Registry(url)
     console = Console()
     if not args.watch:
         console.print(render(registry))
@@ -58,7 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="print the fleet's live state from Redis",
         description="Print cells, learner and success counts from Redis.",
     )
-    status.add_argument("--redis-url", required=True)
+    from fleet.connection import add_redis_arguments
+
+    add_redis_arguments(status)
     status.add_argument("--watch", action="store_true", help="keep refreshing")
 
     from fleet.dashboard.server import add_dashboard_arguments
@@ -100,6 +108,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="write one stored episode as a Rerun recording (see `fleet episode --help`)",
         add_help=False,
     )
+    sub.add_parser(
+        "store",
+        help="episode store disk use and retention: du, gc (see `fleet store --help`)",
+        add_help=False,
+    )
     return parser
 
 
@@ -117,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
         return _exec_module("learner.export", argv[1:])
     if argv and argv[0] == "episode":
         return _exec_module("learner.export", argv)
+    if argv and argv[0] == "store":  # disk use and retention of the learner's store
+        return _exec_module("learner.retention", argv[1:])
     args = build_parser().parse_args(argv)
     if args.command == "up":
         from fleet.up import run_up

@@ -255,6 +255,12 @@ UPLINK_STATS = (
     Stat("spool_chunks", "fleet_edge_spool_chunks", "gauge", "chunks spooled awaiting upload"),
     Stat("dropped_steps", "fleet_edge_dropped_steps", "counter", "steps dropped: spool full"),
     Stat("spool_full", "fleet_edge_spool_full", "gauge", "1 while the spool quota is full"),
+    Stat(
+        "spool_corrupt",
+        "fleet_edge_spool_quarantined",
+        "counter",
+        "spool files found corrupt and moved to the spool's corrupt/ folder",
+    ),
     Stat("transient_rejects", "fleet_edge_transient_rejects", "counter", "refusals retried"),
 )
 INGEST_STATS = (
@@ -274,3 +280,105 @@ TRAINER_STATS = (
     Stat("steps_available", "fleet_trainer_steps_available", "gauge", "steps the sampler sees"),
     Stat("episodes_available", "fleet_trainer_episodes_available", "gauge", "episodes sampled"),
 )
+
+
+# -- the fleet's state in Redis ------------------------------------------------------------
+
+# Learner states a `fleet_learner_state` gauge names (1 for the current one, 0 for the rest).
+LEARNER_STATES = ("starting", "ready", "failed", "stopped")
+# Outcome counters of fleet.registry.Registry.record_episode, by version and task and by cell.
+_OUTCOME_METRICS = (
+    ("episodes", "episodes", "episodes stored"),
+    ("successes", "successes", "episodes that ended in success (an operator's included)"),
+    ("autonomous_successes", "autonomous_successes", "successes with no operator step"),
+    ("takeovers", "takeovers", "takeovers: contiguous runs of operator-driven steps"),
+    ("intervention_steps", "intervention_steps", "steps an operator drove"),
+    ("steps", "steps", "steps stored"),
+    ("duration_ms", "episode_seconds", "episode wall time, seconds"),
+    ("demonstrations", "demonstrations", "episodes no policy version ran (all operator)"),
+)
+
+
+class RegistryCollector(Collector):
+    """The fleet's state as Redis holds it, read at scrape time: outcomes by version and task
+    and by cell, cell liveness and spool depth, learner state, store totals and rollout
+    actions. Served by the learner's driver, which has the registry at hand.
+
+    `registry` is a fleet.registry.Registry (not imported: this module stays Redis-free)."""
+
+    def __init__(self, registry: Any) -> None:
+        self.registry = registry
+
+    def collect(self) -> Iterator[Metric]:
+        try:
+            yield from self._collect()
+        except Exception:
+            log.exception("metrics: reading the fleet registry failed")
+
+    def _collect(self) -> Iterator[Metric]:
+        reg = self.registry
+        by_task = reg.success_counts()
+        for key, name, help_ in _OUTCOME_METRICS:
+            scale = 1e-3 if key == "duration_ms" else 1.0
+            fam = CounterMetricFamily(f"fleet_outcome_{name}", help_, labels=["version", "task"])
+            for version, tasks in sorted(by_task.items()):
+                for task, counts in sorted(tasks.items()):
+                    fam.add_metric([version, task], counts.get(key, 0) * scale)
+            yield fam
+        by_cell = reg.cell_outcomes()
+        for key, name, help_ in _OUTCOME_METRICS:
+            scale = 1e-3 if key == "duration_ms" else 1.0
+            fam = CounterMetricFamily(f"fleet_cell_{name}", help_, labels=["cell"])
+            for cell, counts in sorted(by_cell.items()):
+                fam.add_metric([cell], counts.get(key, 0) * scale)
+            yield fam
+        cells = reg.cells()
+        alive = GaugeMetricFamily("fleet_cell_alive", "1 while heartbeats arrive", labels=["cell"])
+        seen = GaugeMetricFamily(
+            "fleet_cell_last_seen_timestamp_seconds", "the cell's last heartbeat", labels=["cell"]
+        )
+        spool = GaugeMetricFamily(
+            "fleet_cell_spool_bytes", "bytes a cell holds awaiting an ack", labels=["cell"]
+        )
+        spool_chunks = GaugeMetricFamily(
+            "fleet_cell_spool_chunks", "chunks a cell holds awaiting an ack", labels=["cell"]
+        )
+        for c in cells:
+            alive.add_metric([c.cell_id], 1.0 if c.alive else 0.0)
+            seen.add_metric([c.cell_id], float(c.last_seen))
+            spool.add_metric([c.cell_id], float(c.spool_bytes))
+            spool_chunks.add_metric([c.cell_id], float(c.spool_chunks))
+        yield from (alive, seen, spool, spool_chunks)
+        stats = reg.learner_stats()
+        current = str(stats.get("state", ""))
+        state = GaugeMetricFamily(
+            "fleet_learner_state", "1 for the learner's current state", labels=["state"]
+        )
+        for name in sorted({*LEARNER_STATES, current} - {""}):
+            state.add_metric([name], 1.0 if name == current else 0.0)
+        yield state
+        totals = reg.store_totals()
+        for key in ("steps", "episodes"):
+            fam = CounterMetricFamily(f"fleet_store_{key}", f"{key} the store took in", labels=[])
+            fam.add_metric([], float(totals.get(key, 0)))
+            yield fam
+        yield from self._rollout(reg)
+
+    def _rollout(self, reg: Any) -> Iterator[Metric]:
+        ro = reg.rollout()
+        stage = GaugeMetricFamily(
+            "fleet_rollout_stage_started_timestamp_seconds",
+            "when the candidate entered its current stage (absent without a candidate)",
+            labels=["version", "stage"],
+        )
+        if ro.get("candidate") and ro.get("stage"):
+            started = _number(ro.get("stage_started_at"))
+            if not math.isnan(started):
+                stage.add_metric([str(ro["candidate"]), str(ro["stage"])], started)
+        yield stage
+        kinds = CounterMetricFamily(
+            "fleet_rollout_events", "rollout events logged, by kind", labels=["kind"]
+        )
+        for kind, n in sorted(reg.event_counts().items()):
+            kinds.add_metric([kind], float(n))
+        yield kinds

@@ -19,10 +19,18 @@ Keys, all under one prefix (default "fleet:"):
     outcomes                HASH   JSON [version, task, counter] -> count; counters:
                                    episodes, successes, intervention_steps, steps,
                                    intervened_episodes (an operator took over at least once),
-                                   autonomous_successes (succeeded with no intervention)
+                                   autonomous_successes (succeeded with no intervention),
+                                   takeovers (contiguous runs of intervention steps in
+                                   an episode a policy version ran), duration_ms (episode
+                                   time), demonstrations (episodes with no version: the
+                                   operator drove it all, which is no takeover)
+    cell_outcomes           HASH   JSON [cell, counter] -> count; the same counters per cell,
+                                   over the episodes a policy version ran (demonstrations
+                                   only counted as such)
     learner                 HASH   learner progress (free-form scalars)
     store                   HASH   steps, episodes held by the episode store
     events                  STREAM append-only log of rollout actions and other events
+    event_counts            HASH   event kind -> events of that kind ever logged
 """
 
 from __future__ import annotations
@@ -38,7 +46,9 @@ import redis
 
 # immediate: every cell runs the newest published version as soon as it is published.
 # auto: the rollout controller (learner/rollout_controller.py) stages each version.
-ROLLOUT_MODES = ("immediate", "auto")
+# manual: versions are only registered; nothing moves until an operator acts (`fleet
+# rollout`, `fleet promote`, the dashboard).
+ROLLOUT_MODES = ("immediate", "auto", "manual")
 # A rollout's stage: shadow (candidate infers beside stable, never acts), canary (a few
 # cells run it), fraction (a larger share of cells), fleet (promoted: it is stable).
 ROLLOUT_STAGES = ("shadow", "canary", "fraction", "fleet")
@@ -49,7 +59,12 @@ _OUTCOME_COUNTERS = (
     "steps",
     "intervened_episodes",
     "autonomous_successes",
+    "takeovers",
+    "duration_ms",
+    "demonstrations",
 )
+# The version of an episode no policy ran (the operator demonstrated the task).
+NO_VERSION = ("", "none")
 _SHADOW_COUNTERS = ("steps", "dist_stable_sum", "operator_steps", "dist_operator_sum")
 
 
@@ -453,30 +468,45 @@ class Registry:
         success: bool,
         steps: int,
         intervention_steps: int,
+        takeovers: int | None = None,
+        duration_s: float = 0.0,
     ) -> None:
-        """Count one finished episode toward (version, task). Counts are per version and
-        task only; per-cell counters arrive with the cell's heartbeats.
+        """Count one finished episode toward (version, task) and toward its cell.
 
         `autonomous_successes` counts episodes that succeeded with no operator intervention:
         rollout decisions use it, so an episode an operator had to rescue counts as a failure
-        of the version (a success the operator made is not the policy's)."""
-        key = self._k("outcomes")
-        pipe = self.r.pipeline(transaction=True)
+        of the version (a success the operator made is not the policy's). `takeovers` is the
+        number of contiguous runs of intervention steps (None: at least one if any step was
+        an intervention); `duration_s` the episode's wall time, for per-hour figures. An
+        episode with no version (NO_VERSION) is a demonstration: no takeover, and its cell
+        counts it only as a demonstration."""
         intervened = int(intervention_steps) > 0
-        for counter, amount in (
+        demonstration = version in NO_VERSION
+        if demonstration:
+            takeovers = 0  # nothing to take over from: the operator drove it all
+        elif takeovers is None:
+            takeovers = int(intervened)
+        amounts = (
             ("episodes", 1),
             ("successes", int(bool(success))),
             ("intervention_steps", int(intervention_steps)),
             ("steps", int(steps)),
             ("intervened_episodes", int(intervened)),
             ("autonomous_successes", int(bool(success) and not intervened)),
-        ):
-            pipe.hincrby(key, json.dumps([version, task, counter]), amount)
+            ("takeovers", int(takeovers)),
+            ("duration_ms", max(0, round(float(duration_s) * 1000))),
+            ("demonstrations", int(demonstration)),
+        )
+        pipe = self.r.pipeline(transaction=True)
+        for counter, amount in amounts:
+            pipe.hincrby(self._k("outcomes"), json.dumps([version, task, counter]), amount)
+            # A cell's figures describe it running policies; demonstrations are only counted.
+            if not demonstration or counter == "demonstrations":
+                pipe.hincrby(self._k("cell_outcomes"), json.dumps([cell_id, counter]), amount)
         pipe.execute()
 
     def success_counts(self) -> dict[str, dict[str, dict[str, int]]]:
-        """version -> task -> {"episodes", "successes", "intervention_steps", "steps",
-        "intervened_episodes", "autonomous_successes"}."""
+        """version -> task -> {counter: count} for every counter of `record_episode`."""
         out: dict[str, dict[str, dict[str, int]]] = {}
         for name, count in self.r.hgetall(self._k("outcomes")).items():
             version, task, counter = json.loads(name)
@@ -484,6 +514,15 @@ class Registry:
                 task, dict.fromkeys(_OUTCOME_COUNTERS, 0)
             )
             per_task[counter] = int(count)
+        return out
+
+    def cell_outcomes(self) -> dict[str, dict[str, int]]:
+        """cell -> {counter: count}: the counters of `record_episode`, per cell, as the
+        learner stored them (they outlive the cell's actor, unlike its heartbeat counters)."""
+        out: dict[str, dict[str, int]] = {}
+        for name, count in self.r.hgetall(self._k("cell_outcomes")).items():
+            cell_id, counter = json.loads(name)
+            out.setdefault(cell_id, dict.fromkeys(_OUTCOME_COUNTERS, 0))[counter] = int(count)
         return out
 
     def record_shadow(
@@ -561,11 +600,16 @@ class Registry:
             if name in entry:
                 raise ValueError(f"event field {name!r} is reserved")
             entry[name] = str(value)
+        target.hincrby(self._k("event_counts"), kind, 1)
         return target.xadd(self._k("events"), entry)
 
     def log_event(self, kind: str, *, actor: str, reason: str, **fields: str | int | float) -> str:
         """Append an event (who did what and why) to the log; returns its stream id."""
         return self._add_event(self.r, kind, actor=actor, reason=reason, **fields)
+
+    def event_counts(self) -> dict[str, int]:
+        """kind -> events of that kind ever logged (for Prometheus counters and alerts)."""
+        return {k: int(v) for k, v in self.r.hgetall(self._k("event_counts")).items()}
 
     def events(self, count: int = 100) -> list[dict]:
         """The newest `count` events, oldest first: {"id", "kind", "actor", "reason", "ts",

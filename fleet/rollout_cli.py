@@ -16,6 +16,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from fleet.connection import add_redis_arguments, redis_url
+
 COMMANDS = ("versions", "rollout", "promote", "rollback", "pin", "unpin", "events")
 
 
@@ -38,7 +40,7 @@ def add_rollout_commands(sub: Any) -> None:
 
     def new(name: str, help_text: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text)
-        p.add_argument("--redis-url", required=True, help="Redis holding the fleet registry")
+        add_redis_arguments(p)
         return p
 
     new("versions", "list published versions, which is stable/candidate and their success")
@@ -83,7 +85,12 @@ def run_rollout_command(args: argparse.Namespace) -> int:
     from fleet import rollout
     from fleet.registry import Registry
 
-    registry = Registry(args.redis_url)
+    try:
+        url = redis_url(args)
+    except ValueError as exc:
+        Console(stderr=True).print(f"fleet {args.command}: {exc}")
+        return 2
+    registry = Registry(url)
     console = Console()
     try:
         if args.command == "versions":

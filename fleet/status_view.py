@@ -5,6 +5,7 @@ from __future__ import annotations
 from rich.console import Group
 from rich.table import Table
 
+from fleet.interventions import figures
 from fleet.registry import Registry
 
 
@@ -28,14 +29,19 @@ def render(registry: Registry) -> Group:
         "version",
         "shadow",
         "success",
-        "interventions",
+        "takeovers/h",
+        "takeovers/ep",
+        "intervention share",
+        "intervention steps",
         "spool",
         "loop Hz",
         "faults",
         "recent fault",
     ):
         cells.add_column(col)
+    outcomes = registry.cell_outcomes()
     for c in sorted(registry.cells(), key=lambda c: c.cell_id):
+        f = figures(outcomes.get(c.cell_id, {}))
         cells.add_row(
             c.cell_id,
             "yes" if c.alive else "[red]stale[/red]",
@@ -45,6 +51,9 @@ def render(registry: Registry) -> Group:
             c.version_running or "-",
             c.shadow_version or "-",
             _rate(c.successes, c.episodes),
+            _num(f["takeovers_per_hour"], "{:.1f}"),
+            _num(f["takeovers_per_episode"], "{:.2f}"),
+            _num(f["intervention_share"], "{:.1%}"),
             str(c.interventions),
             f"{c.spool_chunks} ({c.spool_bytes / 1e6:.1f} MB)",
             f"{c.loop_hz:.1f}",
@@ -98,15 +107,34 @@ def render(registry: Registry) -> Group:
         ", ".join(f"{c}={v}" for c, v in sorted(pins.items())) or "-",
     )
     per_task = Table(title="success by version and task", expand=False)
-    for col in ("version", "task", "episodes", "success", "intervention steps"):
+    for col in (
+        "version",
+        "task",
+        "episodes",
+        "success",
+        "autonomous",
+        "takeovers",
+        "takeovers/h",
+        "takeovers/ep",
+        "intervention share",
+        "human steps/autonomous success",
+        "intervention steps",
+    ):
         per_task.add_column(col)
     for version, tasks in sorted(registry.success_counts().items()):
         for task, n in sorted(tasks.items()):
+            f = figures(n)
             per_task.add_row(
                 version,
                 task,
                 str(n.get("episodes", 0)),
                 _rate(n.get("successes", 0), n.get("episodes", 0)),
+                _rate(n.get("autonomous_successes", 0), n.get("episodes", 0)),
+                str(n.get("takeovers", 0)),
+                _num(f["takeovers_per_hour"], "{:.1f}"),
+                _num(f["takeovers_per_episode"], "{:.2f}"),
+                _num(f["intervention_share"], "{:.1%}"),
+                _num(f["human_steps_per_autonomous_success"], "{:.0f}"),
                 str(n.get("intervention_steps", 0)),
             )
     shadow = Table(title="shadow evaluation (mean action distance, rad)", expand=False)
@@ -125,3 +153,7 @@ def render(registry: Registry) -> Group:
 
 def _mean(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"
+
+
+def _num(value: float | None, fmt: str) -> str:
+    return "-" if value is None else fmt.format(value)

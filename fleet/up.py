@@ -24,6 +24,7 @@ from typing import Any
 from rich.console import Console
 from rich.live import Live
 
+from fleet.connection import write_connection
 from fleet.net import free_port
 from fleet.redis_server import RedisServer
 from fleet.registry import Registry
@@ -56,9 +57,10 @@ def add_up_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--rollout",
         default="auto",
-        choices=["auto", "immediate"],
+        choices=["auto", "immediate", "manual"],
         help="auto: canary cells, then a fraction, then the fleet, rolled back when credibly "
-        "worse; immediate: every cell takes each new version as it is published",
+        "worse; immediate: every cell takes each new version as it is published; manual: "
+        "versions are registered and nothing moves until an operator acts",
     )
     p.add_argument(
         "--sim-gate",
@@ -294,8 +296,24 @@ def run_up(args: argparse.Namespace) -> int:
             ],
         )
         _wait_learner_ready(registry, learner, timeout_s=180)
+        dashboard_url, token = "", ""
         if args.dashboard_port >= 0:
-            dashboard = _start_dashboard(fleet, console, url, run_dir, args.dashboard_port)
+            dashboard, dashboard_url, token = _start_dashboard(
+                fleet, console, url, run_dir, args.dashboard_port
+            )
+        connection = write_connection(
+            run_dir,
+            redis_url=url,
+            learner=f"127.0.0.1:{port}",
+            dashboard_url=dashboard_url,
+            operator_token=token,
+            store=str(run_dir / "store"),
+            rollout=args.rollout,
+        )
+        console.print(
+            f"fleet up: connection details (Redis URL with its password, operator token) in "
+            f"{connection} (owner-only); e.g. fleet status --run {run_dir}"
+        )
         for i, (cell_id, path) in enumerate(cell_files.items(), start=1):
             cells.append(
                 fleet.spawn(
@@ -458,9 +476,10 @@ def _transport_security(
 
 def _start_dashboard(
     fleet: _Fleet, console: Console, redis_url: str, run_dir: Path, port: int
-) -> _Child:
-    """The web dashboard as a child process; its operator token goes through the
-    environment (not argv, which other local users can read) and is printed once."""
+) -> tuple[_Child, str, str]:
+    """The web dashboard as a child process, its URL and operator token; the token goes
+    through the environment (not argv, which other local users can read) and is printed
+    once."""
     from fleet.dashboard.server import TOKEN_ENV
 
     port = port or free_port()
@@ -481,8 +500,9 @@ def _start_dashboard(
             str(port),
         ],
     )
-    console.print(f"fleet up: dashboard on http://127.0.0.1:{port}/ (operator token {token})")
-    return child
+    url = f"http://127.0.0.1:{port}/"
+    console.print(f"fleet up: dashboard on {url} (operator token {token})")
+    return child, url, token
 
 
 def redis_alive(redis: RedisServer | None, url: str | None) -> bool:

@@ -165,13 +165,24 @@ class Gateway:
             success=bool(outcome.get("success", False)),
             steps=steps,
             intervention_steps=interventions,
+            takeovers=summary.takeovers,
+            duration_s=_duration_s(outcome),
         )
         log.info(
-            "cell %s episode %s (%s, version %s) complete: %d steps, success=%s",
+            "cell %s episode %s (%s, version %s) complete: %d steps, %d takeovers, success=%s",
             chunk.cell_id,
             chunk.episode_id,
             chunk.task,
             chunk.policy_version or "none",
             steps,
+            summary.takeovers,
             outcome.get("success"),
         )
+
+
+def _duration_s(outcome: dict) -> float:
+    """An episode's wall time from its outcome (0 when the cell did not say)."""
+    try:
+        return max(0.0, float(outcome["ended_at"]) - float(outcome["started_at"]))
+    except (KeyError, TypeError, ValueError):
+        return 0.0

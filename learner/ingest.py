@@ -187,7 +187,9 @@ class IngestServicer(trajectory_pb2_grpc.TrajectoryServiceServicer):
         if not chunk.last or self.on_episode_end is None:
             return
         summary = EpisodeSummary(
-            steps=result.episode_steps, intervention_steps=result.intervention_steps
+            steps=result.episode_steps,
+            intervention_steps=result.intervention_steps,
+            takeovers=result.takeovers,
         )
         try:
             self.on_episode_end(chunk, summary)

@@ -117,8 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--rollout",
         default="immediate",
-        choices=["immediate", "auto"],
-        help="immediate: every cell takes each new version; auto: staged canary rollout",
+        choices=["immediate", "auto", "manual"],
+        help="immediate: every cell takes each new version; auto: staged canary rollout; "
+        "manual: versions are registered and nothing moves until an operator acts",
     )
     p.add_argument("--canary", type=int, default=1, help="auto rollout: canary cells")
     p.add_argument(
@@ -330,6 +331,7 @@ def main(argv: list[str] | None = None) -> int:
             }
         )
     )
+    metrics.register(metrics.RegistryCollector(registry))  # outcomes, cells, rollout
     metrics_server = metrics.serve_metrics(args.metrics_port, host=args.metrics_host)
     registry.set_learner_stats(state="ready", port=port)
     log.info(
@@ -360,9 +362,16 @@ def main(argv: list[str] | None = None) -> int:
             sim_gate=gate,
         )
         controller.start()
+    # The learning curves in Redis, sampled here too so they have no gaps while no
+    # dashboard runs (fleet/dashboard/history.py; only one process writes each sample).
+    from fleet.dashboard.history import LearningHistory
+
+    history = LearningHistory(registry)
+    history.start()
     stop.wait()
 
     log.info("learner stopping")
+    history.stop()
     if controller is not None:
         controller.stop()
     if metrics_server is not None:

@@ -85,6 +85,17 @@ def trainable_steps(data: EpisodeData, policy_steps: str) -> np.ndarray:
     return np.flatnonzero(operator)
 
 
+def trained_on(attrs: dict, policy_steps: str = "successful") -> bool:
+    """Whether the sampler imitates any step of a finished episode, from its attributes
+    alone (the rule of `trainable_steps`: operator steps always, the policy's own only
+    from an episode it finished alone with success). Retention keeps these."""
+    if policy_steps == "all":
+        return True
+    if int(attrs.get("intervention_steps", 0)) > 0:
+        return True
+    return bool((attrs.get("outcome") or {}).get("success"))
+
+
 @dataclass
 class _Episode:
     data: EpisodeData

@@ -39,6 +39,7 @@ import itertools
 import json
 import logging
 import os
+import shutil
 import struct
 import threading
 import time
@@ -62,6 +63,7 @@ from zarr.errors import UnstableSpecificationWarning
 from zarr.storage import LocalStore
 
 from fleet.ids import is_safe_id
+from fleet.interventions import count_takeovers
 from learner.chunks import ChunkRejected, DecodedChunk
 from protos.joint_layout import JOINT_DIM
 
@@ -113,6 +115,7 @@ class AppendResult:
     # without reading the episode back from the store on the ack path.
     episode_steps: int = 0
     intervention_steps: int = 0
+    takeovers: int = 0  # contiguous runs of intervention steps (fleet/interventions.py)
 
 
 @dataclass(frozen=True)
@@ -121,6 +124,7 @@ class EpisodeSummary:
 
     steps: int
     intervention_steps: int
+    takeovers: int = 0
 
 
 @dataclass(frozen=True, order=True)
@@ -239,7 +243,12 @@ class EpisodeStore:
                     chunk.policy_version or "none",
                 )
             return AppendResult(
-                False, chunk.last, chunk.n_steps, end, int(commit["intervention_steps"])
+                False,
+                chunk.last,
+                chunk.n_steps,
+                end,
+                int(commit["intervention_steps"]),
+                int(commit["takeovers"]),
             )
 
     def mark_truncated(self, ref: EpisodeRef, reason: str) -> None:
@@ -432,6 +441,14 @@ class EpisodeStore:
             "next_seq": chunk.seq + 1,
             "intervention_steps": int(attrs.get("intervention_steps", 0))
             + int(np.count_nonzero(chunk.intervention)),
+            # A takeover spanning chunks counts once: the last flag carries over.
+            "takeovers": int(attrs.get("takeovers", 0))
+            + count_takeovers(chunk.intervention, previous=bool(attrs.get("intervention_last"))),
+            "intervention_last": (
+                bool(chunk.intervention[-1])
+                if chunk.n_steps
+                else bool(attrs.get("intervention_last"))
+            ),
             "updated_at": time.time(),
             "truncated": False,
             "truncated_reason": None,
@@ -472,6 +489,29 @@ class EpisodeStore:
                 steps += int(attrs.get("n_steps", 0))
             episodes += 1
         return steps, episodes
+
+    def attributes(self, ref: EpisodeRef) -> dict[str, Any] | None:
+        """An episode's attributes only (task, versions, outcome, times), no arrays read."""
+        return self._attrs(ref)
+
+    def remove_episode(self, ref: EpisodeRef) -> int:
+        """Delete a finished episode's group from disk (retention, `fleet store gc`);
+        returns the bytes freed. An episode still being written is refused."""
+        with self._episode_lock(ref):
+            attrs = self._attrs(ref)
+            if attrs is None:
+                raise KeyError(f"no episode {ref.cell_id}/{ref.episode_id} in {self.root}")
+            if not (attrs.get("complete") or attrs.get("truncated")):
+                raise ValueError(f"episode {ref.cell_id}/{ref.episode_id} is still being written")
+            ep_dir = self.root / ref.path
+            freed = sum(f.stat().st_size for f in ep_dir.rglob("*") if f.is_file())
+            self._forget(ref)
+            with self._guard:
+                self._complete.pop(ref, None)
+            # Its zarr.json first: a crash halfway leaves no group for readers to trip on.
+            (ep_dir / "zarr.json").unlink()
+            shutil.rmtree(ep_dir)
+        return freed
 
     def read_episode(self, ref: EpisodeRef, *, frames: bool = True) -> EpisodeData:
         """The committed rows of one episode; `frames=False` skips the camera arrays."""

@@ -56,6 +56,27 @@ def test_learning_history_is_sampled_over_time(client: TestClient, world: World)
     assert all(p["t"] > since for p in client.get(f"/api/learning?since={since}").json()["points"])
 
 
+def test_learning_curve_survives_a_dashboard_restart(world: World) -> None:
+    """The history lives in Redis: a new dashboard process shows the curve the old one saw."""
+    first = create_app(world.registry, world.store_root, sample_interval_s=0.05)
+    with TestClient(first) as client:
+        for loss in (0.5, 0.25, 0.125):
+            world.registry.set_learner_stats(loss=loss)
+            deadline = time.monotonic() + 10
+            while not any(p["loss"] == loss for p in client.get("/api/learning").json()["points"]):
+                assert time.monotonic() < deadline, f"loss {loss} never sampled"
+                time.sleep(0.02)
+        before = client.get("/api/learning").json()["points"]
+    restarted = create_app(world.registry, world.store_root, sample_interval_s=60.0)
+    with TestClient(restarted) as client:
+        body = client.get("/api/learning").json()
+    after = [p for p in body["points"] if p["t"] <= before[-1]["t"]]
+    assert [p["t"] for p in after] == [p["t"] for p in before]
+    assert [p["loss"] for p in after] == [p["loss"] for p in before]
+    assert {0.5, 0.25, 0.125} <= {p["loss"] for p in after}
+    assert body["oldest"] == pytest.approx(before[0]["t"], abs=1e-3)
+
+
 def test_rollout_view_lists_versions_decisions_and_events(client: TestClient) -> None:
     body = client.get("/api/rollout").json()
     assert body["rollout"]["stable"] == "v0002"
@@ -247,3 +268,24 @@ def test_lossless_depth_frames_are_rendered_for_the_browser() -> None:
     grey = simplejpeg.decode_jpeg(data, colorspace="GRAY")[..., 0].astype(int)
     assert grey.shape == (96, 128)
     assert grey[:, :28].mean() < 10 < grey[:, 36:60].mean() < grey[:, 68:].mean() - 100
+
+
+def test_store_disk_use_and_growth(client: TestClient, world: World) -> None:
+    body = client.get("/api/store").json()
+    on_disk = sum(
+        f.stat().st_size
+        for ep_dir in (world.store_root / "episodes").glob("*/*")
+        for f in ep_dir.rglob("*")
+        if f.is_file()
+    )
+    assert body["available"] and body["episodes"] == world.episodes
+    assert body["bytes"] == on_disk > 0
+    assert {c["cell"] for c in body["by_cell"]} == {"cell-01", "cell-02"}
+    assert sum(c["bytes"] for c in body["by_cell"]) == on_disk
+    assert len(body["growth_per_day"]) == 7 and body["growth_per_day"][-1] == on_disk
+
+
+def test_store_disk_use_without_a_store_is_not_an_error(world: World) -> None:
+    with TestClient(create_app(world.registry, None)) as c:
+        reply = c.get("/api/store")
+    assert reply.status_code == 200 and reply.json() == {"available": False}

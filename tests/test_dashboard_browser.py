@@ -226,3 +226,30 @@ def test_fleet_eval_results_show_in_the_rollout_table_and_on_the_success_chart(
         "document.getElementById('chart-success').data.find(t => t.name === 'eval: pick_cube').y"
     )
     assert point == [0.7]
+
+
+@pytest.mark.parametrize("view", ["fleet", "learning", "rollout", "episodes"])
+def test_loading_a_view_logs_no_console_error_and_no_failed_request(page: Page, view: str) -> None:
+    """A person opening the dashboard sees a clean console: every request it makes
+    succeeds (the favicon included) and no script error is logged."""
+    errors: list[str] = []
+    failed: list[str] = []
+    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.on("requestfailed", lambda r: failed.append(f"{r.url}: {r.failure}"))
+
+    def on_response(r) -> None:  # type: ignore[no-untyped-def]
+        if r.status >= 400:
+            failed.append(f"{r.url}: HTTP {r.status}")
+
+    page.on("response", on_response)
+    page.goto(f"/?poll=300#{view}", wait_until="networkidle")
+    page.locator("nav a", has_text=view.capitalize()).click()
+    # A few polls later (each view refreshes every 300 ms), still nothing went wrong.
+    page.wait_for_function("document.getElementById('updated').textContent !== 'connecting…'")
+    polls = page.evaluate("performance.getEntriesByType('resource').length")
+    page.wait_for_function(
+        f"performance.getEntriesByType('resource').length >= {polls + 3}", timeout=10_000
+    )
+    assert failed == [], f"failed requests on the {view} view: {failed}"
+    assert errors == [], f"console errors on the {view} view: {errors}"

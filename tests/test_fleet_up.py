@@ -16,13 +16,16 @@ import psutil
 import pytest
 
 ADOPTION_LIMIT_S = 10.0
+RUN_MARKER = "FLEET_TEST_RUN"
 
 
 @pytest.fixture(scope="module")
 def fleet_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     run_dir = tmp_path_factory.mktemp("fleet")
     summary_path = run_dir / "summary.json"
-    before = {p.pid for p in psutil.process_iter()}
+    # Every process of this run inherits the marker, so leftovers are looked for in our own
+    # process tree only: other people's tests on a shared machine start Redis and Ray too.
+    marker = f"{os.getpid()}-{run_dir.name}"
     proc = subprocess.run(
         [
             sys.executable,
@@ -48,30 +51,28 @@ def fleet_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
         capture_output=True,
         text=True,
         timeout=420,
-        env={**os.environ, "COLUMNS": "200"},
+        env={**os.environ, "COLUMNS": "200", RUN_MARKER: marker},
     )
     logs = "\n".join(
         f"--- {p.name}\n{p.read_text()[-3000:]}" for p in (run_dir / "run" / "logs").glob("*.log")
     )
     assert proc.returncode == 0, f"fleet up failed:\n{proc.stdout}\n{proc.stderr}\n{logs}"
-    leftovers = [
-        p.cmdline()
-        for p in psutil.process_iter()
-        if p.pid not in before and p.pid != os.getpid() and _is_ours(p)
-    ]
+    leftovers = [p.cmdline() for p in psutil.process_iter() if _is_ours(p, marker)]
     summary = json.loads(summary_path.read_text())
-    return {"summary": summary, "leftovers": leftovers, "logs": logs, "run_dir": run_dir}
+    return {
+        "summary": summary,
+        "leftovers": leftovers,
+        "logs": logs,
+        "run_dir": run_dir,
+        "stdout": proc.stdout,
+    }
 
 
-def _is_ours(p: psutil.Process) -> bool:
+def _is_ours(p: psutil.Process, marker: str) -> bool:
     try:
-        cmd = " ".join(p.cmdline())
-    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return p.environ().get(RUN_MARKER) == marker
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
         return False
-    return any(
-        k in cmd
-        for k in ("learner.main", "actors.main", "redis-server", "ray::", "raylet", "gcs_server")
-    )
 
 
 def test_store_holds_exactly_the_steps_the_cells_sent(fleet_run: dict) -> None:
@@ -107,6 +108,17 @@ def test_versions_are_published_and_every_cell_adopts_each_promptly(fleet_run: d
             assert version in adopted, f"{cell_id} never ran {version}: {c['adoptions']}"
             delay = adopted[version] - published_at
             assert 0 <= delay <= ADOPTION_LIMIT_S, f"{cell_id} took {delay:.1f}s for {version}"
+
+
+def test_connection_details_are_written_owner_only_and_announced(fleet_run: dict) -> None:
+    """`fleet status --run DIR` and the rollout commands need the Redis URL (and password)
+    of a running fleet: `fleet up` writes them into the run directory, 0600, and says where."""
+    path = Path(fleet_run["run_dir"]) / "run" / "connection.json"
+    assert path.stat().st_mode & 0o777 == 0o600
+    details = json.loads(path.read_text())
+    assert details["redis_url"].startswith("redis://:") and "@127.0.0.1:" in details["redis_url"]
+    assert details["learner"].startswith("127.0.0.1:") and details["operator_token"]
+    assert str(path) in fleet_run["stdout"].replace("\n", "")
 
 
 def test_nothing_is_left_running(fleet_run: dict) -> None:

@@ -305,3 +305,18 @@ def test_concurrent_streams_from_two_cells(served: Served) -> None:
     assert len(served.store.episodes()) == 4
     assert served.store.totals() == (4 * 3 * T, 4)
     assert len(served.ended) == 4
+
+
+def test_a_takeover_that_spans_chunks_counts_once(served: Served) -> None:
+    """Takeovers are contiguous runs of intervention steps, counted across chunk boundaries
+    (one chunk's last step and the next chunk's first step can belong to one takeover)."""
+    flags = ([0, 0, 1, 1, 1, 1], [1, 1, 0, 0, 1, 0], [0, 0, 0, 0, 0, 1])
+    msgs = [make_msg(0), make_msg(1), make_msg(2, last=True)]
+    for msg, f in zip(msgs, flags, strict=True):
+        msg.intervention.CopyFrom(to_tensor(np.array(f, dtype=bool)))
+    served.upload(msgs)
+    ((_, summary),) = served.ended
+    assert summary.intervention_steps == 8
+    assert summary.takeovers == 3  # steps 2-7, step 10, step 17
+    attrs = served.store.read_episode(EpisodeRef("c1", "e1")).attrs
+    assert attrs["takeovers"] == 3

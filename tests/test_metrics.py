@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from fleet.metrics import metric_names
@@ -195,3 +197,53 @@ def test_prometheus_config_reads_the_targets_fleet_up_writes(tmp_path: Path) -> 
     assert [g["targets"] for g in groups] == [["127.0.0.1:9100"], ["127.0.0.1:9101"]]
     config = PROMETHEUS.read_text()
     assert "file_sd_configs" in config and "prometheus/targets.json" in config
+
+
+ALERTS = REPO / "ops" / "prometheus" / "alerts.yml"
+
+
+def test_alert_rules_are_well_formed_and_use_only_exported_series(
+    scraped: dict[str, str],
+) -> None:
+    """Every alert names its series right: a typo in a rule is an alert that never fires.
+    (promtool, when installed, also parses the PromQL.)"""
+    rules = yaml.safe_load(ALERTS.read_text())
+    (group,) = rules["groups"]
+    alerts = {r["alert"]: r for r in group["rules"]}
+    for needed in (
+        "FleetCellStale",
+        "FleetSpoolGrowing",
+        "FleetTrainerFailed",
+        "FleetTrainerStalled",
+        "FleetRollback",
+        "FleetCanaryStuck",
+    ):
+        assert needed in alerts, f"no {needed} rule"
+    for name, rule in alerts.items():
+        assert set(rule) <= {"alert", "expr", "for", "labels", "annotations"}, name
+        assert rule["labels"]["severity"] in ("warning", "critical"), name
+        assert rule["annotations"]["summary"], name
+        expr = str(rule["expr"])
+        assert expr.count("(") == expr.count(")") and expr.count("[") == expr.count("]"), name
+    used = set().union(*(metric_names(str(r["expr"])) for r in alerts.values()))
+    exported = set().union(*(metric_names(t) for t in scraped.values()))
+    missing = sorted(used - exported)
+    assert not missing, f"alert rules use series no process exports: {missing}"
+    config = yaml.safe_load(PROMETHEUS.read_text())
+    assert config["rule_files"] == ["alerts.yml"]
+    promtool = shutil.which("promtool")
+    if promtool:
+        done = subprocess.run([promtool, "check", "rules", str(ALERTS)], capture_output=True)
+        assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_learner_exports_outcomes_cells_and_learner_state_from_the_registry(
+    scraped: dict[str, str],
+) -> None:
+    v = _samples(scraped["learner"])
+    assert v["fleet_outcome_episodes_total"] >= 1  # by version and task
+    for name in ("successes", "autonomous_successes", "takeovers", "intervention_steps"):
+        assert f"fleet_outcome_{name}_total" in v, name
+    assert v["fleet_cell_alive"] >= 1 and "fleet_cell_spool_bytes" in v
+    assert 'fleet_learner_state{state="ready"} 1.0' in scraped["learner"]
+    assert "fleet_edge_spool_quarantined_total" in _samples(scraped["edge"])

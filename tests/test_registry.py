@@ -120,6 +120,9 @@ def test_success_counts(registry: Registry) -> None:
                 "steps": 310,
                 "intervened_episodes": 2,
                 "autonomous_successes": 1,
+                "takeovers": 2,  # not given: one per episode with an intervention
+                "duration_ms": 0,
+                "demonstrations": 0,
             }
         },
         "v0002": {
@@ -130,6 +133,9 @@ def test_success_counts(registry: Registry) -> None:
                 "steps": 10,
                 "intervened_episodes": 0,
                 "autonomous_successes": 0,
+                "takeovers": 0,
+                "duration_ms": 0,
+                "demonstrations": 0,
             }
         },
     }

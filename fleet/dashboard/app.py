@@ -12,7 +12,6 @@ import importlib.util
 import logging
 import secrets
 import time
-from collections import deque
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -23,14 +22,14 @@ from pydantic import BaseModel, Field
 
 from fleet.dashboard.history import LearningHistory
 from fleet.dashboard.store_reader import StoreReader
+from fleet.interventions import figures
 from fleet.registry import Registry
 
 log = logging.getLogger(__name__)
 
 STATIC = Path(__file__).parent / "static"
 OPERATOR_HEADER = "X-Operator-Token"
-# Interventions per hour are measured over this window of the dashboard's own samples.
-RATE_WINDOW_S = 3600.0
+STORE_USAGE_EVERY_S = 60.0  # how often /api/store walks the store's files again
 
 
 def plotly_js_path() -> Path:
@@ -58,25 +57,6 @@ class Reason(BaseModel):
 class Pin(BaseModel):
     cell: str
     version: str = ""  # empty: unpin
-
-
-class _InterventionRates:
-    """Per-cell intervention counters seen over time, to turn totals into a rate per hour."""
-
-    def __init__(self) -> None:
-        self._seen: dict[str, deque[tuple[float, int]]] = {}
-
-    def rate(self, cell_id: str, now: float, count: int) -> float | None:
-        samples = self._seen.setdefault(cell_id, deque())
-        if samples and count < samples[-1][1]:
-            samples.clear()  # the cell restarted its counters
-        samples.append((now, count))
-        while len(samples) > 2 and now - samples[1][0] > RATE_WINDOW_S:
-            samples.popleft()
-        t0, c0 = samples[0]
-        if now - t0 < 5.0:
-            return None
-        return (count - c0) / (now - t0) * 3600.0
 
 
 def _is_decision(event: dict[str, Any]) -> bool:
@@ -120,7 +100,6 @@ def create_app(
     """The dashboard app. `operator_token` None disables every rollout action."""
     history = LearningHistory(registry, interval_s=sample_interval_s)
     reader = StoreReader(store_root) if store_root is not None else None
-    rates = _InterventionRates()
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):  # type: ignore[no-untyped-def]
@@ -178,8 +157,10 @@ def create_app(
     def fleet() -> dict[str, Any]:
         now = time.time()
         cells = []
+        outcomes = registry.cell_outcomes()
         for c in registry.cells():
             spool = c.spool_bytes
+            stored = outcomes.get(c.cell_id, {})
             cells.append(
                 {
                     "cell_id": c.cell_id,
@@ -192,8 +173,12 @@ def create_app(
                     "late_ticks": c.late_ticks,
                     "episodes": c.episodes,
                     "successes": c.successes,
-                    "interventions": c.interventions,
-                    "interventions_per_hour": rates.rate(c.cell_id, now, c.interventions),
+                    # Steps an operator drove since the cell's actor started (heartbeat).
+                    "intervention_steps": c.interventions,
+                    # Takeovers over every episode the learner stored from this cell.
+                    "takeovers": stored.get("takeovers", 0),
+                    "demonstrations": stored.get("demonstrations", 0),
+                    **figures(stored),
                     "steps_recorded": c.steps_recorded,
                     "steps_acked": c.steps_acked,
                     "unacked_steps": max(0, c.steps_recorded - c.steps_acked),
@@ -208,14 +193,50 @@ def create_app(
         return {"now": now, "heartbeat_ttl_s": registry.heartbeat_ttl_s, "cells": cells}
 
     @app.get("/api/learning")
-    def learning(since: float = 0.0) -> dict[str, Any]:
+    def learning(since: float = 0.0, until: float | None = None) -> dict[str, Any]:
+        """Learner stats now, and the history (kept in Redis: it outlives this process)
+        with since < t <= until; `oldest` is the first sample kept, for a range picker."""
         return {
             "now": time.time(),
             "stats": registry.learner_stats(),
             "store": registry.store_totals(),
-            "points": history.points(since),
+            "points": history.points(since, until),
+            "oldest": history.oldest(),
+            "retention_s": {t.name: t.retention_s for t in history.tiers},
             "evaluations": _evaluation_points(registry.versions()),
         }
+
+    disk: dict[str, Any] = {"at": 0.0, "body": None}
+
+    @app.get("/api/store")
+    def store_usage() -> dict[str, Any]:
+        """Disk use of the episode store by cell and outcome, and bytes added per day over
+        the last week (learner/retention.py, as `fleet store du`); walked at most once a
+        minute, since it stats every file."""
+        if reader is None:
+            return {"available": False}
+        now = time.time()
+        if disk["body"] is None or now - disk["at"] > STORE_USAGE_EVERY_S:
+            from learner.retention import growth_per_day, summarise, usage  # learner extra
+
+            episodes = usage(reader.store)
+            disk["body"] = {
+                "available": True,
+                "at": now,
+                "bytes": sum(e.bytes for e in episodes),
+                "episodes": len(episodes),
+                "by_cell": [
+                    {"cell": k[0], "episodes": n, "bytes": b}
+                    for k, n, b in summarise(episodes, ["cell"], now)
+                ],
+                "by_outcome": [
+                    {"outcome": k[0], "episodes": n, "bytes": b}
+                    for k, n, b in summarise(episodes, ["outcome"], now)
+                ],
+                "growth_per_day": growth_per_day(episodes, now),  # oldest day first
+            }
+            disk["at"] = now
+        return disk["body"]
 
     @app.get("/api/rollout")
     def rollout() -> dict[str, Any]:
@@ -232,6 +253,7 @@ def create_app(
             for v in registry.versions()
         ]
         pins = registry.pins() if hasattr(registry, "pins") else {}
+        success = registry.success_counts()
         return {
             "rollout": registry.rollout(),
             "assignments": registry.assignments([c.cell_id for c in cells]),
@@ -239,7 +261,12 @@ def create_app(
             "shadow_running": {c.cell_id: c.shadow_version for c in cells},
             "pins": pins,
             "versions": versions[-50:],
-            "success": registry.success_counts(),
+            "success": success,
+            # version -> task -> takeovers/h, /episode, intervention share, human steps
+            # per autonomous success (fleet/interventions.py)
+            "interventions": {
+                v: {t: figures(n) for t, n in tasks.items()} for v, tasks in success.items()
+            },
             # version -> {steps, mean_dist_stable, operator_steps, mean_dist_operator}
             "shadow_scores": registry.shadow_scores(),
             "decisions": [e for e in events if _is_decision(e)],

@@ -18,7 +18,10 @@ log = logging.getLogger("export")
 
 def export_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="fleet export", description="Write the store's complete episodes as a dataset."
+        prog="fleet export",
+        description="Write the store's complete episodes as a LeRobot v3.0 dataset (depth "
+        "cameras as LeRobot depth maps). Atomic: the dataset appears at --out only when "
+        "complete; an interrupted export resumes from OUT.partial when run again.",
     )
     p.add_argument("--format", choices=["lerobot"], default="lerobot")
     p.add_argument("--store", type=Path, required=True, help="episode store (<data-dir>/store)")
@@ -26,6 +29,7 @@ def export_parser() -> argparse.ArgumentParser:
     p.add_argument("--fps", type=int, default=None, help="default: the recorded control rate")
     p.add_argument("--cells", default=None, help="comma-separated cell ids (default: all)")
     p.add_argument("--robot-type", default="aloha")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
 
@@ -61,13 +65,19 @@ def main(argv: list[str] | None = None) -> int:
     cells = None if args.cells is None else [c for c in args.cells.split(",") if c]
     try:
         result = export_lerobot(
-            args.store, args.out, fps=args.fps, cells=cells, robot_type=args.robot_type
+            args.store,
+            args.out,
+            fps=args.fps,
+            cells=cells,
+            robot_type=args.robot_type,
+            progress=not args.no_progress,
         )
     except (FileExistsError, ValueError) as exc:
         log.error("%s", exc)
         return 1
+    resumed = f" ({result.resumed} resumed)" if result.resumed else ""
     print(
-        f"{result.episodes} episodes, {result.frames} frames, cameras "
+        f"{result.episodes} episodes{resumed}, {result.frames} frames, cameras "
         f"{','.join(result.cameras)} at {result.fps} fps -> {result.out}"
     )
     return 0

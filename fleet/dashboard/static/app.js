@@ -11,6 +11,7 @@ let player = null; // {data, step, timer}
 const $ = (sel) => document.querySelector(sel);
 const esc = (s) => String(s ?? "").replace(/[&<>"']/g, (c) => ({"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;"}[c]));
 const fmt = (x, d = 1) => (x === null || x === undefined || Number.isNaN(x)) ? "-" : Number(x).toFixed(d);
+const pct = (x) => (x === null || x === undefined) ? "-" : (100 * x).toFixed(1) + "%";
 const when = (t) => t ? new Date(t * 1000).toLocaleTimeString() : "-";
 
 async function getJSON(url) {
@@ -52,7 +53,10 @@ async function refreshFleet() {
       <td class="hz">${fmt(c.loop_hz, 1)}</td>
       <td class="episodes">${c.episodes}</td>
       <td>${c.episodes ? Math.round(100 * c.successes / c.episodes) + "%" : "-"}</td>
-      <td class="iph">${fmt(c.interventions_per_hour, 0)}</td>
+      <td class="tph">${fmt(c.takeovers_per_hour, 1)}</td>
+      <td class="tpe">${fmt(c.takeovers_per_episode, 2)}</td>
+      <td class="share">${pct(c.intervention_share)}</td>
+      <td class="isteps">${c.intervention_steps}</td>
       <td class="spool">${esc(c.spool_chunks + " chunks, " + (c.spool_depth / 1e6).toFixed(1) + " MB")}</td>
       <td>${c.unacked_steps}</td>
       <td>${c.seconds_since_seen === null ? "-" : fmt(c.seconds_since_seen, 1) + " s ago"}</td>
@@ -74,12 +78,56 @@ function series(key) {
   return {x: pts.map((p) => new Date(p.t * 1000)), y: pts.map((p) => p[key]), mode: "lines", name: key};
 }
 
+// The time range picker: seconds of history to show (0 = the whole run, as Redis keeps it).
+function learningRange() {
+  return Number($("#learning-range").value) || 0;
+}
+
+function resetLearning() {
+  const range = learningRange();
+  learningPoints = [];
+  learningSince = range ? Date.now() / 1000 - range : 0;
+  if (view === "learning") refresh();
+}
+
+// Store disk use: the server walks the store at most once a minute; ask no more often.
+let storeUsageAt = 0;
+const bytes = (n) => n >= 1e9 ? (n / 1e9).toFixed(2) + " GB" : (n / 1e6).toFixed(1) + " MB";
+
+async function refreshStoreUsage() {
+  if (Date.now() - storeUsageAt < 30000) return;
+  storeUsageAt = Date.now();
+  const d = await getJSON("/api/store");
+  if (!d.available) return;
+  const card = (label, value) => `<div class="card"><div class="label">${label}</div><div class="value">${esc(value)}</div></div>`;
+  $("#store-disk").innerHTML = [
+    card("store on disk", bytes(d.bytes)), card("episodes on disk", d.episodes),
+    ...d.by_cell.slice(0, 6).map((c) => card(`cell ${c.cell}`, bytes(c.bytes))),
+  ].join("");
+  const days = d.growth_per_day.map((_, i) => new Date((d.at - (d.growth_per_day.length - 1 - i) * 86400) * 1000));
+  const gl = layout("store growth per day (bytes of episodes ended that day)", "MB");
+  Plotly.react("chart-disk", [{x: days, y: d.growth_per_day.map((b) => b / 1e6), type: "bar", name: "MB"}], gl);
+}
+
 async function refreshLearning() {
   const d = await getJSON(`/api/learning?since=${learningSince}`);
   if (d.points.length) {
-    learningPoints = learningPoints.concat(d.points).slice(-3600);
+    // A point's throughput is measured from the point before it (the first one has none).
+    if (learningPoints.length && d.points[0].steps_per_s === null) {
+      const prev = learningPoints[learningPoints.length - 1], p = d.points[0];
+      p.steps_per_s = p.t > prev.t ? Math.max(0, (p.store_steps - prev.store_steps) / (p.t - prev.t)) : null;
+    }
+    learningPoints = learningPoints.concat(d.points);
     learningSince = d.points[d.points.length - 1].t;
   }
+  refreshStoreUsage().catch((err) => console.warn("store disk use:", err.message));
+  const range = learningRange();
+  if (range) {
+    const cutoff = d.now - range;
+    learningPoints = learningPoints.filter((p) => p.t > cutoff);
+  }
+  if (learningPoints.length > 20000) learningPoints = learningPoints.slice(-20000);
+  $("#learning-oldest").textContent = d.oldest ? new Date(d.oldest * 1000).toLocaleString() : "-";
   const s = d.stats;
   const card = (label, value) => `<div class="card"><div class="label">${label}</div><div class="value">${esc(value)}</div></div>`;
   $("#learner-summary").innerHTML = [
@@ -138,7 +186,10 @@ async function refreshRollout() {
   const rows = [];
   for (const [version, tasks] of Object.entries(d.success)) {
     for (const [task, c] of Object.entries(tasks)) {
-      rows.push(`<tr><td>${esc(version || "(none)")}</td><td>${esc(task)}</td><td>${c.episodes}</td><td>${c.successes}</td><td>${c.episodes ? fmt(c.successes / c.episodes, 2) : "-"}</td><td>${c.intervention_steps}</td></tr>`);
+      const f = ((d.interventions || {})[version] || {})[task] || {};
+      rows.push(`<tr data-version="${esc(version)}" data-task="${esc(task)}"><td>${esc(version || "(none)")}</td><td>${esc(task)}</td><td>${c.episodes}</td><td>${c.successes}</td><td>${c.episodes ? fmt(c.successes / c.episodes, 2) : "-"}</td>
+        <td class="auto">${c.autonomous_successes}</td><td class="takeovers">${c.takeovers}</td><td class="tph">${fmt(f.takeovers_per_hour, 1)}</td><td class="tpe">${fmt(f.takeovers_per_episode, 2)}</td>
+        <td class="share">${pct(f.intervention_share)}</td><td class="hpa">${fmt(f.human_steps_per_autonomous_success, 0)}</td><td>${c.intervention_steps}</td></tr>`);
     }
   }
   $("#success-table tbody").innerHTML = rows.join("");
@@ -284,6 +335,7 @@ $("#btn-start").addEventListener("click", () => operatorAction("/api/rollout/sta
   canary: /^\s*\d+\s*$/.test($("#start-canary").value) ? Number($("#start-canary").value)
     : $("#start-canary").value.split(",").map((s) => s.trim()).filter(Boolean),
 }));
+$("#learning-range").addEventListener("change", resetLearning);
 ["#f-cell", "#f-task", "#f-version", "#f-outcome"].forEach((s) => $(s).addEventListener("change", refreshEpisodes));
 $("#episodes-table tbody").addEventListener("click", (ev) => {
   const tr = ev.target.closest("tr[data-episode]");
