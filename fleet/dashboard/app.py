@@ -217,24 +217,7 @@ def create_app(
             return {"available": False}
         now = time.time()
         if disk["body"] is None or now - disk["at"] > STORE_USAGE_EVERY_S:
-            from learner.retention import growth_per_day, summarise, usage  # learner extra
-
-            episodes = usage(reader.store)
-            disk["body"] = {
-                "available": True,
-                "at": now,
-                "bytes": sum(e.bytes for e in episodes),
-                "episodes": len(episodes),
-                "by_cell": [
-                    {"cell": k[0], "episodes": n, "bytes": b}
-                    for k, n, b in summarise(episodes, ["cell"], now)
-                ],
-                "by_outcome": [
-                    {"outcome": k[0], "episodes": n, "bytes": b}
-                    for k, n, b in summarise(episodes, ["outcome"], now)
-                ],
-                "growth_per_day": growth_per_day(episodes, now),  # oldest day first
-            }
+            disk["body"] = {"available": True, "at": now, **reader.disk_usage(now)}
             disk["at"] = now
         return disk["body"]
 

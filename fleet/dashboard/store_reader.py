@@ -107,6 +107,26 @@ class StoreReader:
         out.sort(key=lambda s: (s.created_at, s.cell, s.episode), reverse=True)
         return out[: max(0, limit)]
 
+    def disk_usage(self, now: float) -> dict[str, Any]:
+        """The store's bytes and episodes in all, by cell and by outcome, and what each of
+        the last days added (learner/retention.py, as `fleet store du`)."""
+        from learner.retention import growth_per_day, summarise, usage  # learner extra
+
+        episodes = usage(self.store)
+        return {
+            "bytes": sum(e.bytes for e in episodes),
+            "episodes": len(episodes),
+            "by_cell": [
+                {"cell": k[0], "episodes": n, "bytes": b}
+                for k, n, b in summarise(episodes, ["cell"], now)
+            ],
+            "by_outcome": [
+                {"outcome": k[0], "episodes": n, "bytes": b}
+                for k, n, b in summarise(episodes, ["outcome"], now)
+            ],
+            "growth_per_day": growth_per_day(episodes, now),  # oldest day first
+        }
+
     def playback(self, cell: str, episode: str) -> dict[str, Any]:
         """Everything the player needs except the frames themselves (fetched one by one)."""
         from learner.store import EpisodeRef
