@@ -22,13 +22,16 @@ latency timer to 1 ms through sysfs when the port is a USB serial adapter that a
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import math
 import os
+import select
 import termios
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import numpy as np
@@ -91,6 +94,17 @@ class DynamixelHardwareError(DynamixelError):
     def __init__(self, message: str, *, status: int, **where: Any) -> None:
         super().__init__(message, **where)
         self.status = status
+
+
+class DynamixelPowerLossError(DynamixelError):
+    """Servos lost power and came back (RAM reset: torque off, goals and currents at their
+    power-on values). The driver has already restored its settings and, if torque was on,
+    turned it back on holding where the arm is now; the arm may have dropped meanwhile, so
+    whoever drives it must start again from the present pose."""
+
+    def __init__(self, message: str, *, servo_ids: Sequence[int], **where: Any) -> None:
+        super().__init__(message, **where)
+        self.servo_ids = tuple(servo_ids)
 
 
 class DynamixelConfigError(DynamixelError):
@@ -156,33 +170,41 @@ class _WaitingPortHandler(PortHandler):
         return ok
 
 
-class _SyncRead(GroupSyncRead):
-    """GroupSyncRead that remembers which servo failed and every status ERROR byte.
+# A status packet's LEN field counts INST, ERROR, the data and the CRC.
+_STATUS_OVERHEAD = 4
+# Reads may be widened backwards by up to this many bytes so that a reply's length tells it
+# apart from the late replies still owed to earlier requests (see DynamixelBus).
+_MAX_PAD = 5
 
-    The SDK's rxPacket reads the status packets in order and stops at the first failure
-    without saying whose it was, and drops the ERROR byte (the hardware-alert bit).
-    Same packets, same readRx calls; only the bookkeeping differs.
-    """
 
-    def __init__(self, port: PortHandler, ph: Any, address: int, size: int) -> None:
-        super().__init__(port, ph, address, size)
-        self.failed_id: int | None = None
-        self.errors: dict[int, int] = {}
+@dataclass
+class _Owed:
+    """A status packet an earlier request may still bring: who sends it, its LEN field, and
+    until when it is expected."""
 
-    def rxPacket(self) -> int:  # SDK method name
-        self.last_result = False
-        self.failed_id = None
-        self.errors = {}
-        result = COMM_SUCCESS
-        for dxl_id in self.data_dict:
-            data, result, error = self.ph.readRx(self.port, dxl_id, self.data_length)
-            self.data_dict[dxl_id] = data
-            self.errors[dxl_id] = error
-            if result != COMM_SUCCESS:
-                self.failed_id = dxl_id
-                return int(result)
-        self.last_result = True
-        return int(result)
+    servo_id: int
+    length: int
+    until: float
+
+
+@dataclass
+class BusStats:
+    """What the bus saw, for a cell's metrics and for tests."""
+
+    transactions: int = 0
+    failed: int = 0  # transactions that timed out or got a corrupt reply
+    late_replies: int = 0  # status packets that answered an earlier request: discarded
+    late_bytes: int = 0  # bytes drained from the line before a transaction
+    owed_waits: int = 0  # times a request waited for an earlier one's late reply to clear
+    reconnects: int = 0
+    power_cycles: int = 0  # servos found powered up anew (RAM reset) and restored
+
+
+def _rx_packet(ph: Any) -> Callable[[PortHandler], tuple[list[int], int]]:
+    """The SDK's status-packet reader (its signature grew a `fast_option` in 3.8)."""
+    if "fast_option" in inspect.signature(ph.rxPacket).parameters:
+        return lambda port: ph.rxPacket(port, False)  # type: ignore[no-any-return]
+    return ph.rxPacket  # type: ignore[no-any-return]
 
 
 class DynamixelBus:
@@ -191,7 +213,18 @@ class DynamixelBus:
     Transient failures (no reply, corrupt reply) are retried up to `retries` more times
     within `retry_budget_s`, then raise DynamixelCommError naming the servo. A vanished
     port raises DynamixelPortError; the next call reopens it (at most every
-    `reconnect_interval_s`) and runs `on_reconnect` so the owner can re-check its servos.
+    `reconnect_interval_s`) and runs `on_reconnect` so the owner can re-check its servos;
+    until that check has passed the bus is not used for anything else (the check is retried
+    for `settle_s`, then the port is dropped and the whole reconnect tried again later).
+
+    Replies never answer the wrong request. A servo may answer after the SDK gave up on it
+    (a slow servo, a busy host); the SDK would take that late status packet as the answer
+    to the next request. So every transaction first drains what already arrived, accepts
+    only status packets from the servos it asked and of the length its own request makes,
+    and remembers, for `late_reply_s`, the replies a failed request may still bring. A new
+    request whose reply would look like one of those is widened (reads start up to
+    `_MAX_PAD` bytes earlier) or waits until the late reply came or expired. Discarded late
+    replies are counted in `stats`.
     """
 
     def __init__(
@@ -206,6 +239,8 @@ class DynamixelBus:
         retry_budget_s: float = 0.25,
         reconnect_interval_s: float = 0.25,
         read_wait_s: float = 0.002,
+        late_reply_s: float = 0.5,
+        settle_s: float = 1.0,
     ) -> None:
         self.port = port
         self.servo_ids = tuple(int(s) for s in servo_ids)
@@ -218,15 +253,25 @@ class DynamixelBus:
         self.retry_budget_s = retry_budget_s
         self.reconnect_interval_s = reconnect_interval_s
         self.read_wait_s = read_wait_s
+        self.late_reply_s = late_reply_s
+        self.settle_s = settle_s
         self.on_reconnect: Callable[[], None] | None = None
         self.lock = threading.RLock()
+        self.stats = BusStats()
         self._ph = PacketHandler(2.0)
+        self._rx = _rx_packet(self._ph)
         self._port: PortHandler | None = None
         self._opened_once = False
         self._closed = False
         self._next_attempt = 0.0
-        self._reads: dict[tuple[int, int, tuple[int, ...]], _SyncRead] = {}
+        self._rechecking = False
+        self._owed: list[_Owed] = []
+        self._stale = pr.PacketParser()
+        self._reads: dict[tuple[int, int, tuple[int, ...]], GroupSyncRead] = {}
         self._writes: dict[tuple[int, int], GroupSyncWrite] = {}
+        # Set when a servo failed to answer; the owner clears it once it has checked that
+        # the servos kept their RAM (a power cycle resets it).
+        self.silence_seen = False
 
     # Naming -----------------------------------------------------------------------------
 
@@ -261,6 +306,7 @@ class DynamixelBus:
         port, self._port = self._port, None
         self._reads.clear()
         self._writes.clear()
+        self._owed.clear()  # a new port starts with a silent line
         if port is not None and port.ser is not None:
             with contextlib.suppress(*_PORT_ERRORS):
                 port.closePort()
@@ -298,14 +344,47 @@ class DynamixelBus:
         self._port = handler
         if self._opened_once:
             log.warning("%s: port is back, reconnected", self.describe(None))
-            if self.on_reconnect is not None:
-                try:
-                    self.on_reconnect()
-                except DynamixelError:
-                    log.exception("%s: re-checking servos after reconnect", self.describe(None))
-                    raise
+            self.stats.reconnects += 1
+            self.silence_seen = True  # the servos may have lost power meanwhile
+            self._recheck()
         self._opened_once = True
         return handler
+
+    def _recheck(self) -> None:
+        """Run the owner's post-reconnect check until it passes, for at most `settle_s`
+        (servos may answer a moment after the port came back); if it never passes, the
+        reconnect failed as a whole: drop the port so the next call starts over."""
+        if self.on_reconnect is None or self._rechecking:
+            return
+        deadline = time.monotonic() + self.settle_s
+        self._rechecking = True
+        try:
+            while True:
+                try:
+                    self.on_reconnect()
+                    return
+                except DynamixelPortError:
+                    raise
+                except DynamixelError as exc:
+                    if time.monotonic() >= deadline:
+                        log.error(
+                            "%s: servos not ready %.1f s after reconnect (%s); will reconnect "
+                            "again",
+                            self.describe(None),
+                            self.settle_s,
+                            exc,
+                        )
+                        self._drop_port()
+                        self._next_attempt = time.monotonic() + self.reconnect_interval_s
+                        raise
+                    log.info("%s: re-checking servos after reconnect: %s", self.describe(None), exc)
+                    time.sleep(0.02)
+        except BaseException:
+            if self._port is not None:
+                self._drop_port()
+            raise
+        finally:
+            self._rechecking = False
 
     def _lost(self, exc: BaseException) -> DynamixelPortError:
         log.warning("%s: port lost (%s); will reconnect when it is back", self.describe(None), exc)
@@ -324,6 +403,135 @@ class DynamixelBus:
             raise self._lost(exc) from exc
         finally:
             port.is_using = False  # the SDK leaves it set when an exception escapes
+
+    # Matching replies to requests ---------------------------------------------------------
+
+    def _drain(self, port: PortHandler) -> None:
+        """Discard whatever arrived since the last transaction (late status packets)."""
+        ser = port.ser
+        self._stale.clear()
+        while True:
+            waiting = ser.in_waiting
+            if not waiting:
+                return
+            data = ser.read(waiting)
+            if not data:
+                return
+            self.stats.late_bytes += len(data)
+            for pkt in self._stale.feed(data):
+                length = len(pkt.params) + 3 if isinstance(pkt, pr.Packet) else 0
+                self._late(pkt.servo_id, length)
+
+    def _late(self, servo_id: int, length: int) -> None:
+        self.stats.late_replies += 1
+        for i, owed in enumerate(self._owed):
+            if owed.servo_id == servo_id and owed.length == length:
+                del self._owed[i]
+                break
+        log.debug("%s: discarded a late status packet (length %d)", self.describe(servo_id), length)
+
+    def _owes(self, servo_id: int, length: int) -> bool:
+        now = time.monotonic()
+        self._owed = [o for o in self._owed if o.until > now]
+        return any(o.servo_id == servo_id and o.length == length for o in self._owed)
+
+    def _wait_owed(self, port: PortHandler, want: Mapping[int, int], deadline: float) -> bool:
+        """Drain the line until no owed reply looks like one of `want`; False at deadline."""
+        counted = False
+        while any(self._owes(sid, n) for sid, n in want.items()):
+            if not counted:
+                self.stats.owed_waits += 1
+                counted = True
+            now = time.monotonic()
+            if now >= deadline:
+                return False
+            fd = port.ser.fileno()
+            select.select([fd], [], [], min(0.005, deadline - now))
+            self._drain(port)
+        return True
+
+    def _receive(
+        self, port: PortHandler, want: Mapping[int, int]
+    ) -> tuple[dict[int, tuple[int, bytes]], int]:
+        """Status packets for `want` ({id: LEN}) until all came or the SDK's packet timeout;
+        anything else is a late reply to an earlier request and is discarded."""
+        got: dict[int, tuple[int, bytes]] = {}
+        while len(got) < len(want):
+            rx, result = self._rx(port)
+            if result != COMM_SUCCESS:
+                return got, int(result)
+            sid = rx[4]
+            length = rx[5] | rx[6] << 8
+            if want.get(sid) == length and sid not in got:
+                got[sid] = (rx[8], bytes(rx[9 : 9 + length - _STATUS_OVERHEAD]))
+            else:
+                self._late(sid, length)
+        return got, COMM_SUCCESS
+
+    def _exchange(
+        self,
+        send: Callable[[PortHandler], int],
+        want: Mapping[int, int],
+        deadline: float,
+    ) -> tuple[dict[int, tuple[int, bytes]], int]:
+        """One request and its replies: drain, wait out look-alike owed replies, send
+        (through the SDK, which sets the packet timeout), receive. On failure the missing
+        replies are owed for `late_reply_s`."""
+
+        sent = False
+
+        def run(port: PortHandler) -> tuple[dict[int, tuple[int, bytes]], int]:
+            nonlocal sent
+            self._drain(port)
+            if not self._wait_owed(port, want, deadline):
+                return {}, COMM_RX_TIMEOUT  # nothing sent: nothing more is owed
+            port.is_using = False
+            result = send(port)
+            if result != COMM_SUCCESS:
+                return {}, int(result)
+            sent = True
+            return self._receive(port, want)
+
+        self.stats.transactions += 1
+        got, result = self._io(run)
+        if result != COMM_SUCCESS and sent:
+            self.stats.failed += 1
+            self.silence_seen = True
+            until = time.monotonic() + self.late_reply_s
+            self._owed.extend(_Owed(sid, n, until) for sid, n in want.items() if sid not in got)
+        return got, result
+
+    def _window(self, address: int, size: int, ids: Sequence[int]) -> tuple[int, int, int]:
+        """(start, length, offset of `address` in it) for a read whose replies cannot be
+        mistaken for an owed one; the plain window when nothing is owed."""
+        for pad in range(_MAX_PAD + 1):
+            if address >= pad:
+                start, offset = address - pad, pad
+            elif address + size + pad <= ct.TABLE_SIZE:
+                start, offset = address, 0
+            else:
+                continue
+            n = size + pad
+            if not any(self._owes(sid, n + _STATUS_OVERHEAD) for sid in ids):
+                return start, n, offset
+        return address, size, 0  # every width is owed: _exchange waits for them
+
+    def _tx(self, servo_id: int, instruction: int, params: Sequence[int] = ()) -> Any:
+        """An instruction packet sent through the SDK's framing (CRC, stuffing)."""
+
+        def send(port: PortHandler) -> int:
+            packet = [0] * (10 + len(params))
+            packet[4] = servo_id
+            packet[5] = (len(params) + 3) & 0xFF
+            packet[6] = (len(params) + 3) >> 8
+            packet[7] = instruction
+            packet[8 : 8 + len(params)] = list(params)
+            result = int(self._ph.txPacket(port, packet))
+            if result == COMM_SUCCESS:
+                port.setPacketTimeout(11 + _MAX_PAD)
+            return result
+
+        return send
 
     # Transactions -------------------------------------------------------------------------
 
@@ -357,57 +565,69 @@ class DynamixelBus:
         self,
         servo_id: int,
         what: str,
-        op: Callable[[PortHandler], tuple[Any, int, int]],
+        request: Callable[[], tuple[Callable[[PortHandler], int], int, int]],
         allow_alert: bool = False,
-    ) -> Any:
-        start = time.monotonic()
-        result = COMM_SUCCESS
-        for attempt in range(self.retries + 1):
-            payload, result, error = self._io(op)
-            if result == COMM_SUCCESS:
-                self._check_status(servo_id, error, what, allow_alert)
-                return payload
-            log.debug("%s: %s attempt %d: %s", self.describe(servo_id), what, attempt, result)
-            if time.monotonic() - start > self.retry_budget_s:
-                break
-        raise DynamixelCommError(
-            f"{self.describe(servo_id)}: {what} failed: {_reason(result)} "
-            f"(after {attempt + 1} tries)",
-            result=result,
-            **self.where(servo_id),
-        )
+    ) -> bytes:
+        """One servo's request with retries. `request()` gives (send, reply LEN, offset of
+        the wanted data in the reply) afresh for each try (a read may widen its window)."""
+        with self.lock:
+            start = time.monotonic()
+            deadline = start + self.retry_budget_s
+            result = COMM_SUCCESS
+            for attempt in range(self.retries + 1):
+                send, length, offset = request()
+                got, result = self._exchange(send, {servo_id: length}, deadline)
+                if result == COMM_SUCCESS:
+                    error, data = got[servo_id]
+                    self._check_status(servo_id, error, what, allow_alert)
+                    return data[offset:]
+                log.debug("%s: %s attempt %d: %s", self.describe(servo_id), what, attempt, result)
+                if time.monotonic() > deadline:
+                    break
+            raise DynamixelCommError(
+                f"{self.describe(servo_id)}: {what} failed: {_reason(result)} "
+                f"(after {attempt + 1} tries)",
+                result=result,
+                **self.where(servo_id),
+            )
 
     def ping(self, servo_id: int) -> int:
         """The servo's model number."""
-        model: int = self._txrx(servo_id, "ping", lambda p: self._ph.ping(p, servo_id), True)
-        return model
+        send = self._tx(servo_id, pr.INST_PING)
+        info = self._txrx(servo_id, "ping", lambda: (send, 3 + _STATUS_OVERHEAD, 0), True)
+        return int(ct.decode_value(info, ct.MODEL_NUMBER))
+
+    def ping_info(self, servo_id: int) -> tuple[int, int]:
+        """(model number, firmware version) from a PING's status packet."""
+        send = self._tx(servo_id, pr.INST_PING)
+        info = self._txrx(servo_id, "ping", lambda: (send, 3 + _STATUS_OVERHEAD, 0), True)
+        return int(ct.decode_value(info, ct.MODEL_NUMBER)), int(info[2])
 
     def read(self, servo_id: int, reg: ct.Register, allow_alert: bool = False) -> int:
-        with self.lock:
-            data = self._txrx(
-                servo_id,
-                f"read {reg.name}",
-                lambda p: self._ph.readTxRx(p, servo_id, reg.address, reg.size),
-                allow_alert,
-            )
+        def request() -> tuple[Callable[[PortHandler], int], int, int]:
+            start, n, offset = self._window(reg.address, reg.size, (servo_id,))
+
+            def send(port: PortHandler) -> int:
+                return int(self._ph.readTx(port, servo_id, start, n))
+
+            return send, n + _STATUS_OVERHEAD, offset
+
+        data = self._txrx(servo_id, f"read {reg.name}", request, allow_alert)
         if len(data) < reg.size:
             raise DynamixelCommError(
                 f"{self.describe(servo_id)}: read {reg.name} returned {len(data)} bytes",
                 result=COMM_RX_CORRUPT,
                 **self.where(servo_id),
             )
-        return ct.decode_value(bytes(data), reg)
+        return ct.decode_value(data, reg)
 
     def write(self, servo_id: int, reg: ct.Register, value: int, allow_alert: bool = False) -> None:
         """An acknowledged write (for configuration and torque, not per-tick goals)."""
-        data = list(ct.encode_value(value, reg.size))
-
-        def op(p: PortHandler) -> tuple[None, int, int]:
-            result, error = self._ph.writeTxRx(p, servo_id, reg.address, reg.size, data)
-            return None, result, error
-
-        with self.lock:
-            self._txrx(servo_id, f"write {reg.name}={value}", op, allow_alert)
+        params = [reg.address & 0xFF, reg.address >> 8, *ct.encode_value(value, reg.size)]
+        send = self._tx(servo_id, pr.INST_WRITE, params)
+        self._txrx(
+            servo_id, f"write {reg.name}={value}", lambda: (send, _STATUS_OVERHEAD, 0), allow_alert
+        )
 
     def sync_read(
         self,
@@ -421,22 +641,28 @@ class DynamixelBus:
         ids = tuple(ids) if ids is not None else self.servo_ids
         with self.lock:
             start = time.monotonic()
+            deadline = start + self.retry_budget_s
             result = COMM_SUCCESS
             failed: int | None = None
             for attempt in range(self.retries + 1):
-                port = self._ensure_open()
-                group = self._reads.get((address, size, ids))
-                if group is None:
-                    group = _SyncRead(port, self._ph, address, size)
-                    for sid in ids:
-                        group.addParam(sid)
-                    self._reads[(address, size, ids)] = group
-                result = self._io(lambda _p, g=group: g.txRxPacket())
+                first, n, offset = self._window(address, size, ids)
+
+                def send(port: PortHandler, first: int = first, n: int = n) -> int:
+                    group = self._reads.get((first, n, ids))
+                    if group is None or group.port is not port:
+                        group = GroupSyncRead(port, self._ph, first, n)
+                        for sid in ids:
+                            group.addParam(sid)
+                        self._reads[(first, n, ids)] = group
+                    return int(group.txPacket())
+
+                want = dict.fromkeys(ids, n + _STATUS_OVERHEAD)
+                got, result = self._exchange(send, want, deadline)
                 if result == COMM_SUCCESS:
-                    return self._sync_result(group, ids, address, size, allow_alert)
-                failed = group.failed_id
+                    return self._sync_result(got, ids, address, size, offset, allow_alert)
+                failed = next((sid for sid in ids if sid not in got), None)
                 log.debug("%s: sync read try %d: %s", self.describe(failed), attempt, result)
-                if time.monotonic() - start > self.retry_budget_s:
+                if time.monotonic() > deadline:
                     break
             raise DynamixelCommError(
                 f"{self.describe(failed)}: sync read of {len(ids)} servos failed: "
@@ -446,23 +672,21 @@ class DynamixelBus:
             )
 
     def _sync_result(
-        self, group: _SyncRead, ids: tuple[int, ...], address: int, size: int, allow_alert: bool
+        self,
+        got: Mapping[int, tuple[int, bytes]],
+        ids: tuple[int, ...],
+        address: int,
+        size: int,
+        offset: int,
+        allow_alert: bool,
     ) -> dict[int, bytes]:
         what = f"sync read of {address}..{address + size - 1}"
         for sid in ids:
-            self._check_status(sid, group.errors.get(sid, 0) & ~pr.ERRBIT_ALERT, what, True)
-        alerts = [sid for sid in ids if group.errors.get(sid, 0) & pr.ERRBIT_ALERT]
+            self._check_status(sid, got[sid][0] & ~pr.ERRBIT_ALERT, what, True)
+        alerts = [sid for sid in ids if got[sid][0] & pr.ERRBIT_ALERT]
         if alerts and not allow_alert:
             raise self.hardware_error(alerts[0], alerts[1:])
-        out = {sid: bytes(group.data_dict[sid]) for sid in ids}
-        for sid, data in out.items():
-            if len(data) != size:
-                raise DynamixelCommError(
-                    f"{self.describe(sid)}: {what} returned {len(data)} of {size} bytes",
-                    result=COMM_RX_CORRUPT,
-                    **self.where(sid),
-                )
-        return out
+        return {sid: got[sid][1][offset : offset + size] for sid in ids}
 
     def sync_write(self, address: int, size: int, values: Mapping[int, int]) -> None:
         """One SYNC_WRITE of a value per servo (no status packets come back)."""
@@ -475,7 +699,12 @@ class DynamixelBus:
             group.clearParam()
             for sid, value in values.items():
                 group.addParam(sid, list(ct.encode_value(value, size)))
-            result = self._io(lambda _p: group.txPacket())
+
+            def send(p: PortHandler) -> int:
+                self._drain(p)
+                return int(group.txPacket())
+
+            result = self._io(send)
             if result != COMM_SUCCESS:
                 raise DynamixelCommError(
                     f"{self.describe(None)}: sync write of {address}..{address + size - 1} "
@@ -487,12 +716,17 @@ class DynamixelBus:
     def reboot(self, servo_id: int, timeout_s: float = 2.0) -> None:
         """REBOOT one servo and wait until it answers again (RAM back to defaults)."""
         with self.lock:
-            self._txrx(servo_id, "reboot", lambda p: (None, *self._ph.reboot(p, servo_id)), True)
+            send = self._tx(servo_id, pr.INST_REBOOT)
+            self._txrx(servo_id, "reboot", lambda: (send, _STATUS_OVERHEAD, 0), True)
             deadline = time.monotonic() + timeout_s
+            ping = self._tx(servo_id, pr.INST_PING)
             while True:
                 time.sleep(0.02)
-                model, result, _ = self._io(lambda p: self._ph.ping(p, servo_id))
+                got, result = self._exchange(
+                    ping, {servo_id: 3 + _STATUS_OVERHEAD}, time.monotonic() + self.retry_budget_s
+                )
                 if result == COMM_SUCCESS:
+                    model = ct.decode_value(got[servo_id][1], ct.MODEL_NUMBER)
                     log.info("%s: rebooted (model %d)", self.describe(servo_id), model)
                     return
                 if time.monotonic() > deadline:
@@ -527,6 +761,7 @@ class DynamixelArmBus:
         retries: int = 2,
         retry_budget_s: float = 0.25,
         reconnect_interval_s: float = 0.25,
+        ram_check_s: float = 1.0,
         clock: Clock | None = None,
         connect: bool = True,
     ) -> None:
@@ -563,6 +798,8 @@ class DynamixelArmBus:
             reconnect_interval_s=reconnect_interval_s,
         )
         self.bus.on_reconnect = self._on_reconnect
+        self.ram_check_s = ram_check_s
+        self._next_ram_check = 0.0
         self._torque = False
         if connect:
             try:
@@ -614,6 +851,11 @@ class DynamixelArmBus:
     @property
     def torque_enabled(self) -> bool:
         return self._torque
+
+    @property
+    def stats(self) -> BusStats:
+        """Transactions, failures, discarded late replies, reconnects, power cycles."""
+        return self.bus.stats
 
     # Connect / configure ------------------------------------------------------------------
 
@@ -676,13 +918,67 @@ class DynamixelArmBus:
                 bus.write(sid, ct.GOAL_POSITION, goal)
                 bus.write(sid, ct.TORQUE_ENABLE, 1)
         if self.gripper_current_ma is not None:
-            units = round(self.gripper_current_ma / ct.MA_PER_CURRENT_UNIT)
-            bus.write(self.ids[-1], ct.GOAL_CURRENT, units, allow_alert=True)
+            bus.write(self.ids[-1], ct.GOAL_CURRENT, self._gripper_units, allow_alert=True)
+
+    @property
+    def _gripper_units(self) -> int:
+        return round((self.gripper_current_ma or 0.0) / ct.MA_PER_CURRENT_UNIT)
 
     def _on_reconnect(self) -> None:
         for sid in self.ids:
             self.bus.ping(sid)
         self._configure(initial=False)
+
+    def check_power(self) -> None:
+        """Find servos that lost power since the driver set them up (their RAM is reset:
+        torque off while it should be on, the gripper's goal current at its power-on value),
+        restore the driver's state on them and raise DynamixelPowerLossError.
+
+        Runs before a state read whenever a servo went silent or the port came back, and
+        every `ram_check_s` otherwise (a power blip between two transactions)."""
+        bus = self.bus
+        with bus.lock:
+            torque = bus.sync_read(ct.TORQUE_ENABLE.address, 1, allow_alert=True)
+            lost = [sid for sid in self.ids if self._torque and torque[sid][0] == 0]
+            gripper = self.ids[-1]
+            if (
+                self.gripper_current_ma is not None
+                and gripper not in lost
+                and bus.read(gripper, ct.GOAL_CURRENT, allow_alert=True) != self._gripper_units
+            ):
+                lost.append(gripper)
+            bus.silence_seen = False
+            self._next_ram_check = time.monotonic() + self.ram_check_s
+            if not lost:
+                return
+            alarms = self.hardware_errors()
+            if alarms:  # torque went off by the servo's own shutdown, not a power cut
+                sid = min(alarms)
+                raise bus.hardware_error(sid, sorted(set(alarms) - {sid}))
+            log.warning(
+                "arm %s: servos %s lost power and came back (RAM reset); restoring settings%s",
+                self.name,
+                lost,
+                ", then torque holding the present pose" if self._torque else "",
+            )
+            self._configure(initial=False)
+            if self._torque:
+                for sid in lost:
+                    i = self.ids.index(sid)
+                    present = bus.read(sid, ct.PRESENT_POSITION)
+                    goal = int(np.clip(present, self._min_ticks[i], self._max_ticks[i]))
+                    bus.write(sid, ct.GOAL_POSITION, goal)
+                    bus.write(sid, ct.TORQUE_ENABLE, 1)
+            bus.stats.power_cycles += 1
+            names = ", ".join(f"servo ID {sid} ({bus.names[sid]})" for sid in lost)
+            held = ", torque on holding the present pose" if self._torque else ""
+            raise DynamixelPowerLossError(
+                f"arm {self.name} on {self.port}: {names} lost power and came back with RAM "
+                f"reset; settings restored{held}. "
+                "The arm may have dropped: start again from where it is.",
+                servo_ids=lost,
+                **bus.where(lost[0]),
+            )
 
     def apply_calibration(self, calibration: ArmCalibration) -> None:
         """Switch to a new calibration (same servos) and write it to them."""
@@ -697,7 +993,10 @@ class DynamixelArmBus:
     # ArmBus ---------------------------------------------------------------------------
 
     def read_state(self) -> JointState:
-        """One sync read of present current, velocity and position for all 7 servos."""
+        """One sync read of present current, velocity and position for all 7 servos
+        (after check_power, when a servo went silent or a check is due)."""
+        if self.bus.silence_seen or time.monotonic() >= self._next_ram_check:
+            self.check_power()
         blocks = self.bus.sync_read(ct.STATE_BLOCK_ADDRESS, ct.STATE_BLOCK_SIZE)
         stamp = self.clock.now()
         base = ct.STATE_BLOCK_ADDRESS
