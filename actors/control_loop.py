@@ -136,6 +136,7 @@ class ControlLoop:
             max_step=getattr(gate, "max_step", None)
         )
         self.lookahead = lookahead
+        self.fault_retry_s = FAULT_RETRY_S
         # Shadow evaluation: a second plan, blended like the acting one, never executed.
         self.shadow_inference: Inference = shadow_inference or ThreadedInference(
             config.cell_id, name="shadow-inference", nice=SHADOW_NICE
@@ -217,7 +218,7 @@ class ControlLoop:
         try:
             while not stop.is_set():
                 self._run_episode(stop)
-                if getattr(self.hardware, "fault", ""):
+                if self._cell_fault() is not None:
                     self._wait_out_fault(stop)
         finally:
             self.inference.stop()
@@ -228,10 +229,10 @@ class ControlLoop:
         after a communication fault, retry holding every few seconds and carry on once the
         arms answer again."""
         hw: Any = self.hardware
-        while not stop.is_set() and hw.fault:
-            if stop.wait(FAULT_RETRY_S):
+        while not stop.is_set() and (fault := self._cell_fault()) is not None:
+            if stop.wait(self.fault_retry_s):
                 return
-            if self._torque_off_fault:
+            if fault.torque_off:
                 continue
             try:
                 hw.enable()
@@ -240,9 +241,10 @@ class ControlLoop:
             except CellFault as exc:
                 log.warning("cell %s: still faulted: %s", self.config.cell_id, exc)
 
-    @property
-    def _torque_off_fault(self) -> bool:
-        return "torque off" in str(getattr(self.hardware, "fault", ""))
+    def _cell_fault(self) -> CellFault | None:
+        """The fault the cell was made safe from (drivers/cell.CellHardware), if any."""
+        fault = getattr(self.hardware, "current_fault", None)
+        return fault if isinstance(fault, CellFault) else None
 
     # -- episodes ------------------------------------------------------------------------
 
