@@ -603,6 +603,56 @@ class DynamixelBus:
         info = self._txrx(servo_id, "ping", lambda: (send, 3 + _STATUS_OVERHEAD, 0), True)
         return int(ct.decode_value(info, ct.MODEL_NUMBER)), int(info[2])
 
+    def answers(self, servo_id: int, listen_s: float = 0.02) -> list[tuple[int, int]]:
+        """Every (model number, firmware) that answers a PING to `servo_id`, listening
+        `listen_s` past the first answer: two entries mean two servos share the ID (a new
+        servo left at its factory ID 1). Empty when nobody answers; DynamixelCommError when
+        the answer is garbled (two servos answering at once does that on a real bus)."""
+        want = {servo_id: 3 + _STATUS_OVERHEAD}
+        with self.lock:
+            send = self._tx(servo_id, pr.INST_PING)
+            got, result = self._exchange(send, want, time.monotonic() + self.retry_budget_s)
+            if result == COMM_RX_TIMEOUT:
+                return []
+            if result != COMM_SUCCESS:
+                raise DynamixelCommError(
+                    f"{self.describe(servo_id)}: ping answered with a garbled packet "
+                    f"({_reason(result)}); two servos with this ID answer at once?",
+                    result=result,
+                    **self.where(servo_id),
+                )
+            out = [got[servo_id]]
+
+            def listen(port: PortHandler) -> None:
+                port.setPacketTimeoutMillis(listen_s * 1000.0)
+                while True:
+                    rx, res = self._rx(port)
+                    if res != COMM_SUCCESS:
+                        return
+                    if rx[4] == servo_id and (rx[5] | rx[6] << 8) == want[servo_id]:
+                        out.append((rx[8], bytes(rx[9:12])))
+
+            self._io(listen)
+        return [
+            (ct.decode_value(data, ct.MODEL_NUMBER), data[2] if len(data) > 2 else -1)
+            for _, data in out
+        ]
+
+    def scan(self) -> dict[int, tuple[int, int]]:
+        """{id: (model number, firmware)} of every servo answering a broadcast PING at
+        this baud (the servos on the bus, expected or not)."""
+        with self.lock:
+
+            def ping_all(port: PortHandler) -> tuple[Any, int]:
+                self._drain(port)
+                port.is_using = False
+                return self._ph.broadcastPing(port)  # type: ignore[no-any-return]
+
+            found, result = self._io(ping_all)
+        if result != COMM_SUCCESS:
+            return {}
+        return {int(sid): (int(v[0]), int(v[1])) for sid, v in found.items()}
+
     def read(self, servo_id: int, reg: ct.Register, allow_alert: bool = False) -> int:
         def request() -> tuple[Callable[[PortHandler], int], int, int]:
             start, n, offset = self._window(reg.address, reg.size, (servo_id,))

@@ -72,6 +72,7 @@ class _Faults:
     corrupt_crc: bool = False  # answers with a broken CRC
     slow_s: float = 0.0  # extra delay before each reply (dropped if the host moves on)
     late_s: tuple[float, float] = (0.0, 0.0)  # replies sent this late (min, max) regardless
+    duplicate: bool = False  # a second servo with the same ID answers too
 
 
 class _Servo:
@@ -270,6 +271,8 @@ class _Chain:
         def answer(servo: _Servo, error: int = 0, data: bytes = b"", level: int = 2) -> None:
             if servo.table[ct.STATUS_RETURN_LEVEL.address] >= level:
                 replies.append(self.status(servo, error, data))
+                if servo.faults.duplicate:
+                    replies.append(self.status(servo, error, data))
 
         ins = pkt.instruction
         if ins == pr.INST_PING:
@@ -579,6 +582,8 @@ class _Control:
                     servo.faults.corrupt_crc = bool(args["corrupt_crc"])
                 if args.get("slow_ms") is not None:
                     servo.faults.slow_s = float(args["slow_ms"]) / 1000.0
+                if args.get("duplicate") is not None:
+                    servo.faults.duplicate = bool(args["duplicate"])
                 if args.get("late_ms") is not None:
                     late = args["late_ms"]
                     lo, hi = (late, late) if isinstance(late, int | float) else late
@@ -851,13 +856,15 @@ class ServoPeer:
         slow_ms: float | None = None,
         hardware_error: int | None = None,
         late_ms: float | tuple[float, float] | None = None,
+        duplicate: bool | None = None,
     ) -> None:
         """Inject a fault on one servo (None leaves that fault as it is).
 
         `slow_ms`: each reply waits this long and is dropped if the host sends a new
         instruction meanwhile. `late_ms` (a value or a (min, max) range): each reply is
         sent this late *whatever* the host does meanwhile, so it arrives during a later
-        transaction, as a slow servo's does on a real bus.
+        transaction, as a slow servo's does on a real bus. `duplicate`: a second servo
+        with the same ID answers every instruction too.
         """
         self._request(
             "fault",
@@ -867,6 +874,7 @@ class ServoPeer:
             slow_ms=slow_ms,
             hardware_error=hardware_error,
             late_ms=list(late_ms) if isinstance(late_ms, tuple) else late_ms,
+            duplicate=duplicate,
         )
 
     def power_cycle(self, off_ms: float = 200.0, ids: Sequence[int] | None = None) -> None:
