@@ -35,7 +35,9 @@ class _EdgeOnly(importlib.abc.MetaPathFinder):
 sys.meta_path.insert(0, _EdgeOnly())
 """
 
-_IMPORT_ALL = """
+_IMPORT_ALL = (
+    f"BLOCKED = {BLOCKED!r}\n"
+    + """
 import importlib, pkgutil, sys
 import actors, drivers
 failed = []
@@ -44,10 +46,15 @@ for pkg in (actors, drivers):
         try:
             importlib.import_module(mod.name)
         except ImportError as exc:
-            failed.append(f"{mod.name}: {exc}")
+            # Only the learner side counts; another extra this install lacks (mujoco of
+            # .[sim] on an .[edge]-only cell) is not the edge reaching for the centre.
+            root = (getattr(exc, "name", None) or "").split(".")[0]
+            if "edge-only install" in str(exc) or root in BLOCKED:
+                failed.append(f"{mod.name}: {exc}")
 print("\\n".join(failed))
 sys.exit(1 if failed else 0)
 """
+)
 
 
 @pytest.fixture(scope="module")
