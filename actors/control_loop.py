@@ -277,6 +277,7 @@ class ControlLoop:
         # A real cell's operator may judge the episode a failure (drivers/operator_console).
         failed = getattr(self.scene, "failed", None)
         lateness = TICK_LATENESS.labels(cell=self.config.cell_id)
+        pending: tuple[Any, ...] | None = None  # the last tick's step, recorded next tick
         try:
             next_tick = started
             while not stop.is_set():
@@ -300,21 +301,19 @@ class ControlLoop:
                     reason = "fault"
                     self._fault(f"cell fault: {exc}")
                     break
+                if pending is not None:
+                    # The last tick's step is recorded (its frames JPEG-encoded) now that
+                    # this tick's command is out, so that work never delays a tick's start.
+                    self._record(recorder, *pending)
+                    pending = None
                 self._tick += 1
                 next_tick += self.period
                 self.clock.sleep_until(next_tick)
                 # The step's reward is the one its action earned (read after the physics or
                 # the real arms moved), so the success step itself carries the success reward.
                 success = bool(self.scene.success())
-                self._record(
-                    recorder,
-                    obs,
-                    sent,
-                    intervention,
-                    float(self.scene.reward()),
-                    version,
-                    shadow,
-                )
+                reward = float(self.scene.reward())
+                pending = (obs, sent, intervention, reward, version, shadow)
                 if success:
                     reason = "success"
                     break
@@ -325,6 +324,8 @@ class ControlLoop:
                     reason = "timeout"
                     break
         finally:
+            if pending is not None:
+                self._record(recorder, *pending)
             success = success and reason == "success"
             if recorder.buffered:
                 ended = self.clock.now()
