@@ -49,7 +49,7 @@ from actors.config import ActorConfig
 from actors.inference import Inference, Snapshot, ThreadedInference
 from actors.recorder import EpisodeRecorder
 from drivers.cell import CellFault
-from drivers.interfaces import Clock, Observation, Operator, TaskScene
+from drivers.interfaces import Clock, DriverFault, Observation, Operator, TaskScene
 from fleet.metrics import TICK_LATENESS_BUCKETS
 from protos.fleetlearn.v1 import trajectory_pb2
 
@@ -241,6 +241,12 @@ class ControlLoop:
             except CellFault as exc:
                 log.warning("cell %s: still faulted: %s", self.config.cell_id, exc)
 
+    def _make_safe(self, exc: DriverFault) -> CellFault:
+        make_safe = getattr(self.hardware, "make_safe", None)
+        if make_safe is not None:
+            return make_safe(exc, "reading the operator")  # type: ignore[no-any-return]
+        return CellFault(str(exc), torque_off=exc.torque_off)
+
     def _cell_fault(self) -> CellFault | None:
         """The fault the cell was made safe from (drivers/cell.CellHardware), if any."""
         fault = getattr(self.hardware, "current_fault", None)
@@ -295,11 +301,13 @@ class ControlLoop:
                     sent = self.hardware.command(action)
                     self._last_target = np.asarray(sent, np.float32)
                     shadow = self._shadow_act(obs)  # logged beside `sent`, never commanded
-                except CellFault as exc:
-                    # The cell already made itself safe (hold or torque off); the actor
-                    # reports, ends the episode and stays up.
+                except (CellFault, DriverFault) as exc:
+                    # The cell already made itself safe (hold or torque off); a fault of a
+                    # part outside its guard (the leader arms the operator reads) is made
+                    # safe here the same way. The actor reports, ends the episode, stays up.
+                    fault = exc if isinstance(exc, CellFault) else self._make_safe(exc)
                     reason = "fault"
-                    self._fault(f"cell fault: {exc}")
+                    self._fault(f"cell fault: {fault}")
                     break
                 if pending is not None:
                     # The last tick's step is recorded (its frames JPEG-encoded) now that

@@ -134,8 +134,9 @@ class CellHardware:
     def _safe(self, doing: str) -> _FaultGuard:
         return _FaultGuard(self, doing)
 
-    def _make_safe(self, exc: DriverFault, doing: str) -> CellFault:
-        """Torque off after a hardware error, else hold what still answers; say which."""
+    def make_safe(self, exc: DriverFault, doing: str) -> CellFault:
+        """Torque off after a hardware error, else hold what still answers; say which.
+        Also for faults of parts outside this object (a leader arm the operator reads)."""
         if exc.torque_off:
             self.torque_off()
             action = "torque off on every arm"
@@ -235,4 +236,4 @@ class _FaultGuard:
 
     def __exit__(self, kind: type | None, exc: BaseException | None, tb: object) -> None:
         if isinstance(exc, DriverFault):
-            raise self.cell._make_safe(exc, self.doing) from exc
+            raise self.cell.make_safe(exc, self.doing) from exc

@@ -19,7 +19,7 @@ from actors.edge import run_actor
 from actors.inference import InlineInference
 from drivers.cell import CellFault
 from drivers.clock import WallClock
-from drivers.interfaces import Frame, Observation
+from drivers.interfaces import DriverFault, Frame, Observation
 from drivers.sim import SIM_TASKS, make_sim_cell
 from learner.chunks import DecodedChunk, decode_chunk
 from protos.fleetlearn.v1 import trajectory_pb2
@@ -426,6 +426,64 @@ def test_communication_fault_is_retried_and_episodes_resume() -> None:
         stop.set()
         runner.join(10)
     assert not runner.is_alive()
+    assert hardware.enables == 1
+
+
+class LeaderFaultOperator(FakeOperator):
+    """Drives every tick; its leader arms fail once (a bus error outside the cell's guard)."""
+
+    def __init__(self, clock: FakeClock) -> None:
+        super().__init__(clock, takes_over=lambda t: True)
+        self.failures = 1
+
+    def action(self) -> np.ndarray:
+        if self.failures:
+            self.failures -= 1
+            raise DriverFault("arm leader_left: servo ID 3 on /dev/ttyUSB2: no status packet")
+        return super().action()
+
+
+class SafeMakingHardware(FaultingHardware):
+    """FaultingHardware with CellHardware's make_safe (what a real cell offers the loop)."""
+
+    def __init__(self, clock: FakeClock) -> None:
+        super().__init__(clock, CellFault("unused", torque_off=False))
+        self.to_raise = None
+        self.made_safe: list[str] = []
+
+    def make_safe(self, exc: DriverFault, doing: str) -> CellFault:
+        self.made_safe.append(doing)
+        self._fault = CellFault(f"{exc} (while {doing}; holding position)", torque_off=False)
+        return self._fault
+
+
+def test_a_leader_arm_fault_is_a_cell_fault_not_a_crash() -> None:
+    """The operator's leader arms fail mid-episode: the cell is made safe, the fault is
+    reported, and the loop carries on once the fault is cleared (it never dies)."""
+    stop = threading.Event()
+    clock = FakeClock(stop, stop_at=1e9)
+    hardware = SafeMakingHardware(clock)
+    faults: list[str] = []
+    loop = _loop_on(hardware, clock, faults)
+    loop.operator = LeaderFaultOperator(clock)
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            loop.run(stop)
+        except BaseException as exc:  # the failure this test is about
+            errors.append(exc)
+
+    runner = threading.Thread(target=run, daemon=True)
+    runner.start()
+    try:
+        wait_for(lambda: hardware.commands >= 5 or errors, 30, "ticks after the leader fault")
+    finally:
+        stop.set()
+        runner.join(10)
+    assert not errors, errors
+    assert hardware.made_safe == ["reading the operator"]
+    assert faults and "leader_left" in faults[0]
     assert hardware.enables == 1
 
 
