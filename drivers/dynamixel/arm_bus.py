@@ -116,6 +116,11 @@ class DynamixelConfigError(DynamixelError):
 
 
 def _reason(result: int) -> str:
+    if result == _STILL_OWED:
+        return (
+            "an earlier request's late reply is still due and would look like this one's "
+            "(servo answering too slowly)"
+        )
     if result == COMM_RX_TIMEOUT:
         return "no status packet (servo missing, unpowered, wrong ID or baud, or too slow)"
     if result == COMM_RX_CORRUPT:
@@ -170,6 +175,8 @@ class _WaitingPortHandler(PortHandler):
         return ok
 
 
+# Not an SDK result: a request not sent because a late reply like its own was still due.
+_STILL_OWED = -1001
 # A status packet's LEN field counts INST, ERROR, the data and the CRC.
 _STATUS_OVERHEAD = 4
 # Reads may be widened backwards by up to this many bytes so that a reply's length tells it
@@ -462,7 +469,9 @@ class DynamixelBus:
                 return got, int(result)
             sid = rx[4]
             length = rx[5] | rx[6] << 8
-            if want.get(sid) == length and sid not in got:
+            refused = length == _STATUS_OVERHEAD and rx[8] & ~pr.ERRBIT_ALERT
+            if sid in want and sid not in got and (want[sid] == length or refused):
+                # A refusal carries no data whatever was asked; no ack of ours is an error.
                 got[sid] = (rx[8], bytes(rx[9 : 9 + length - _STATUS_OVERHEAD]))
             else:
                 self._late(sid, length)
@@ -484,7 +493,7 @@ class DynamixelBus:
             nonlocal sent
             self._drain(port)
             if not self._wait_owed(port, want, deadline):
-                return {}, COMM_RX_TIMEOUT  # nothing sent: nothing more is owed
+                return {}, _STILL_OWED  # nothing sent: nothing more is owed
             port.is_using = False
             result = send(port)
             if result != COMM_SUCCESS:
@@ -612,7 +621,7 @@ class DynamixelBus:
         with self.lock:
             send = self._tx(servo_id, pr.INST_PING)
             got, result = self._exchange(send, want, time.monotonic() + self.retry_budget_s)
-            if result == COMM_RX_TIMEOUT:
+            if result in (COMM_RX_TIMEOUT, _STILL_OWED):
                 return []
             if result != COMM_SUCCESS:
                 raise DynamixelCommError(

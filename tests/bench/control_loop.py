@@ -4,10 +4,10 @@ What runs: ops/cell.example.toml as it ships (50 Hz, two follower and two leader
 640x480 RealSense cameras at 30 fps), opened by the real-cell builder on the wall clock,
 its servo ports answered by ServoPeer chains on ptys and its cameras by the RealSense
 software device fed at 30 fps. The edge actor (run_actor) streams every step to a learner
-gateway in another process (ingest into zarr, policy service over Redis), which publishes
-a new version of a realistic model (the "base" preset, ACT-sized, by default) at the start
-and then every `--swap-every-s`; the cell fetches, verifies and swaps each one in while
-it runs, and infers with it beside the loop.
+gateway in another process (ingest into zarr, policy service over Redis), which has
+published versions of a realistic model (the "base" preset, ACT-sized, by default) and
+makes the next one stable every `--swap-every-s`; the cell fetches, verifies and swaps
+each one in while it runs, and infers with it beside the loop.
 
 Why: ALOHA-class cells run at 50 Hz. A tick that starts late, or not at all, is a jerk on
 the arm and a gap in the data; a policy swap must not cause one.
@@ -63,21 +63,29 @@ def learner_side(args: argparse.Namespace) -> int:
     tasks = tuple(args.tasks.split(","))
     cameras = tuple(args.cameras.split(","))
     data = Path(args.data_dir)
+    torch.set_num_threads(1)  # the learner's machine is elsewhere: take little of this one
+    registry = Registry(args.redis_url)
+    # Every version is published before the cell starts, and a swap only makes the next
+    # one stable: what the cell pays for a swap is then the cell's own work (fetch, verify,
+    # load), not a trainer sharing its CPU, which a real lab runs on another machine.
+    publisher = Publisher(registry, data / "versions", rollout_mode="auto")
+    versions = []
+    for step in range(args.versions):
+        torch.manual_seed(step)
+        model = UnifiedPolicy(policy_config(args.preset, tasks, cameras))
+        versions.append(publisher.publish(model, training_step=step + 1, data_seen=step))
     gateway = Gateway(data / "store", args.redis_url, tasks, port=0)
     port = gateway.start()
-    publisher = Publisher(Registry(args.redis_url), data / "versions")
-    torch.set_num_threads(1)  # the learner's machine is elsewhere: take little of this one
     print(f"READY {port}", flush=True)
-    step = 0
     try:
-        while True:
-            torch.manual_seed(step)
-            model = UnifiedPolicy(policy_config(args.preset, tasks, cameras))
-            manifest = publisher.publish(model, training_step=step + 1, data_seen=step)
-            print(f"PUBLISHED {manifest.version_id}", flush=True)
-            step += 1
+        for manifest in versions:
+            registry.set_stable(manifest.version_id, actor="bench", reason="swap")
+            print(f"STABLE {manifest.version_id}", flush=True)
             if sys.stdin.readline() == "":  # the bench asks for each next version
                 break
+        else:
+            for _ in sys.stdin:  # asked for more than there are: keep the last one
+                print(f"STABLE {versions[-1].version_id}", flush=True)
     finally:
         gateway.stop(grace_s=1.0)
     return 0
@@ -199,6 +207,7 @@ def main() -> int:
     p.add_argument("--data-dir", default="", help=argparse.SUPPRESS)
     p.add_argument("--tasks", default="", help=argparse.SUPPRESS)
     p.add_argument("--cameras", default="", help=argparse.SUPPRESS)
+    p.add_argument("--versions", type=int, default=1, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.learner_side:
         return learner_side(args)
@@ -242,6 +251,8 @@ def run(args: argparse.Namespace) -> int:
             ",".join(c.name for c in config.cameras),
             "--preset",
             args.preset,
+            "--versions",
+            str(int(args.duration // args.swap_every_s) + 1),
         ],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
