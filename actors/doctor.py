@@ -30,7 +30,7 @@ from rich.table import Table
 from actors.cell_config import ArmPort, CameraConfig, CellConfig, CellConfigError
 from drivers.calibration import ArmCalibration, CellCalibration
 from drivers.dynamixel import control_table as ct
-from drivers.dynamixel.arm_bus import DynamixelBus, DynamixelError
+from drivers.dynamixel.bus import DynamixelBus, DynamixelError
 
 OK, WARN, FAIL = "ok", "warn", "FAIL"
 _STYLE = {OK: "green", WARN: "yellow", FAIL: "bold red"}
