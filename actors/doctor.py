@@ -72,6 +72,10 @@ def _ids_text(ids: Sequence[int]) -> str:
     return ", ".join(str(i) for i in ids)
 
 
+def _ids_label(ids: Sequence[int]) -> str:
+    return f"ID {ids[0]}" if len(ids) == 1 else f"IDs {_ids_text(ids)}"
+
+
 def _ids_phrase(ids: Sequence[int]) -> str:
     if len(ids) == 1:
         return f"ID {ids[0]} does not answer"
@@ -82,8 +86,15 @@ def check_arm(label: str, spec: ArmPort, cal: ArmCalibration, opts: DoctorOption
     """Port, IDs, models and firmware, baud and return delay, calibration fit: one arm."""
     part = f"arm {label} ({spec.port})"
     names = dict(zip(cal.ids, (f"{label}_{n}" for n in cal.servo_names), strict=True))
+    # Patient retries: a preflight has time, and a busy computer is not a missing servo.
     bus = DynamixelBus(
-        spec.port, cal.ids, names=names, label=f"arm {label}", baud=spec.baud, retries=1
+        spec.port,
+        cal.ids,
+        names=names,
+        label=f"arm {label}",
+        baud=spec.baud,
+        retries=4,
+        retry_budget_s=1.0,
     )
     rows: list[Check] = []
     try:
@@ -224,7 +235,10 @@ def _check_registers(
                 part,
                 "return delay",
                 WARN,
-                "; ".join(f"ID {s} waits {d} us" for s, d in slow.items())
+                "; ".join(
+                    f"{_ids_label(sorted(s for s in slow if slow[s] == d))} wait {d} us"
+                    for d in sorted(set(slow.values()))
+                )
                 + f". The actor sets {opts.return_delay_us} us at connect; nothing to do "
                 "unless another tool resets it.",
             )
@@ -267,7 +281,7 @@ def _check_calibration(part: str, bus: DynamixelBus, cal: ArmCalibration) -> lis
         if offsets_differ
         else ""
     )
-    return [Check(part, "calibration", OK, f"pose within arm {cal.name!r}'s limits{note}")]
+    return [Check(part, "calibration", OK, f"the pose fits arm {cal.name!r}'s limits{note}")]
 
 
 def check_camera(cam: CameraConfig, devices: Mapping[str, Any]) -> list[Check]:
@@ -394,7 +408,7 @@ def check_learner(cell_id: str, opts: DoctorOptions) -> list[Check]:
         )
     ]
     offset = reply.server_time - (sent + back) / 2
-    text = f"{offset * 1000:+.0f} ms (learner minus cell, +/- {500 * (back - sent):.0f} ms)"
+    text = f"{round(offset * 1000):+d} ms (learner minus cell, +/- {500 * (back - sent):.0f} ms)"
     if abs(offset) > opts.max_clock_offset_s:
         rows.append(
             Check(

@@ -598,7 +598,11 @@ class DynamixelBus:
         want = {servo_id: 3 + _STATUS_OVERHEAD}
         with self.lock:
             send = self._tx(servo_id, pr.INST_PING)
-            got, result = self._exchange(send, want, time.monotonic() + self.retry_budget_s)
+            deadline = time.monotonic() + self.retry_budget_s
+            for _ in range(self.retries + 1):  # a busy host is not a missing servo
+                got, result = self._exchange(send, want, deadline)
+                if result == COMM_SUCCESS or time.monotonic() > deadline:
+                    break
             if result in (COMM_RX_TIMEOUT, _STILL_OWED):
                 return []
             if result != COMM_SUCCESS:
