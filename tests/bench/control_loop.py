@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -336,6 +337,7 @@ def run(args: argparse.Namespace) -> int:
         redis.stop()
         for peer in peers.values():
             peer.close()
+        shutil.rmtree(tmp, ignore_errors=True)
     return report(args, base, clock.samples, summary, cost, config.control_hz)
 
 
