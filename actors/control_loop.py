@@ -50,7 +50,7 @@ from actors.config import ActorConfig
 from actors.inference import Inference, Snapshot, ThreadedInference
 from actors.recorder import EpisodeRecorder
 from drivers.cell import CellFault
-from drivers.interfaces import Clock, Observation, Operator, TaskScene
+from drivers.interfaces import Clock, DriverFault, Observation, Operator, TaskScene
 from fleet.metrics import TICK_LATENESS_BUCKETS
 from fleet.scenes import training_seed
 from protos.fleetlearn.v1 import trajectory_pb2
@@ -153,6 +153,7 @@ class ControlLoop:
             max_step=getattr(gate, "max_step", None)
         )
         self.lookahead = lookahead
+        self.fault_retry_s = FAULT_RETRY_S
         # Shadow evaluation: a second plan, blended like the acting one, never executed.
         self.shadow_inference: Inference = shadow_inference or ThreadedInference(
             config.cell_id, name="shadow-inference", nice=SHADOW_NICE
@@ -234,7 +235,7 @@ class ControlLoop:
         try:
             while not stop.is_set():
                 self._run_episode(stop)
-                if getattr(self.hardware, "fault", ""):
+                if self._cell_fault() is not None:
                     self._wait_out_fault(stop)
         finally:
             self.inference.stop()
@@ -245,10 +246,10 @@ class ControlLoop:
         after a communication fault, retry holding every few seconds and carry on once the
         arms answer again."""
         hw: Any = self.hardware
-        while not stop.is_set() and hw.fault:
-            if stop.wait(FAULT_RETRY_S):
+        while not stop.is_set() and (fault := self._cell_fault()) is not None:
+            if stop.wait(self.fault_retry_s):
                 return
-            if self._torque_off_fault:
+            if fault.torque_off:
                 continue
             try:
                 hw.enable()
@@ -257,9 +258,16 @@ class ControlLoop:
             except CellFault as exc:
                 log.warning("cell %s: still faulted: %s", self.config.cell_id, exc)
 
-    @property
-    def _torque_off_fault(self) -> bool:
-        return "torque off" in str(getattr(self.hardware, "fault", ""))
+    def _make_safe(self, exc: DriverFault) -> CellFault:
+        make_safe = getattr(self.hardware, "make_safe", None)
+        if make_safe is not None:
+            return make_safe(exc, "reading the operator")  # type: ignore[no-any-return]
+        return CellFault(str(exc), torque_off=exc.torque_off)
+
+    def _cell_fault(self) -> CellFault | None:
+        """The fault the cell was made safe from (drivers/cell.CellHardware), if any."""
+        fault = getattr(self.hardware, "current_fault", None)
+        return fault if isinstance(fault, CellFault) else None
 
     # -- episodes ------------------------------------------------------------------------
 
@@ -310,6 +318,7 @@ class ControlLoop:
         # A real cell's operator may judge the episode a failure (drivers/operator_console).
         failed = getattr(self.scene, "failed", None)
         lateness = TICK_LATENESS.labels(cell=self.config.cell_id)
+        pending: tuple[Any, ...] | None = None  # the last tick's step, recorded next tick
         try:
             next_tick = started
             while not stop.is_set():
@@ -327,12 +336,19 @@ class ControlLoop:
                     sent = self.hardware.command(action)
                     self._last_target = np.asarray(sent, np.float32)
                     shadow = self._shadow_act(obs)  # logged beside `sent`, never commanded
-                except CellFault as exc:
-                    # The cell already made itself safe (hold or torque off); the actor
-                    # reports, ends the episode and stays up.
+                except (CellFault, DriverFault) as exc:
+                    # The cell already made itself safe (hold or torque off); a fault of a
+                    # part outside its guard (the leader arms the operator reads) is made
+                    # safe here the same way. The actor reports, ends the episode, stays up.
+                    fault = exc if isinstance(exc, CellFault) else self._make_safe(exc)
                     reason = "fault"
-                    self._fault(f"cell fault: {exc}")
+                    self._fault(f"cell fault: {fault}")
                     break
+                if pending is not None:
+                    # The last tick's step is recorded (its frames JPEG-encoded) now that
+                    # this tick's command is out, so that work never delays a tick's start.
+                    self._record(recorder, *pending)
+                    pending = None
                 self._tick += 1
                 next_tick += self.period
                 self.clock.sleep_until(next_tick)
@@ -342,7 +358,7 @@ class ControlLoop:
                 reward = float(self.scene.reward())
                 steps += 1
                 interventions += int(intervention)
-                self._record(recorder, obs, sent, intervention, reward, version, shadow)
+                pending = (obs, sent, intervention, reward, version, shadow)
                 if success:
                     reason = "success"
                     break
@@ -353,6 +369,8 @@ class ControlLoop:
                     reason = "timeout"
                     break
         finally:
+            if pending is not None:
+                self._record(recorder, *pending)
             success = success and reason == "success"
             if recorder.buffered:
                 ended = self.clock.now()

@@ -160,7 +160,8 @@ def run_actor(
 
     def edge_numbers() -> dict[str, Any]:
         s = loop.stats
-        return {**s, "policy_swaps": len(s["versions_adopted"]), "faults": faults.count}
+        bus = getattr(cell.hardware, "bus_stats", dict)()
+        return {**s, **bus, "policy_swaps": len(s["versions_adopted"]), "faults": faults.count}
 
     def running() -> tuple[str, str, dict[str, str]]:
         s = loop.stats

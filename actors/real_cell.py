@@ -101,6 +101,9 @@ def make_real_cell(
                     c.fps,
                     depth=c.depth,
                     device=(camera_devices or {}).get(c.serial),
+                    # A 50 Hz loop on 30 fps cameras: reuse a frame up to two camera
+                    # periods old rather than wait for the next one every tick.
+                    reuse_s=2.0 / c.fps,
                 )
                 cams.append(cam)
                 opened.append(cam)

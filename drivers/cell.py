@@ -7,6 +7,7 @@ same class fronts real buses and cameras and the simulated ones in drivers/sim.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -65,14 +66,33 @@ class CellHardware:
         self._watchdog: threading.Thread | None = None
         self._watchdog_stop = threading.Event()
         self.watchdog_holds = 0
-        self.fault: str = ""
+        # The fault the cell was made safe from, until enable() succeeds; decisions read its
+        # typed fields (torque_off), never its words.
+        self.current_fault: CellFault | None = None
+
+    @property
+    def fault(self) -> str:
+        """The current fault in words ("" when healthy), for people and logs."""
+        return str(self.current_fault) if self.current_fault is not None else ""
 
     def enable(self) -> None:
         """Torque on for every arm (the arms hold where they are until commanded)."""
         with self._lock, self._safe("enabling torque"):
             for arm in self.arms.values():
                 arm.set_torque(True)
-            self.fault = ""
+            self.current_fault = None
+
+    def bus_stats(self) -> dict[str, int]:
+        """Servo-bus counters summed over the arms that keep them (Dynamixel buses):
+        transactions, failed ones, late replies discarded, reconnects, power cycles."""
+        out: dict[str, int] = {}
+        for arm in self.arms.values():
+            stats = getattr(arm, "stats", None)
+            if stats is None or not dataclasses.is_dataclass(stats):
+                continue
+            for key, value in dataclasses.asdict(stats).items():
+                out[f"bus_{key}"] = out.get(f"bus_{key}", 0) + int(value)
+        return out
 
     def torque_off(self) -> None:
         """Torque off on every arm that still answers; errors are logged, never raised."""
@@ -92,7 +112,7 @@ class CellHardware:
             held_since = None
             while not self._watchdog_stop.wait(period_s / 2):
                 quiet = time.monotonic() - self._last_command
-                if quiet < limit or self.fault or held_since == self._last_command:
+                if quiet < limit or self.current_fault or held_since == self._last_command:
                     continue
                 held_since = self._last_command
                 try:
@@ -114,8 +134,9 @@ class CellHardware:
     def _safe(self, doing: str) -> _FaultGuard:
         return _FaultGuard(self, doing)
 
-    def _make_safe(self, exc: DriverFault, doing: str) -> CellFault:
-        """Torque off after a hardware error, else hold what still answers; say which."""
+    def make_safe(self, exc: DriverFault, doing: str) -> CellFault:
+        """Torque off after a hardware error, else hold what still answers; say which.
+        Also for faults of parts outside this object (a leader arm the operator reads)."""
         if exc.torque_off:
             self.torque_off()
             action = "torque off on every arm"
@@ -127,9 +148,10 @@ class CellHardware:
                 except Exception:
                     log.debug("the %s arm does not answer; it keeps its last goal", side)
             self.gate.reset()
-        self.fault = f"{exc} (while {doing}; {action})"
-        log.error("cell fault: %s", self.fault)
-        return CellFault(self.fault, torque_off=exc.torque_off)
+        fault = CellFault(f"{exc} (while {doing}; {action})", torque_off=exc.torque_off)
+        self.current_fault = fault
+        log.error("cell fault: %s", fault)
+        return fault
 
     def read_joints(self) -> np.ndarray:
         """(14,) float32 present positions, left arm then right, one sync read per arm."""
@@ -175,7 +197,7 @@ class CellHardware:
         self._closed = True
         self.stop_watchdog()
         errors: list[BaseException] = []
-        if not self.fault:
+        if self.current_fault is None:
             try:
                 self.hold()
             except Exception as exc:
@@ -214,4 +236,4 @@ class _FaultGuard:
 
     def __exit__(self, kind: type | None, exc: BaseException | None, tb: object) -> None:
         if isinstance(exc, DriverFault):
-            raise self.cell._make_safe(exc, self.doing) from exc
+            raise self.cell.make_safe(exc, self.doing) from exc

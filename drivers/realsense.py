@@ -128,6 +128,7 @@ class RealSenseCamera:
         align: Literal["auto", "always"] = "auto",
         reset_after_timeouts: int = 3,
         reset_wait_s: float = 10.0,
+        reuse_s: float = 0.0,
     ) -> None:
         if reset_after_timeouts < 1:
             raise ValueError("reset_after_timeouts must be >= 1")
@@ -142,6 +143,15 @@ class RealSenseCamera:
         self.align_mode = align
         self.reset_after_timeouts = int(reset_after_timeouts)
         self.reset_wait_s = float(reset_wait_s)
+        # A control loop faster than the camera (50 Hz on 30 fps) must not wait for the next
+        # frame every tick: while the last frame is younger than this, read() returns it
+        # again instead of blocking (its stamp still says when it was taken). 0: always a
+        # new frame.
+        self.reuse_s = float(reuse_s)
+        self._last: Frame | None = None
+        self._last_at = 0.0
+        #: reads answered with the previous frame (no new one yet, within reuse_s)
+        self.reused = 0
         self._context = context
         self._given_device = device
         self._device: rs.device | None = None
@@ -286,7 +296,12 @@ class RealSenseCamera:
             raise CameraError(f"camera {self.name!r} (RealSense {self.serial}) is closed")
         if self._pipeline is None:  # an earlier reopen failed: try again
             self.reopen()
-        frames = self._wait_complete(timeout_s)
+        frames = self._newest_ready() if self.reuse_s > 0 else None
+        if frames is None:
+            if self._last is not None and time.monotonic() - self._last_at <= self.reuse_s:
+                self.reused += 1
+                return self._last
+            frames = self._wait_complete(timeout_s)
         if frames is None:
             return self._timed_out(timeout_s)
         self._timeouts_in_a_row = 0
@@ -300,12 +315,26 @@ class RealSenseCamera:
             depth_mm = self._to_mm(raw)
         self.last_frame_number = int(color_frame.get_frame_number())
         self.time_domain = color_frame.get_frame_timestamp_domain().name
-        return Frame(
+        frame = Frame(
             camera=self.name,
             color=color,
             stamp=color_frame.get_timestamp() / 1000.0,
             depth=depth_mm,
         )
+        self._last, self._last_at = frame, time.monotonic()
+        return frame
+
+    def _newest_ready(self) -> rs.composite_frame | None:
+        """The newest complete frameset already delivered, without waiting (None if none)."""
+        assert self._pipeline is not None
+        newest = None
+        for _ in range(8):  # the pipeline queue is short; never spin on a flood
+            frames = self._pipeline.poll_for_frames()
+            if not frames:
+                break
+            if frames.get_color_frame() and (not self.depth_enabled or frames.get_depth_frame()):
+                newest = frames
+        return newest
 
     def _to_mm(self, raw: np.ndarray) -> np.ndarray:
         """Depth units to uint16 millimetres (a copy: the SDK reuses its frame memory)."""

@@ -1,18 +1,62 @@
 """The `fleet` command: run a simulated fleet, run each piece for a real lab, inspect state.
 
 `fleet learner` and `fleet actor` hand over to the learner's and the actor's own entry
-points in a fresh interpreter, so this module imports neither (a cell has no Ray).
+points in a fresh interpreter, so this module imports neither (a cell has no Ray). A cell
+installs only `.[edge]`: `fleet --help`, `fleet actor`, `fleet calibrate` and `fleet doctor`
+work there; the central commands say which extra they need instead of a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import sys
 import time
 
 from rich.console import Console
 from rich.live import Live
+
+# What each central command imports that a cell's `.[edge]` install lacks.
+_ROLLOUT = ("versions", "rollout", "promote", "rollback", "pin", "unpin", "events")
+NEEDS_LEARNER: dict[str, tuple[str, ...]] = {
+    "up": ("redis", "ray", "zarr"),
+    "status": ("redis",),
+    "dashboard": ("redis", "fastapi", "uvicorn"),
+    "learner": ("redis", "ray", "zarr"),
+    "export": ("zarr",),
+    "episode": ("zarr",),
+    **dict.fromkeys(_ROLLOUT, ("redis",)),
+}
+
+_HELP_ANYWHERE = frozenset(("status", "dashboard", *_ROLLOUT))  # their --help imports nothing
+
+
+def _missing(modules: tuple[str, ...]) -> list[str]:
+    missing = []
+    for name in modules:
+        try:
+            found = importlib.util.find_spec(name) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            missing.append(name)
+    return missing
+
+
+def _needs_learner(command: str) -> int | None:
+    """Exit code 2 with a message when `command` needs the `.[learner]` extra that this
+    install lacks; None when it can run."""
+    missing = _missing(NEEDS_LEARNER.get(command, ()))
+    if not missing:
+        return None
+    print(
+        f"fleet {command} runs on the central machines and needs the learner extra "
+        f"(missing here: {', '.join(missing)}). Install it with: pip install -e '.[learner]' "
+        "(a cell's `.[edge]` install runs `fleet actor`, `fleet calibrate` and `fleet doctor`).",
+        file=sys.stderr,
+    )
+    return 2
 
 
 def _exec_module(module: str, argv: list[str]) -> int:
@@ -50,14 +94,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    from fleet.up import add_up_arguments
-
     up = sub.add_parser(
         "up",
         help="run a whole simulated fleet on this machine",
         description="Start Redis, the learner on Ray and N simulated cells.",
+        add_help=not _missing(NEEDS_LEARNER["up"]),
     )
-    add_up_arguments(up)
+    if not _missing(NEEDS_LEARNER["up"]):  # else `fleet up` says which extra it needs
+        from fleet.up import add_up_arguments
+
+        add_up_arguments(up)
 
     status = sub.add_parser(
         "status",
@@ -99,6 +145,11 @@ def build_parser() -> argparse.ArgumentParser:
         add_help=False,
     )
     sub.add_parser(
+        "doctor",
+        help="check a real cell before its first run (see `fleet doctor --help`)",
+        add_help=False,
+    )
+    sub.add_parser(
         "export",
         help="write stored episodes as a LeRobot v3 dataset (see `fleet export --help`)",
         add_help=False,
@@ -118,12 +169,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    wants_help = "-h" in argv[1:] or "--help" in argv[1:]
+    if argv and argv[0] in NEEDS_LEARNER and not (wants_help and argv[0] in _HELP_ANYWHERE):
+        code = _needs_learner(argv[0])
+        if code is not None:
+            return code
     if argv and argv[0] == "learner":
         return _exec_module("learner.main", argv[1:])
     if argv and argv[0] == "actor":
         return _exec_module("actors.main", argv[1:])
     if argv and argv[0] == "eval":  # runs sim cells: drivers, actors
         return _exec_module("actors.evaluate", argv[1:])
+    if argv and argv[0] == "doctor":
+        return _exec_module("actors.doctor", argv[1:])
     if argv and argv[0] == "calibrate":
         return _exec_module("actors.calibrate", argv[1:])
     if argv and argv[0] == "export":  # the store is learner-side: zarr, pyarrow, av

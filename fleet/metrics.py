@@ -242,6 +242,21 @@ EDGE_STATS = (
         "steps a shadow ran for but its plan did not cover",
     ),
     Stat("shadow_errors", "fleet_edge_shadow_errors", "counter", "shadow inference failures"),
+    # Servo buses (real Dynamixel arms and the SDK-level sim): drivers/cell.bus_stats.
+    Stat("bus_failed", "fleet_edge_bus_failed", "counter", "servo transactions that failed"),
+    Stat(
+        "bus_late_replies",
+        "fleet_edge_bus_late_replies",
+        "counter",
+        "late servo replies discarded (they answered an earlier request)",
+    ),
+    Stat("bus_reconnects", "fleet_edge_bus_reconnects", "counter", "servo ports reopened"),
+    Stat(
+        "bus_power_cycles",
+        "fleet_edge_bus_power_cycles",
+        "counter",
+        "servo power losses found and restored",
+    ),
 )
 UPLINK_STATS = (
     Stat("steps_acked", "fleet_edge_steps_sent", "counter", "steps acked durable by the learner"),

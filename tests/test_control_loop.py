@@ -17,11 +17,13 @@ from actors.config import ActorConfig
 from actors.control_loop import ControlLoop
 from actors.edge import run_actor
 from actors.inference import InlineInference
+from drivers.cell import CellFault
 from drivers.clock import WallClock
-from drivers.interfaces import Frame, Observation
+from drivers.interfaces import DriverFault, Frame, Observation
 from drivers.sim import SIM_TASKS, make_sim_cell
 from learner.chunks import DecodedChunk, decode_chunk
 from protos.fleetlearn.v1 import trajectory_pb2
+from tests.waiting import wait_for
 
 HZ = 20.0
 PERIOD = 1.0 / HZ
@@ -337,6 +339,152 @@ def test_a_failing_version_falls_back_to_the_last_good_one() -> None:
     # never arrives, so the loop keeps executing v1's plan (no operator tick is needed).
     assert not any(s[3] for s in steps)
     assert [s[1] for s in steps] == [1] * 20
+
+
+class FaultingHardware(FakeHardware):
+    """The first command faults the cell (already made safe, as CellHardware does); enable()
+    clears the fault. Counts how often the loop looked at the fault while waiting it out."""
+
+    def __init__(self, clock: FakeClock, fault: CellFault) -> None:
+        super().__init__(clock)
+        self._fault: CellFault | None = None
+        self.to_raise: CellFault | None = fault
+        self.looks = 0
+        self.enables = 0
+        self.commands = 0
+
+    @property
+    def current_fault(self) -> CellFault | None:
+        self.looks += 1
+        return self._fault
+
+    def command(self, targets: np.ndarray) -> np.ndarray:
+        if self.to_raise is not None:
+            self._fault, self.to_raise = self.to_raise, None
+            raise self._fault
+        self.commands += 1
+        return super().command(targets)
+
+    def enable(self) -> None:
+        self.enables += 1
+        self._fault = None
+
+
+def _loop_on(hardware: FaultingHardware, clock: FakeClock, faults: list[str]) -> ControlLoop:
+    loop = ControlLoop(
+        ActorConfig(cell_id="cell-01", learner_address="127.0.0.1:1", token="tok", control_hz=HZ),
+        hardware,
+        FakeScene(clock, {}),
+        FakeOperator(clock),
+        clock,
+        FakeUplink(),
+        None,
+        on_fault=faults.append,
+        inference=InlineInference(),
+    )
+    loop.fault_retry_s = 0.005
+    return loop
+
+
+@pytest.mark.parametrize(
+    "message",
+    ["servo ID 2: hardware error 0x20 (overload)", "anything at all, reworded"],
+)
+def test_torque_off_fault_stays_idle_until_restarted(message: str) -> None:
+    """A fault that turned torque off (a servo's hardware error) keeps the cell idle, never
+    re-enabled, whatever the fault's words say: a person must look first."""
+    stop = threading.Event()
+    clock = FakeClock(stop, stop_at=1e9)
+    hardware = FaultingHardware(clock, CellFault(message, torque_off=True))
+    faults: list[str] = []
+    loop = _loop_on(hardware, clock, faults)
+    runner = threading.Thread(target=loop.run, args=(stop,), daemon=True)
+    runner.start()
+    try:
+        wait_for(lambda: hardware.looks >= 50, 30, "the loop to wait out the fault")
+    finally:
+        stop.set()
+        runner.join(10)
+    assert not runner.is_alive()
+    assert hardware.enables == 0 and hardware.commands == 0
+    assert faults and message in faults[0]
+
+
+def test_communication_fault_is_retried_and_episodes_resume() -> None:
+    """A fault that only held position (a servo went quiet) is retried, even when its text
+    happens to say "torque off", and the loop carries on once enable() succeeds."""
+    stop = threading.Event()
+    clock = FakeClock(stop, stop_at=1e9)
+    fault = CellFault("servo ID 5 silent; torque off was not needed", torque_off=False)
+    hardware = FaultingHardware(clock, fault)
+    loop = _loop_on(hardware, clock, [])
+    runner = threading.Thread(target=loop.run, args=(stop,), daemon=True)
+    runner.start()
+    try:
+        wait_for(lambda: hardware.commands >= 5, 30, "episodes to resume after the fault")
+    finally:
+        stop.set()
+        runner.join(10)
+    assert not runner.is_alive()
+    assert hardware.enables == 1
+
+
+class LeaderFaultOperator(FakeOperator):
+    """Drives every tick; its leader arms fail once (a bus error outside the cell's guard)."""
+
+    def __init__(self, clock: FakeClock) -> None:
+        super().__init__(clock, takes_over=lambda t: True)
+        self.failures = 1
+
+    def action(self) -> np.ndarray:
+        if self.failures:
+            self.failures -= 1
+            raise DriverFault("arm leader_left: servo ID 3 on /dev/ttyUSB2: no status packet")
+        return super().action()
+
+
+class SafeMakingHardware(FaultingHardware):
+    """FaultingHardware with CellHardware's make_safe (what a real cell offers the loop)."""
+
+    def __init__(self, clock: FakeClock) -> None:
+        super().__init__(clock, CellFault("unused", torque_off=False))
+        self.to_raise = None
+        self.made_safe: list[str] = []
+
+    def make_safe(self, exc: DriverFault, doing: str) -> CellFault:
+        self.made_safe.append(doing)
+        self._fault = CellFault(f"{exc} (while {doing}; holding position)", torque_off=False)
+        return self._fault
+
+
+def test_a_leader_arm_fault_is_a_cell_fault_not_a_crash() -> None:
+    """The operator's leader arms fail mid-episode: the cell is made safe, the fault is
+    reported, and the loop carries on once the fault is cleared (it never dies)."""
+    stop = threading.Event()
+    clock = FakeClock(stop, stop_at=1e9)
+    hardware = SafeMakingHardware(clock)
+    faults: list[str] = []
+    loop = _loop_on(hardware, clock, faults)
+    loop.operator = LeaderFaultOperator(clock)
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            loop.run(stop)
+        except BaseException as exc:  # the failure this test is about
+            errors.append(exc)
+
+    runner = threading.Thread(target=run, daemon=True)
+    runner.start()
+    try:
+        wait_for(lambda: hardware.commands >= 5 or errors, 30, "ticks after the leader fault")
+    finally:
+        stop.set()
+        runner.join(10)
+    assert not errors, errors
+    assert hardware.made_safe == ["reading the operator"]
+    assert faults and "leader_left" in faults[0]
+    assert hardware.enables == 1
 
 
 def test_loop_keeps_its_rate_on_the_wall_clock() -> None:

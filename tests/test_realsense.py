@@ -3,6 +3,7 @@ the driver returns (pixels, millimetres, stamps), per camera, and faults are lou
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 
 import numpy as np
@@ -11,6 +12,7 @@ import pytest
 
 from drivers.realsense import CameraError, CameraTimeout, RealSenseCamera, find_device, sensor_for
 from drivers.sim.rs_software import PushedRealSense, SoftwareRealSense
+from tests.waiting import wait_until
 
 H, W = 240, 320
 
@@ -269,3 +271,33 @@ def test_push_rejects_wrong_shapes():
         sensor.push(color[:, :, 0], depth, 0.0)
     with pytest.raises(ValueError, match="depth"):
         sensor.push(color, depth.astype(np.float32), 0.0)  # type: ignore[arg-type]
+
+
+def test_a_loop_faster_than_the_camera_gets_the_last_frame_without_waiting() -> None:
+    """50 Hz ticks on a 30 fps camera: with reuse_s a read returns at once, the newest frame
+    if one came, else the last one again (until it is older than reuse_s)."""
+    sensor = SoftwareRealSense("SIM-0003", W, H, 30)
+    cam = RealSenseCamera("overhead", "SIM-0003", H, W, device=sensor.device, reuse_s=0.3)
+    try:
+        color1, depth1 = pattern(1)
+        sensor.push(color1, depth1, 1.0)
+        first = cam.read(2.0)
+        np.testing.assert_array_equal(first.color, color1)
+        started = time.monotonic()
+        again = cam.read(2.0)
+        assert again is first and cam.reused == 1
+        assert time.monotonic() - started < 0.1  # no wait for a frame that is not coming
+        color2, depth2 = pattern(2)
+        sensor.push(color2, depth2, 1.05)
+        assert wait_until(lambda: np.array_equal(cam.read(2.0).color, color2), timeout_s=2.0)
+
+        def times_out() -> bool:
+            try:
+                cam.read(0.01)
+            except CameraTimeout:
+                return True
+            return False
+
+        assert wait_until(times_out, timeout_s=3.0)  # too old to reuse: a real timeout
+    finally:
+        cam.close()

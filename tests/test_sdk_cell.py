@@ -68,10 +68,12 @@ def test_missing_servo_is_named_and_the_cell_holds(cell: SdkSimCell) -> None:
             left.register(sid, ct.PRESENT_POSITION),
         )
         assert abs(goal - present) <= 2
+    assert cell.hardware.current_fault is not None and not cell.hardware.current_fault.torque_off
+    assert cell.hardware.bus_stats()["bus_failed"] >= 1  # what the edge exports as metrics
     cell.peers["right"].clear_faults()
     cell.hardware.enable()
     cell.hardware.hold()
-    assert cell.hardware.fault == ""
+    assert cell.hardware.fault == "" and cell.hardware.current_fault is None
     cell.hardware.observe()  # back in service
 
 

@@ -11,12 +11,13 @@ from typing import Any
 
 _EXPORTS = {
     "DynamixelArmBus": "drivers.dynamixel.arm_bus",
-    "DynamixelBus": "drivers.dynamixel.arm_bus",
+    "DynamixelBus": "drivers.dynamixel.bus",
     "DynamixelError": "drivers.dynamixel.arm_bus",
     "DynamixelCommError": "drivers.dynamixel.arm_bus",
     "DynamixelConfigError": "drivers.dynamixel.arm_bus",
     "DynamixelHardwareError": "drivers.dynamixel.arm_bus",
     "DynamixelPortError": "drivers.dynamixel.arm_bus",
+    "DynamixelPowerLossError": "drivers.dynamixel.arm_bus",
     "LeaderArms": "drivers.dynamixel.leader",
 }
 

@@ -1,507 +1,65 @@
 """A Dynamixel X-series arm on one serial bus, through dynamixel_sdk (Protocol 2.0).
 
-Two layers:
-
-- `DynamixelBus`: one port and the servos on it. Every transaction goes through the SDK
-  (PortHandler, PacketHandler, GroupSyncRead, GroupSyncWrite); this layer adds what a
-  robot needs around it: bounded retries, errors that name the servo ID, joint and port,
-  hardware-alert detection, and reconnecting when the port comes back.
-- `DynamixelArmBus`: the ArmBus of drivers/interfaces.py for one 7-servo arm (six joints
-  then the gripper). Per tick it does one sync read of present current+velocity+position
-  (one contiguous 10-byte block, 126..135) and one sync write of goal positions. At connect
-  it applies the arm's calibration (homing offset, position limits, operating mode, return
-  delay) to the servos and keeps the direction signs and limits for converting and
-  clamping: joints in radians, the gripper normalised 0 (closed) .. 1 (open).
-
-Measured on the SDK (4.1): it busy-waits for status packets and gives up after a fixed
-~34 ms (2 x LATENCY_TIMER + 2 ms). The port handler here waits in select() instead of
-spinning (reads return as soon as the bytes the SDK asked for arrived) and sets the FTDI
-latency timer to 1 ms through sysfs when the port is a USB serial adapter that allows it.
+`DynamixelArmBus` is the ArmBus of drivers/interfaces.py for one 7-servo arm (six joints
+then the gripper), on a `DynamixelBus` (drivers/dynamixel/bus.py: the port, retries,
+reconnects, replies matched to requests). Per tick it does one sync read of present
+current+velocity+position (one contiguous 10-byte block, 126..135) and one sync write of
+goal positions. At connect it applies the arm's calibration (homing offset, position
+limits, operating mode, return delay) to the servos and keeps the direction signs and
+limits for converting and clamping: joints in radians, the gripper normalised 0 (closed)
+.. 1 (open). It finds servos that lost power (RAM reset) and restores them.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
-import os
-import termios
-import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any, TypeVar
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
-from dynamixel_sdk import (
-    COMM_RX_CORRUPT,
-    COMM_RX_TIMEOUT,
-    COMM_SUCCESS,
-    GroupSyncRead,
-    GroupSyncWrite,
-    PacketHandler,
-    PortHandler,
-)
 
 from drivers.calibration import ArmCalibration
 from drivers.clock import WallClock
 from drivers.dynamixel import control_table as ct
-from drivers.dynamixel import protocol as pr
-from drivers.interfaces import Clock, DriverFault, JointState
+from drivers.dynamixel.bus import (
+    BusStats,
+    DynamixelBus,
+    DynamixelCommError,
+    DynamixelConfigError,
+    DynamixelError,
+    DynamixelHardwareError,
+    DynamixelPortError,
+    set_low_latency,
+)
+from drivers.interfaces import Clock, JointState
+
+__all__ = [
+    "BusStats",
+    "DynamixelArmBus",
+    "DynamixelBus",
+    "DynamixelCommError",
+    "DynamixelConfigError",
+    "DynamixelError",
+    "DynamixelHardwareError",
+    "DynamixelPortError",
+    "DynamixelPowerLossError",
+    "set_low_latency",
+]
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
-_PORT_ERRORS = (OSError, termios.error)  # serial.SerialException is an OSError
 
+class DynamixelPowerLossError(DynamixelError):
+    """Servos lost power and came back (RAM reset: torque off, goals and currents at their
+    power-on values). The driver has already restored its settings and, if torque was on,
+    turned it back on holding where the arm is now; the arm may have dropped meanwhile, so
+    whoever drives it must start again from the present pose."""
 
-class DynamixelError(DriverFault):
-    """A servo bus failure; `port`, `servo_id` and `joint` say where (when known)."""
-
-    def __init__(
-        self,
-        message: str,
-        *,
-        port: str = "",
-        servo_id: int | None = None,
-        joint: str | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.port = port
-        self.servo_id = servo_id
-        self.joint = joint
-
-
-class DynamixelPortError(DynamixelError):
-    """The serial port cannot be opened or went away (USB unplugged, adapter reset)."""
-
-
-class DynamixelCommError(DynamixelError):
-    """A servo did not answer, or answered garbage, within the retry budget."""
-
-    def __init__(self, message: str, *, result: int, **where: Any) -> None:
+    def __init__(self, message: str, *, servo_ids: Sequence[int], **where: Any) -> None:
         super().__init__(message, **where)
-        self.result = result
-
-
-class DynamixelHardwareError(DynamixelError):
-    """A servo raised its hardware alert (overload, overheating, ...); reboot clears it."""
-
-    torque_off = True
-
-    def __init__(self, message: str, *, status: int, **where: Any) -> None:
-        super().__init__(message, **where)
-        self.status = status
-
-
-class DynamixelConfigError(DynamixelError):
-    """A servo refused an instruction (e.g. EEPROM write with torque on, bad value)."""
-
-    def __init__(self, message: str, *, error: int, **where: Any) -> None:
-        super().__init__(message, **where)
-        self.error = error
-
-
-def _reason(result: int) -> str:
-    if result == COMM_RX_TIMEOUT:
-        return "no status packet (servo missing, unpowered, wrong ID or baud, or too slow)"
-    if result == COMM_RX_CORRUPT:
-        return "corrupt status packet (CRC mismatch or truncated)"
-    return PacketHandler(2.0).getTxRxResult(result) or f"SDK result {result}"
-
-
-def set_low_latency(port: str) -> bool:
-    """Set an FTDI adapter's latency timer to 1 ms (default 16 ms) if the kernel lets us.
-
-    A pty or a non-FTDI port has no such file: nothing to do, not an error.
-    """
-    name = os.path.basename(os.path.realpath(port))
-    path = f"/sys/bus/usb-serial/devices/{name}/latency_timer"
-    try:
-        with open(path) as f:
-            if int(f.read().strip()) <= 1:
-                return True
-        with open(path, "w") as f:
-            f.write("1")
-        return True
-    except FileNotFoundError:
-        return False
-    except (OSError, ValueError) as exc:
-        log.warning(
-            "port %s: cannot set %s to 1 ms (%s); reads may wait up to 16 ms "
-            "(add a udev rule or run: echo 1 | sudo tee %s)",
-            port,
-            path,
-            exc,
-            path,
-        )
-        return False
-
-
-class _WaitingPortHandler(PortHandler):
-    """PortHandler whose reads wait in select() for the bytes asked for, not spin.
-
-    The SDK asks for exactly the bytes still missing from the packet it is parsing, so a
-    read returns the moment they arrive; when nothing comes it returns after `read_wait_s`
-    and the SDK's own packet timeout decides, as before.
-    """
-
-    def __init__(self, port_name: str, read_wait_s: float) -> None:
-        super().__init__(port_name)
-        self._read_wait_s = read_wait_s
-
-    def setupPort(self, cflag_baud: int) -> bool:  # SDK method name
-        ok = bool(super().setupPort(cflag_baud))
-        if ok and self._read_wait_s > 0:
-            self.ser.timeout = self._read_wait_s
-        return ok
-
-
-class _SyncRead(GroupSyncRead):
-    """GroupSyncRead that remembers which servo failed and every status ERROR byte.
-
-    The SDK's rxPacket reads the status packets in order and stops at the first failure
-    without saying whose it was, and drops the ERROR byte (the hardware-alert bit).
-    Same packets, same readRx calls; only the bookkeeping differs.
-    """
-
-    def __init__(self, port: PortHandler, ph: Any, address: int, size: int) -> None:
-        super().__init__(port, ph, address, size)
-        self.failed_id: int | None = None
-        self.errors: dict[int, int] = {}
-
-    def rxPacket(self) -> int:  # SDK method name
-        self.last_result = False
-        self.failed_id = None
-        self.errors = {}
-        result = COMM_SUCCESS
-        for dxl_id in self.data_dict:
-            data, result, error = self.ph.readRx(self.port, dxl_id, self.data_length)
-            self.data_dict[dxl_id] = data
-            self.errors[dxl_id] = error
-            if result != COMM_SUCCESS:
-                self.failed_id = dxl_id
-                return int(result)
-        self.last_result = True
-        return int(result)
-
-
-class DynamixelBus:
-    """One serial port and the servos on it, through dynamixel_sdk.
-
-    Transient failures (no reply, corrupt reply) are retried up to `retries` more times
-    within `retry_budget_s`, then raise DynamixelCommError naming the servo. A vanished
-    port raises DynamixelPortError; the next call reopens it (at most every
-    `reconnect_interval_s`) and runs `on_reconnect` so the owner can re-check its servos.
-    """
-
-    def __init__(
-        self,
-        port: str,
-        servo_ids: Sequence[int],
-        *,
-        names: Mapping[int, str] | None = None,
-        label: str = "",
-        baud: int = 1_000_000,
-        retries: int = 2,
-        retry_budget_s: float = 0.25,
-        reconnect_interval_s: float = 0.25,
-        read_wait_s: float = 0.002,
-    ) -> None:
-        self.port = port
-        self.servo_ids = tuple(int(s) for s in servo_ids)
-        if len(set(self.servo_ids)) != len(self.servo_ids) or not self.servo_ids:
-            raise ValueError(f"servo ids must be unique and non-empty, got {self.servo_ids}")
-        self.names = dict(names or {})
-        self.label = label or f"bus {port}"
-        self.baud = baud
-        self.retries = max(0, int(retries))
-        self.retry_budget_s = retry_budget_s
-        self.reconnect_interval_s = reconnect_interval_s
-        self.read_wait_s = read_wait_s
-        self.on_reconnect: Callable[[], None] | None = None
-        self.lock = threading.RLock()
-        self._ph = PacketHandler(2.0)
-        self._port: PortHandler | None = None
-        self._opened_once = False
-        self._closed = False
-        self._next_attempt = 0.0
-        self._reads: dict[tuple[int, int, tuple[int, ...]], _SyncRead] = {}
-        self._writes: dict[tuple[int, int], GroupSyncWrite] = {}
-
-    # Naming -----------------------------------------------------------------------------
-
-    def where(self, servo_id: int | None) -> dict[str, Any]:
-        return {"port": self.port, "servo_id": servo_id, "joint": self.names.get(servo_id or -1)}
-
-    def describe(self, servo_id: int | None) -> str:
-        if servo_id is None:
-            return f"{self.label} on {self.port}"
-        joint = self.names.get(servo_id)
-        part = f"servo ID {servo_id}" + (f" ({joint})" if joint else "")
-        return f"{self.label}: {part} on {self.port}"
-
-    # Port lifetime ------------------------------------------------------------------------
-
-    @property
-    def connected(self) -> bool:
-        return self._port is not None
-
-    def open(self) -> None:
-        with self.lock:
-            self._closed = False
-            self._next_attempt = 0.0
-            self._ensure_open()
-
-    def close(self) -> None:
-        with self.lock:
-            self._closed = True
-            self._drop_port()
-
-    def _drop_port(self) -> None:
-        port, self._port = self._port, None
-        self._reads.clear()
-        self._writes.clear()
-        if port is not None and port.ser is not None:
-            with contextlib.suppress(*_PORT_ERRORS):
-                port.closePort()
-
-    def _ensure_open(self) -> PortHandler:
-        if self._port is not None:
-            return self._port
-        if self._closed:
-            raise DynamixelPortError(f"{self.describe(None)}: bus is closed", port=self.port)
-        now = time.monotonic()
-        if now < self._next_attempt:
-            raise DynamixelPortError(
-                f"{self.describe(None)}: port is disconnected; next reconnect attempt in "
-                f"{self._next_attempt - now:.2f} s",
-                port=self.port,
-            )
-        handler = _WaitingPortHandler(self.port, self.read_wait_s)
-        try:
-            ok = handler.openPort()
-        except (*_PORT_ERRORS, ValueError) as exc:
-            self._next_attempt = now + self.reconnect_interval_s
-            raise DynamixelPortError(
-                f"{self.describe(None)}: cannot open port: {exc}", port=self.port
-            ) from exc
-        if not ok:
-            raise DynamixelPortError(
-                f"{self.describe(None)}: baud {self.baud} is not supported", port=self.port
-            )
-        if self.baud != handler.getBaudRate() and not handler.setBaudRate(self.baud):
-            handler.closePort()
-            raise DynamixelPortError(
-                f"{self.describe(None)}: baud {self.baud} is not supported", port=self.port
-            )
-        set_low_latency(self.port)
-        self._port = handler
-        if self._opened_once:
-            log.warning("%s: port is back, reconnected", self.describe(None))
-            if self.on_reconnect is not None:
-                try:
-                    self.on_reconnect()
-                except DynamixelError:
-                    log.exception("%s: re-checking servos after reconnect", self.describe(None))
-                    raise
-        self._opened_once = True
-        return handler
-
-    def _lost(self, exc: BaseException) -> DynamixelPortError:
-        log.warning("%s: port lost (%s); will reconnect when it is back", self.describe(None), exc)
-        self._drop_port()
-        self._next_attempt = 0.0
-        return DynamixelPortError(
-            f"{self.describe(None)}: port lost ({exc}); will reconnect when it is back",
-            port=self.port,
-        )
-
-    def _io(self, fn: Callable[[PortHandler], T]) -> T:
-        port = self._ensure_open()
-        try:
-            return fn(port)
-        except _PORT_ERRORS as exc:
-            raise self._lost(exc) from exc
-        finally:
-            port.is_using = False  # the SDK leaves it set when an exception escapes
-
-    # Transactions -------------------------------------------------------------------------
-
-    def _check_status(self, servo_id: int, error: int, what: str, allow_alert: bool) -> None:
-        number = error & ~pr.ERRBIT_ALERT
-        if number:
-            raise DynamixelConfigError(
-                f"{self.describe(servo_id)}: {what} refused: {pr.describe_error(error)}",
-                error=error,
-                **self.where(servo_id),
-            )
-        if error & pr.ERRBIT_ALERT and not allow_alert:
-            raise self.hardware_error(servo_id)
-
-    def hardware_error(self, servo_id: int, others: Sequence[int] = ()) -> DynamixelHardwareError:
-        """The error to raise for a servo whose status packets carry the alert bit."""
-        try:
-            status = self.read(servo_id, ct.HARDWARE_ERROR_STATUS, allow_alert=True)
-            words = f"0x{status:02x} ({ct.describe_hardware_error(status)})"
-        except DynamixelCommError:
-            status, words = -1, "unreadable"
-        also = f"; also alerting: IDs {list(others)}" if others else ""
-        return DynamixelHardwareError(
-            f"{self.describe(servo_id)}: hardware error {words}; the servo disabled its "
-            f"torque, reboot it to clear{also}",
-            status=status,
-            **self.where(servo_id),
-        )
-
-    def _txrx(
-        self,
-        servo_id: int,
-        what: str,
-        op: Callable[[PortHandler], tuple[Any, int, int]],
-        allow_alert: bool = False,
-    ) -> Any:
-        start = time.monotonic()
-        result = COMM_SUCCESS
-        for attempt in range(self.retries + 1):
-            payload, result, error = self._io(op)
-            if result == COMM_SUCCESS:
-                self._check_status(servo_id, error, what, allow_alert)
-                return payload
-            log.debug("%s: %s attempt %d: %s", self.describe(servo_id), what, attempt, result)
-            if time.monotonic() - start > self.retry_budget_s:
-                break
-        raise DynamixelCommError(
-            f"{self.describe(servo_id)}: {what} failed: {_reason(result)} "
-            f"(after {attempt + 1} tries)",
-            result=result,
-            **self.where(servo_id),
-        )
-
-    def ping(self, servo_id: int) -> int:
-        """The servo's model number."""
-        model: int = self._txrx(servo_id, "ping", lambda p: self._ph.ping(p, servo_id), True)
-        return model
-
-    def read(self, servo_id: int, reg: ct.Register, allow_alert: bool = False) -> int:
-        with self.lock:
-            data = self._txrx(
-                servo_id,
-                f"read {reg.name}",
-                lambda p: self._ph.readTxRx(p, servo_id, reg.address, reg.size),
-                allow_alert,
-            )
-        if len(data) < reg.size:
-            raise DynamixelCommError(
-                f"{self.describe(servo_id)}: read {reg.name} returned {len(data)} bytes",
-                result=COMM_RX_CORRUPT,
-                **self.where(servo_id),
-            )
-        return ct.decode_value(bytes(data), reg)
-
-    def write(self, servo_id: int, reg: ct.Register, value: int, allow_alert: bool = False) -> None:
-        """An acknowledged write (for configuration and torque, not per-tick goals)."""
-        data = list(ct.encode_value(value, reg.size))
-
-        def op(p: PortHandler) -> tuple[None, int, int]:
-            result, error = self._ph.writeTxRx(p, servo_id, reg.address, reg.size, data)
-            return None, result, error
-
-        with self.lock:
-            self._txrx(servo_id, f"write {reg.name}={value}", op, allow_alert)
-
-    def sync_read(
-        self,
-        address: int,
-        size: int,
-        ids: Sequence[int] | None = None,
-        *,
-        allow_alert: bool = False,
-    ) -> dict[int, bytes]:
-        """One SYNC_READ of [address, address+size) from every servo: {id: bytes}."""
-        ids = tuple(ids) if ids is not None else self.servo_ids
-        with self.lock:
-            start = time.monotonic()
-            result = COMM_SUCCESS
-            failed: int | None = None
-            for attempt in range(self.retries + 1):
-                port = self._ensure_open()
-                group = self._reads.get((address, size, ids))
-                if group is None:
-                    group = _SyncRead(port, self._ph, address, size)
-                    for sid in ids:
-                        group.addParam(sid)
-                    self._reads[(address, size, ids)] = group
-                result = self._io(lambda _p, g=group: g.txRxPacket())
-                if result == COMM_SUCCESS:
-                    return self._sync_result(group, ids, address, size, allow_alert)
-                failed = group.failed_id
-                log.debug("%s: sync read try %d: %s", self.describe(failed), attempt, result)
-                if time.monotonic() - start > self.retry_budget_s:
-                    break
-            raise DynamixelCommError(
-                f"{self.describe(failed)}: sync read of {len(ids)} servos failed: "
-                f"{_reason(result)} (after {attempt + 1} tries)",
-                result=result,
-                **self.where(failed),
-            )
-
-    def _sync_result(
-        self, group: _SyncRead, ids: tuple[int, ...], address: int, size: int, allow_alert: bool
-    ) -> dict[int, bytes]:
-        what = f"sync read of {address}..{address + size - 1}"
-        for sid in ids:
-            self._check_status(sid, group.errors.get(sid, 0) & ~pr.ERRBIT_ALERT, what, True)
-        alerts = [sid for sid in ids if group.errors.get(sid, 0) & pr.ERRBIT_ALERT]
-        if alerts and not allow_alert:
-            raise self.hardware_error(alerts[0], alerts[1:])
-        out = {sid: bytes(group.data_dict[sid]) for sid in ids}
-        for sid, data in out.items():
-            if len(data) != size:
-                raise DynamixelCommError(
-                    f"{self.describe(sid)}: {what} returned {len(data)} of {size} bytes",
-                    result=COMM_RX_CORRUPT,
-                    **self.where(sid),
-                )
-        return out
-
-    def sync_write(self, address: int, size: int, values: Mapping[int, int]) -> None:
-        """One SYNC_WRITE of a value per servo (no status packets come back)."""
-        with self.lock:
-            port = self._ensure_open()
-            group = self._writes.get((address, size))
-            if group is None:
-                group = GroupSyncWrite(port, self._ph, address, size)
-                self._writes[(address, size)] = group
-            group.clearParam()
-            for sid, value in values.items():
-                group.addParam(sid, list(ct.encode_value(value, size)))
-            result = self._io(lambda _p: group.txPacket())
-            if result != COMM_SUCCESS:
-                raise DynamixelCommError(
-                    f"{self.describe(None)}: sync write of {address}..{address + size - 1} "
-                    f"failed: {_reason(result)}",
-                    result=result,
-                    port=self.port,
-                )
-
-    def reboot(self, servo_id: int, timeout_s: float = 2.0) -> None:
-        """REBOOT one servo and wait until it answers again (RAM back to defaults)."""
-        with self.lock:
-            self._txrx(servo_id, "reboot", lambda p: (None, *self._ph.reboot(p, servo_id)), True)
-            deadline = time.monotonic() + timeout_s
-            while True:
-                time.sleep(0.02)
-                model, result, _ = self._io(lambda p: self._ph.ping(p, servo_id))
-                if result == COMM_SUCCESS:
-                    log.info("%s: rebooted (model %d)", self.describe(servo_id), model)
-                    return
-                if time.monotonic() > deadline:
-                    raise DynamixelCommError(
-                        f"{self.describe(servo_id)}: did not come back within {timeout_s} s "
-                        "after reboot",
-                        result=result,
-                        **self.where(servo_id),
-                    )
+        self.servo_ids = tuple(servo_ids)
 
 
 class DynamixelArmBus:
@@ -527,6 +85,7 @@ class DynamixelArmBus:
         retries: int = 2,
         retry_budget_s: float = 0.25,
         reconnect_interval_s: float = 0.25,
+        ram_check_s: float = 1.0,
         clock: Clock | None = None,
         connect: bool = True,
     ) -> None:
@@ -563,6 +122,8 @@ class DynamixelArmBus:
             reconnect_interval_s=reconnect_interval_s,
         )
         self.bus.on_reconnect = self._on_reconnect
+        self.ram_check_s = ram_check_s
+        self._next_ram_check = 0.0
         self._torque = False
         if connect:
             try:
@@ -614,6 +175,11 @@ class DynamixelArmBus:
     @property
     def torque_enabled(self) -> bool:
         return self._torque
+
+    @property
+    def stats(self) -> BusStats:
+        """Transactions, failures, discarded late replies, reconnects, power cycles."""
+        return self.bus.stats
 
     # Connect / configure ------------------------------------------------------------------
 
@@ -676,13 +242,67 @@ class DynamixelArmBus:
                 bus.write(sid, ct.GOAL_POSITION, goal)
                 bus.write(sid, ct.TORQUE_ENABLE, 1)
         if self.gripper_current_ma is not None:
-            units = round(self.gripper_current_ma / ct.MA_PER_CURRENT_UNIT)
-            bus.write(self.ids[-1], ct.GOAL_CURRENT, units, allow_alert=True)
+            bus.write(self.ids[-1], ct.GOAL_CURRENT, self._gripper_units, allow_alert=True)
+
+    @property
+    def _gripper_units(self) -> int:
+        return round((self.gripper_current_ma or 0.0) / ct.MA_PER_CURRENT_UNIT)
 
     def _on_reconnect(self) -> None:
         for sid in self.ids:
             self.bus.ping(sid)
         self._configure(initial=False)
+
+    def check_power(self) -> None:
+        """Find servos that lost power since the driver set them up (their RAM is reset:
+        torque off while it should be on, the gripper's goal current at its power-on value),
+        restore the driver's state on them and raise DynamixelPowerLossError.
+
+        Runs before a state read whenever a servo went silent or the port came back, and
+        every `ram_check_s` otherwise (a power blip between two transactions)."""
+        bus = self.bus
+        with bus.lock:
+            torque = bus.sync_read(ct.TORQUE_ENABLE.address, 1, allow_alert=True)
+            lost = [sid for sid in self.ids if self._torque and torque[sid][0] == 0]
+            gripper = self.ids[-1]
+            if (
+                self.gripper_current_ma is not None
+                and gripper not in lost
+                and bus.read(gripper, ct.GOAL_CURRENT, allow_alert=True) != self._gripper_units
+            ):
+                lost.append(gripper)
+            bus.silence_seen = False
+            self._next_ram_check = time.monotonic() + self.ram_check_s
+            if not lost:
+                return
+            alarms = self.hardware_errors()
+            if alarms:  # torque went off by the servo's own shutdown, not a power cut
+                sid = min(alarms)
+                raise bus.hardware_error(sid, sorted(set(alarms) - {sid}))
+            log.warning(
+                "arm %s: servos %s lost power and came back (RAM reset); restoring settings%s",
+                self.name,
+                lost,
+                ", then torque holding the present pose" if self._torque else "",
+            )
+            self._configure(initial=False)
+            if self._torque:
+                for sid in lost:
+                    i = self.ids.index(sid)
+                    present = bus.read(sid, ct.PRESENT_POSITION)
+                    goal = int(np.clip(present, self._min_ticks[i], self._max_ticks[i]))
+                    bus.write(sid, ct.GOAL_POSITION, goal)
+                    bus.write(sid, ct.TORQUE_ENABLE, 1)
+            bus.stats.power_cycles += 1
+            names = ", ".join(f"servo ID {sid} ({bus.names[sid]})" for sid in lost)
+            held = ", torque on holding the present pose" if self._torque else ""
+            raise DynamixelPowerLossError(
+                f"arm {self.name} on {self.port}: {names} lost power and came back with RAM "
+                f"reset; settings restored{held}. "
+                "The arm may have dropped: start again from where it is.",
+                servo_ids=lost,
+                **bus.where(lost[0]),
+            )
 
     def apply_calibration(self, calibration: ArmCalibration) -> None:
         """Switch to a new calibration (same servos) and write it to them."""
@@ -697,7 +317,10 @@ class DynamixelArmBus:
     # ArmBus ---------------------------------------------------------------------------
 
     def read_state(self) -> JointState:
-        """One sync read of present current, velocity and position for all 7 servos."""
+        """One sync read of present current, velocity and position for all 7 servos
+        (after check_power, when a servo went silent or a check is due)."""
+        if self.bus.silence_seen or time.monotonic() >= self._next_ram_check:
+            self.check_power()
         blocks = self.bus.sync_read(ct.STATE_BLOCK_ADDRESS, ct.STATE_BLOCK_SIZE)
         stamp = self.clock.now()
         base = ct.STATE_BLOCK_ADDRESS

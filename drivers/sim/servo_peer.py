@@ -27,10 +27,12 @@ Run directly: `python -m drivers.sim.servo_peer '<json config>'`; use `ServoPeer
 from __future__ import annotations
 
 import contextlib
+import heapq
 import json
 import logging
 import math
 import os
+import random
 import select
 import signal
 import subprocess
@@ -68,7 +70,9 @@ class PeerError(RuntimeError):
 class _Faults:
     missing: bool = False  # not on the bus: never answers, ignores writes
     corrupt_crc: bool = False  # answers with a broken CRC
-    slow_s: float = 0.0  # extra delay before each reply
+    slow_s: float = 0.0  # extra delay before each reply (dropped if the host moves on)
+    late_s: tuple[float, float] = (0.0, 0.0)  # replies sent this late (min, max) regardless
+    duplicate: bool = False  # a second servo with the same ID answers too
 
 
 class _Servo:
@@ -170,15 +174,16 @@ class _Chain:
             servo.put(ct.TORQUE_ENABLE, 0)  # the servo's own shutdown
             self._push(servo)
 
-    def reboot(self, servo: _Servo, now: float) -> None:
-        """RAM back to power-on values (EEPROM kept), errors cleared, offline a moment."""
+    def reboot(self, servo: _Servo, now: float, off_s: float | None = None) -> None:
+        """RAM back to power-on values (EEPROM kept), errors cleared, offline a moment
+        (`off_s`, default the reboot time: a power cycle is a longer one)."""
         fresh = ct.default_table(servo.id, servo.get(ct.MODEL_NUMBER))
         servo.table[ct.EEPROM_END :] = fresh[ct.EEPROM_END :]
         servo.velocity = 0.0
         servo.current_ma = 0.0
         self._refresh_registers(servo)
         servo.put(ct.GOAL_POSITION, servo.get(ct.PRESENT_POSITION))
-        servo.offline_until = now + self.reboot_s
+        servo.offline_until = now + (self.reboot_s if off_s is None else off_s)
         self._push(servo)
 
     # Register access ------------------------------------------------------------------
@@ -266,6 +271,8 @@ class _Chain:
         def answer(servo: _Servo, error: int = 0, data: bytes = b"", level: int = 2) -> None:
             if servo.table[ct.STATUS_RETURN_LEVEL.address] >= level:
                 replies.append(self.status(servo, error, data))
+                if servo.faults.duplicate:
+                    replies.append(self.status(servo, error, data))
 
         ins = pkt.instruction
         if ins == pr.INST_PING:
@@ -343,6 +350,8 @@ class _PtyServer:
         self.port = ""
         self._parser = pr.PacketParser()
         self._bus_free = 0.0
+        self._late: list[tuple[float, int, bytes]] = []  # (due, order, packet), a heap
+        self._late_order = 0
         self._wake_r, self._wake_w = os.pipe()
         self._actions: list[tuple[str, threading.Event]] = []
         self._actions_lock = threading.Lock()
@@ -365,6 +374,7 @@ class _PtyServer:
             os.replace(tmp, self.stable_path)
 
     def unplug(self) -> None:
+        self._late.clear()  # what was still on its way dies with the cable
         if self.stable_path:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.stable_path)
@@ -406,8 +416,10 @@ class _PtyServer:
 
     def _run(self) -> None:
         while not self._stop:
+            self._send_due()
             fds = [self._wake_r] + ([self.master] if self.master >= 0 else [])
-            readable, _, _ = select.select(fds, [], [], 1.0)
+            wait = 1.0 if not self._late else max(0.0, self._late[0][0] - time.monotonic())
+            readable, _, _ = select.select(fds, [], [], wait)
             if self._wake_r in readable:
                 self._run_actions()
                 continue
@@ -435,7 +447,27 @@ class _PtyServer:
         readable, _, _ = select.select([self.master], [], [], 0)
         return bool(readable)
 
+    def _send_due(self) -> None:
+        """Write the late status packets whose time has come (whatever the host is doing)."""
+        now = time.monotonic()
+        while self._late and self._late[0][0] <= now:
+            _, _, pkt = heapq.heappop(self._late)
+            if self.master >= 0:
+                self._write(pkt)
+                self._count("status_sent_late")
+
     def _send(self, replies: list[tuple[_Servo, bytes]], instruction_size: int, now: float) -> None:
+        if any(s.faults.late_s[1] for s, _ in replies):
+            # A servo answering late: it and every servo after it in this reply (each waits
+            # for the one before on a sync read) arrive late, even after the next request.
+            delay = 0.0
+            for servo, pkt in replies:
+                lo, hi = servo.faults.late_s
+                delay = max(delay, random.uniform(lo, hi) if hi else 0.0)
+                self._late_order += 1
+                heapq.heappush(self._late, (now + delay, self._late_order, pkt))
+            self._send_due()
+            return
         slow = any(s.faults.slow_s for s, _ in replies)
         if not self.wire_model and not slow:
             if replies:
@@ -505,7 +537,27 @@ class _Control:
             return {"port": self.server.port, "pid": os.getpid()}
         if op in ("unplug", "replug", "sync"):
             self.server.request(op)
+            silent_s = float(args.get("silent_ms") or 0.0) / 1000.0
+            if op == "replug" and silent_s:
+                # Servos that answer only a moment after the port is back (still booting).
+                with chain.lock:
+                    for s in chain.servos.values():
+                        s.offline_until = max(s.offline_until, time.monotonic() + silent_s)
             return {"port": self.server.port}
+        if op == "power_cycle":
+            # Servo power lost and back: silent meanwhile, then RAM at power-on values
+            # (torque off, goal current at its limit), EEPROM kept. The port stays.
+            ids = args.get("ids") or list(chain.servos)
+            off_s = float(args.get("off_ms", 200.0)) / 1000.0
+            self.server.request("sync")
+            with chain.lock:
+                for sid in ids:
+                    servo = self._servo({"id": sid})
+                    chain.advance(servo, now)
+                    chain.reboot(servo, now, off_s=off_s)
+                    servo.put(ct.HARDWARE_ERROR_STATUS, 0)
+                chain.stats["power_cycles"] += 1
+            return None
         if op in ("stats", "read", "write", "move_shaft", "fault"):
             # Everything the host already sent takes effect before the control request.
             self.server.request("sync")
@@ -530,6 +582,12 @@ class _Control:
                     servo.faults.corrupt_crc = bool(args["corrupt_crc"])
                 if args.get("slow_ms") is not None:
                     servo.faults.slow_s = float(args["slow_ms"]) / 1000.0
+                if args.get("duplicate") is not None:
+                    servo.faults.duplicate = bool(args["duplicate"])
+                if args.get("late_ms") is not None:
+                    late = args["late_ms"]
+                    lo, hi = (late, late) if isinstance(late, int | float) else late
+                    servo.faults.late_s = (float(lo) / 1000.0, float(hi) / 1000.0)
                 if args.get("hardware_error") is not None:
                     chain.advance(servo, now)
                     chain.raise_hardware_error(servo, int(args["hardware_error"]))
@@ -797,8 +855,17 @@ class ServoPeer:
         corrupt_crc: bool | None = None,
         slow_ms: float | None = None,
         hardware_error: int | None = None,
+        late_ms: float | tuple[float, float] | None = None,
+        duplicate: bool | None = None,
     ) -> None:
-        """Inject a fault on one servo (None leaves that fault as it is)."""
+        """Inject a fault on one servo (None leaves that fault as it is).
+
+        `slow_ms`: each reply waits this long and is dropped if the host sends a new
+        instruction meanwhile. `late_ms` (a value or a (min, max) range): each reply is
+        sent this late *whatever* the host does meanwhile, so it arrives during a later
+        transaction, as a slow servo's does on a real bus. `duplicate`: a second servo
+        with the same ID answers every instruction too.
+        """
         self._request(
             "fault",
             id=servo_id,
@@ -806,7 +873,14 @@ class ServoPeer:
             corrupt_crc=corrupt_crc,
             slow_ms=slow_ms,
             hardware_error=hardware_error,
+            late_ms=list(late_ms) if isinstance(late_ms, tuple) else late_ms,
+            duplicate=duplicate,
         )
+
+    def power_cycle(self, off_ms: float = 200.0, ids: Sequence[int] | None = None) -> None:
+        """Cut the servos' power for `off_ms` (the USB adapter stays): they go silent, then
+        come back with RAM at power-on values (torque off) and EEPROM kept."""
+        self._request("power_cycle", off_ms=float(off_ms), ids=list(ids) if ids else None)
 
     def clear_faults(self) -> None:
         """Every servo back on the bus, answering promptly (hardware errors need a reboot)."""
@@ -830,9 +904,10 @@ class ServoPeer:
         """Pull the USB cable: the pty closes and the port path disappears."""
         self._request("unplug")
 
-    def replug(self) -> None:
-        """Plug it back in: a new pty (behind the same `stable_path`, if one was given)."""
-        port = self._request("replug")["port"]
+    def replug(self, silent_ms: float = 0.0) -> None:
+        """Plug it back in: a new pty (behind the same `stable_path`, if one was given).
+        `silent_ms`: the servos answer only that long after the port is back."""
+        port = self._request("replug", silent_ms=float(silent_ms))["port"]
         if not self._cfg.get("stable_path"):
             self.port = str(port)
 
