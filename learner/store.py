@@ -268,6 +268,35 @@ class EpisodeStore:
                 reason,
             )
 
+    def quarantine(self, ref: EpisodeRef, reason: str) -> None:
+        """Mark an episode the trainer cannot read, so no sampler uses it again.
+
+        The rows stay as they are (a person may want to look at them); only the group's
+        attributes gain `quarantined`, its reason and time, in one atomic commit.
+        """
+        with self._episode_lock(ref):
+            meta = self._group_meta(ref)
+            if meta is None:
+                raise KeyError(f"no episode {ref.cell_id}/{ref.episode_id} in {self.root}")
+            self._forget(ref)
+            attrs = {
+                **_attributes(meta),
+                "quarantined": True,
+                "quarantine_reason": reason[:1000],
+                "quarantined_at": time.time(),
+            }
+            _put_json(self.root / ref.path / "zarr.json", {**meta, "attributes": attrs})
+        log.error("cell %s episode %s quarantined: %s", ref.cell_id, ref.episode_id, reason)
+
+    def quarantined(self) -> dict[EpisodeRef, str]:
+        """Quarantined episodes and why, read from the store."""
+        out = {}
+        for ref in self._listed():
+            attrs = self._attrs(ref) or {}
+            if attrs.get("quarantined"):
+                out[ref] = str(attrs.get("quarantine_reason", ""))
+        return out
+
     def remove_temp_files(self, ref: EpisodeRef) -> int:
         """Delete the `*.partial` files a killed write left in an episode; how many.
 
