@@ -7,7 +7,7 @@ durable; the policy service answers version watches, weight fetches and heartbea
 from __future__ import annotations
 
 import logging
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from concurrent import futures
 from pathlib import Path
 
@@ -46,6 +46,7 @@ class Gateway:
         require_client_cert: bool = False,
         truncate_after_s: float | None = None,
         reuse_port: bool = False,
+        alive: Callable[[], bool] | None = None,
     ) -> None:
         # Ingest frees megabytes a chunk; refaulting them each time costs more than the
         # store's own work (fleet/heap.py).
@@ -73,6 +74,7 @@ class Gateway:
             tokens=tokens,
             on_chunk=self._on_chunk,
             on_episode_end=self._on_episode_end,
+            alive=alive,
         )
         self.policy = PolicyServicer(self.registry, tokens=tokens)
         self.server = grpc.server(

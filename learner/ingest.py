@@ -62,8 +62,12 @@ class IngestServicer(trajectory_pb2_grpc.TrajectoryServiceServicer):
         on_chunk: Callable[[DecodedChunk], None] | None = None,
         max_steps: int = 1000,
         max_bytes: int = 64 << 20,
+        alive: Callable[[], bool] | None = None,
     ) -> None:
         self.store = store
+        # Asked right before each ack leaves (fleet/lease.py): an orphan of a dead learner
+        # must not tell a cell that a chunk is safe.
+        self.alive = alive
         self.known_tasks = None if known_tasks is None else frozenset(known_tasks)
         self.tokens = tokens
         self.on_episode_end = on_episode_end
@@ -93,6 +97,11 @@ class IngestServicer(trajectory_pb2_grpc.TrajectoryServiceServicer):
             t0 = time.perf_counter()
             ack = self._handle(msg, peer, cert_cn=cert_cn)
             ACK_SECONDS.observe(time.perf_counter() - t0)
+            if self.alive is not None and not self.alive():
+                context.abort(
+                    grpc.StatusCode.UNAVAILABLE,
+                    "the learner process behind this server has died; resend to the new one",
+                )
             yield ack
 
     def _handle(
