@@ -24,6 +24,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from learner.group_commit import fsync_path
+
 log = logging.getLogger(__name__)
 
 LATEST = "latest"
@@ -79,24 +81,15 @@ def save_checkpoint(root: Path, state: dict[str, Any]) -> Path:
     save_file(tensors, str(tmp / _TENSORS))
     (tmp / _STATE).write_text(json.dumps(tree))
     for path in (tmp / _TENSORS, tmp / _STATE, tmp):
-        _fsync(path)
+        fsync_path(path)
     final = root / LATEST
     old = root / f".old-{time.time_ns()}"
     if final.exists():
         final.rename(old)
     tmp.rename(final)
-    _fsync(root)
+    fsync_path(root)
     shutil.rmtree(old, ignore_errors=True)
     return final
-
-
-def _fsync(path: Path) -> None:
-    """Flush a file's data, or a directory's entries, to the disk."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def load_checkpoint(root: Path) -> dict[str, Any] | None:
