@@ -65,7 +65,7 @@ from zarr.storage import LocalStore
 
 from fleet.ids import is_safe_id
 from learner.chunks import ChunkRejected, DecodedChunk
-from learner.group_commit import GroupCommit
+from learner.group_commit import GroupCommit, Touched
 from protos.joint_layout import JOINT_DIM
 
 log = logging.getLogger(__name__)
@@ -310,7 +310,7 @@ class EpisodeStore:
             return
         ep_dir = self.root / ref.path
         paths = {p for p in ep_dir.rglob("*") if not p.name.endswith(".partial")}
-        self.group_commit.sync({ep_dir, *paths})
+        self.group_commit.sync(Touched(files=paths, named=paths | {ep_dir}))
 
     def remove_temp_files(self, ref: EpisodeRef) -> int:
         """Delete the `*.partial` files a killed write left in an episode; how many.
@@ -613,7 +613,7 @@ class _Writer:
         end: int,
         meta: dict[str, Any],
         commit: dict[str, Any],
-        touched: set[Path],
+        touched: Touched,
         group_commit: GroupCommit | None,
     ) -> None:
         """Rows, then the commit; with a group commit, the rows (and every file `touched`
@@ -635,10 +635,11 @@ class _Writer:
             with _quiet_vlen_bytes():
                 sync(_write_all(slow, start, end))
             for array_dir in slow_dirs:  # zarr wrote them: which files, it does not say
-                touched.update(p for p in array_dir.rglob("*") if not p.name.endswith(".partial"))
-                touched.add(array_dir)
+                written = {p for p in array_dir.rglob("*") if not p.name.endswith(".partial")}
+                touched.files |= written
+                touched.named |= written | {array_dir}
 
-        def write_commit() -> set[Path]:
+        def write_commit() -> Touched:
             # The commit point, strictly after every row write finished (and was flushed).
             with _collecting() as done:
                 _put_json(
@@ -650,7 +651,7 @@ class _Writer:
         if group_commit is None:
             write_commit()
         else:
-            group_commit.commit(set(touched), write_commit)
+            group_commit.commit(touched, write_commit)
 
 
 def _put_json(path: Path, doc: dict[str, Any]) -> None:
@@ -860,7 +861,7 @@ class _DirectArray:
             fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
         except FileNotFoundError:
             return False
-        _touch(path)
+        _touch(path, named=False)
         try:
             if os.fstat(fd).st_size != self.rows * row_bytes:
                 return False
@@ -912,7 +913,7 @@ class _DirectArray:
         if atomic:
             _put(path, pieces)
             return
-        _touch(path)
+        _touch(path, named=True)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
         try:
             _write_fd(fd, pieces)
@@ -932,7 +933,7 @@ def _put(path: Path, pieces: list[Any]) -> None:
     """Write `pieces` to `path` atomically: a temporary file in the same directory, renamed
     over the old one, so a reader or a crash sees the old file or the new one, never a torn
     one. Temporary names end in .partial, like zarr's own LocalStore."""
-    _touch(path)
+    _touch(path, named=True)
     tmp = path.with_name(f"{path.name}.{os.getpid()}-{next(_TEMP_IDS)}.partial")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
     try:
@@ -951,21 +952,24 @@ _COLLECTOR = threading.local()
 
 
 @contextlib.contextmanager
-def _collecting() -> Iterator[set[Path]]:
-    """Collect the paths this thread writes (files, and directories it creates) meanwhile:
-    what an append must have fsynced before its ack."""
-    outer = getattr(_COLLECTOR, "paths", None)
-    _COLLECTOR.paths = paths = set()
+def _collecting() -> Iterator[Touched]:
+    """Collect what this thread writes meanwhile (files, new names, new directories): what
+    an append must have flushed before its ack."""
+    outer = getattr(_COLLECTOR, "touched", None)
+    _COLLECTOR.touched = touched = Touched()
     try:
-        yield paths
+        yield touched
     finally:
-        _COLLECTOR.paths = outer
+        _COLLECTOR.touched = outer
 
 
-def _touch(path: Path) -> None:
-    paths = getattr(_COLLECTOR, "paths", None)
-    if paths is not None:
-        paths.add(path)
+def _touch(path: Path, *, named: bool) -> None:
+    """`path` was written; `named`: under a new name (created or renamed into place)."""
+    touched = getattr(_COLLECTOR, "touched", None)
+    if touched is not None:
+        touched.files.add(path)
+        if named:
+            touched.named.add(path)
 
 
 def _mkdirs(path: Path) -> None:
@@ -979,7 +983,7 @@ def _mkdirs(path: Path) -> None:
     for directory in reversed(missing):
         with contextlib.suppress(FileExistsError):
             directory.mkdir()
-        _touch(directory)
+        _touch(directory, named=True)
 
 
 def _write_fd(fd: int, pieces: list[Any]) -> None:

@@ -8,6 +8,7 @@ import errno
 import os
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -19,25 +20,28 @@ from tests.test_store import chunk, make_msg
 
 
 class FsyncLog:
-    """Every fsync this process makes: (real path, time), in order."""
+    """Every fsync and fdatasync this process makes: (real path, time), in order."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch, *, delay_s: float = 0.0) -> None:
         self.calls: list[tuple[str, int]] = []
         self.fail: str | None = None
-        real = os.fsync
         lock = threading.Lock()
 
-        def fsync(fd: int) -> None:
-            path = os.readlink(f"/proc/self/fd/{fd}")
-            if self.fail is not None and self.fail in path:
-                raise OSError(errno.EIO, "simulated disk error", path)
-            if delay_s:
-                time.sleep(delay_s)
-            real(fd)
-            with lock:
-                self.calls.append((path, time.time_ns()))
+        def logged(real: Callable[[int], None]) -> Callable[[int], None]:
+            def flush(fd: int) -> None:
+                path = os.readlink(f"/proc/self/fd/{fd}")
+                if self.fail is not None and self.fail in path:
+                    raise OSError(errno.EIO, "simulated disk error", path)
+                if delay_s:
+                    time.sleep(delay_s)
+                real(fd)
+                with lock:
+                    self.calls.append((path, time.time_ns()))
 
-        monkeypatch.setattr(os, "fsync", fsync)
+            return flush
+
+        monkeypatch.setattr(os, "fsync", logged(os.fsync))
+        monkeypatch.setattr(os, "fdatasync", logged(os.fdatasync))
 
     def last(self, path: Path) -> int | None:
         times = [t for p, t in self.calls if p == str(path.resolve())]
