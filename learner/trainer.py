@@ -99,6 +99,7 @@ class Trainer:
             signing_key=Path(config.signing_key) if config.signing_key else None,
             alive=alive,
         )
+        self._alive = alive
         self.learner_group = build_learner_group(
             self.policy_config,
             lr=config.lr,
@@ -236,6 +237,9 @@ class Trainer:
         """Save weights, optimizer, counters, sampler position and lineage (atomically)."""
         if self._checkpoint_root is None:
             return None
+        if self._alive is not None and not self._alive():
+            # An orphan's checkpoint could name a version the next learner would publish.
+            raise LearnerGone("no checkpoint: the learner process is gone")
         group_state = self.learner_group.get_state()
         learner_state = group_state["learner"]
         state = {
