@@ -202,7 +202,12 @@ class Trainer:
             "data_seen": self.sampler.steps_available,
         }
         self.versions.append(version_id)
-        self.checkpoint()
+        try:
+            self.checkpoint()
+        except BaseException:  # not on disk: this version must not be published
+            self.versions.pop()
+            self._pending = None
+            raise
         self._finish_publish()
         return version_id
 
