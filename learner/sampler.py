@@ -332,7 +332,9 @@ class EpisodeSampler:
             except Exception as exc:  # the first bad episode; a redraw finds any other
                 reason = f"frames do not decode: {type(exc).__name__}: {exc}"
                 raise _Unreadable([ref], reason) from exc
-        raise RuntimeError(f"decoding a batch failed, no episode to blame: {error}")
+        # Every frame decodes here: the decoder itself failed (a decode worker died).
+        log.warning("decoding a batch failed (%s); decoded it in-process instead", error)
+        return decode_jpegs(jpegs)
 
     def _draw(self) -> dict[str, np.ndarray]:
         cfg = self.config

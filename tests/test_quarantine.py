@@ -173,3 +173,19 @@ def test_training_loop_restarts_after_an_unexpected_error(
     console.print(render(registry))
     text = console.export_text()
     assert "trainer error: OSError: store disk went away for a moment" in text
+
+
+def test_a_failing_decoder_quarantines_nothing_and_batches_still_come(tmp_path: Path) -> None:
+    store = EpisodeStore(tmp_path / "store")
+    record_expert_episodes(store, task="pick_cube", episodes=1, seed=2)
+
+    def dead_pool(jpegs: list[bytes]) -> list[np.ndarray]:
+        raise RuntimeError("decode worker died")  # as a Ray actor death surfaces
+
+    sampler = EpisodeSampler(
+        store, CAMERAS, TASKS, SamplerConfig(batch_size=8, min_steps=1), decoder=dead_pool
+    )
+    sampler.refresh(force=True)
+    batch = sampler.sample()
+    assert batch["images"].shape == (8, 2, 96, 128, 3) and batch["images"].any()
+    assert sampler.quarantined == 0 and not store.quarantined()
