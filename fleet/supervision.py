@@ -137,8 +137,11 @@ def _reap(leader: int, fd: int) -> None:
         if ready and not os.read(fd, 4096):
             break
         if not ready:
-            known |= _descendants(leader, _processes())
+            me = os.getpid()  # a child of the leader too: never on the list it kills
+            seen = _descendants(leader, _processes())
+            known |= {(pid, start) for pid, start in seen if pid != me}
     deadline = time.monotonic() + 10.0
+    killed: set[int] = set()
     while time.monotonic() < deadline:
         procs = _processes()
         left = [
@@ -148,7 +151,14 @@ def _reap(leader: int, fd: int) -> None:
         ]
         in_group = [p for p, (_, grp, state, _) in procs.items() if grp == leader and state != "Z"]
         if not left and not in_group:
+            print(
+                f"reaper: learner {leader} exited; {len(killed)} of its processes killed "
+                f"({len(known)} seen)",
+                file=sys.stderr,
+                flush=True,
+            )
             return
+        killed.update(left, in_group)
         for pid in left:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)

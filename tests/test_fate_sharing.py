@@ -178,7 +178,8 @@ def test_killed_learner_acks_and_publishes_nothing_more_and_leaves_no_process(
         f"; last seen: {sorted(last.items(), key=lambda kv: kv[1])[-3:]}"
     )
     assert acks_before > 0
-    assert gone and not left, f"outlived the learner: {left}"
+    tail = (tmp_path / "learner.log").read_text()[-3000:]
+    assert gone and not left, f"outlived the learner: {left}; learner log ends:\n{tail}"
     assert not late_acks, f"acks after the kill at +{late_acks} s"
     assert not late_versions and not late_files, f"published after the kill: {late_versions}"
     assert streamer.error, "the stream should have ended with an error"
