@@ -1,6 +1,7 @@
 """The TrajectoryService servicer: cells stream chunks of steps, the learner acks each once durable.
 
-An ack with durable=True is sent only after the episode store's append returned, so a cell
+An ack with durable=True is sent only after the episode store's append returned (which it
+does once the chunk is fsynced, learner/store.py) and while the learner lives, so a cell
 may drop a chunk from its outbox on that ack and must resend anything else after a failure;
 the store's (cell_id, episode_id, seq) idempotency makes those resends harmless. A bad chunk
 is answered with durable=False, a gRPC status code and a readable message, and the stream
