@@ -1,5 +1,5 @@
 """The learner's lease: alive while the holding process lives, gone the instant it is
-killed, and never held by two learners at once."""
+killed, never held by two learners at once; once gone, nothing is acked or published."""
 
 from __future__ import annotations
 
@@ -8,11 +8,23 @@ import pickle
 import signal
 import subprocess
 import sys
+import time
+from concurrent import futures
 from pathlib import Path
 
+import grpc
 import pytest
 
 from fleet.lease import Lease, LeaseHeld, hold_lease
+from fleet.policy.config import policy_config
+from fleet.policy.model import UnifiedPolicy
+from fleet.registry import Registry
+from learner import ingest
+from learner.ingest import IngestServicer
+from learner.publisher import LearnerGone, Publisher
+from learner.store import EpisodeStore
+from protos.fleetlearn.v1 import trajectory_pb2_grpc
+from tests.test_store import make_msg
 
 HOLDER = """
 import sys, time
@@ -54,3 +66,42 @@ def test_lease_lives_and_dies_with_its_holder(tmp_path: Path) -> None:
         if holder.poll() is None:
             holder.kill()
             holder.wait(10)
+
+
+def test_nothing_is_acked_or_published_once_the_lease_is_gone(
+    tmp_path: Path, redis_server: str
+) -> None:
+
+    alive = [True]
+    # The publisher: refuses before writing a file or touching the registry.
+    registry = Registry(redis_server, prefix=f"lease{time.time_ns()}:")
+    publisher = Publisher(registry, tmp_path / "versions", alive=lambda: alive[0])
+    model = UnifiedPolicy(policy_config("tiny", ("pick",), ("overhead",), chunk_len=10))
+    assert publisher.publish(model, training_step=1, data_seen=1).version_id == "v0001"
+    alive[0] = False
+    with pytest.raises(LearnerGone):
+        publisher.publish(model, training_step=2, data_seen=2)
+    assert [v["version_id"] for v in registry.versions()] == ["v0001"]
+    assert sorted(p.name for p in (tmp_path / "versions").iterdir()) == [
+        "v0001.json",
+        "v0001.safetensors",
+    ]
+    # Ingest: the stream ends UNAVAILABLE instead of acking, with a message to act on.
+    alive[0] = True
+    store = EpisodeStore(tmp_path / "store")
+    server = grpc.server(futures.ThreadPoolExecutor(4))
+    ingest.add_to_server(server, IngestServicer(store, known_tasks=None, alive=lambda: alive[0]))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = trajectory_pb2_grpc.TrajectoryServiceStub(channel)
+            (ack,) = stub.Upload(iter([make_msg(0)]), timeout=30)
+            assert ack.durable
+            alive[0] = False
+            with pytest.raises(grpc.RpcError) as err:
+                list(stub.Upload(iter([make_msg(1)]), timeout=30))
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "learner process behind this server has died" in str(err.value.details())
+    finally:
+        server.stop(0).wait(5)
