@@ -168,7 +168,16 @@ def _reap(leader: int, fd: int) -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 4 and sys.argv[1] == "reap":
-        _reap(int(sys.argv[2]), int(sys.argv[3]))
-    else:
-        raise SystemExit("usage: python -m fleet.supervision reap GROUP FD")
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m fleet.supervision",
+        description="The learner's reaper (started by fleet learner, not by hand): waits for "
+        "EOF on FD, then SIGKILLs process group GROUP and every process it saw descend "
+        "from process GROUP.",
+    )
+    parser.add_argument("command", choices=["reap"])
+    parser.add_argument("group", type=int, help="the learner's pid, leader of its group")
+    parser.add_argument("fd", type=int, help="read end of the learner's pipe")
+    args = parser.parse_args()
+    _reap(args.group, args.fd)
