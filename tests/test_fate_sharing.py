@@ -135,6 +135,8 @@ def test_killed_learner_acks_and_publishes_nothing_more_and_leaves_no_process(
         streamer.start()
         wait_for(streamer.running.is_set, 60, "acks on the upload stream")
         wait_for(lambda: len(registry.versions()) >= 2, 180, "the trainer publishing")
+        flowing = len(streamer.acks)  # kill while acks are coming: three more first
+        wait_for(lambda: len(streamer.acks) >= flowing + 3, 60, "acks still flowing")
         tree = psutil.Process(learner.pid).children(recursive=True)
         names = sorted({_name(p) for p in tree})
         assert any("raylet" in n for n in names) and any("Trainer" in n for n in names), names
