@@ -294,6 +294,18 @@ TRAINER_STATS = (
     Stat("replay_ratio", "fleet_trainer_replay_ratio", "gauge", "sampled steps per stored step"),
     Stat("steps_available", "fleet_trainer_steps_available", "gauge", "steps the sampler sees"),
     Stat("episodes_available", "fleet_trainer_episodes_available", "gauge", "episodes sampled"),
+    Stat(
+        "quarantined_episodes",
+        "fleet_trainer_quarantined_episodes",
+        "gauge",
+        "episodes taken out of training because they cannot be read or decoded",
+    ),
+    Stat(
+        "trainer_restarts",
+        "fleet_trainer_restarts",
+        "counter",
+        "times the training loop was restarted after an unexpected error",
+    ),
 )
 
 

@@ -73,6 +73,8 @@ def render(registry: Registry) -> Group:
         "store steps",
         "store episodes",
         "replay ratio",
+        "quarantined",
+        "trainer restarts",
     ):
         learner.add_column(col)
 
@@ -92,7 +94,16 @@ def render(registry: Registry) -> Group:
         str(store.get("steps", 0)),
         str(store.get("episodes", 0)),
         num("replay_ratio", "{:.1f}"),
+        num("quarantined_episodes"),
+        num("trainer_restarts"),
     )
+    # Why training last restarted, and which episode was last quarantined (if ever).
+    problems = [
+        f"trainer error: {stats['trainer_error']}" if stats.get("trainer_error") else "",
+        f"quarantined: {stats['last_quarantined']}" if stats.get("last_quarantined") else "",
+    ]
+    if any(problems):
+        learner.caption = "\n".join(p for p in problems if p)
     ro = registry.rollout()
     pins = registry.pins()
     rollout = Table(title="rollout", expand=False)

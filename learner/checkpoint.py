@@ -4,8 +4,10 @@ RLlib's LearnerGroup.get_state() is a nested dict of numpy arrays / tensors (wei
 exp_avg, step) and plain scalars (param_groups, ids). We flatten it: every array leaf goes to
 `tensors.safetensors` under its path, the rest of the tree goes to `state.json` with a
 placeholder naming the tensor. Dict keys keep their type (optimizer state is keyed by int),
-so set_state() gets back exactly what get_state() gave. A checkpoint is written to a temp dir
-and renamed into place, so a crash mid-write leaves the previous checkpoint intact.
+so set_state() gets back exactly what get_state() gave. A checkpoint is written to a temp dir,
+fsynced and renamed into place, so a crash mid-write leaves the previous checkpoint intact,
+and once save_checkpoint returns the new one survives a power cut too (the trainer publishes
+a version only after the checkpoint that names it is saved: learner/trainer.py).
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+
+from learner.group_commit import fsync_path
 
 log = logging.getLogger(__name__)
 
@@ -76,11 +80,14 @@ def save_checkpoint(root: Path, state: dict[str, Any]) -> Path:
     tmp.mkdir()
     save_file(tensors, str(tmp / _TENSORS))
     (tmp / _STATE).write_text(json.dumps(tree))
+    for path in (tmp / _TENSORS, tmp / _STATE, tmp):
+        fsync_path(path)
     final = root / LATEST
     old = root / f".old-{time.time_ns()}"
     if final.exists():
         final.rename(old)
     tmp.rename(final)
+    fsync_path(root)
     shutil.rmtree(old, ignore_errors=True)
     return final
 

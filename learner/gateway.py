@@ -9,7 +9,7 @@ cell's open streams against the caps, which also size the server's thread pool.
 from __future__ import annotations
 
 import logging
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from concurrent import futures
 from pathlib import Path
 
@@ -51,6 +51,7 @@ class Gateway:
         require_client_cert: bool = False,
         truncate_after_s: float | None = None,
         reuse_port: bool = False,
+        alive: Callable[[], bool] | None = None,
     ) -> None:
         # Ingest frees megabytes a chunk; refaulting them each time costs more than the
         # store's own work (fleet/heap.py).
@@ -82,6 +83,7 @@ class Gateway:
             admission=self.admission,
             on_chunk=self._on_chunk,
             on_episode_end=self._on_episode_end,
+            alive=alive,
         )
         self.policy = PolicyServicer(self.registry, admission=self.admission)
         self.server = grpc.server(

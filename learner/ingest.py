@@ -1,6 +1,7 @@
 """The TrajectoryService servicer: cells stream chunks of steps, the learner acks each once durable.
 
-An ack with durable=True is sent only after the episode store's append returned, so a cell
+An ack with durable=True is sent only after the episode store's append returned (which it
+does once the chunk is fsynced, learner/store.py) and while the learner lives, so a cell
 may drop a chunk from its outbox on that ack and must resend anything else after a failure;
 the store's (cell_id, episode_id, seq) idempotency makes those resends harmless. A bad chunk
 is answered with durable=False, a gRPC status code and a readable message, and the stream
@@ -65,8 +66,12 @@ class IngestServicer(trajectory_pb2_grpc.TrajectoryServiceServicer):
         max_bytes: int = 64 << 20,
         admission: Admission | None = None,
         full_decode: bool = False,
+        alive: Callable[[], bool] | None = None,
     ) -> None:
         self.store = store
+        # Asked right before each ack leaves (fleet/lease.py): an orphan of a dead learner
+        # must not tell a cell that a chunk is safe.
+        self.alive = alive
         self.known_tasks = None if known_tasks is None else frozenset(known_tasks)
         # Shared with the policy service in the gateway, so caps count a cell's every stream.
         self.admission = admission or Admission(tokens)
@@ -106,6 +111,11 @@ class IngestServicer(trajectory_pb2_grpc.TrajectoryServiceServicer):
                 t0 = time.perf_counter()
                 ack = self._handle(msg, peer, caller)
                 ACK_SECONDS.observe(time.perf_counter() - t0)
+                if self.alive is not None and not self.alive():
+                    context.abort(
+                        grpc.StatusCode.UNAVAILABLE,
+                        "the learner process behind this server has died; resend to the new one",
+                    )
                 yield ack
         except StreamIdle:
             message = (

@@ -18,10 +18,11 @@ from typing import Any
 import ray
 
 from fleet import metrics
+from fleet.lease import LEASE_FILE, Lease, hold_lease
 from fleet.logs import setup_logging
 from fleet.metrics import add_metrics_arguments
 from fleet.registry import Registry
-from fleet.supervision import stop_with_supervisor
+from fleet.supervision import kill_group_when_gone, stop_with_supervisor
 from learner.admission import StreamLimits
 from learner.auth import TokensFile
 from learner.chunks import DecodedChunk
@@ -39,11 +40,12 @@ log = logging.getLogger("learner")
 
 
 class GatewayActor(Gateway):
-    """Gateway as a Ray actor; sets up logging in the worker process first."""
+    """Gateway as a Ray actor; sets up logging in the worker process first. It acks only
+    while the learner holds its lease."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, lease: Lease, **kwargs: Any) -> None:
         setup_logging()
-        super().__init__(*args, **kwargs)
+        super().__init__(*args, alive=lease.alive, **kwargs)
         self.episodes_completed = 0
         metrics.register(
             metrics.StatsCollector(
@@ -61,11 +63,12 @@ class GatewayActor(Gateway):
 
 
 class TrainerActor(Trainer):
-    """Trainer as a Ray actor; sets up logging in the worker process first."""
+    """Trainer as a Ray actor; sets up logging in the worker process first. It publishes
+    only while the learner holds its lease."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, lease: Lease, **kwargs: Any) -> None:
         setup_logging()
-        super().__init__(*args, **kwargs)
+        super().__init__(*args, alive=lease.alive, **kwargs)
         metrics.register(
             metrics.StatsCollector(
                 self.stats,
@@ -251,16 +254,24 @@ def main(argv: list[str] | None = None) -> int:
     store_root, versions_dir = data_dir / "store", data_dir / "versions"
     store_root.mkdir(parents=True, exist_ok=True)
 
+    # Fate-sharing: the lease is what every ack and publish checks (fleet/lease.py); the
+    # group reaper ends the Ray processes this learner starts when it dies, and each Ray
+    # worker dies with its raylet (fleet/supervision.py).
+    lease_path = data_dir / LEASE_FILE
+    hold_lease(lease_path)
     registry = Registry(args.redis_url)
     registry.set_rollout_mode(args.rollout)
     registry.set_learner_stats(state="starting", pid=os.getpid())
+    runtime_env = {"worker_process_setup_hook": "fleet.supervision.die_with_parent"}
     if args.ray_address:
-        ray.init(address=args.ray_address, include_dashboard=False)
+        ray.init(address=args.ray_address, include_dashboard=False, runtime_env=runtime_env)
     else:
+        kill_group_when_gone()
         ray.init(
             num_cpus=max(4, os.cpu_count() or 1),
             include_dashboard=False,
             object_store_memory=256 << 20,
+            runtime_env=runtime_env,
         )
     # After ray.init: Ray installs its own SIGTERM handler, which would kill us without the
     # orderly stop below (final store totals, trainer state).
@@ -289,6 +300,7 @@ def main(argv: list[str] | None = None) -> int:
             require_client_cert=args.mtls,
             truncate_after_s=args.truncate_after_s if index == 0 else None,
             reuse_port=n_servers > 1,
+            lease=Lease(lease_path),
         )
 
     # Several ingest servers bind one address; the first picks the port when --port is 0.
@@ -320,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
         ),
     )
     trainer = ray.remote(num_cpus=1, max_concurrency=2)(TrainerActor).remote(
-        trainer_cfg, store_root, versions_dir, args.redis_url
+        trainer_cfg, store_root, versions_dir, args.redis_url, lease=Lease(lease_path)
     )
     ray.get(trainer.start.remote())
     metrics.register(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from fleet.policy.manifest import Manifest
@@ -20,6 +20,9 @@ class Publisher:
     """Writes safetensors + manifest, records the version in Redis and applies the rollout mode.
 
     In "immediate" mode every cell runs each new version as soon as it is published.
+    `alive` (see fleet/lease.py) is asked before the weights are written and again before
+    the version is registered: once the learner process that owns this publisher is gone,
+    nothing more is published in its name.
     """
 
     def __init__(
@@ -29,8 +32,10 @@ class Publisher:
         *,
         rollout_mode: str = "immediate",
         signing_key: Path | None = None,
+        alive: Callable[[], bool] | None = None,
     ):
         self.registry = registry
+        self._alive = alive
         # Ed25519 key that signs each version (fleet/signing.py); None publishes unsigned.
         self._signing_key = load_private_key(signing_key) if signing_key else None
         self.versions_dir = Path(versions_dir)
@@ -51,11 +56,20 @@ class Publisher:
         training_step: int,
         data_seen: int,
         lineage: Sequence[str] = (),
+        version_id: str | None = None,
     ) -> Manifest:
-        version_id = self.next_version_id(lineage)
+        """Write, sign and register `model` as a new version.
+
+        Its parent is the last version of `lineage`, the versions the model's weights
+        descend from (None: trained from scratch), never whatever the registry holds
+        newest. `version_id` is the id the trainer already recorded in its checkpoint;
+        by default the next free one.
+        """
+        version_id = version_id or self.next_version_id(lineage)
+        self._check_alive(version_id)
         manifest = Manifest(
             version_id=version_id,
-            parent=self.registry.latest_version() or (lineage[-1] if lineage else None),
+            parent=lineage[-1] if lineage else None,
             model_config=model.config.to_dict(),
             training_step=training_step,
             data_seen=data_seen,
@@ -74,6 +88,7 @@ class Publisher:
             self.versions_dir, model, manifest, signer=signer
         )
         manifest = Manifest.from_json(manifest_path.read_text())
+        self._check_alive(version_id)
         self.registry.add_version(manifest.to_json(), str(weights_path), published_at=time.time())
         if self.rollout_mode == "immediate":
             self.registry.set_stable(
@@ -88,3 +103,11 @@ class Publisher:
             manifest.sha256[:12],
         )
         return manifest
+
+    def _check_alive(self, version_id: str) -> None:
+        if self._alive is not None and not self._alive():
+            raise LearnerGone(f"version {version_id} not published: the learner process is gone")
+
+
+class LearnerGone(RuntimeError):
+    """The learner this worker belongs to has died; nothing may leave in its name."""

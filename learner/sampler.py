@@ -4,6 +4,10 @@ Completed episodes become sampleable as soon as ingest marks them complete. Batc
 task-balanced so a task with many cells does not crowd out the others in the one unified
 model. The limiter throttles the trainer only; ingest never waits on it, so a slow learner
 can never stall a cell (unlike Reverb's limiter, which blocks inserts).
+
+An episode that cannot be read or decoded is quarantined (marked in the store, counted,
+never sampled again) and the batch is drawn again without it: one bad episode must never
+stop training (see EpisodeSampler.sample).
 """
 
 from __future__ import annotations
@@ -148,6 +152,8 @@ class EpisodeSampler:
         self._last_refresh = 0.0
         self.limiter = RateLimiter(self.config.max_samples_per_insert, self.config.min_steps)
         self._task_ids = {t: i for i, t in enumerate(self.tasks)}
+        self.quarantined = 0  # episodes the store holds in quarantine, as this sampler saw
+        self.last_quarantined = ""  # "cell/episode: reason" of the newest one
 
     @property
     def steps_available(self) -> int:
@@ -198,7 +204,16 @@ class EpisodeSampler:
                 continue
             # Frames are read when the episode is first sampled: not at all for one the
             # trainer will never sample (a failed autonomous attempt, an unknown task).
-            data = self.store.read_episode(ref, frames=False)
+            try:
+                data = self.store.read_episode(ref, frames=False)
+            except Exception as exc:
+                self._episodes[ref] = _Episode(_empty(ref), "", 0)
+                self._quarantine(ref, f"cannot be read: {type(exc).__name__}: {exc}")
+                continue
+            if data.attrs.get("quarantined"):
+                self._episodes[ref] = _Episode(data, "", 0)
+                self.quarantined += 1
+                continue
             task = str(data.attrs.get("task", ""))
             n = int(data.joint_pos.shape[0])
             if task not in self._task_ids or n == 0:
@@ -264,14 +279,94 @@ class EpisodeSampler:
         return bool(self._by_task) and self.limiter.may_sample(self.config.batch_size)
 
     def sample(self) -> dict[str, np.ndarray]:
-        """One task-balanced batch in the layout UnifiedPolicy.bc_loss expects."""
+        """One task-balanced batch in the layout UnifiedPolicy.bc_loss expects.
+
+        An episode whose frames cannot be read or decoded is quarantined and the batch drawn
+        again without it; any other error is raised (the trainer's supervisor restarts)."""
+        while True:
+            try:
+                return self._draw()
+            except _Unreadable as bad:
+                for ref in bad.refs:
+                    self._quarantine(ref, bad.reason)
+                if not self._by_task:
+                    raise RuntimeError("every episode left to sample from was quarantined") from bad
+
+    def _quarantine(self, ref: EpisodeRef, reason: str) -> None:
+        """Take an episode out of sampling for good, and mark it so in the store."""
+        ep = self._episodes.get(ref)
+        if ep is not None and ref in self._by_task.get(ep.task, []):
+            self._by_task[ep.task].remove(ref)
+            if not self._by_task[ep.task]:
+                del self._by_task[ep.task]
+            self.limiter.inserted -= len(ep.steps)
+            self._episodes[ref] = _Episode(ep.data, ep.task, 0)
+        dropped = self._frames.pop(ref, None)
+        if dropped is not None:
+            self._frame_bytes -= sum(len(f) for column in dropped.values() for f in column)
+        self.quarantined += 1
+        self.last_quarantined = f"{ref.cell_id}/{ref.episode_id}: {reason}"[:500]
+        try:
+            self.store.quarantine(ref, reason)
+        except Exception as exc:  # still out of this sampler; a restart will meet it again
+            log.error("episode %s/%s: quarantine not recorded: %s", *_ids(ref), exc)
+
+    def _frames_of(self, ref: EpisodeRef) -> dict[str, list[bytes]]:
+        try:
+            return self.episode_frames(ref)
+        except Exception as exc:
+            raise _Unreadable([ref], f"frames cannot be read: {type(exc).__name__}: {exc}") from exc
+
+    def _decode_batch(
+        self, jpegs: list[bytes], rows: list[EpisodeRef], shape: tuple[int, int]
+    ) -> list[np.ndarray]:
+        """Decode the batch's frames; blame the episodes whose frames do not decode to
+        `shape` (each is tried on its own) when the batch as a whole fails."""
+        n_cam = len(self.cameras)
+        want = (*shape, 3)
+        try:
+            images = self.decoder(jpegs)
+            if all(img.shape == want for img in images):
+                return images
+            error = "a frame decodes to another size than the episode's cameras"
+        except Exception as exc:
+            error = f"{type(exc).__name__}: {exc}"
+        per_frame = [r for r in rows for _ in range(n_cam)]
+        for ref in dict.fromkeys(rows):
+            frames = [j for j, r in zip(jpegs, per_frame, strict=True) if r == ref]
+            try:
+                for img in decode_jpegs(frames):
+                    if img.shape != want:
+                        raise ValueError(
+                            f"a frame is {img.shape[1]}x{img.shape[0]}, not {want[1]}x{want[0]}"
+                        )
+            except Exception as exc:  # the first bad episode; a redraw finds any other
+                reason = f"frames do not decode: {type(exc).__name__}: {exc}"
+                raise _Unreadable([ref], reason) from exc
+        # Every frame decodes here: the decoder itself failed (a decode worker died).
+        log.warning("decoding a batch failed (%s); decoded it in-process instead", error)
+        return decode_jpegs(jpegs)
+
+    def _draw(self) -> dict[str, np.ndarray]:
         cfg = self.config
         tasks = sorted(self._by_task)
         if not tasks:
             raise RuntimeError("no complete episodes to sample from yet")
         b, k = cfg.batch_size, cfg.chunk_len
         first = self._by_task[tasks[0]][0]
-        h, w = _frame_shape(first, self.episode_frames(first), self.cameras[0])
+        try:
+            # The size the episode's cameras declare (checked against every frame when the
+            # batch is decoded); from its first frame when it declares none.
+            declared = self._episodes[first].data.attrs.get("cameras", {}).get(self.cameras[0])
+            if declared:
+                h, w = int(declared["height"]), int(declared["width"])
+            else:
+                h, w = _frame_shape(first, self._frames_of(first), self.cameras[0])
+        except (KeyError, ValueError, RuntimeError, TypeError) as exc:
+            raise _Unreadable(
+                [first], f"frames do not decode: {type(exc).__name__}: {exc}"
+            ) from exc
+        rows: list[EpisodeRef] = []
         images = np.zeros((b, len(self.cameras), h, w, 3), np.uint8)
         joint_pos = np.zeros((b, 14), np.float32)
         actions = np.zeros((b, k, 14), np.float32)
@@ -287,8 +382,12 @@ class EpisodeSampler:
             ep = self._episodes[ref]
             t = int(ep.steps[int(self._rng.integers(len(ep.steps)))])
             data = ep.data
-            frames = self.episode_frames(ref)
-            jpegs.extend(bytes(frames[cam][t]) for cam in self.cameras)
+            frames = self._frames_of(ref)
+            try:
+                jpegs.extend(bytes(frames[cam][t]) for cam in self.cameras)
+            except (KeyError, IndexError) as exc:
+                raise _Unreadable([ref], f"missing frames: {exc!r}") from exc
+            rows.append(ref)
             joint_pos[i] = data.joint_pos[t]
             end = min(t + k, ep.n_steps)
             actions[i, : end - t] = data.action[t:end]
@@ -302,7 +401,7 @@ class EpisodeSampler:
                 weight[i] *= task_weights[ref]
             task_id[i] = self._task_ids[task]
         n_cam = len(self.cameras)
-        for j, img in enumerate(self.decoder(jpegs)):
+        for j, img in enumerate(self._decode_batch(jpegs, rows, (h, w))):
             images[j // n_cam, j % n_cam] = img
         self.limiter.sampled += b
         return {
@@ -313,6 +412,26 @@ class EpisodeSampler:
             "action_mask": mask,
             "weight": weight,
         }
+
+
+class _Unreadable(Exception):
+    """Episodes whose stored data the sampler cannot turn into training input."""
+
+    def __init__(self, refs: list[EpisodeRef], reason: str) -> None:
+        super().__init__(reason)
+        self.refs = refs
+        self.reason = reason
+
+
+def _empty(ref: EpisodeRef) -> EpisodeData:
+    """Stand-in data for an episode that could not be read at all."""
+    rows = np.zeros((0, 14), np.float32)
+    none = np.zeros(0, np.float32)
+    return EpisodeData(ref, {}, none, rows, rows, none.astype(bool), none)
+
+
+def _ids(ref: EpisodeRef) -> tuple[str, str]:
+    return ref.cell_id, ref.episode_id
 
 
 def _frame_shape(ref: EpisodeRef, frames: dict[str, list[bytes]], camera: str) -> tuple[int, int]:

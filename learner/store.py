@@ -12,9 +12,11 @@ A chunk file whose rows all lie past the commit (a fresh frame chunk) is written
 no reader looks at it yet. So a crash between the data and the commit leaves the old commit
 and intact rows, and the actor's resend rewrites the same rows.
 
-"Durable" means the bytes are in the operating system's files: they survive the learner
-process dying at any point (crash, SIGKILL), not a power cut or kernel crash, because
-nothing is fsynced (zarr's LocalStore does not fsync either).
+"Durable" means on disk: append returns only after the chunk's files and the directory
+entries naming them are fsynced, the rows strictly before the commit record, through a
+group commit that many appends (many streams, many cells) share (learner/group_commit.py).
+A resent chunk acked as a duplicate has its episode flushed again before the ack, since the
+first append may have died between its commit and its flush.
 
 The append hot path writes chunk files itself, encoded exactly as zarr encodes them (the
 `bytes`/`vlen-bytes` codecs, optionally zstd), because zarr's per-array async write
@@ -65,6 +67,7 @@ from zarr.storage import LocalStore
 from fleet.ids import is_safe_id
 from fleet.interventions import count_takeovers
 from learner.chunks import ChunkRejected, DecodedChunk
+from learner.group_commit import GroupCommit, Touched
 from protos.joint_layout import JOINT_DIM
 
 log = logging.getLogger(__name__)
@@ -163,8 +166,11 @@ class _EpisodeLock:
 class EpisodeStore:
     """Append-only episode storage shared by ingest (writer) and the sampler (readers)."""
 
-    def __init__(self, root: Path | str) -> None:
+    def __init__(self, root: Path | str, *, fsync: bool = True) -> None:
         self.root = Path(root)
+        # Appends are fsynced (group commit) before they return; fsync=False only for
+        # measuring what that costs (tests/bench/ingest.py).
+        self.group_commit = GroupCommit() if fsync else None
         self.root.mkdir(parents=True, exist_ok=True)
         self._zstore = LocalStore(self.root)
         self._guard = threading.Lock()
@@ -184,7 +190,7 @@ class EpisodeStore:
         """Store `chunk` once; a resend of a stored seq is a duplicate and writes nothing."""
         ref = EpisodeRef(chunk.cell_id, chunk.episode_id)
         where = f"cell {ref.cell_id} episode {ref.episode_id} seq {chunk.seq}"
-        with self._episode_lock(ref):
+        with self._episode_lock(ref), _collecting() as touched:
             meta = self._group_meta(ref)
             if meta is None:
                 if chunk.seq != 0:
@@ -199,6 +205,7 @@ class EpisodeStore:
             attrs = _attributes(meta)
             next_seq, n_stored = int(attrs["next_seq"]), int(attrs["n_steps"])
             if chunk.seq < next_seq:
+                self._flush_episode(ref)
                 return AppendResult(True, bool(attrs["complete"]), 0)
             if attrs["complete"]:
                 raise ChunkRejected(
@@ -223,7 +230,7 @@ class EpisodeStore:
             try:
                 # Rows, then the commit point: after the one atomic metadata write of the
                 # attributes the rows are visible; a crash before it leaves the old commit.
-                handles.write(chunk, n_stored, end, meta, commit)
+                handles.write(chunk, n_stored, end, meta, commit, touched, self.group_commit)
             except BaseException:
                 self._forget(ref)
                 raise
@@ -276,6 +283,43 @@ class EpisodeStore:
                 group.attrs.get("n_steps"),
                 reason,
             )
+
+    def quarantine(self, ref: EpisodeRef, reason: str) -> None:
+        """Mark an episode the trainer cannot read, so no sampler uses it again.
+
+        The rows stay as they are (a person may want to look at them); only the group's
+        attributes gain `quarantined`, its reason and time, in one atomic commit.
+        """
+        with self._episode_lock(ref):
+            meta = self._group_meta(ref)
+            if meta is None:
+                raise KeyError(f"no episode {ref.cell_id}/{ref.episode_id} in {self.root}")
+            self._forget(ref)
+            attrs = {
+                **_attributes(meta),
+                "quarantined": True,
+                "quarantine_reason": reason[:1000],
+                "quarantined_at": time.time(),
+            }
+            _put_json(self.root / ref.path / "zarr.json", {**meta, "attributes": attrs})
+        log.error("cell %s episode %s quarantined: %s", ref.cell_id, ref.episode_id, reason)
+
+    def quarantined(self) -> dict[EpisodeRef, str]:
+        """Quarantined episodes and why, read from the store."""
+        out = {}
+        for ref in self._listed():
+            attrs = self._attrs(ref) or {}
+            if attrs.get("quarantined"):
+                out[ref] = str(attrs.get("quarantine_reason", ""))
+        return out
+
+    def _flush_episode(self, ref: EpisodeRef) -> None:
+        """fsync every file and directory of one episode (before acking a duplicate)."""
+        if self.group_commit is None:
+            return
+        ep_dir = self.root / ref.path
+        paths = {p for p in ep_dir.rglob("*") if not p.name.endswith(".partial")}
+        self.group_commit.sync(Touched(files=paths, named=paths | {ep_dir}))
 
     def remove_temp_files(self, ref: EpisodeRef) -> int:
         """Delete the `*.partial` files a killed write left in an episode; how many.
@@ -609,8 +653,13 @@ class _Writer:
         end: int,
         meta: dict[str, Any],
         commit: dict[str, Any],
+        touched: Touched,
+        group_commit: GroupCommit | None,
     ) -> None:
+        """Rows, then the commit; with a group commit, the rows (and every file `touched`
+        lists) are fsynced before the commit is written, and the commit after it."""
         slow: list[tuple[zarr.Array, np.ndarray]] = []
+        slow_dirs: list[Path] = []
         for key, arr in self.arrays.items():
             if key.startswith(f"{CAMERAS}/"):
                 values: Any = chunk.cameras[key.removeprefix(f"{CAMERAS}/")].frames
@@ -621,19 +670,34 @@ class _Writer:
                 arr.write(values, start, end)
             else:
                 slow.append((arr, _as_array(values)))
+                slow_dirs.append(self.group_dir / key)
         if slow:
             with _quiet_vlen_bytes():
                 sync(_write_all(slow, start, end))
-        # The commit point, strictly after every row write finished.
-        _put_json(
-            self.group_dir / "zarr.json", {**meta, "attributes": {**_attributes(meta), **commit}}
-        )
+            for array_dir in slow_dirs:  # zarr wrote them: which files, it does not say
+                written = {p for p in array_dir.rglob("*") if not p.name.endswith(".partial")}
+                touched.files |= written
+                touched.named |= written | {array_dir}
+
+        def write_commit() -> Touched:
+            # The commit point, strictly after every row write finished (and was flushed).
+            with _collecting() as done:
+                _put_json(
+                    self.group_dir / "zarr.json",
+                    {**meta, "attributes": {**_attributes(meta), **commit}},
+                )
+            return done
+
+        if group_commit is None:
+            write_commit()
+        else:
+            group_commit.commit(touched, write_commit)
 
 
 def _put_json(path: Path, doc: dict[str, Any]) -> None:
     """Replace a zarr.json (a commit, when it is a group's) in one atomic rename. Not
     indented, unlike zarr's own: json's C encoder only runs without indent (5x faster)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    _mkdirs(path.parent)
     _put(path, [json.dumps(doc).encode()])
 
 
@@ -832,10 +896,12 @@ class _DirectArray:
         the rows before them (committed ones) are never touched, so no reader or crash can
         see them torn. False when the file is not a whole chunk (then it is rewritten)."""
         row_bytes = rows.itemsize * int(np.prod(self.tail, dtype=np.int64))
+        path = self.path / f"c/{index}{self.key_tail}"
         try:
-            fd = os.open(self.path / f"c/{index}{self.key_tail}", os.O_WRONLY | os.O_CLOEXEC)
+            fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
         except FileNotFoundError:
             return False
+        _touch(path, named=False)
         try:
             if os.fstat(fd).st_size != self.rows * row_bytes:
                 return False
@@ -882,11 +948,12 @@ class _DirectArray:
         and a torn one is rewritten whole by the resend), saving a create and a rename."""
         path = self.path / f"c/{index}{self.key_tail}"
         if path.parent not in self._dirs:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            _mkdirs(path.parent)
             self._dirs.add(path.parent)
         if atomic:
             _put(path, pieces)
             return
+        _touch(path, named=True)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
         try:
             _write_fd(fd, pieces)
@@ -906,6 +973,7 @@ def _put(path: Path, pieces: list[Any]) -> None:
     """Write `pieces` to `path` atomically: a temporary file in the same directory, renamed
     over the old one, so a reader or a crash sees the old file or the new one, never a torn
     one. Temporary names end in .partial, like zarr's own LocalStore."""
+    _touch(path, named=True)
     tmp = path.with_name(f"{path.name}.{os.getpid()}-{next(_TEMP_IDS)}.partial")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
     try:
@@ -918,6 +986,44 @@ def _put(path: Path, pieces: list[Any]) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+_COLLECTOR = threading.local()
+
+
+@contextlib.contextmanager
+def _collecting() -> Iterator[Touched]:
+    """Collect what this thread writes meanwhile (files, new names, new directories): what
+    an append must have flushed before its ack."""
+    outer = getattr(_COLLECTOR, "touched", None)
+    _COLLECTOR.touched = touched = Touched()
+    try:
+        yield touched
+    finally:
+        _COLLECTOR.touched = outer
+
+
+def _touch(path: Path, *, named: bool) -> None:
+    """`path` was written; `named`: under a new name (created or renamed into place)."""
+    touched = getattr(_COLLECTOR, "touched", None)
+    if touched is not None:
+        touched.files.add(path)
+        if named:
+            touched.named.add(path)
+
+
+def _mkdirs(path: Path) -> None:
+    """mkdir -p that records each directory it creates (its entry must reach the disk)."""
+    if path.is_dir():
+        return
+    missing = []
+    while not path.exists():
+        missing.append(path)
+        path = path.parent
+    for directory in reversed(missing):
+        with contextlib.suppress(FileExistsError):
+            directory.mkdir()
+        _touch(directory, named=True)
 
 
 def _write_fd(fd: int, pieces: list[Any]) -> None:

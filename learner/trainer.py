@@ -1,7 +1,19 @@
 """The continuous training loop: sample, update through RLlib, publish every N updates.
 
 It runs on its own thread inside a Ray actor so the actor can still answer stats() and
-stop() while training.
+stop() while training. The thread is supervised: an unexpected error is logged, counted and
+shown in the registry (`fleet status`), and the loop starts again after a backoff, so no
+single failure ends training for good. An episode the sampler cannot decode is quarantined
+by the sampler itself and never reaches this loop as an error.
+
+Lineage invariant (why publish and checkpoint are ordered): a version is published only
+after a checkpoint holding exactly its weights, its training step and its id (as the last
+entry of `versions`, marked pending) is on disk. So every published step is at or below
+the checkpoint's step, and a restarted trainer, which continues from the checkpoint, only
+ever publishes steps above it: no step is published twice. A crash between that checkpoint
+and the registration leaves the version pending; the restarted trainer finishes it (same
+id, same step, same weights) before training on. A version's parent is the version before
+it in that checkpointed lineage: the one its weights descend from.
 """
 
 from __future__ import annotations
@@ -9,8 +21,10 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -20,7 +34,7 @@ from fleet.registry import Registry
 from learner.checkpoint import load_checkpoint, save_checkpoint
 from learner.decode_pool import DecodePool
 from learner.learner_group import build_learner_group, get_state_dict, update
-from learner.publisher import Publisher
+from learner.publisher import LearnerGone, Publisher
 from learner.sampler import EpisodeSampler, SamplerConfig, decode_jpegs
 from learner.store import EpisodeStore
 
@@ -46,6 +60,9 @@ class TrainerConfig:
     checkpoint_every_s: float = 300.0
     decode_workers: int = 0  # 0 = decode JPEGs in-process (see learner/decode_pool.py)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    # Backoff before the training loop restarts after an unexpected error (doubles up to max).
+    restart_backoff_s: float = 1.0
+    restart_backoff_max_s: float = 30.0
 
 
 class Trainer:
@@ -59,6 +76,7 @@ class Trainer:
         registry_url: str,
         *,
         registry_prefix: str = "fleet:",
+        alive: Callable[[], bool] | None = None,
     ) -> None:
         torch.set_num_threads(config.torch_threads)
         self.config = config
@@ -79,7 +97,9 @@ class Trainer:
             versions_dir,
             rollout_mode=config.rollout_mode,
             signing_key=Path(config.signing_key) if config.signing_key else None,
+            alive=alive,
         )
+        self._alive = alive
         self.learner_group = build_learner_group(
             self.policy_config,
             lr=config.lr,
@@ -89,6 +109,10 @@ class Trainer:
         self.updates = 0
         self.last_loss = float("nan")
         self.versions: list[str] = []
+        # The version named in the last checkpoint but maybe not registered yet (see above).
+        self._pending: dict[str, Any] | None = None
+        self.restarts = 0
+        self.last_error = ""
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._started = time.monotonic()
@@ -121,39 +145,89 @@ class Trainer:
             "replay_ratio": self.sampler.limiter.ratio(),
             "steps_available": self.sampler.steps_available,
             "episodes_available": self.sampler.episodes_available,
+            "quarantined_episodes": self.sampler.quarantined,
+            "last_quarantined": self.sampler.last_quarantined,
+            "trainer_restarts": self.restarts,
+            "trainer_error": self.last_error,
         }
 
     def _run(self) -> None:
-        try:
-            while not self._stop.is_set():
-                if not self.sampler.ready():
-                    self._publish_stats()
-                    self._stop.wait(0.2)
-                    continue
-                batch = self.sampler.sample()
-                metrics = update(self.learner_group, batch)
-                self.updates += 1
-                self.last_loss = float(metrics.get("loss", float("nan")))
-                if self.updates % self.config.publish_every_updates == 0:
-                    self.publish()
-                self._maybe_checkpoint()
+        """Supervise the loop: restart it after an unexpected error, with backoff."""
+        backoff = self.config.restart_backoff_s
+        while not self._stop.is_set():
+            try:
+                self._loop()
+                return
+            except LearnerGone as exc:
+                log.error("trainer stops at update %d: %s", self.updates, exc)
+                return
+            except Exception as exc:
+                self.restarts += 1
+                self.last_error = f"{type(exc).__name__}: {exc}"[:500]
+                log.exception(
+                    "trainer loop failed at update %d (restart %d in %.1f s)",
+                    self.updates,
+                    self.restarts,
+                    backoff,
+                )
+                self._safe_stats(trainer_state="restarting")
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, self.config.restart_backoff_max_s)
+
+    def _loop(self) -> None:
+        if self._pending is not None:
+            self._finish_publish()
+        while not self._stop.is_set():
+            if not self.sampler.ready():
                 self._publish_stats()
-        except Exception:
-            log.exception("trainer loop failed after %d updates", self.updates)
-            self.registry.set_learner_stats(state="failed")
-            raise
+                self._stop.wait(0.2)
+                continue
+            batch = self.sampler.sample()
+            metrics = update(self.learner_group, batch)
+            self.updates += 1
+            self.last_loss = float(metrics.get("loss", float("nan")))
+            if self.updates % self.config.publish_every_updates == 0:
+                self.publish()
+            else:
+                self._maybe_checkpoint()
+            self._publish_stats()
 
     def publish(self) -> str:
-        model = UnifiedPolicy(self.policy_config)
-        model.load_state_dict(get_state_dict(self.learner_group))
-        manifest = self.publisher.publish(
-            model,
-            training_step=self.updates,
-            data_seen=self.sampler.steps_available,
-            lineage=self.versions,
-        )
-        self.versions.append(manifest.version_id)
-        return manifest.version_id
+        """Checkpoint this version's weights under its id first, then publish it."""
+        version_id = self.publisher.next_version_id(self.versions)
+        self._pending = {
+            "version": version_id,
+            "parent": self.versions[-1] if self.versions else None,
+            "step": self.updates,
+            "data_seen": self.sampler.steps_available,
+        }
+        self.versions.append(version_id)
+        try:
+            self.checkpoint()
+        except BaseException:  # not on disk: this version must not be published
+            self.versions.pop()
+            self._pending = None
+            raise
+        self._finish_publish()
+        return version_id
+
+    def _finish_publish(self) -> None:
+        """Register the pending version (idempotent: done already if the registry has it)."""
+        pending = self._pending
+        assert pending is not None
+        version_id = str(pending["version"])
+        if self.registry.version(version_id) is None:
+            model = UnifiedPolicy(self.policy_config)
+            model.load_state_dict(get_state_dict(self.learner_group))
+            parent = pending["parent"]
+            self.publisher.publish(
+                model,
+                training_step=int(pending["step"]),
+                data_seen=int(pending["data_seen"]),
+                lineage=[str(parent)] if parent else [],
+                version_id=version_id,
+            )
+        self._pending = None
 
     def _maybe_checkpoint(self) -> None:
         cfg = self.config
@@ -168,6 +242,9 @@ class Trainer:
         """Save weights, optimizer, counters, sampler position and lineage (atomically)."""
         if self._checkpoint_root is None:
             return None
+        if self._alive is not None and not self._alive():
+            # An orphan's checkpoint could name a version the next learner would publish.
+            raise LearnerGone("no checkpoint: the learner process is gone")
         group_state = self.learner_group.get_state()
         learner_state = group_state["learner"]
         state = {
@@ -177,6 +254,7 @@ class Trainer:
                 "updates": self.updates,
                 "last_loss": self.last_loss,
                 "versions": list(self.versions),
+                "pending_version": self._pending,
                 "saved_at": time.time(),
             },
             "sampler": self.sampler.position(),
@@ -203,6 +281,7 @@ class Trainer:
         self.updates = int(trainer["updates"])
         self.last_loss = float(trainer["last_loss"])
         self.versions = [str(v) for v in trainer["versions"]]
+        self._pending = trainer.get("pending_version")
         self.sampler.restore_position(state["sampler"])
         log.info(
             "resumed from %s at update %d, latest version %s",
@@ -217,4 +296,12 @@ class Trainer:
         if now - self._last_stats < 1.0:
             return
         self._last_stats = now
-        self.registry.set_learner_stats(**self.stats())
+        self.registry.set_learner_stats(trainer_state="training", **self.stats())
+
+    def _safe_stats(self, **extra: float | int | str) -> None:
+        """Stats to the registry from the error path: a Redis outage must not end the
+        supervisor too."""
+        try:
+            self.registry.set_learner_stats(**extra, **self.stats())
+        except Exception as exc:  # the registry is what failed, perhaps
+            log.warning("trainer stats not recorded in the registry: %s", exc)

@@ -135,6 +135,8 @@ async function refreshLearning() {
     card("updates/s", fmt(s.updates_per_s, 2)), card("replay ratio", fmt(s.replay_ratio, 2)),
     card("latest version", s.latest_version || "-"), card("store steps", d.store.steps),
     card("store episodes", d.store.episodes),
+    card("quarantined episodes", s.quarantined_episodes ?? 0),
+    card("trainer restarts", s.trainer_restarts ?? 0),
   ].join("");
   Plotly.react("chart-loss", [series("loss")], layout("loss", "loss"));
   Plotly.react("chart-ups", [series("updates_per_s")], layout("updates per second", "updates/s"));

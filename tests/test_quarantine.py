@@ -1,0 +1,191 @@
+"""Nothing stops training: an episode the trainer cannot decode is quarantined (marked in the
+store, counted, shown in metrics and `fleet status`) and training goes on; an unexpected
+error in the training loop restarts it, and the error shows in `fleet status`."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import simplejpeg
+from prometheus_client import CollectorRegistry
+from rich.console import Console
+
+from fleet import metrics
+from fleet.registry import Registry
+from fleet.status_view import render
+from learner.chunks import CameraColumn, DecodedChunk
+from learner.sampler import EpisodeSampler, SamplerConfig
+from learner.store import EpisodeRef, EpisodeStore
+from learner.trainer import Trainer, TrainerConfig
+from tests.expert_episodes import CAMERAS, record_expert_episodes
+from tests.waiting import wait_for
+
+pytestmark = pytest.mark.timeout(300)
+
+TASKS = ("pick_cube", "touch_target")
+# Starts like a JPEG (SOI + APP0 marker) but is no image at all.
+NOT_A_JPEG = b"\xff\xd8\xff\xe0\x00\x10JFIF\x00" + bytes(range(256)) * 4
+
+
+def _write_episode(
+    store: EpisodeStore, episode_id: str, frames: list[bytes], *, side: tuple[int, int]
+) -> EpisodeRef:
+    """A complete operator episode of `len(frames)` steps with the given frames."""
+    n = len(frames)
+    q = np.zeros((n, 14), np.float32)
+    h, w = side
+    store.append(
+        DecodedChunk(
+            cell_id="cell-bad",
+            episode_id=episode_id,
+            seq=0,
+            first_step=0,
+            task="pick_cube",
+            policy_version="",
+            timestamp=np.arange(n, dtype=np.float64) * 0.05,
+            joint_pos=q,
+            action=q.copy(),
+            intervention=np.ones(n, bool),
+            reward=np.zeros(n, np.float32),
+            cameras={cam: CameraColumn(cam, "jpeg", h, w, 3, list(frames)) for cam in CAMERAS},
+            last=True,
+            outcome={"success": True, "reason": "success", "started_at": 0.0, "ended_at": 1.0},
+        )
+    )
+    return EpisodeRef("cell-bad", episode_id)
+
+
+def _trainer(tmp_path: Path, redis_server: str, prefix: str, **extra: float) -> Trainer:
+    cfg = TrainerConfig(
+        tasks=TASKS,
+        cameras=CAMERAS,
+        publish_every_updates=10_000,
+        sampler=SamplerConfig(batch_size=8, min_steps=1, refresh_interval_s=0.1),
+        **extra,  # type: ignore[arg-type]
+    )
+    return Trainer(
+        cfg, tmp_path / "store", tmp_path / "versions", redis_server, registry_prefix=prefix
+    )
+
+
+def test_undecodable_episode_is_quarantined_and_training_goes_on(
+    tmp_path: Path, redis_server: str, ray_local: None
+) -> None:
+    store = EpisodeStore(tmp_path / "store")
+    record_expert_episodes(store, task="touch_target", episodes=1, seed=3)
+    record_expert_episodes(store, task="pick_cube", episodes=1, seed=4)
+    bad = _write_episode(store, "ep-poison", [NOT_A_JPEG] * 30, side=(96, 128))
+    prefix = f"q{time.time_ns()}:"
+    registry = Registry(redis_server, prefix=prefix)
+    trainer = _trainer(tmp_path, redis_server, prefix)
+    trainer.start()
+    try:
+        # pick_cube has two episodes, so batches keep drawing the poisoned one until it goes.
+        wait_for(lambda: trainer.sampler.quarantined >= 1, 120, "the poisoned episode quarantined")
+        at_quarantine = trainer.updates
+        wait_for(lambda: trainer.updates >= at_quarantine + 20, 120, "20 more updates")
+        assert trainer._thread is not None and trainer._thread.is_alive()
+        assert trainer.restarts == 0, trainer.last_error
+        assert trainer.sampler.quarantined == 1
+        wait_for(
+            lambda: registry.learner_stats().get("quarantined_episodes") == 1,
+            30,
+            "the quarantine count in the registry",
+        )
+        scrape_registry = CollectorRegistry()
+        metrics.register(
+            metrics.StatsCollector(trainer.stats, metrics.TRAINER_STATS), scrape_registry
+        )
+        assert "fleet_trainer_quarantined_episodes 1.0" in metrics.fleet_text(scrape_registry)
+    finally:
+        trainer.stop()
+    # Marked in the store itself, with a reason a person can act on.
+    assert set(EpisodeStore(tmp_path / "store").quarantined()) == {bad}
+    assert "do not decode" in EpisodeStore(tmp_path / "store").quarantined()[bad]
+    console = Console(width=250, record=True)
+    console.print(render(registry))
+    assert "cell-bad/ep-poison" in console.export_text()
+    # A fresh sampler (a restarted learner) never indexes it again, and still counts it.
+    fresh = EpisodeSampler(EpisodeStore(tmp_path / "store"), CAMERAS, TASKS, SamplerConfig())
+    fresh.refresh(force=True)
+    assert fresh.quarantined == 1
+    assert fresh.episodes_available == 3 and bad not in fresh._by_task.get("pick_cube", [])
+
+
+def test_frames_of_the_wrong_size_or_missing_are_quarantined_not_sampled(tmp_path: Path) -> None:
+    store = EpisodeStore(tmp_path / "store")
+    record_expert_episodes(store, task="pick_cube", episodes=1, seed=1)
+    small = simplejpeg.encode_jpeg(np.zeros((16, 16, 3), np.uint8), colorspace="RGB")
+    wrong_size = _write_episode(store, "ep-small", [small] * 20, side=(96, 128))
+    cut = _write_episode(store, "ep-cut", [NOT_A_JPEG[:40]] * 20, side=(96, 128))
+    sampler = EpisodeSampler(
+        store, CAMERAS, TASKS, SamplerConfig(batch_size=16, min_steps=1), seed=7
+    )
+    sampler.refresh(force=True)
+    for _ in range(40):
+        batch = sampler.sample()
+        assert batch["images"].shape == (16, 2, 96, 128, 3)
+    assert sampler.quarantined == 2
+    reasons = store.quarantined()
+    assert set(reasons) == {wrong_size, cut}
+    assert "a frame is 16x16, not 128x96" in reasons[wrong_size]
+    # Every batch drawn after the quarantine holds only the good episode's rows.
+    good = store.read_episode(EpisodeRef("cell-t", "ep-1-0000"))
+    for _ in range(5):
+        batch = sampler.sample()
+        for q in batch["joint_pos"]:
+            assert (np.abs(good.joint_pos - q).sum(axis=1) == 0).any()
+
+
+def test_training_loop_restarts_after_an_unexpected_error(
+    tmp_path: Path, redis_server: str, ray_local: None
+) -> None:
+    store = EpisodeStore(tmp_path / "store")
+    record_expert_episodes(store, task="touch_target", episodes=1, seed=5)
+    prefix = f"r{time.time_ns()}:"
+    registry = Registry(redis_server, prefix=prefix)
+    trainer = _trainer(tmp_path, redis_server, prefix, restart_backoff_s=0.05)
+    real_sample = trainer.sampler.sample
+    failures = iter([True, False, True])  # fails twice among its first calls
+
+    def flaky_sample() -> dict[str, np.ndarray]:
+        if next(failures, False):
+            raise OSError("store disk went away for a moment")
+        return real_sample()
+
+    trainer.sampler.sample = flaky_sample  # type: ignore[method-assign]
+    trainer.start()
+    try:
+        wait_for(lambda: trainer.updates >= 10, 120, "10 updates after two loop failures")
+        assert trainer.restarts == 2
+        assert "OSError: store disk went away" in trainer.last_error
+        wait_for(
+            lambda: registry.learner_stats().get("trainer_restarts") == 2,
+            30,
+            "the restart count in the registry",
+        )
+    finally:
+        trainer.stop()
+    console = Console(width=250, record=True)
+    console.print(render(registry))
+    text = console.export_text()
+    assert "trainer error: OSError: store disk went away for a moment" in text
+
+
+def test_a_failing_decoder_quarantines_nothing_and_batches_still_come(tmp_path: Path) -> None:
+    store = EpisodeStore(tmp_path / "store")
+    record_expert_episodes(store, task="pick_cube", episodes=1, seed=2)
+
+    def dead_pool(jpegs: list[bytes]) -> list[np.ndarray]:
+        raise RuntimeError("decode worker died")  # as a Ray actor death surfaces
+
+    sampler = EpisodeSampler(
+        store, CAMERAS, TASKS, SamplerConfig(batch_size=8, min_steps=1), decoder=dead_pool
+    )
+    sampler.refresh(force=True)
+    batch = sampler.sample()
+    assert batch["images"].shape == (8, 2, 96, 128, 3) and batch["images"].any()
+    assert sampler.quarantined == 0 and not store.quarantined()
