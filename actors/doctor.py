@@ -365,6 +365,7 @@ def check_learner(cell_id: str, opts: DoctorOptions) -> list[Check]:
         ]
     import grpc
 
+    from fleet.cell_auth import call_credentials
     from fleet.tls import channel_credentials
     from protos.fleetlearn.v1 import policy_pb2, policy_pb2_grpc
 
@@ -372,12 +373,16 @@ def check_learner(cell_id: str, opts: DoctorOptions) -> list[Check]:
     try:
         if opts.tls_dir is not None:
             creds = channel_credentials(opts.tls_dir, cell_id)
+            if opts.token:  # as `fleet actor` sends it: call credentials, only over TLS
+                creds = grpc.composite_channel_credentials(
+                    creds, call_credentials(cell_id, opts.token)
+                )
             channel = grpc.secure_channel(opts.learner, creds)
         else:
             channel = grpc.insecure_channel(opts.learner)
     except (OSError, ValueError) as exc:
         return [Check(part, "TLS files", FAIL, f"{exc}. Copy the lab CA and {cell_id}.pem/.key")]
-    beat = policy_pb2.Heartbeat(cell_id=cell_id, token=opts.token, task="doctor")
+    beat = policy_pb2.Heartbeat(cell_id=cell_id, task="doctor")
     stub = policy_pb2_grpc.PolicyServiceStub(channel)
     try:
         sent = time.time()

@@ -372,7 +372,7 @@ class FaultingHardware(FakeHardware):
 
 def _loop_on(hardware: FaultingHardware, clock: FakeClock, faults: list[str]) -> ControlLoop:
     loop = ControlLoop(
-        ActorConfig(cell_id="cell-01", learner_address="127.0.0.1:1", token="tok", control_hz=HZ),
+        ActorConfig(cell_id="cell-01", learner_address="127.0.0.1:1", control_hz=HZ),
         hardware,
         FakeScene(clock, {}),
         FakeOperator(clock),

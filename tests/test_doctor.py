@@ -195,7 +195,7 @@ def test_broken_cell_names_each_fault_and_what_to_do(tmp_path, arms, cameras, le
     assert front.status == FAIL and "SIM-FRONT" in front.detail
     assert _row(rows, "spool", "disk free").status == FAIL
     reach = _row(rows, "learner", "reachable")
-    assert reach.status == FAIL and "PERMISSION_DENIED" in reach.detail and "token" in reach.detail
+    assert reach.status == FAIL and "UNAUTHENTICATED" in reach.detail and "token" in reach.detail
     assert "FAILED" in table
 
 
