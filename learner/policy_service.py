@@ -7,10 +7,14 @@ Cells never talk to Redis; this servicer is their window onto the registry:
   with and, while the rollout is in stage "shadow" on that cell, the candidate to run in
   shadow beside it (`Assignment.shadow`: the shadow version's own full assignment, so the
   cell verifies and fetches it exactly like the acting one). One background thread polls
-  Redis for all watching cells (two round trips: assignments, shadow assignments) and wakes
+  Redis for all watching cells (three round trips: assignments, shadow assignments,
+  prefetches) and wakes
   the streams through a Condition, so a fleet of N cells costs one poll per interval, not N.
   A stream ends when the client cancels; when the servicer stops it ends with UNAVAILABLE,
   so the cell reconnects.
+  An assignment also lists the versions the cell may soon run (`Assignment.prefetch`, from
+  `Registry.prefetch_assignments`: the candidate for cells on stable, stable for cells on
+  the candidate), which the cell fetches ahead so that a promotion or rollback is a swap.
 - FetchWeights: the version's safetensors file from an offset, in chunks. Each version's
   bytes are read from disk (and checked against the manifest's sha256) once and kept in
   memory for the next cells; the newest few versions stay cached.
@@ -46,8 +50,9 @@ log = logging.getLogger(__name__)
 MAX_CHUNK_BYTES = 3 << 20
 _UNSET = object()
 T = TypeVar("T")
-# (version to act with, version to run in shadow), None where there is none.
-_Pair = tuple[str | None, str | None]
+# (version to act with, version to run in shadow, versions to prefetch), None where there is
+# none.
+_Pair = tuple[str | None, str | None, tuple[str, ...]]
 
 
 class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
@@ -120,7 +125,7 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
                         self._cond.wait(timeout=1.0)
                     if self._stopped or not context.is_active():
                         break
-                    pair = self._assigned.get(cell_id, (None, None))
+                    pair = self._assigned.get(cell_id, (None, None, ()))
                 yield self._with_shadow(pair, context)
                 sent = pair
         finally:
@@ -263,25 +268,39 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
             self._stop_event.wait(self.poll_interval_s)
 
     def _lookup(self, cells: list[str]) -> dict[str, _Pair]:
-        """(acting version, shadow version) per cell from the registry."""
+        """(acting version, shadow version, versions to prefetch) per cell from the
+        registry."""
         acting = self.registry.assignments(cells)
         shadow = self.registry.shadow_assignments(cells)
-        return {c: (acting.get(c), shadow.get(c)) for c in cells}
+        prefetch = self.registry.prefetch_assignments(cells)
+        return {c: (acting.get(c), shadow.get(c), tuple(prefetch.get(c, ()))) for c in cells}
 
     def _with_shadow(self, pair: _Pair, context: grpc.ServicerContext) -> policy_pb2.Assignment:
-        """The acting version's Assignment, plus the shadow version's when there is one. The
-        cached per-version messages are never mutated: a shadowed assignment is a copy."""
-        version_id, shadow_id = pair
+        """The acting version's Assignment, plus the shadow version's and the versions to
+        prefetch when there are any. The cached per-version messages are never mutated: an
+        assignment with more is a copy."""
+        version_id, shadow_id, prefetch_ids = pair
         base = self._assignment(version_id, context)
-        if not shadow_id:
-            return base
-        shadow = self._assignment(shadow_id, context)
-        if not shadow.version_id:  # unknown to the registry: logged in _assignment
+        shadow = self._assignment(shadow_id, context) if shadow_id else None
+        if shadow is not None and not shadow.version_id:  # unknown: logged in _assignment
+            shadow = None
+        ahead = [
+            message
+            for message in (
+                self._assignment(v, context)
+                for v in prefetch_ids
+                if v and v not in (version_id, shadow_id)
+            )
+            if message.version_id
+        ]
+        if shadow is None and not ahead:
             return base
         message = policy_pb2.Assignment()
         message.CopyFrom(base)
-        message.shadow_version_id = shadow_id
-        message.shadow.CopyFrom(shadow)
+        if shadow is not None:
+            message.shadow_version_id = shadow.version_id
+            message.shadow.CopyFrom(shadow)
+        message.prefetch.extend(ahead)
         return message
 
     def _assignment(

@@ -1,6 +1,7 @@
+from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Mapping as _Mapping
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
@@ -16,7 +17,7 @@ class WatchRequest(_message.Message):
     def __init__(self, cell_id: _Optional[str] = ..., current_version: _Optional[str] = ..., token: _Optional[str] = ...) -> None: ...
 
 class Assignment(_message.Message):
-    __slots__ = ("version_id", "manifest_json", "size_bytes", "sha256", "signature", "published_at", "shadow_version_id", "shadow")
+    __slots__ = ("version_id", "manifest_json", "size_bytes", "sha256", "signature", "published_at", "shadow_version_id", "shadow", "prefetch")
     VERSION_ID_FIELD_NUMBER: _ClassVar[int]
     MANIFEST_JSON_FIELD_NUMBER: _ClassVar[int]
     SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -25,6 +26,7 @@ class Assignment(_message.Message):
     PUBLISHED_AT_FIELD_NUMBER: _ClassVar[int]
     SHADOW_VERSION_ID_FIELD_NUMBER: _ClassVar[int]
     SHADOW_FIELD_NUMBER: _ClassVar[int]
+    PREFETCH_FIELD_NUMBER: _ClassVar[int]
     version_id: str
     manifest_json: str
     size_bytes: int
@@ -33,7 +35,8 @@ class Assignment(_message.Message):
     published_at: float
     shadow_version_id: str
     shadow: Assignment
-    def __init__(self, version_id: _Optional[str] = ..., manifest_json: _Optional[str] = ..., size_bytes: _Optional[int] = ..., sha256: _Optional[str] = ..., signature: _Optional[str] = ..., published_at: _Optional[float] = ..., shadow_version_id: _Optional[str] = ..., shadow: _Optional[_Union[Assignment, _Mapping]] = ...) -> None: ...
+    prefetch: _containers.RepeatedCompositeFieldContainer[Assignment]
+    def __init__(self, version_id: _Optional[str] = ..., manifest_json: _Optional[str] = ..., size_bytes: _Optional[int] = ..., sha256: _Optional[str] = ..., signature: _Optional[str] = ..., published_at: _Optional[float] = ..., shadow_version_id: _Optional[str] = ..., shadow: _Optional[_Union[Assignment, _Mapping]] = ..., prefetch: _Optional[_Iterable[_Union[Assignment, _Mapping]]] = ...) -> None: ...
 
 class FetchRequest(_message.Message):
     __slots__ = ("cell_id", "version_id", "offset", "chunk_bytes", "token")
