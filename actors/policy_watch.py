@@ -507,8 +507,9 @@ class PolicyWatcher:
         most. The buffer is what the model is built on (it aliases it).
 
         A prefetch (`prefetch_gen`: the learner's list it serves) is paced to
-        prefetch_bytes_per_s from its first byte until the cap is lifted (the version got
-        assigned), and gives up (_Superseded) once the learner no longer wants it."""
+        prefetch_bytes_per_s, by the learner (FetchRequest.max_bytes_per_s) and checked here,
+        until the cap is lifted (the version got assigned: the call is resumed unpaced), and
+        gives up (_Superseded) once the learner no longer wants it."""
         version = assignment.version_id
         rate = self.prefetch_bytes_per_s if prefetch_gen is not None else 0.0
         paced_from = time.monotonic()
@@ -527,8 +528,10 @@ class PolicyWatcher:
                 offset=received,
                 chunk_bytes=self.fetch_chunk_bytes,
                 token=self.token,
+                max_bytes_per_s=round(rate),  # the learner paces it: no burst on the link
             )
             before = received
+            lifted = False
             self.fetches += 1
             # The deadline bounds each call, not the file: a call that runs out of time just
             # resumes from where it got to. A paced call gets the time its bytes take too.
@@ -565,9 +568,14 @@ class PolicyWatcher:
                     self.bytes_fetched += len(chunk)
                     if prefetch_gen is not None:
                         self.prefetch_bytes += len(chunk)
-                        rate = self._pace(version, prefetch_gen, rate, paced_from, received)
+                        paced = self._pace(version, prefetch_gen, rate, paced_from, received)
+                        if rate > 0 and paced == 0:  # assigned now: resume at full speed
+                            rate, lifted = 0.0, True
+                            break
                 if total is not None and received == total:
                     return buffer, hasher.hexdigest()
+                if lifted:
+                    continue
                 problem = f"stream ended at byte {received} of {total}"
             except grpc.RpcError as exc:
                 if self._stopping.is_set():

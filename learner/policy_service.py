@@ -15,7 +15,8 @@ Cells never talk to Redis; this servicer is their window onto the registry:
   An assignment also lists the versions the cell may soon run (`Assignment.prefetch`, from
   `Registry.prefetch_assignments`: the candidate for cells on stable, stable for cells on
   the candidate), which the cell fetches ahead so that a promotion or rollback is a swap.
-- FetchWeights: the version's safetensors file from an offset, in chunks. Each version's
+- FetchWeights: the version's safetensors file from an offset, in chunks (paced to the
+  request's max_bytes_per_s when a cell prefetches under its bandwidth cap). Each version's
   bytes are read from disk (and checked against the manifest's sha256) once and kept in
   memory for the next cells; the newest few versions stay cached.
 - ReportHeartbeat: the cell's state into the registry, stamped with the learner's clock.
@@ -157,14 +158,22 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
         if offset == total:  # nothing left: say so, with the size, in one empty chunk
             yield policy_pb2.WeightsChunk(offset=total, data=b"", total_bytes=total)
             return
+        rate = float(request.max_bytes_per_s)  # a prefetch's cap; 0 = unpaced
+        paced_from: float | None = None  # when the first chunk left
+        paced_bytes = 0
         prebuilt = (
             self._chunk_messages(version_id, data)
             if step == self.chunk_bytes and offset % step == 0
             else None
         )
         for start in range(offset, total, step):
+            if rate > 0 and paced_from is None:
+                paced_from = time.monotonic()
+            elif rate > 0 and not self._pace(context, paced_from + paced_bytes / rate):
+                return
             if not context.is_active():
                 return
+            paced_bytes += min(step, total - start)
             if prebuilt is not None:
                 message = prebuilt[start // step]
             else:
@@ -174,6 +183,14 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
             with self._cache_lock:
                 self.bytes_sent[version_id] += min(step, total - start)
             yield message
+
+    def _pace(self, context: grpc.ServicerContext, until: float) -> bool:
+        """Waits until the monotonic time `until` (a paced fetch's next chunk is due); False
+        when the call ended or the servicer stops meanwhile."""
+        while (wait := until - time.monotonic()) > 0:
+            if self._stop_event.wait(min(wait, 0.1)) or not context.is_active():
+                return False
+        return True
 
     def ReportHeartbeat(
         self, request: policy_pb2.Heartbeat, context: grpc.ServicerContext

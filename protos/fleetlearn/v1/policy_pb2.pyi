@@ -39,18 +39,20 @@ class Assignment(_message.Message):
     def __init__(self, version_id: _Optional[str] = ..., manifest_json: _Optional[str] = ..., size_bytes: _Optional[int] = ..., sha256: _Optional[str] = ..., signature: _Optional[str] = ..., published_at: _Optional[float] = ..., shadow_version_id: _Optional[str] = ..., shadow: _Optional[_Union[Assignment, _Mapping]] = ..., prefetch: _Optional[_Iterable[_Union[Assignment, _Mapping]]] = ...) -> None: ...
 
 class FetchRequest(_message.Message):
-    __slots__ = ("cell_id", "version_id", "offset", "chunk_bytes", "token")
+    __slots__ = ("cell_id", "version_id", "offset", "chunk_bytes", "token", "max_bytes_per_s")
     CELL_ID_FIELD_NUMBER: _ClassVar[int]
     VERSION_ID_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
     CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
     TOKEN_FIELD_NUMBER: _ClassVar[int]
+    MAX_BYTES_PER_S_FIELD_NUMBER: _ClassVar[int]
     cell_id: str
     version_id: str
     offset: int
     chunk_bytes: int
     token: str
-    def __init__(self, cell_id: _Optional[str] = ..., version_id: _Optional[str] = ..., offset: _Optional[int] = ..., chunk_bytes: _Optional[int] = ..., token: _Optional[str] = ...) -> None: ...
+    max_bytes_per_s: int
+    def __init__(self, cell_id: _Optional[str] = ..., version_id: _Optional[str] = ..., offset: _Optional[int] = ..., chunk_bytes: _Optional[int] = ..., token: _Optional[str] = ..., max_bytes_per_s: _Optional[int] = ...) -> None: ...
 
 class WeightsChunk(_message.Message):
     __slots__ = ("offset", "data", "total_bytes")
