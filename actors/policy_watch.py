@@ -722,8 +722,8 @@ class PolicyWatcher:
             if self._staged is not None and self._staged[:2] == (version, sha):
                 return
         cached = self.cache is not None and self.cache.contains(sha)
-        if cached and not load:
-            return
+        if not load and (cached or self.cache is None):
+            return  # on disk already, or nowhere to keep it but loaded
         if self.verify_key is not None:
             try:
                 verify(self.verify_key, version, sha, assignment.signature)
