@@ -50,10 +50,9 @@ class ActorConfig:
             raise ValueError(f"jpeg_quality must be in 1..100, got {self.jpeg_quality}")
         if self.uplink_queue_chunks < 1:
             raise ValueError(f"uplink_queue_chunks must be >= 1, got {self.uplink_queue_chunks}")
-        if not (math.isfinite(self.prefetch_bytes_per_s) and self.prefetch_bytes_per_s >= 0):
-            raise ValueError(
-                f"prefetch_bytes_per_s must be >= 0, got {self.prefetch_bytes_per_s!r}"
-            )
+        rate = self.prefetch_bytes_per_s
+        if not (rate == 0 or (math.isfinite(rate) and rate >= 64 << 10)):
+            raise ValueError(f"prefetch_bytes_per_s must be 0 (off) or >= 65536, got {rate!r}")
         if self.spool_quota_bytes < 1:
             raise ValueError(f"spool_quota_bytes must be >= 1, got {self.spool_quota_bytes}")
         object.__setattr__(self, "spool_dir", str(self.spool_dir))

@@ -114,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=25.0,
         help="bandwidth cap, MB/s, for fetching versions this cell may soon run ahead of "
-        "time (the rollout's candidate), so a promotion is a swap; 0 = no prefetch",
+        "time (the rollout's candidate), so a promotion is a swap; 0 = no prefetch, else >= 0.066",
     )
     p.add_argument(
         "--spool-dir",

@@ -158,8 +158,12 @@ class PolicyWatcher:
         self.cache = cache
         self.nice = int(nice)
         # 0 turns prefetching off; otherwise the most bytes a second a prefetch may take.
-        if not prefetch_bytes_per_s >= 0:
-            raise ValueError(f"prefetch_bytes_per_s must be >= 0, got {prefetch_bytes_per_s}")
+        # (the learner serves no paced fetch below 64 KiB/s: policy_service.MIN_PACED_BYTES_PER_S)
+        if not (prefetch_bytes_per_s == 0 or prefetch_bytes_per_s >= 64 << 10):
+            raise ValueError(
+                f"prefetch_bytes_per_s must be 0 (off) or at least 65536, got "
+                f"{prefetch_bytes_per_s}"
+            )
         self.prefetch_bytes_per_s = float(prefetch_bytes_per_s)
         self.prefetch_nice = int(prefetch_nice)
         if verify_key is None:

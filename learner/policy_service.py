@@ -49,6 +49,8 @@ log = logging.getLogger(__name__)
 
 # A chunk must fit a client's default 4 MiB receive limit with room for the envelope.
 MAX_CHUNK_BYTES = 3 << 20
+# The slowest paced fetch served: a paced stream holds a server thread while it lasts.
+MIN_PACED_BYTES_PER_S = 64 << 10
 _UNSET = object()
 T = TypeVar("T")
 # (version to act with, version to run in shadow, versions to prefetch), None where there is
@@ -159,6 +161,12 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
             yield policy_pb2.WeightsChunk(offset=total, data=b"", total_bytes=total)
             return
         rate = float(request.max_bytes_per_s)  # a prefetch's cap; 0 = unpaced
+        if 0 < rate < MIN_PACED_BYTES_PER_S:
+            context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"max_bytes_per_s {request.max_bytes_per_s} is below the slowest paced fetch "
+                f"served ({MIN_PACED_BYTES_PER_S} bytes/s); ask for more, or 0 for unpaced",
+            )
         paced_from: float | None = None  # when the first chunk left
         paced_bytes = 0
         prebuilt = (

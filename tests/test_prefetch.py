@@ -10,6 +10,8 @@ import threading
 import time
 from pathlib import Path
 
+import grpc
+import pytest
 import torch
 
 from actors.policy_watch import PolicyWatcher
@@ -20,6 +22,7 @@ from fleet.policy.manifest import Manifest
 from fleet.policy.model import UnifiedPolicy
 from fleet.registry import Registry
 from learner.publisher import Publisher
+from protos.fleetlearn.v1 import policy_pb2, policy_pb2_grpc
 from tests.test_distribution import CELL, Learner, run_until_loaded
 
 # The learner and cell fixtures (re-exported: pytest finds them here).
@@ -296,3 +299,22 @@ def test_prefetch_and_swap_delay_no_control_tick(learner: Learner, tmp_path: Pat
         stop.set()
         runner.join(10)
         watcher.stop()
+
+
+def test_learner_refuses_a_paced_fetch_too_slow_to_serve(learner: Learner) -> None:
+    """A paced stream holds a learner thread while it lasts: one slower than the learner
+    serves gets a clear INVALID_ARGUMENT, never a thread held for hours."""
+    v1 = learner.publish()
+    with grpc.insecure_channel(learner.address) as channel:
+        stub = policy_pb2_grpc.PolicyServiceStub(channel)
+        request = policy_pb2.FetchRequest(
+            cell_id=CELL, version_id=v1.version_id, max_bytes_per_s=1000
+        )
+        with pytest.raises(grpc.RpcError) as refused:
+            list(stub.FetchWeights(request, timeout=10.0))
+    assert refused.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert "max_bytes_per_s" in str(refused.value.details())
+    with pytest.raises(ValueError, match="prefetch_bytes_per_s"):
+        PolicyWatcher(
+            learner.address, CELL, "", deadline_s=5.0, on_fault=print, prefetch_bytes_per_s=1000
+        )
