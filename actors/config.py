@@ -30,6 +30,8 @@ class ActorConfig:
     verify_key: str = ""  # learner's Ed25519 public key PEM; "" = signatures not checked
     version_cache_dir: str = ""  # on-disk cache of verified versions; "" = no cache
     version_cache_max_bytes: int = 2 << 30
+    # Versions the cell may soon run are fetched ahead at most this fast (0 = not at all).
+    prefetch_bytes_per_s: float = 25e6
 
     def __post_init__(self) -> None:
         if not self.cell_id:
@@ -47,6 +49,9 @@ class ActorConfig:
             raise ValueError(f"jpeg_quality must be in 1..100, got {self.jpeg_quality}")
         if self.uplink_queue_chunks < 1:
             raise ValueError(f"uplink_queue_chunks must be >= 1, got {self.uplink_queue_chunks}")
+        rate = self.prefetch_bytes_per_s
+        if not (rate == 0 or (math.isfinite(rate) and rate >= 64 << 10)):
+            raise ValueError(f"prefetch_bytes_per_s must be 0 (off) or >= 65536, got {rate!r}")
         if self.spool_quota_bytes < 1:
             raise ValueError(f"spool_quota_bytes must be >= 1, got {self.spool_quota_bytes}")
         object.__setattr__(self, "spool_dir", str(self.spool_dir))

@@ -108,6 +108,7 @@ def run_actor(
         on_fault=faults.report,
         runner_factory=runner_factory,
         verify_key=load_public_key(Path(config.verify_key)) if config.verify_key else None,
+        prefetch_bytes_per_s=config.prefetch_bytes_per_s,
         cache=VersionCache(
             Path(config.version_cache_dir),
             max_bytes=config.version_cache_max_bytes,

@@ -120,6 +120,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--version-cache-mb", type=int, default=2048, help="bound on the version cache, MB"
     )
     p.add_argument(
+        "--prefetch-mbps",
+        type=float,
+        default=25.0,
+        help="bandwidth cap, MB/s, for fetching versions this cell may soon run ahead of "
+        "time (the rollout's candidate), so a promotion is a swap; 0 = no prefetch, else >= 0.066",
+    )
+    p.add_argument(
         "--spool-dir",
         type=Path,
         default=None,
@@ -242,6 +249,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.version_cache or Path.home() / ".cache" / "fleetlearn" / args.cell / "versions"
             ),
             version_cache_max_bytes=args.version_cache_mb << 20,
+            prefetch_bytes_per_s=args.prefetch_mbps * 1e6,
             spool_dir=str(
                 args.spool_dir
                 or Path.home() / ".local" / "share" / "fleetlearn" / args.cell / "spool"

@@ -14,6 +14,18 @@ it through the very same path (signature, sha256, version cache, resumable fetch
 warm-up) once the acting version is settled, and offers it as `shadow_runner` (None while
 there is none). It is dropped as soon as an assignment no longer names it. A shadow that
 cannot be fetched or loaded is reported like any fault and never touches the acting version.
+
+Prefetch: an assignment also lists versions the cell may soon run (`Assignment.prefetch`:
+the candidate while the cell runs stable, stable while it runs the candidate). A second
+thread, at a lower priority than the watcher's and capped at `prefetch_bytes_per_s`, fetches
+each one the cache lacks, checks its signature and SHA-256 like any version, caches it, and
+loads and warms up the first one (kept ready, not offered). When an assignment then names
+it, the watcher hands that runner over at once: a promotion or rollout stage is a swap (the
+others come from the cache: a hash and a copy, no fetch). A prefetch that fails its checks
+is discarded and reported, and never run; one the learner stops listing is abandoned. If
+the assignment names the version being prefetched, the cap is lifted and the watcher waits
+for it rather than fetching it twice. A shadow runner promoted to acting is handed over as
+it is.
 """
 
 from __future__ import annotations
@@ -105,6 +117,10 @@ class _Stopping(Exception):
     pass
 
 
+class _Superseded(Exception):
+    """The version being prefetched is no longer wanted."""
+
+
 class PolicyWatcher:
     """Keeps the newest verified version of this cell's assignment ready for the loop."""
 
@@ -123,6 +139,8 @@ class PolicyWatcher:
         verify_key: Ed25519PublicKey | None = None,
         cache: VersionCache | None = None,
         nice: int = 10,
+        prefetch_bytes_per_s: float = 25e6,
+        prefetch_nice: int = 15,
     ) -> None:
         self.address = address
         self.cell_id = cell_id
@@ -137,6 +155,15 @@ class PolicyWatcher:
         self.verify_key = verify_key
         self.cache = cache
         self.nice = int(nice)
+        # 0 turns prefetching off; otherwise the most bytes a second a prefetch may take.
+        # (the learner serves no paced fetch below 64 KiB/s: policy_service.MIN_PACED_BYTES_PER_S)
+        if not (prefetch_bytes_per_s == 0 or prefetch_bytes_per_s >= 64 << 10):
+            raise ValueError(
+                f"prefetch_bytes_per_s must be 0 (off) or at least 65536, got "
+                f"{prefetch_bytes_per_s}"
+            )
+        self.prefetch_bytes_per_s = float(prefetch_bytes_per_s)
+        self.prefetch_nice = int(prefetch_nice)
         if verify_key is None:
             log.warning("cell %s: no verify key; policy signatures are NOT checked", cell_id)
         self._lock = threading.Lock()
@@ -152,7 +179,18 @@ class PolicyWatcher:
         self._thread: threading.Thread | None = None
         self._channel: grpc.Channel | None = None
         self.fetches = 0  # fetch calls made, resumptions included
-        self.bytes_fetched = 0
+        self.bytes_fetched = 0  # prefetches included
+        # Prefetch: what the learner lists (bumping _want_gen), the version being fetched,
+        # whether its cap is lifted, and the one version loaded ahead. All under _pf.
+        self._pf = threading.Condition()
+        self._want: list[policy_pb2.Assignment] = []
+        self._want_gen = 0
+        self._prefetching: tuple[str, str] | None = None
+        self._hurry = False
+        self._staged: tuple[str, str, PolicyRunner] | None = None  # (version, sha256, runner)
+        self._prefetcher: threading.Thread | None = None
+        self.prefetched: list[str] = []  # versions verified and cached ahead, in order
+        self.prefetch_bytes = 0
 
     # -- the control loop's side ---------------------------------------------------------
 
@@ -164,17 +202,25 @@ class PolicyWatcher:
             target=self._run, name=f"policy-watch-{self.cell_id}", daemon=True
         )
         self._thread.start()
+        if self.prefetch_bytes_per_s > 0:
+            self._prefetcher = threading.Thread(
+                target=self._prefetch_run, name=f"policy-prefetch-{self.cell_id}", daemon=True
+            )
+            self._prefetcher.start()
 
     def stop(self) -> None:
         self._stopping.set()
+        with self._pf:
+            self._pf.notify_all()
         with self._lock:
             calls = list(self._calls)
         for call in calls:
             call.cancel()
-        if self._thread is not None:
-            self._thread.join(timeout=self.deadline_s + 5.0)
-            if self._thread.is_alive():
-                log.error("cell %s: policy watcher did not stop", self.cell_id)
+        for thread in (self._thread, self._prefetcher):
+            if thread is not None:
+                thread.join(timeout=self.deadline_s + 5.0)
+                if thread.is_alive():
+                    log.error("cell %s: %s did not stop", self.cell_id, thread.name)
         if self._channel is not None:
             self._channel.close()
             self._channel = None
@@ -208,6 +254,12 @@ class PolicyWatcher:
         """The version id the learner assigns this cell in shadow now ("" = none)."""
         with self._lock:
             return self._shadow_assignment
+
+    @property
+    def staged_version(self) -> str:
+        """The prefetched version loaded and kept ready for a swap ("" = none)."""
+        with self._pf:
+            return self._staged[0] if self._staged is not None else ""
 
     @property
     def shadow_version(self) -> str:
@@ -304,6 +356,14 @@ class PolicyWatcher:
             )
         if not version:
             log.info("cell %s: no policy version assigned yet", self.cell_id)
+        elif version != loaded and dropped is not None and dropped.version_id == version:
+            # The shadow candidate now acts (shadow -> canary): already verified and loaded.
+            self._offer(dropped, version)
+            log.info(
+                "cell %s: shadow version %s now acts; swapped in with no fetch",
+                self.cell_id,
+                version,
+            )
         elif version != loaded:
             self._obtain(stub, assignment, "version", self._offer, keeping=loaded)
         if shadow_id and self.shadow_version != shadow_id:
@@ -320,6 +380,7 @@ class PolicyWatcher:
                 )
             except FetchError as exc:
                 raise FetchError(f"shadow {exc}") from None
+        self._set_prefetch(list(assignment.prefetch))
 
     def _offer(self, runner: PolicyRunner, version: str) -> None:
         with self._lock:
@@ -365,6 +426,22 @@ class PolicyWatcher:
         )
         started = time.monotonic()
         failed_key = (assignment.sha256, assignment.signature)
+        staged = self._take_prefetched(version, assignment.sha256)
+        if staged is not None:
+            hand_over(staged, version)
+            log.info(
+                "cell %s: %s %s was prefetched (verified, loaded); swapped in after %.3f s",
+                self.cell_id,
+                role,
+                version,
+                time.monotonic() - started,
+            )
+            return
+        if self._failed.get(version) == failed_key:  # its prefetch just failed its checks
+            log.info(
+                "cell %s: %s %s failed its checks; keeping %r", self.cell_id, role, version, loaded
+            )
+            return
         if self.verify_key is not None:
             try:
                 verify(self.verify_key, version, assignment.sha256, assignment.signature)
@@ -414,7 +491,11 @@ class PolicyWatcher:
                 log.warning("cell %s: version %s not cached: %s", self.cell_id, version, exc)
 
     def _fetch(
-        self, stub: policy_pb2_grpc.PolicyServiceStub, assignment: policy_pb2.Assignment
+        self,
+        stub: policy_pb2_grpc.PolicyServiceStub,
+        assignment: policy_pb2.Assignment,
+        *,
+        prefetch_gen: int | None = None,
     ) -> tuple[bytearray, str]:
         """The version's whole file and its SHA-256 (hex), resuming from the bytes already
         received after errors.
@@ -425,8 +506,15 @@ class PolicyWatcher:
         `bytearray(total)` up front either: that zero-fills 100 MB in one GIL hold (50-80 ms,
         far more while this niced thread is preempted), whereas a large bytearray is an mmap
         that glibc grows with mremap (no copy), so each append holds the GIL for a few ms at
-        most. The buffer is what the model is built on (it aliases it)."""
+        most. The buffer is what the model is built on (it aliases it).
+
+        A prefetch (`prefetch_gen`: the learner's list it serves) is paced to
+        prefetch_bytes_per_s, by the learner (FetchRequest.max_bytes_per_s) and checked here,
+        until the cap is lifted (the version got assigned: the call is resumed unpaced), and
+        gives up (_Superseded) once the learner no longer wants it."""
         version = assignment.version_id
+        rate = self.prefetch_bytes_per_s if prefetch_gen is not None else 0.0
+        paced_from = time.monotonic()
         buffer = bytearray()
         hasher = hashlib.sha256()
         received = 0
@@ -441,12 +529,17 @@ class PolicyWatcher:
                 version_id=version,
                 offset=received,
                 chunk_bytes=self.fetch_chunk_bytes,
+                max_bytes_per_s=round(rate),  # the learner paces it: no burst on the link
             )
             before = received
+            lifted = False
             self.fetches += 1
             # The deadline bounds each call, not the file: a call that runs out of time just
-            # resumes from where it got to.
-            call = self._track(stub.FetchWeights(request, timeout=self.deadline_s))
+            # resumes from where it got to. A paced call gets the time its bytes take too.
+            timeout = self.deadline_s
+            if rate > 0 and assignment.size_bytes:
+                timeout += (assignment.size_bytes - received) / rate
+            call = self._track(stub.FetchWeights(request, timeout=timeout))
             try:
                 for msg in call:
                     if msg.offset != received:
@@ -474,8 +567,16 @@ class PolicyWatcher:
                     hasher.update(chunk)
                     received = end
                     self.bytes_fetched += len(chunk)
+                    if prefetch_gen is not None:
+                        self.prefetch_bytes += len(chunk)
+                        paced = self._pace(version, prefetch_gen, rate, paced_from, received)
+                        if rate > 0 and paced == 0:  # assigned now: resume at full speed
+                            rate, lifted = 0.0, True
+                            break
                 if total is not None and received == total:
                     return buffer, hasher.hexdigest()
+                if lifted:
+                    continue
                 problem = f"stream ended at byte {received} of {total}"
             except grpc.RpcError as exc:
                 if self._stopping.is_set():
@@ -504,3 +605,200 @@ class PolicyWatcher:
             )
             if errors:
                 self._stopping.wait(backoff.next())
+
+    # -- prefetch (its own thread) -------------------------------------------------------
+
+    def _set_prefetch(self, wanted: list[policy_pb2.Assignment]) -> None:
+        """The learner's newest list of versions to fetch ahead; wakes the prefetcher."""
+        ids = [a.version_id for a in wanted]
+        with self._pf:
+            if ids == [a.version_id for a in self._want]:
+                return
+            self._want = wanted
+            self._want_gen += 1
+            self._pf.notify_all()
+        if ids:
+            log.info("cell %s: versions to prefetch: %s", self.cell_id, ", ".join(ids))
+
+    def _still_wanted(self, version: str, gen: int) -> bool:
+        """Caller holds _pf. A version is wanted while listed, or assigned (then the watcher
+        waits for it)."""
+        if gen == self._want_gen or any(a.version_id == version for a in self._want):
+            return True
+        with self._lock:
+            return version in (self._assignment, self._shadow_assignment)
+
+    def _pace(self, version: str, gen: int, rate: float, since: float, received: int) -> float:
+        """Sleeps until `received` bytes are within the cap; returns the rate to keep (0 once
+        the cap is lifted). Raises _Stopping, or _Superseded when the version is no longer
+        wanted."""
+        with self._pf:
+            while True:
+                if self._stopping.is_set():
+                    raise _Stopping
+                if not self._still_wanted(version, gen):
+                    raise _Superseded
+                if self._hurry or rate <= 0:
+                    return 0.0
+                wait = since + received / rate - time.monotonic()
+                if wait <= 0:
+                    return rate
+                self._pf.wait(wait)
+
+    def _take_prefetched(self, version: str, sha256: str) -> PolicyRunner | None:
+        """The runner prefetched for this version and digest, waiting (cap lifted) for a
+        prefetch of it in progress; None when there is none."""
+        with self._pf:
+            if self._prefetching == (version, sha256):
+                log.info(
+                    "cell %s: version %s is being prefetched; lifting its cap and waiting",
+                    self.cell_id,
+                    version,
+                )
+                self._hurry = True
+                self._pf.notify_all()
+                while self._prefetching == (version, sha256) and not self._stopping.is_set():
+                    self._pf.wait(1.0)
+                if self._stopping.is_set():
+                    raise _Stopping
+            staged = self._staged
+            if staged is not None and staged[:2] == (version, sha256):
+                self._staged = None
+                return staged[2]
+        return None
+
+    def _prefetch_run(self) -> None:
+        assert self._channel is not None
+        lower_this_thread(self.prefetch_nice, cell_id=self.cell_id, what="the prefetcher")
+        stub = policy_pb2_grpc.PolicyServiceStub(self._channel)
+        backoff = Backoff()
+        done = 0  # the list generation last worked through without error
+        while not self._stopping.is_set():
+            with self._pf:
+                while not self._stopping.is_set() and self._want_gen == done:
+                    self._pf.wait(1.0)
+                gen, wanted = self._want_gen, list(self._want)
+                staged = self._staged
+                if staged is not None and not any(a.version_id == staged[0] for a in wanted):
+                    self._staged = None  # no longer a version this cell may run next
+                    log.info("cell %s: prefetched version %s dropped", self.cell_id, staged[0])
+            try:
+                for i, assignment in enumerate(wanted):
+                    self._prefetch_one(stub, assignment, gen, load=i == 0)
+                done = gen
+                backoff.reset()
+            except _Stopping:
+                return
+            except _Superseded:
+                continue  # the newer list is read at once
+            except FetchError as exc:
+                log.warning("cell %s: prefetch interrupted: %s; retrying", self.cell_id, exc)
+                with self._pf:
+                    self._pf.wait_for(
+                        lambda gen=gen: self._stopping.is_set() or self._want_gen != gen,
+                        timeout=backoff.next(),
+                    )
+
+    def _prefetch_one(
+        self,
+        stub: policy_pb2_grpc.PolicyServiceStub,
+        assignment: policy_pb2.Assignment,
+        gen: int,
+        *,
+        load: bool,
+    ) -> None:
+        """Verify, fetch (capped) and cache one version the cell may soon run; with `load`,
+        also build and warm up its runner and keep it ready. Reports and discards a version
+        that fails its checks (never run: it is remembered as failed)."""
+        version, sha = assignment.version_id, assignment.sha256
+        key = (sha, assignment.signature)
+        if not version or not sha or self._failed.get(version) == key:
+            return
+        with self._lock:
+            if version in (self._loaded, self._assignment) or (
+                self._shadow and self._shadow.version_id == version
+            ):
+                return  # running, or being fetched by the watcher as its assignment
+        with self._pf:
+            if self._staged is not None and self._staged[:2] == (version, sha):
+                return
+        cached = self.cache is not None and self.cache.contains(sha)
+        if not load and (cached or self.cache is None):
+            return  # on disk already, or nowhere to keep it but loaded
+        if self.verify_key is not None:
+            try:
+                verify(self.verify_key, version, sha, assignment.signature)
+            except SignatureError as exc:
+                self._failed[version] = key
+                self._fault(f"prefetched version {version}: {exc}; discarded, never run")
+                return
+        started = time.monotonic()
+        with self._pf:
+            self._prefetching, self._hurry = (version, sha), False
+        try:
+            data = self.cache.get(sha) if cached and self.cache is not None else None
+            if data is None:
+                cached = False
+                data = self._prefetch_bytes(stub, assignment, gen)
+                if data is None:
+                    return
+                if self.cache is not None:
+                    try:
+                        self.cache.put(data, sha, verified=True)
+                    except (OSError, ValueError) as exc:
+                        log.warning(
+                            "cell %s: version %s not cached: %s", self.cell_id, version, exc
+                        )
+            with self._pf:
+                load = load or self._hurry  # the watcher waits for it: it is assigned now
+            if load and not self._stage(assignment, data):
+                return
+        finally:
+            with self._pf:
+                self._prefetching, self._hurry = None, False
+                self._pf.notify_all()
+        self.prefetched.append(version)
+        log.info(
+            "cell %s: version %s prefetched (%d bytes, %s, %s) in %.2f s; %s",
+            self.cell_id,
+            version,
+            len(data),
+            "sha256 + signature" if self.verify_key is not None else "sha256 only",
+            "from the local cache"
+            if cached
+            else f"at most {self.prefetch_bytes_per_s / 1e6:g} MB/s",
+            time.monotonic() - started,
+            "loaded, ready to swap" if self.staged_version == version else "cached",
+        )
+
+    def _prefetch_bytes(
+        self, stub: policy_pb2_grpc.PolicyServiceStub, assignment: policy_pb2.Assignment, gen: int
+    ) -> bytearray | None:
+        """The version's checked bytes, fetched at the capped rate; None (reported, marked
+        failed) when they never match the signed digest."""
+        version = assignment.version_id
+        for attempt in range(1, self.verify_attempts + 1):
+            data, digest = self._fetch(stub, assignment, prefetch_gen=gen)
+            if digest == assignment.sha256:
+                return data
+            self._fault(
+                f"prefetched version {version}: fetched weights sha256 {digest[:16]}... do not "
+                f"match the assignment's {assignment.sha256[:16]}... (attempt {attempt}); "
+                "discarded, never run"
+            )
+        self._failed[version] = (assignment.sha256, assignment.signature)
+        return None
+
+    def _stage(self, assignment: policy_pb2.Assignment, data: bytearray) -> bool:
+        """Build and warm up the version's runner here, and keep it ready for the swap;
+        False (reported, marked failed) when it does not load."""
+        version = assignment.version_id
+        try:
+            runner = self.runner_factory(data, assignment)
+        except Exception as exc:
+            self._failed[version] = (assignment.sha256, assignment.signature)
+            self._fault(f"prefetched version {version} does not load: {exc}; discarded, never run")
+            return False
+        with self._pf:
+            self._staged = (version, assignment.sha256, runner)
+        return True

@@ -85,6 +85,10 @@ class VersionCache:
         self.hits += 1
         return data
 
+    def contains(self, sha256_hex: str) -> bool:
+        """Whether an entry for the digest exists (not hashed now: `get` checks it)."""
+        return self._path(sha256_hex).exists()
+
     def put(self, data: bytes | bytearray, sha256_hex: str, *, verified: bool = False) -> bool:
         """Store bytes under their digest (hashed here unless the caller just `verified`
         them); False if they do not fit. Evicts least recently used entries to stay within

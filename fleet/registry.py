@@ -425,6 +425,34 @@ class Registry:
         shadow = candidate if rollout.get("stage") == "shadow" else None
         return {c: (shadow if c in cells else None) for c in cell_ids}
 
+    def prefetch_assignments(self, cell_ids: Iterable[str]) -> dict[str, list[str]]:
+        """The versions each cell may soon run besides its own, most likely first, for it to
+        fetch ahead (a promotion or next stage is then only a swap), in one round trip.
+
+        While there is a candidate: a cell that runs stable gets the candidate (the next
+        stage or the promotion hands it over); a cell acting with the candidate gets stable
+        (a rollback sends it back). A pinned cell gets nothing (the rollout does not move
+        it), nor does a shadow cell (it fetches the candidate already, as its shadow)."""
+        pipe = self.r.pipeline(transaction=False)
+        pipe.hgetall(self._k("rollout"))
+        pipe.hgetall(self._k("pins"))
+        rollout, pins = pipe.execute()
+        stable = rollout.get("stable") or None
+        candidate = rollout.get("candidate") or None
+        stage = rollout.get("stage")
+        cells = set(json.loads(rollout.get("candidate_cells") or "[]"))
+        out: dict[str, list[str]] = {}
+        for cell_id in cell_ids:
+            if candidate is None or cell_id in pins:
+                out[cell_id] = []
+            elif cell_id not in cells:
+                out[cell_id] = [candidate]
+            elif stage in ("canary", "fraction") and stable and stable != candidate:
+                out[cell_id] = [stable]
+            else:
+                out[cell_id] = []
+        return out
+
     def assignment_for(self, cell_id: str) -> str | None:
         return self.assignments([cell_id])[cell_id]
 

@@ -7,11 +7,16 @@ Cells never talk to Redis; this servicer is their window onto the registry:
   with and, while the rollout is in stage "shadow" on that cell, the candidate to run in
   shadow beside it (`Assignment.shadow`: the shadow version's own full assignment, so the
   cell verifies and fetches it exactly like the acting one). One background thread polls
-  Redis for all watching cells (two round trips: assignments, shadow assignments) and wakes
+  Redis for all watching cells (three round trips: assignments, shadow assignments,
+  prefetches) and wakes
   the streams through a Condition, so a fleet of N cells costs one poll per interval, not N.
   A stream ends when the client cancels; when the servicer stops it ends with UNAVAILABLE,
   so the cell reconnects.
-- FetchWeights: the version's safetensors file from an offset, in chunks. Each version's
+  An assignment also lists the versions the cell may soon run (`Assignment.prefetch`, from
+  `Registry.prefetch_assignments`: the candidate for cells on stable, stable for cells on
+  the candidate), which the cell fetches ahead so that a promotion or rollback is a swap.
+- FetchWeights: the version's safetensors file from an offset, in chunks (paced to the
+  request's max_bytes_per_s when a cell prefetches under its bandwidth cap). Each version's
   bytes are read from disk (and checked against the manifest's sha256) once and kept in
   memory for the next cells; the newest few versions stay cached.
 - ReportHeartbeat: the cell's state into the registry, stamped with the learner's clock.
@@ -56,10 +61,13 @@ MIN_CHUNK_BYTES = 16 << 10
 MAX_FAULT_CHARS = 2048
 MAX_ADOPTED_JSON = 64 << 10
 MAX_ADOPTED_ENTRIES = 256
+# The slowest paced fetch served: a paced stream holds a server thread while it lasts.
+MIN_PACED_BYTES_PER_S = 64 << 10
 _UNSET = object()
 T = TypeVar("T")
-# (version to act with, version to run in shadow), None where there is none.
-_Pair = tuple[str | None, str | None]
+# (version to act with, version to run in shadow, versions to prefetch), None where there is
+# none.
+_Pair = tuple[str | None, str | None, tuple[str, ...]]
 
 
 class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
@@ -138,7 +146,7 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
                         self._cond.wait(timeout=1.0)
                     if self._stopped or not context.is_active() or revoked is not None:
                         break
-                    pair = self._assigned.get(cell_id, (None, None))
+                    pair = self._assigned.get(cell_id, (None, None, ()))
                 yield self._with_shadow(pair, context)
                 sent = pair
         finally:
@@ -182,17 +190,31 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
         if offset == total:  # nothing left: say so, with the size, in one empty chunk
             yield policy_pb2.WeightsChunk(offset=total, data=b"", total_bytes=total)
             return
+        rate = float(request.max_bytes_per_s)  # a prefetch's cap; 0 = unpaced
+        if 0 < rate < MIN_PACED_BYTES_PER_S:
+            context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"max_bytes_per_s {request.max_bytes_per_s} is below the slowest paced fetch "
+                f"served ({MIN_PACED_BYTES_PER_S} bytes/s); ask for more, or 0 for unpaced",
+            )
+        paced_from: float | None = None  # when the first chunk left
+        paced_bytes = 0
         prebuilt = (
             self._chunk_messages(version_id, data)
             if step == self.chunk_bytes and offset % step == 0
             else None
         )
         for start in range(offset, total, step):
+            if rate > 0 and paced_from is None:
+                paced_from = time.monotonic()
+            elif rate > 0 and not self._pace(context, paced_from + paced_bytes / rate):
+                return
             if not context.is_active():
                 return
             revoked = self.admission.revoked(caller)
             if revoked is not None:  # removed from the tokens file mid-download
                 _abort(context, grpc.StatusCode.PERMISSION_DENIED, revoked)
+            paced_bytes += min(step, total - start)
             if prebuilt is not None:
                 message = prebuilt[start // step]
             else:
@@ -202,6 +224,14 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
             with self._cache_lock:
                 self.bytes_sent[version_id] += min(step, total - start)
             yield message
+
+    def _pace(self, context: grpc.ServicerContext, until: float) -> bool:
+        """Waits until the monotonic time `until` (a paced fetch's next chunk is due); False
+        when the call ended or the servicer stops meanwhile."""
+        while (wait := until - time.monotonic()) > 0:
+            if self._stop_event.wait(min(wait, 0.1)) or not context.is_active():
+                return False
+        return True
 
     def ReportHeartbeat(
         self, request: policy_pb2.Heartbeat, context: grpc.ServicerContext
@@ -293,25 +323,39 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
             self._stop_event.wait(self.poll_interval_s)
 
     def _lookup(self, cells: list[str]) -> dict[str, _Pair]:
-        """(acting version, shadow version) per cell from the registry."""
+        """(acting version, shadow version, versions to prefetch) per cell from the
+        registry."""
         acting = self.registry.assignments(cells)
         shadow = self.registry.shadow_assignments(cells)
-        return {c: (acting.get(c), shadow.get(c)) for c in cells}
+        prefetch = self.registry.prefetch_assignments(cells)
+        return {c: (acting.get(c), shadow.get(c), tuple(prefetch.get(c, ()))) for c in cells}
 
     def _with_shadow(self, pair: _Pair, context: grpc.ServicerContext) -> policy_pb2.Assignment:
-        """The acting version's Assignment, plus the shadow version's when there is one. The
-        cached per-version messages are never mutated: a shadowed assignment is a copy."""
-        version_id, shadow_id = pair
+        """The acting version's Assignment, plus the shadow version's and the versions to
+        prefetch when there are any. The cached per-version messages are never mutated: an
+        assignment with more is a copy."""
+        version_id, shadow_id, prefetch_ids = pair
         base = self._assignment(version_id, context)
-        if not shadow_id:
-            return base
-        shadow = self._assignment(shadow_id, context)
-        if not shadow.version_id:  # unknown to the registry: logged in _assignment
+        shadow = self._assignment(shadow_id, context) if shadow_id else None
+        if shadow is not None and not shadow.version_id:  # unknown: logged in _assignment
+            shadow = None
+        ahead = [
+            message
+            for message in (
+                self._assignment(v, context)
+                for v in prefetch_ids
+                if v and v not in (version_id, shadow_id)
+            )
+            if message.version_id
+        ]
+        if shadow is None and not ahead:
             return base
         message = policy_pb2.Assignment()
         message.CopyFrom(base)
-        message.shadow_version_id = shadow_id
-        message.shadow.CopyFrom(shadow)
+        if shadow is not None:
+            message.shadow_version_id = shadow.version_id
+            message.shadow.CopyFrom(shadow)
+        message.prefetch.extend(ahead)
         return message
 
     def _assignment(

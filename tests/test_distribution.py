@@ -42,10 +42,12 @@ CELL = "cell-01"
 
 class LossyServicer(PolicyServicer):
     """The real servicer behind a bad link: it can flip a byte of every chunk (tampering in
-    transit) or end every fetch stream at a fixed byte (a download that is always cut)."""
+    transit) or end every fetch stream at a fixed byte (a download that is always cut).
+    `sent` notes when each chunk left: (version, monotonic time, bytes)."""
 
     flip: set[str]
     cut_at: dict[str, int]
+    sent: list[tuple[str, float, int]]
 
     def FetchWeights(self, request, context):  # type: ignore[override]
         for chunk in super().FetchWeights(request, context):
@@ -58,6 +60,7 @@ class LossyServicer(PolicyServicer):
                 chunk = policy_pb2.WeightsChunk(
                     offset=chunk.offset, data=bytes(data), total_bytes=chunk.total_bytes
                 )
+            self.sent.append((version, time.monotonic(), len(chunk.data)))
             yield chunk
 
 
@@ -100,7 +103,7 @@ class Learner:
 def learner(registry: Registry, tmp_path: Path) -> Iterator[Learner]:
     private, public = signing.write_key_pair(tmp_path / "keys")
     servicer = LossyServicer(registry, poll_interval_s=0.05, chunk_bytes=64 << 10)
-    servicer.flip, servicer.cut_at = set(), {}
+    servicer.flip, servicer.cut_at, servicer.sent = set(), {}, []
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=16))
     policy_service.add_to_server(server, servicer)
     port = server.add_insecure_port("127.0.0.1:0")
@@ -365,13 +368,22 @@ def test_swapping_in_a_large_version_misses_no_control_tick(learner: Learner, tm
     runner.start()
     try:
         assert wait_until(lambda: loop.stats["version_running"] == "v0001", 20.0)
-        time.sleep(0.5)
-        late_before = loop.stats["late_ticks"]
+        # Building and saving the version is the learner's work, which shares this process's
+        # GIL with the loop as no cell does (it made ticks late here): done before counting.
         torch.manual_seed(1)
         big = UnifiedPolicy(
             policy_config("tiny", tasks, cameras, d_model=512, n_heads=8, ff_dim=4096, n_layers=2)
         )
-        learner.publisher.publish(big, training_step=1, data_seen=1)
+        Publisher(
+            learner.registry,
+            learner.versions_dir,
+            rollout_mode="auto",
+            signing_key=learner.private_key_path,
+        ).publish(big, training_step=1, data_seen=1)
+        del big
+        time.sleep(0.5)
+        late_before = loop.stats["late_ticks"]
+        learner.registry.set_stable("v0002", actor="test", reason="the cold path: no prefetch")
         assert wait_until(lambda: loop.stats["version_running"] == "v0002", 30.0)
         time.sleep(1.0)  # and a second of running it
         size = Path(learner.registry.version("v0002")["weights_path"]).stat().st_size

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!protos/fleetlearn/v1/policy.proto\x12\rfleetlearn.v1\"E\n\x0cWatchRequest\x12\x0f\n\x07\x63\x65ll_id\x18\x01 \x01(\t\x12\x17\n\x0f\x63urrent_version\x18\x02 \x01(\tJ\x04\x08\x03\x10\x04R\x05token\"\xca\x01\n\nAssignment\x12\x12\n\nversion_id\x18\x01 \x01(\t\x12\x15\n\rmanifest_json\x18\x02 \x01(\t\x12\x12\n\nsize_bytes\x18\x03 \x01(\x04\x12\x0e\n\x06sha256\x18\x04 \x01(\t\x12\x11\n\tsignature\x18\x05 \x01(\t\x12\x14\n\x0cpublished_at\x18\x06 \x01(\x01\x12\x19\n\x11shadow_version_id\x18\x07 \x01(\t\x12)\n\x06shadow\x18\x08 \x01(\x0b\x32\x19.fleetlearn.v1.Assignment\"e\n\x0c\x46\x65tchRequest\x12\x0f\n\x07\x63\x65ll_id\x18\x01 \x01(\t\x12\x12\n\nversion_id\x18\x02 \x01(\t\x12\x0e\n\x06offset\x18\x03 \x01(\x04\x12\x13\n\x0b\x63hunk_bytes\x18\x04 \x01(\rJ\x04\x08\x05\x10\x06R\x05token\"A\n\x0cWeightsChunk\x12\x0e\n\x06offset\x18\x01 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x13\n\x0btotal_bytes\x18\x03 \x01(\x04\"\xfa\x02\n\tHeartbeat\x12\x0f\n\x07\x63\x65ll_id\x18\x01 \x01(\t\x12\x17\n\x0fversion_running\x18\x02 \x01(\t\x12\x0c\n\x04task\x18\x03 \x01(\t\x12\x10\n\x08\x65pisodes\x18\x04 \x01(\x04\x12\x16\n\x0esteps_recorded\x18\x05 \x01(\x04\x12\x13\n\x0bsteps_acked\x18\x06 \x01(\x04\x12\x0f\n\x07loop_hz\x18\x07 \x01(\x01\x12\x12\n\nlate_ticks\x18\x08 \x01(\x04\x12\x12\n\nlast_fault\x18\t \x01(\t\x12\x0f\n\x07sent_at\x18\n \x01(\x01\x12\x1d\n\x15versions_adopted_json\x18\x0b \x01(\t\x12\x11\n\tsuccesses\x18\x0c \x01(\x04\x12\x15\n\rinterventions\x18\r \x01(\x04\x12\x13\n\x0bspool_bytes\x18\x0f \x01(\x04\x12\x14\n\x0cspool_chunks\x18\x10 \x01(\x04\x12\x16\n\x0eshadow_version\x18\x11 \x01(\t\x12\x13\n\x0b\x66\x61ult_count\x18\x12 \x01(\x04J\x04\x08\x0e\x10\x0fR\x05token\"%\n\x0eHeartbeatReply\x12\x13\n\x0bserver_time\x18\x01 \x01(\x01\x32\xf4\x01\n\rPolicyService\x12K\n\x0fWatchAssignment\x12\x1b.fleetlearn.v1.WatchRequest\x1a\x19.fleetlearn.v1.Assignment0\x01\x12J\n\x0c\x46\x65tchWeights\x12\x1b.fleetlearn.v1.FetchRequest\x1a\x1b.fleetlearn.v1.WeightsChunk0\x01\x12J\n\x0fReportHeartbeat\x12\x18.fleetlearn.v1.Heartbeat\x1a\x1d.fleetlearn.v1.HeartbeatReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!protos/fleetlearn/v1/policy.proto\x12\rfleetlearn.v1\"E\n\x0cWatchRequest\x12\x0f\n\x07\x63\x65ll_id\x18\x01 \x01(\t\x12\x17\n\x0f\x63urrent_version\x18\x02 \x01(\tJ\x04\x08\x03\x10\x04R\x05token\"\xf7\x01\n\nAssignment\x12\x12\n\nversion_id\x18\x01 \x01(\t\x12\x15\n\rmanifest_json\x18\x02 \x01(\t\x12\x12\n\nsize_bytes\x18\x03 \x01(\x04\x12\x0e\n\x06sha256\x18\x04 \x01(\t\x12\x11\n\tsignature\x18\x05 \x01(\t\x12\x14\n\x0cpublished_at\x18\x06 \x01(\x01\x12\x19\n\x11shadow_version_id\x18\x07 \x01(\t\x12)\n\x06shadow\x18\x08 \x01(\x0b\x32\x19.fleetlearn.v1.Assignment\x12+\n\x08prefetch\x18\t \x03(\x0b\x32\x19.fleetlearn.v1.Assignment\"~\n\x0c\x46\x65tchRequest\x12\x0f\n\x07\x63\x65ll_id\x18\x01 \x01(\t\x12\x12\n\nversion_id\x18\x02 \x01(\t\x12\x0e\n\x06offset\x18\x03 \x01(\x04\x12\x13\n\x0b\x63hunk_bytes\x18\x04 \x01(\r\x12\x17\n\x0fmax_bytes_per_s\x18\x06 \x01(\x04J\x04\x08\x05\x10\x06R\x05token\"A\n\x0cWeightsChunk\x12\x0e\n\x06offset\x18\x01 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x13\n\x0btotal_bytes\x18\x03 \x01(\x04\"\xfa\x02\n\tHeartbeat\x12\x0f\n\x07\x63\x65ll_id\x18\x01 \x01(\t\x12\x17\n\x0fversion_running\x18\x02 \x01(\t\x12\x0c\n\x04task\x18\x03 \x01(\t\x12\x10\n\x08\x65pisodes\x18\x04 \x01(\x04\x12\x16\n\x0esteps_recorded\x18\x05 \x01(\x04\x12\x13\n\x0bsteps_acked\x18\x06 \x01(\x04\x12\x0f\n\x07loop_hz\x18\x07 \x01(\x01\x12\x12\n\nlate_ticks\x18\x08 \x01(\x04\x12\x12\n\nlast_fault\x18\t \x01(\t\x12\x0f\n\x07sent_at\x18\n \x01(\x01\x12\x1d\n\x15versions_adopted_json\x18\x0b \x01(\t\x12\x11\n\tsuccesses\x18\x0c \x01(\x04\x12\x15\n\rinterventions\x18\r \x01(\x04\x12\x13\n\x0bspool_bytes\x18\x0f \x01(\x04\x12\x14\n\x0cspool_chunks\x18\x10 \x01(\x04\x12\x16\n\x0eshadow_version\x18\x11 \x01(\t\x12\x13\n\x0b\x66\x61ult_count\x18\x12 \x01(\x04J\x04\x08\x0e\x10\x0fR\x05token\"%\n\x0eHeartbeatReply\x12\x13\n\x0bserver_time\x18\x01 \x01(\x01\x32\xf4\x01\n\rPolicyService\x12K\n\x0fWatchAssignment\x12\x1b.fleetlearn.v1.WatchRequest\x1a\x19.fleetlearn.v1.Assignment0\x01\x12J\n\x0c\x46\x65tchWeights\x12\x1b.fleetlearn.v1.FetchRequest\x1a\x1b.fleetlearn.v1.WeightsChunk0\x01\x12J\n\x0fReportHeartbeat\x12\x18.fleetlearn.v1.Heartbeat\x1a\x1d.fleetlearn.v1.HeartbeatReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,15 +34,15 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_WATCHREQUEST']._serialized_start=52
   _globals['_WATCHREQUEST']._serialized_end=121
   _globals['_ASSIGNMENT']._serialized_start=124
-  _globals['_ASSIGNMENT']._serialized_end=326
-  _globals['_FETCHREQUEST']._serialized_start=328
-  _globals['_FETCHREQUEST']._serialized_end=429
-  _globals['_WEIGHTSCHUNK']._serialized_start=431
-  _globals['_WEIGHTSCHUNK']._serialized_end=496
-  _globals['_HEARTBEAT']._serialized_start=499
-  _globals['_HEARTBEAT']._serialized_end=877
-  _globals['_HEARTBEATREPLY']._serialized_start=879
-  _globals['_HEARTBEATREPLY']._serialized_end=916
-  _globals['_POLICYSERVICE']._serialized_start=919
-  _globals['_POLICYSERVICE']._serialized_end=1163
+  _globals['_ASSIGNMENT']._serialized_end=371
+  _globals['_FETCHREQUEST']._serialized_start=373
+  _globals['_FETCHREQUEST']._serialized_end=499
+  _globals['_WEIGHTSCHUNK']._serialized_start=501
+  _globals['_WEIGHTSCHUNK']._serialized_end=566
+  _globals['_HEARTBEAT']._serialized_start=569
+  _globals['_HEARTBEAT']._serialized_end=947
+  _globals['_HEARTBEATREPLY']._serialized_start=949
+  _globals['_HEARTBEATREPLY']._serialized_end=986
+  _globals['_POLICYSERVICE']._serialized_start=989
+  _globals['_POLICYSERVICE']._serialized_end=1233
 # @@protoc_insertion_point(module_scope)

@@ -1,6 +1,7 @@
+from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Mapping as _Mapping
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
@@ -14,7 +15,7 @@ class WatchRequest(_message.Message):
     def __init__(self, cell_id: _Optional[str] = ..., current_version: _Optional[str] = ...) -> None: ...
 
 class Assignment(_message.Message):
-    __slots__ = ("version_id", "manifest_json", "size_bytes", "sha256", "signature", "published_at", "shadow_version_id", "shadow")
+    __slots__ = ("version_id", "manifest_json", "size_bytes", "sha256", "signature", "published_at", "shadow_version_id", "shadow", "prefetch")
     VERSION_ID_FIELD_NUMBER: _ClassVar[int]
     MANIFEST_JSON_FIELD_NUMBER: _ClassVar[int]
     SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -23,6 +24,7 @@ class Assignment(_message.Message):
     PUBLISHED_AT_FIELD_NUMBER: _ClassVar[int]
     SHADOW_VERSION_ID_FIELD_NUMBER: _ClassVar[int]
     SHADOW_FIELD_NUMBER: _ClassVar[int]
+    PREFETCH_FIELD_NUMBER: _ClassVar[int]
     version_id: str
     manifest_json: str
     size_bytes: int
@@ -31,19 +33,22 @@ class Assignment(_message.Message):
     published_at: float
     shadow_version_id: str
     shadow: Assignment
-    def __init__(self, version_id: _Optional[str] = ..., manifest_json: _Optional[str] = ..., size_bytes: _Optional[int] = ..., sha256: _Optional[str] = ..., signature: _Optional[str] = ..., published_at: _Optional[float] = ..., shadow_version_id: _Optional[str] = ..., shadow: _Optional[_Union[Assignment, _Mapping]] = ...) -> None: ...
+    prefetch: _containers.RepeatedCompositeFieldContainer[Assignment]
+    def __init__(self, version_id: _Optional[str] = ..., manifest_json: _Optional[str] = ..., size_bytes: _Optional[int] = ..., sha256: _Optional[str] = ..., signature: _Optional[str] = ..., published_at: _Optional[float] = ..., shadow_version_id: _Optional[str] = ..., shadow: _Optional[_Union[Assignment, _Mapping]] = ..., prefetch: _Optional[_Iterable[_Union[Assignment, _Mapping]]] = ...) -> None: ...
 
 class FetchRequest(_message.Message):
-    __slots__ = ("cell_id", "version_id", "offset", "chunk_bytes")
+    __slots__ = ("cell_id", "version_id", "offset", "chunk_bytes", "max_bytes_per_s")
     CELL_ID_FIELD_NUMBER: _ClassVar[int]
     VERSION_ID_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
     CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_BYTES_PER_S_FIELD_NUMBER: _ClassVar[int]
     cell_id: str
     version_id: str
     offset: int
     chunk_bytes: int
-    def __init__(self, cell_id: _Optional[str] = ..., version_id: _Optional[str] = ..., offset: _Optional[int] = ..., chunk_bytes: _Optional[int] = ...) -> None: ...
+    max_bytes_per_s: int
+    def __init__(self, cell_id: _Optional[str] = ..., version_id: _Optional[str] = ..., offset: _Optional[int] = ..., chunk_bytes: _Optional[int] = ..., max_bytes_per_s: _Optional[int] = ...) -> None: ...
 
 class WeightsChunk(_message.Message):
     __slots__ = ("offset", "data", "total_bytes")
