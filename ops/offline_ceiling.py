@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 import threading
 import time
@@ -164,13 +165,28 @@ def run_episodes(
     return sink.outcomes
 
 
+def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95 % Wilson score interval of a success rate (sensible at 0 and n successes)."""
+    if n == 0:
+        return 0.0, 1.0
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
 def summarize(outcomes: Sequence[EpisodeOutcome]) -> dict[str, dict[str, float | int]]:
+    """Per task: successes / episodes with a 95 % Wilson interval, mean final reward."""
     out: dict[str, dict[str, float | int]] = {}
     for task in sorted({o.task for o in outcomes}):
         mine = [o for o in outcomes if o.task == task]
+        wins = sum(o.success for o in mine)
+        low, high = wilson(wins, len(mine))
         out[task] = {
-            "successes": sum(o.success for o in mine),
+            "successes": wins,
             "episodes": len(mine),
+            "low": round(low, 3),
+            "high": round(high, 3),
             "mean_final_reward": round(float(np.mean([o.final_reward for o in mine])), 3),
             "mean_steps": round(float(np.mean([o.steps for o in mine])), 1),
         }
