@@ -11,6 +11,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -46,6 +47,9 @@ class TrainerConfig:
     checkpoint_every_s: float = 300.0
     decode_workers: int = 0  # 0 = decode JPEGs in-process (see learner/decode_pool.py)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    # PolicyConfig fields set over the preset's (e.g. {"keypoints": 16}); chunk_len is the
+    # sampler's.
+    policy_overrides: dict[str, Any] = field(default_factory=dict)
 
 
 class Trainer:
@@ -64,7 +68,10 @@ class Trainer:
         self.config = config
         self.registry = Registry(registry_url, prefix=registry_prefix)
         self.policy_config = policy_config(
-            config.preset, config.tasks, config.cameras, chunk_len=config.sampler.chunk_len
+            config.preset,
+            config.tasks,
+            config.cameras,
+            **{**config.policy_overrides, "chunk_len": config.sampler.chunk_len},
         )
         self.decode_pool = DecodePool(config.decode_workers) if config.decode_workers else None
         self.sampler = EpisodeSampler(

@@ -42,7 +42,7 @@ from actors.control_loop import ControlLoop
 from actors.inference import InlineInference
 from drivers.sim.mujoco import EPISODE_TIME_S, MUJOCO_TASKS
 from drivers.sim.sdk_cell import make_sdk_sim_cell
-from fleet.policy.config import PolicyConfig, policy_config
+from fleet.policy.config import PolicyConfig, parse_overrides, policy_config
 from fleet.policy.model import UnifiedPolicy
 from fleet.policy.runtime import PolicyRunner
 from learner.chunks import decode_chunk
@@ -222,20 +222,6 @@ def ensure_demos(
 
 def _tensors(batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
     return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in batch.items()}
-
-
-def parse_overrides(pairs: Sequence[str]) -> dict[str, Any]:
-    """KEY=JSON pairs for PolicyConfig fields (e.g. image_size=[96,128] chunk_len=20)."""
-    out: dict[str, Any] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep:
-            raise SystemExit(f"--set wants KEY=VALUE, got {pair!r}")
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
-    return out
 
 
 def main(argv: Sequence[str] | None = None) -> int:

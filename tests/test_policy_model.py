@@ -121,6 +121,18 @@ def test_manifest_config_without_newer_fields_rebuilds_the_old_network() -> None
     assert PolicyConfig.from_dict(json.loads(json.dumps(with_kp.to_dict()))) == with_kp
 
 
+def test_command_line_policy_settings_parse_to_config_fields() -> None:
+    from fleet.policy.config import parse_overrides
+
+    got = parse_overrides(["keypoints=16", "image_size=[96,128]", "preset=tiny"])
+    assert got == {"keypoints": 16, "image_size": [96, 128], "preset": "tiny"}
+    assert tiny(**{k: v for k, v in got.items() if k != "preset"}).image_size == (96, 128)
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        parse_overrides(["keypoints"])
+    with pytest.raises(ValueError, match="use_magic"):
+        parse_overrides(["use_magic=1"])
+
+
 def test_presets_have_the_promised_scale() -> None:
     counts = {
         name: UnifiedPolicy(policy_config(name, TASKS, CAMERAS)).num_parameters()

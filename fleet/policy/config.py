@@ -8,6 +8,7 @@ override single fields) instead of editing code.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -201,3 +202,21 @@ def policy_config(
         raise ValueError(f"unknown policy config overrides {unknown}")
     values: dict[str, Any] = {**PRESETS[preset], **overrides}
     return PolicyConfig(tasks=tuple(tasks), cameras=tuple(cameras), preset=preset, **values)
+
+
+def parse_overrides(pairs: Sequence[str]) -> dict[str, Any]:
+    """Command-line KEY=VALUE pairs (VALUE as JSON, else a string) for PolicyConfig fields,
+    e.g. ["keypoints=16", "image_size=[96,128]"]; unknown fields are a ValueError."""
+    fields = {f.name for f in dataclasses.fields(PolicyConfig)}
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or key not in fields:
+            raise ValueError(
+                f"policy setting {pair!r}: want KEY=VALUE with KEY one of {sorted(fields)}"
+            )
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
