@@ -45,6 +45,7 @@ from drivers.sim.sdk_cell import make_sdk_sim_cell
 from fleet.policy.config import PolicyConfig, parse_overrides, policy_config
 from fleet.policy.model import UnifiedPolicy
 from fleet.policy.runtime import PolicyRunner
+from fleet.policy.weights import load_state_bytes, state_dict_to_bytes
 from learner.chunks import decode_chunk
 from learner.sampler import EpisodeSampler, SamplerConfig
 from learner.store import EpisodeStore
@@ -76,6 +77,7 @@ class _Sink:
     store: EpisodeStore | None = None
     on_episode: Callable[[EpisodeOutcome], None] | None = None
     outcomes: list[EpisodeOutcome] = field(default_factory=list)
+    faults: int = 0  # episodes a cell fault cut short (a starved servo peer): not counted
     _steps: int = 0
     _intervened: bool = False
 
@@ -85,7 +87,13 @@ class _Sink:
             self.store.append(decoded)
         self._steps += len(decoded.reward)
         self._intervened |= bool(np.any(decoded.intervention))
-        if chunk.last:
+        if chunk.last and chunk.outcome.reason in ("fault", "aborted"):
+            self.faults += 1
+            self._steps, self._intervened = 0, False
+            log.warning(
+                "episode %s cut short (%s); not counted", chunk.episode_id, chunk.outcome.reason
+            )
+        elif chunk.last:
             outcome = EpisodeOutcome(
                 task=decoded.task,
                 success=bool(chunk.outcome.success),
@@ -248,7 +256,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument(
         "--expert-baseline", action="store_true", help="also run the expert on the held-out scenes"
     )
-    ap.add_argument("--save", type=Path, default=None, help="write the final weights here")
+    ap.add_argument(
+        "--save", type=Path, default=None, help="write the weights here (safetensors) at each eval"
+    )
+    ap.add_argument(
+        "--load", type=Path, default=None, help="start from these weights (--updates 0: eval only)"
+    )
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(args.threads)
@@ -302,6 +315,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             progress.console.print(json.dumps({"expert_held_out": result["expert_held_out"]}))
         model = UnifiedPolicy(cfg)
+        if args.load is not None:
+            load_state_bytes(model, args.load.read_bytes())
         opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
         sched = (
             torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, args.updates), args.lr * 0.05)
@@ -310,7 +325,39 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         train_bar = progress.add_task("updates", total=args.updates, note="")
         train_s = 0.0
-        losses: list[float] = []
+        losses: list[float] = [float("nan")]
+
+        def evaluate(u: int) -> None:
+            model.eval()
+            if args.save is not None:  # at every evaluation: a stopped run keeps its weights
+                args.save.parent.mkdir(parents=True, exist_ok=True)
+                args.save.write_bytes(state_dict_to_bytes(model))
+            runner = PolicyRunner(model, f"u{u}")
+            bar = progress.add_task(
+                f"held-out eval @ {u}", total=args.eval_scenes * len(tasks), note=""
+            )
+            t_eval = time.monotonic()
+            outcomes = run_episodes(
+                seed=EVAL_SEED,
+                episodes_per_task=args.eval_scenes,
+                tasks=tasks,
+                cameras=cameras,
+                runner=runner,
+                lookahead=args.lookahead,
+                on_episode=lambda o: progress.advance(bar),
+            )
+            point = {
+                "updates": u,
+                "train_s": round(train_s, 1),
+                "eval_s": round(time.monotonic() - t_eval, 1),
+                "loss": round(float(np.mean(losses[-50:])), 5),
+                "tasks": summarize(outcomes),
+            }
+            result["evals"].append(point)
+            progress.console.print(json.dumps(point))
+
+        if args.updates == 0:
+            evaluate(0)
         for u in range(1, args.updates + 1):
             t = time.monotonic()
             model.train()
@@ -324,38 +371,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             losses.append(float(metrics["loss"]))
             progress.update(train_bar, advance=1, note=f"loss {np.mean(losses[-50:]):.4f}")
             if u % args.eval_every == 0 or u == args.updates:
-                model.eval()
-                runner = PolicyRunner(model, f"u{u}")
-                bar = progress.add_task(
-                    f"held-out eval @ {u}", total=args.eval_scenes * len(tasks), note=""
-                )
-                t_eval = time.monotonic()
-                outcomes = run_episodes(
-                    seed=EVAL_SEED,
-                    episodes_per_task=args.eval_scenes,
-                    tasks=tasks,
-                    cameras=cameras,
-                    runner=runner,
-                    lookahead=args.lookahead,
-                    on_episode=lambda o, bar=bar: progress.advance(bar),
-                )
-                point = {
-                    "updates": u,
-                    "train_s": round(train_s, 1),
-                    "eval_s": round(time.monotonic() - t_eval, 1),
-                    "loss": round(float(np.mean(losses[-50:])), 5),
-                    "tasks": summarize(outcomes),
-                }
-                result["evals"].append(point)
-                model = runner.model  # PolicyRunner moved it to eval mode; same module
-                progress.console.print(json.dumps(point))
+                evaluate(u)
         result["updates_per_s"] = round(args.updates / max(train_s, 1e-9), 2)
         result["parameters"] = model.num_parameters()
-        if args.save is not None:
-            args.save.parent.mkdir(parents=True, exist_ok=True)
-            from safetensors.torch import save_file  # weights as safetensors, never pickled
-
-            save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(args.save))
     print(json.dumps(result))
     return 0
 
