@@ -243,6 +243,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--updates", type=int, default=2000)
     ap.add_argument("--eval-every", type=int, default=1000, help="updates between evaluations")
     ap.add_argument("--eval-scenes", type=int, default=10, help="held-out scenes per task")
+    ap.add_argument(
+        "--eval-demo-scenes",
+        action="store_true",
+        help="also run the policy on the scenes it was shown (underfit or overfit?)",
+    )
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument(
@@ -346,6 +351,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                 lookahead=args.lookahead,
                 on_episode=lambda o: progress.advance(bar),
             )
+            if args.eval_demo_scenes:
+                seen = run_episodes(
+                    seed=DEMO_SEED,
+                    episodes_per_task=min(args.eval_scenes, args.demos),
+                    tasks=tasks,
+                    cameras=cameras,
+                    runner=runner,
+                    lookahead=args.lookahead,
+                )
             point = {
                 "updates": u,
                 "train_s": round(train_s, 1),
@@ -353,6 +367,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "loss": round(float(np.mean(losses[-50:])), 5),
                 "tasks": summarize(outcomes),
             }
+            if args.eval_demo_scenes:
+                point["demo_scenes"] = summarize(seen)
             result["evals"].append(point)
             progress.console.print(json.dumps(point))
 
