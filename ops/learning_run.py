@@ -159,6 +159,14 @@ def draw(result: dict, png: Path) -> Path:
     return draw_success_curve(lines, png, title=title, evals=evals)
 
 
+def save(result: dict, json_path: Path | None, png: Path | None) -> None:
+    if json_path is not None:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(result, indent=1, default=str))
+    if png is not None and result.get("curve"):
+        draw(result, png)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -265,15 +273,12 @@ def main() -> int:
             for v in versions
         ],
     }
+    save(result, args.json, args.png)  # the curve is kept even if the evaluation fails
     if args.sim_backend == "mujoco":
         result["held_out"] = held_out(
             data_dir, versions, started_at, args.eval_versions, args.eval_scenes, tasks
         )
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=1, default=str))
-    if args.png is not None:
-        draw(result, args.png)
+        save(result, args.json, args.png)
     print(json.dumps(result, default=str))
     return 0
 

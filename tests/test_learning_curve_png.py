@@ -82,3 +82,33 @@ def test_learning_run_replots_a_saved_run(tmp_path: Path) -> None:
     img = Image.open(png).convert("RGB")
     assert _near(img, _pixel(5.0, 0.25, 10.0), COLOURS[0])
     assert _near(img, _pixel(590 / 60, 0.7, 10.0), COLOURS[0])
+
+
+def test_learning_run_runs_a_published_version_on_held_out_scenes(tmp_path: Path) -> None:
+    import torch
+
+    from fleet.policy.config import policy_config
+    from fleet.policy.manifest import Manifest
+    from fleet.policy.model import UnifiedPolicy
+    from fleet.policy.weights import save_version
+    from ops.learning_run import held_out
+
+    torch.set_num_threads(1)
+    tasks = ("handover_bar", "place_cube", "push_to_target")
+    model = UnifiedPolicy(policy_config("tiny", tasks, ("overhead", "front")))
+    manifest = Manifest(
+        version_id="v0003",
+        parent=None,
+        model_config=model.config.to_dict(),
+        training_step=450,
+        data_seen=0,
+        sha256="",
+    )
+    save_version(tmp_path / "versions", model, manifest)
+    versions = [{"version_id": "v0003", "published_at": 1000.0 + 420.0}]
+    (point,) = held_out(tmp_path, versions, 1000.0, 1, 1, ["push_to_target"])
+    assert point["version"] == "v0003" and point["t_s"] == 420.0
+    assert point["training_step"] == 450
+    result = point["tasks"]["push_to_target"]  # an untrained version holds still
+    assert (result["successes"], result["episodes"]) == (0, 1)
+    assert result["low"] == 0.0 and 0.5 < result["high"] < 1.0
