@@ -70,9 +70,11 @@ class EpisodeOutcome:
 @dataclass
 class _Sink:
     """The ControlLoop's uplink: decodes chunks as ingest does, optionally stores them, and
-    stops the loop after `episodes` finished episodes."""
+    stops the loop once every task in `tasks` has `per_task` finished episodes (after a
+    fault-cut episode the round robin shifts; a task's extra episodes are not counted)."""
 
-    episodes: int
+    per_task: int
+    tasks: Sequence[str]
     stop: threading.Event
     store: EpisodeStore | None = None
     on_episode: Callable[[EpisodeOutcome], None] | None = None
@@ -102,12 +104,16 @@ class _Sink:
                 intervened=self._intervened,
             )
             self._steps, self._intervened = 0, False
-            self.outcomes.append(outcome)
-            if self.on_episode is not None:
-                self.on_episode(outcome)
-            if len(self.outcomes) >= self.episodes:
+            if self._count(outcome.task) < self.per_task:
+                self.outcomes.append(outcome)
+                if self.on_episode is not None:
+                    self.on_episode(outcome)
+            if all(self._count(t) >= self.per_task for t in self.tasks):
                 self.stop.set()
         return True
+
+    def _count(self, task: str) -> int:
+        return sum(o.task == task for o in self.outcomes)
 
 
 class _OneVersion:
@@ -145,7 +151,7 @@ def run_episodes(
         watchdog=False,
     )
     stop = threading.Event()
-    sink = _Sink(episodes_per_task * len(tasks), stop, store, on_episode)
+    sink = _Sink(episodes_per_task, tasks, stop, store, on_episode)
     try:
         loop = ControlLoop(
             ActorConfig(

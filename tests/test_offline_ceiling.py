@@ -79,7 +79,7 @@ def _one_step_episode(reason: str) -> trajectory_pb2.StepChunk:
 
 def test_an_episode_cut_short_by_a_fault_is_not_counted() -> None:
     stop = threading.Event()
-    sink = _Sink(episodes=1, stop=stop)
+    sink = _Sink(per_task=1, tasks=(TASK,), stop=stop)
     sink.submit(_one_step_episode("fault"))
     assert sink.outcomes == [] and sink.faults == 1 and not stop.is_set()
     sink.submit(_one_step_episode("timeout"))
