@@ -250,6 +250,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--eval-every", type=int, default=1000, help="updates between evaluations")
     ap.add_argument("--eval-scenes", type=int, default=10, help="held-out scenes per task")
     ap.add_argument(
+        "--eval-seed",
+        type=int,
+        default=EVAL_SEED,
+        help=f"actor seed of the evaluating cell (held out: {EVAL_SEED}; the demos': {DEMO_SEED})",
+    )
+    ap.add_argument(
         "--eval-demo-scenes",
         action="store_true",
         help="also run the policy on the scenes it was shown (underfit or overfit?)",
@@ -349,7 +355,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             t_eval = time.monotonic()
             outcomes = run_episodes(
-                seed=EVAL_SEED,
+                seed=args.eval_seed,
                 episodes_per_task=args.eval_scenes,
                 tasks=tasks,
                 cameras=cameras,
