@@ -212,6 +212,9 @@ def main(argv: list[str] | None = None) -> int:
         policy_overrides = parse_overrides(args.policy_set)
     except ValueError as exc:
         parser.error(str(exc))
+    fixed = sorted({"tasks", "cameras", "preset"} & set(policy_overrides))
+    if fixed:
+        parser.error(f"--policy-set cannot set {fixed}: use --tasks, --cameras, --preset")
     setup_logging()
     tasks = tuple(t for t in args.tasks.split(",") if t)
     cameras = tuple(c for c in args.cameras.split(",") if c)
