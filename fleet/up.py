@@ -85,6 +85,13 @@ def add_up_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-steps", type=int, default=200, help="stored steps before training starts")
     p.add_argument("--preset", default="tiny", help="model preset")
     p.add_argument(
+        "--policy-set",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="model settings over the preset's (fleet learner --policy-set)",
+    )
+    p.add_argument(
         "--realtime-factor",
         type=float,
         default=1.0,
@@ -276,6 +283,7 @@ def run_up(args: argparse.Namespace) -> int:
                 ",".join(SIM_CAMERAS),
                 "--preset",
                 args.preset,
+                *(["--policy-set", *args.policy_set] if args.policy_set else []),
                 "--publish-every",
                 str(args.publish_every),
                 "--min-steps",

@@ -21,6 +21,7 @@ from fleet import metrics
 from fleet.lease import LEASE_FILE, Lease, hold_lease
 from fleet.logs import setup_logging
 from fleet.metrics import add_metrics_arguments
+from fleet.policy.config import parse_overrides
 from fleet.registry import Registry
 from fleet.supervision import kill_group_when_gone, stop_with_supervisor
 from learner.admission import StreamLimits
@@ -214,6 +215,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--decode-workers", type=int, default=0, help="Ray actors decoding JPEGs (0=in-process)"
     )
     p.add_argument(
+        "--policy-set",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="model settings over the preset's, e.g. keypoints=16 shift_augment=4 chunk_len=20",
+    )
+    p.add_argument(
         "--advantage-weighting",
         action="store_true",
         help="weight episodes by exp(advantage/beta) from their outcome (AWR-style)",
@@ -243,7 +251,15 @@ def _security_problem(args: argparse.Namespace) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        policy_overrides = parse_overrides(args.policy_set)
+    except ValueError as exc:
+        parser.error(str(exc))
+    fixed = sorted({"tasks", "cameras", "preset"} & set(policy_overrides))
+    if fixed:
+        parser.error(f"--policy-set cannot set {fixed}: use --tasks, --cameras, --preset")
     problem = _security_problem(args)
     if problem is not None:
         raise SystemExit(problem)
@@ -324,7 +340,9 @@ def main(argv: list[str] | None = None) -> int:
         checkpoint_every_updates=args.checkpoint_every,
         checkpoint_every_s=args.checkpoint_every_s,
         decode_workers=args.decode_workers,
+        policy_overrides=policy_overrides,
         sampler=SamplerConfig(
+            chunk_len=int(policy_overrides.get("chunk_len", SamplerConfig.chunk_len)),
             batch_size=args.batch_size,
             min_steps=args.min_steps,
             max_samples_per_insert=args.max_samples_per_insert,

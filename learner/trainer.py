@@ -63,6 +63,9 @@ class TrainerConfig:
     # Backoff before the training loop restarts after an unexpected error (doubles up to max).
     restart_backoff_s: float = 1.0
     restart_backoff_max_s: float = 30.0
+    # PolicyConfig fields set over the preset's (e.g. {"keypoints": 16}); chunk_len is the
+    # sampler's.
+    policy_overrides: dict[str, Any] = field(default_factory=dict)
 
 
 class Trainer:
@@ -82,7 +85,10 @@ class Trainer:
         self.config = config
         self.registry = Registry(registry_url, prefix=registry_prefix)
         self.policy_config = policy_config(
-            config.preset, config.tasks, config.cameras, chunk_len=config.sampler.chunk_len
+            config.preset,
+            config.tasks,
+            config.cameras,
+            **{**config.policy_overrides, "chunk_len": config.sampler.chunk_len},
         )
         self.decode_pool = DecodePool(config.decode_workers) if config.decode_workers else None
         self.sampler = EpisodeSampler(

@@ -15,9 +15,15 @@ random (--takeover-prob 0), but when the policy has made no progress on the task
 autonomous successes / episodes is the fleet's real success rate, not one capped by random
 takeovers. Their corrections are the training data the policy lacks.
 
-Last line: one JSON object {"curve": [...], "final": {task: rate}, ...}.
-Run: .venv/bin/python ops/learning_run.py --cells 3 --duration 1800 [--interval 60]
-     [--sim-backend kinematic|mujoco]
+When the fleet has stopped, the versions it published are run on held-out scenes (the
+MuJoCo cell through its ControlLoop, no takeovers; ops/offline_ceiling.run_episodes):
+--eval-versions of them, spread over the run, --eval-scenes scenes a task each. The curve
+(window rates as lines, held-out results as dots with 95 % intervals) goes to --png, its
+numbers to --json; --replot JSON redraws a saved run.
+
+Last line: one JSON object {"curve": [...], "per_version": ..., "held_out": [...], ...}.
+Run: .venv/bin/python ops/learning_run.py --cells 2 --duration 1800 [--interval 300]
+     [--sim-backend kinematic|mujoco] [--png docs/learning_run.png --json docs/learning_run.json]
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ import time
 from pathlib import Path
 
 from fleet.registry import Registry
+from ops.curve_png import EvalPoint, draw_success_curve
 
 log = logging.getLogger(__name__)
 
@@ -81,8 +88,89 @@ def _window(
     return out
 
 
+def held_out(
+    data_dir: Path,
+    versions: list[dict],
+    started_at: float,
+    count: int,
+    scenes: int,
+    tasks: list[str],
+) -> list[dict[str, object]]:
+    """`count` published versions, evenly spread and always the last, on held-out scenes."""
+    from fleet.policy.manifest import Manifest
+    from fleet.policy.runtime import PolicyRunner
+    from ops.offline_ceiling import EVAL_SEED, run_episodes, summarize
+
+    if not versions or count < 1 or scenes < 1:
+        return []
+    picks = sorted({round(i * (len(versions) - 1) / max(1, count - 1)) for i in range(count)})
+    if count == 1:
+        picks = [len(versions) - 1]
+    points: list[dict[str, object]] = []
+    for i in picks:
+        v = versions[i]
+        vid = str(v["version_id"])
+        manifest = Manifest.from_json((data_dir / "versions" / f"{vid}.json").read_text())
+        weights = (data_dir / "versions" / f"{vid}.safetensors").read_bytes()
+        runner = PolicyRunner.from_version(weights, manifest)
+        log.info("held-out evaluation of version %s: %d scenes a task", vid, scenes)
+        outcomes = run_episodes(
+            seed=EVAL_SEED,
+            episodes_per_task=scenes,
+            tasks=tasks,
+            cameras=list(manifest.model_config["cameras"]),
+            runner=runner,
+        )
+        points.append(
+            {
+                "version": vid,
+                "t_s": round(float(v["published_at"]) - started_at, 1),
+                "training_step": manifest.training_step,
+                "tasks": summarize(outcomes),
+            }
+        )
+        print(json.dumps({"held_out": points[-1]}), flush=True)
+    return points
+
+
+def draw(result: dict, png: Path) -> Path:
+    """The run's curve: window rates per task as lines, held-out results as dots."""
+    lines: dict[str, list[tuple[float, float | None]]] = {}
+    for point in result.get("curve", []):
+        for task, v in point["tasks"].items():
+            rate = v["rate"] if v["episodes"] else None
+            lines.setdefault(task, []).append((float(point["t_s"]) / 60.0, rate))
+    evals: dict[str, list[EvalPoint]] = {}
+    for point in result.get("held_out", []):
+        for task, v in point["tasks"].items():
+            evals.setdefault(task, []).append(
+                EvalPoint(
+                    float(point["t_s"]) / 60.0,
+                    v["successes"] / max(1, v["episodes"]),
+                    float(v["low"]),
+                    float(v["high"]),
+                )
+            )
+    args = result.get("args", {})
+    title = (
+        f"fleet up: {args.get('cells', '?')} {args.get('sim_backend', '')} cells, "
+        f"autonomous success per {float(args.get('interval', 0)) / 60:.0f} min window"
+    )
+    return draw_success_curve(lines, png, title=title, evals=evals)
+
+
+def save(result: dict, json_path: Path | None, png: Path | None) -> None:
+    if json_path is not None:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(result, indent=1, default=str))
+    if png is not None and result.get("curve"):
+        draw(result, png)
+
+
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--cells", type=int, default=3)
     ap.add_argument("--duration", type=float, default=1800.0, help="seconds of `fleet up`")
     ap.add_argument("--interval", type=float, default=60.0, help="seconds per curve point")
@@ -91,8 +179,20 @@ def main() -> int:
     ap.add_argument("--takeover-prob", type=float, default=0.0)
     ap.add_argument("--takeover-stall-s", type=float, default=2.0)
     ap.add_argument("--extra", default="", help="more `fleet up` arguments, space separated")
+    ap.add_argument("--png", type=Path, default=None, help="write the curve here (PNG)")
+    ap.add_argument("--json", type=Path, default=None, help="write the run's numbers here")
+    ap.add_argument(
+        "--eval-versions", type=int, default=3, help="published versions run held out (0: none)"
+    )
+    ap.add_argument("--eval-scenes", type=int, default=10, help="held-out scenes a task")
+    ap.add_argument("--replot", type=Path, default=None, help="redraw --png from this JSON")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if args.replot is not None:
+        if args.png is None:
+            ap.error("--replot needs --png")
+        print(draw(json.loads(args.replot.read_text()), args.png))
+        return 0
 
     data_dir = args.data_dir or Path(tempfile.mkdtemp(prefix="learning-run-"))
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -129,6 +229,7 @@ def main() -> int:
         with open(data_dir / "learning_run_fleet.log", "wb") as out:
             fleet = subprocess.Popen(fleet_cmd, stdout=out, stderr=subprocess.STDOUT)
             started = time.monotonic()
+            started_at = time.time()
             before: dict[str, dict[str, dict[str, int]]] = {}
             while fleet.poll() is None:
                 time.sleep(min(args.interval, 5.0))
@@ -154,13 +255,31 @@ def main() -> int:
                 for task, versions in _totals(registry).items()
             }
             stats = registry.learner_stats()
+            versions = registry.versions()
     finally:
         if fleet is not None and fleet.poll() is None:
             fleet.terminate()
             fleet.wait(60)
         redis.terminate()
         redis.wait(10)
-    print(json.dumps({"curve": curve, "per_version": final, "learner": stats}, default=str))
+    tasks = sorted({t for p in curve for t in p["tasks"]})  # type: ignore[attr-defined]
+    result: dict = {
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "curve": curve,
+        "per_version": final,
+        "learner": stats,
+        "versions": [
+            {"version": v["version_id"], "t_s": round(float(v["published_at"]) - started_at, 1)}
+            for v in versions
+        ],
+    }
+    save(result, args.json, args.png)  # the curve is kept even if the evaluation fails
+    if args.sim_backend == "mujoco":
+        result["held_out"] = held_out(
+            data_dir, versions, started_at, args.eval_versions, args.eval_scenes, tasks
+        )
+        save(result, args.json, args.png)
+    print(json.dumps(result, default=str))
     return 0
 
 

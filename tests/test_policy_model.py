@@ -108,6 +108,31 @@ def test_config_from_dict_rejects_unknown_keys() -> None:
         PolicyConfig.from_dict(d)
 
 
+def test_manifest_config_without_newer_fields_rebuilds_the_old_network() -> None:
+    """Versions published before keypoints and shift augmentation existed still load as the
+    network they were trained as, whatever the presets say today."""
+    old = tiny().to_dict()
+    for key in ("keypoints", "shift_augment"):
+        old.pop(key)
+    cfg = PolicyConfig.from_dict(old)
+    assert (cfg.keypoints, cfg.shift_augment) == (0, 0)
+    assert set(UnifiedPolicy(cfg).state_dict()) == {k for k in make_model(keypoints=0).state_dict()}
+    with_kp = tiny(keypoints=6, shift_augment=3)
+    assert PolicyConfig.from_dict(json.loads(json.dumps(with_kp.to_dict()))) == with_kp
+
+
+def test_command_line_policy_settings_parse_to_config_fields() -> None:
+    from fleet.policy.config import parse_overrides
+
+    got = parse_overrides(["keypoints=16", "image_size=[96,128]", "preset=tiny"])
+    assert got == {"keypoints": 16, "image_size": [96, 128], "preset": "tiny"}
+    assert tiny(**{k: v for k, v in got.items() if k != "preset"}).image_size == (96, 128)
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        parse_overrides(["keypoints"])
+    with pytest.raises(ValueError, match="use_magic"):
+        parse_overrides(["use_magic=1"])
+
+
 def test_presets_have_the_promised_scale() -> None:
     counts = {
         name: UnifiedPolicy(policy_config(name, TASKS, CAMERAS)).num_parameters()
@@ -129,6 +154,60 @@ def test_forward_shapes_for_any_image_size(h: int, w: int) -> None:
     assert out.shape == (3, 5, JOINT_DIM)
     assert out.dtype == torch.float32
     assert torch.isfinite(out).all()
+
+
+def test_keypoints_locate_what_they_see() -> None:
+    """Spatial-softmax keypoints follow an image feature: a bright spot moved right moves
+    the keypoint right, and the network's output changes with it."""
+    from fleet.policy.model import SpatialSoftmax
+
+    soft = SpatialSoftmax(channels=1, keypoints=1)
+    with torch.no_grad():
+        soft.maps.weight.fill_(1.0)
+        soft.maps.bias.zero_()
+        soft.log_temperature.fill_(-3.0)  # sharp
+    features = torch.zeros(2, 1, 6, 8)
+    features[0, 0, 2, 1] = 1.0
+    features[1, 0, 2, 6] = 1.0
+    with torch.no_grad():
+        xy = soft(features)
+    assert xy.shape == (2, 1, 2)
+    assert float(xy[0, 0, 0]) < -0.5 < 0.5 < float(xy[1, 0, 0])
+    assert abs(float(xy[0, 0, 1]) - float(xy[1, 0, 1])) < 1e-5
+    model = perturb(make_model(keypoints=4)).eval()
+    images, joints, task_id = inputs(b=2, h=24, w=32)
+    moved = torch.roll(images, shifts=8, dims=3)
+    assert not torch.allclose(model(images, joints, task_id), model(moved, joints, task_id))
+
+
+def test_shift_augmentation_only_while_training() -> None:
+    model = perturb(make_model(shift_augment=4))
+    images, joints, task_id = inputs(b=4, h=48, w=64)
+    model.eval()
+    assert torch.equal(model(images, joints, task_id), model(images, joints, task_id))
+    model.train()
+    torch.manual_seed(1)
+    first = model(images, joints, task_id)
+    torch.manual_seed(2)
+    assert not torch.allclose(first, model(images, joints, task_id))
+
+
+def test_random_shift_moves_whole_images_by_at_most_pad() -> None:
+    from fleet.policy.model import random_shift
+
+    x = torch.arange(2 * 3 * 10 * 12, dtype=torch.float32).reshape(2, 3, 10, 12)
+    torch.manual_seed(0)
+    y = random_shift(x, 2)
+    assert y.shape == x.shape
+    for i in range(2):
+        # Some offset within [-2, 2] explains every interior pixel of the shifted image.
+        found = [
+            (dy, dx)
+            for dy in range(-2, 3)
+            for dx in range(-2, 3)
+            if torch.equal(y[i, :, 2:-2, 2:-2], x[i, :, 2 + dy : 8 + dy, 2 + dx : 10 + dx])
+        ]
+        assert len(found) == 1
 
 
 def test_untrained_policy_holds_position() -> None:

@@ -8,6 +8,7 @@ override single fields) instead of editing code.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -28,6 +29,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "image_channels": (16, 32, 64),
         "image_blocks": 1,
         "token_grid": (3, 4),
+        "keypoints": 0,
+        "shift_augment": 0,
     },
     "base": {
         "d_model": 512,
@@ -39,6 +42,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "image_channels": (64, 128, 256, 512),
         "image_blocks": 2,
         "token_grid": (6, 8),
+        "keypoints": 0,
+        "shift_augment": 0,
     },
     "large": {
         "d_model": 1024,
@@ -50,6 +55,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "image_channels": (64, 128, 256, 512),
         "image_blocks": 2,
         "token_grid": (8, 10),
+        "keypoints": 0,
+        "shift_augment": 0,
     },
 }
 
@@ -64,7 +71,13 @@ _FROM_PRESET: dict[str, Any] = {
     "image_channels": (),
     "image_blocks": -1,
     "token_grid": (),
+    "keypoints": -1,
+    "shift_augment": -1,
 }
+
+# Fields added after versions were first published, with the value that rebuilds those
+# versions' network exactly: a manifest without the field gets this, not the preset's.
+_LEGACY: dict[str, Any] = {"keypoints": 0, "shift_augment": 0}
 
 _TUPLE_FIELDS = (
     "tasks",
@@ -99,6 +112,12 @@ class PolicyConfig:
     image_channels: tuple[int, ...] = ()
     image_blocks: int = -1
     token_grid: tuple[int, ...] = ()
+    # Spatial-softmax keypoints per camera, each one more token (0 = none): where a feature
+    # is, to a fraction of a cell, which average-pooled grid tokens blur away.
+    keypoints: int = -1
+    # Random-shift augmentation while training: every image moves by up to this many pixels
+    # (of image_size), edges replicated (DrQ); never at inference.
+    shift_augment: int = -1
     joint_lower: tuple[float, ...] = tuple(float(x) for x in JOINT_LOWER)
     joint_upper: tuple[float, ...] = tuple(float(x) for x in JOINT_UPPER)
 
@@ -131,8 +150,9 @@ class PolicyConfig:
             raise ValueError(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-        if self.image_blocks < 0:
-            raise ValueError(f"image_blocks must be >= 0, got {self.image_blocks}")
+        for name in ("image_blocks", "keypoints", "shift_augment"):
+            if int(getattr(self, name)) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("image_size", "token_grid"):
             value = getattr(self, name)
             if len(value) != 2 or min(value) < 1:
@@ -167,7 +187,7 @@ class PolicyConfig:
         if missing:
             raise ValueError(f"policy config lacks {missing}")
         kwargs = {k: tuple(v) if k in _TUPLE_FIELDS else v for k, v in d.items()}
-        return cls(**kwargs)
+        return cls(**{**_LEGACY, **kwargs})
 
 
 def policy_config(
@@ -182,3 +202,21 @@ def policy_config(
         raise ValueError(f"unknown policy config overrides {unknown}")
     values: dict[str, Any] = {**PRESETS[preset], **overrides}
     return PolicyConfig(tasks=tuple(tasks), cameras=tuple(cameras), preset=preset, **values)
+
+
+def parse_overrides(pairs: Sequence[str]) -> dict[str, Any]:
+    """Command-line KEY=VALUE pairs (VALUE as JSON, else a string) for PolicyConfig fields,
+    e.g. ["keypoints=16", "image_size=[96,128]"]; unknown fields are a ValueError."""
+    fields = {f.name for f in dataclasses.fields(PolicyConfig)}
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or key not in fields:
+            raise ValueError(
+                f"policy setting {pair!r}: want KEY=VALUE with KEY one of {sorted(fields)}"
+            )
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out

@@ -45,8 +45,43 @@ class _ResidualBlock(nn.Module):
         return F.gelu(x + self.norm2(self.conv2(y)))
 
 
+class SpatialSoftmax(nn.Module):
+    """Feature maps (N, C, h, w) to K keypoints (N, K, 2): the softmax-weighted mean (x, y)
+    in [-1, 1] of K learned maps, precise to a fraction of a feature cell."""
+
+    def __init__(self, channels: int, keypoints: int) -> None:
+        super().__init__()
+        self.maps = nn.Conv2d(channels, keypoints, 1)
+        self.log_temperature = nn.Parameter(torch.zeros(()))
+
+    def forward(self, features: Tensor) -> Tensor:
+        h, w = features.shape[-2:]
+        logits = self.maps(features).flatten(2) / self.log_temperature.exp()
+        weights = logits.softmax(-1)  # (N, K, h*w)
+        ys = torch.linspace(-1.0, 1.0, h, device=features.device, dtype=weights.dtype)
+        xs = torch.linspace(-1.0, 1.0, w, device=features.device, dtype=weights.dtype)
+        grid = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), -1).reshape(h * w, 2)
+        return weights @ grid
+
+
+def random_shift(x: Tensor, pad: int) -> Tensor:
+    """Each image of (N, C, H, W) moved by its own random whole-pixel offset in [-pad, pad],
+    edges replicated (DrQ's augmentation)."""
+    n, _, h, w = x.shape
+    padded = F.pad(x, (pad, pad, pad, pad), mode="replicate")
+    dy = torch.randint(0, 2 * pad + 1, (n,), device=x.device)
+    dx = torch.randint(0, 2 * pad + 1, (n,), device=x.device)
+    rows = (dy[:, None] + torch.arange(h, device=x.device)[None])[:, None, :, None]
+    cols = (dx[:, None] + torch.arange(w, device=x.device)[None])[:, None, None, :]
+    batch = torch.arange(n, device=x.device)[:, None, None, None]
+    chan = torch.arange(x.shape[1], device=x.device)[None, :, None, None]
+    return padded[batch, chan, rows, cols]
+
+
 class ImageEncoder(nn.Module):
-    """Shared CNN: one normalised image batch (N, 3, H, W) to (N, grid_h * grid_w, d_model)."""
+    """Shared CNN: one normalised image batch (N, 3, H, W) to (N, tokens, d_model): the
+    average-pooled feature grid, then (if `keypoints`) one token per spatial-softmax
+    keypoint."""
 
     def __init__(
         self,
@@ -54,6 +89,7 @@ class ImageEncoder(nn.Module):
         blocks_per_stage: int,
         d_model: int,
         token_grid: tuple[int, ...],
+        keypoints: int = 0,
     ) -> None:
         super().__init__()
         layers: list[nn.Module] = []
@@ -69,12 +105,21 @@ class ImageEncoder(nn.Module):
         self.stages = nn.Sequential(*layers)
         self.token_grid = (int(token_grid[0]), int(token_grid[1]))
         self.project = nn.Conv2d(previous, d_model, 1)
+        self.keypoints = SpatialSoftmax(previous, keypoints) if keypoints else None
+        if keypoints:
+            self.keypoint_proj = nn.Linear(2, d_model)
+            self.keypoint_embed = nn.Parameter(torch.randn(1, keypoints, d_model) * 0.02)
 
     def forward(self, x: Tensor) -> Tensor:
         features = self.stages(x)
-        if tuple(features.shape[-2:]) != self.token_grid:
-            features = F.adaptive_avg_pool2d(features, self.token_grid)
-        return self.project(features).flatten(2).transpose(1, 2)
+        grid = features
+        if tuple(grid.shape[-2:]) != self.token_grid:
+            grid = F.adaptive_avg_pool2d(grid, self.token_grid)
+        tokens = self.project(grid).flatten(2).transpose(1, 2)
+        if self.keypoints is None:
+            return tokens
+        points = self.keypoint_proj(self.keypoints(features)) + self.keypoint_embed
+        return torch.cat([tokens, points], dim=1)
 
 
 class UnifiedPolicy(nn.Module):
@@ -84,9 +129,9 @@ class UnifiedPolicy(nn.Module):
         super().__init__()
         self.config = config
         d = config.d_model
-        n_tokens = config.token_grid[0] * config.token_grid[1]
+        n_tokens = config.token_grid[0] * config.token_grid[1] + config.keypoints
         self.image_encoder = ImageEncoder(
-            config.image_channels, config.image_blocks, d, config.token_grid
+            config.image_channels, config.image_blocks, d, config.token_grid, config.keypoints
         )
         self.camera_embed = nn.Parameter(torch.randn(len(config.cameras), 1, d) * 0.02)
         self.spatial_embed = nn.Parameter(torch.randn(1, n_tokens, d) * 0.02)
@@ -166,6 +211,8 @@ class UnifiedPolicy(nn.Module):
         size = (int(self.config.image_size[0]), int(self.config.image_size[1]))
         if (h, w) != size:
             x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
+        if self.training and self.config.shift_augment:
+            x = random_shift(x, int(self.config.shift_augment))
         x = (x - _PIXEL_MEAN) / _PIXEL_STD
         tokens = self.image_encoder(x) + self.spatial_embed  # (b * n_cams, n_tokens, d)
         tokens = tokens.reshape(b, n_cams, -1, tokens.shape[-1]) + self.camera_embed
