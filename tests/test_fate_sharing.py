@@ -117,6 +117,7 @@ def test_killed_learner_acks_and_publishes_nothing_more_and_leaves_no_process(
             "2",
             "--max-samples-per-insert",
             "1000000",
+            "--insecure",  # plaintext on loopback: this test is about processes, not TLS
         ],
         stdout=log,
         stderr=subprocess.STDOUT,
