@@ -22,9 +22,11 @@ latency timer to 1 ms through sysfs when the port is a USB serial adapter that a
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import math
 import os
+import select
 import termios
 import threading
 import time
@@ -138,22 +140,60 @@ def set_low_latency(port: str) -> bool:
 
 
 class _WaitingPortHandler(PortHandler):
-    """PortHandler whose reads wait in select() for the bytes asked for, not spin.
+    """PortHandler whose reads wait in select() for bytes, not spin, and take every byte
+    that has arrived at once.
 
-    The SDK asks for exactly the bytes still missing from the packet it is parsing, so a
-    read returns the moment they arrive; when nothing comes it returns after `read_wait_s`
-    and the SDK's own packet timeout decides, as before.
+    The SDK asks for a few bytes at a time (11 for a status header, then the rest, packet
+    after packet: ~16 reads for one 7-servo sync read, each a select and a read through
+    pyserial). Here one wakeup takes all that is there into a buffer the SDK's reads are
+    served from, so a sync read whose status packets came together costs one or two
+    system calls. When nothing comes a read returns empty after `read_wait_s` and the SDK's
+    own packet timeout decides, as before; `clearPort` (before every instruction) drops
+    the buffer with the kernel's.
     """
 
     def __init__(self, port_name: str, read_wait_s: float) -> None:
         super().__init__(port_name)
-        self._read_wait_s = read_wait_s
+        self._read_wait_s = max(0.0, read_wait_s)
+        self._rx = bytearray()
 
-    def setupPort(self, cflag_baud: int) -> bool:  # SDK method name
-        ok = bool(super().setupPort(cflag_baud))
-        if ok and self._read_wait_s > 0:
-            self.ser.timeout = self._read_wait_s
-        return ok
+    def readPort(self, length: int) -> bytes:  # SDK method name
+        if length <= 0:
+            return b""
+        if len(self._rx) < length:
+            self._fill()
+        out = bytes(self._rx[:length])
+        del self._rx[:length]
+        return out
+
+    def _fill(self) -> None:
+        ser = self.ser
+        if ser is None or not ser.is_open:
+            raise OSError(errno.EBADF, f"port {self.port_name} is not open")
+        ready, _, _ = select.select([ser.fd], [], [], self._read_wait_s)
+        if not ready:
+            return
+        try:
+            data = os.read(ser.fd, 4096)
+        except (BlockingIOError, InterruptedError):
+            return
+        if not data:  # what pyserial says when a USB adapter (or a pty's far end) went away
+            raise OSError(
+                errno.EIO,
+                f"port {self.port_name} reports data but returned none (device disconnected?)",
+            )
+        self._rx += data
+
+    def getBytesAvailable(self) -> int:  # SDK method name
+        return len(self._rx) + int(self.ser.in_waiting)
+
+    def clearPort(self) -> None:  # SDK method name
+        self._rx.clear()
+        super().clearPort()
+
+    def closePort(self) -> None:  # SDK method name
+        self._rx.clear()
+        super().closePort()
 
 
 class _SyncRead(GroupSyncRead):

@@ -93,6 +93,7 @@ class LinkedPhysics:
         self.barrier = barrier
         self.cal = {side: calibration.arm(side) for side in ARM_SIDES}
         self._seen = {side: {sid: 0 for sid in self.cal[side].ids} for side in ARM_SIDES}
+        self._counts = {side: -1 for side in ARM_SIDES}  # links' command_count last read
         self.publish()
 
     @property
@@ -113,6 +114,10 @@ class LinkedPhysics:
     def apply_commands(self) -> None:
         for i, side in enumerate(ARM_SIDES):
             cal, link, seen = self.cal[side], self.links[side], self._seen[side]
+            count = link.command_count  # before the commands: a write after it shows next time
+            if count == self._counts[side]:
+                continue  # nothing written since the last look (most physics steps)
+            self._counts[side] = count
             cmds = [link.read_command(sid) for sid in cal.ids]
             torque = all(c.torque_enable for c in cmds)
             if torque != bool(self.world.torque[i]):  # set_torque re-homes the goal: on change only
@@ -123,8 +128,10 @@ class LinkedPhysics:
                 self.world.set_goal(i, joint_from_shaft(cal, [c.goal_position for c in cmds]))
 
     def forget_goals(self) -> None:
-        """After a reset: goals sent before it must not pull the arms back."""
+        """After a reset: goals sent before it must not pull the arms back (and the
+        servos' torque state is applied again at the next step: the reset turned it on)."""
         for side in ARM_SIDES:
+            self._counts[side] = -1
             for sid in self.cal[side].ids:
                 self._seen[side][sid] = self.links[side].read_command(sid).seq
         self.publish()
