@@ -136,12 +136,14 @@ def main() -> None:
                 f"floor: {mm_reps} x {n}x{n} fp32 matmul, {torch.get_num_threads()} thread(s)",
                 flush=True,
             )
-            rl, pt, sp, rl_cpu, mm, mm_cpu = [], [], [], [], [], []
+            rl, pt, sp, rl_cpu, pt_cpu, mm, mm_cpu = [], [], [], [], [], [], []
             for r in range(args.rounds):  # interleaved so drift hits all alike
                 wall, cpu = _rates(lambda: update(group, batch), args.updates, args.warmup)
                 rl.append(wall)
                 rl_cpu.append(cpu)
-                pt.append(_rate(torch_step, args.updates, args.warmup))
+                wall, cpu = _rates(torch_step, args.updates, args.warmup)
+                pt.append(wall)
+                pt_cpu.append(cpu)
                 wall, cpu = _rates(matmul, max(3, args.updates), 1)
                 mm.append(wall * mm_reps * 2 * n**3)
                 mm_cpu.append(cpu * mm_reps * 2 * n**3)
@@ -176,6 +178,8 @@ def main() -> None:
         "torch_updates_per_s": round(bare, 2),
         "torch_samples_per_s": round(bare * args.batch_size, 1),
         "rllib_vs_torch_ratio": round(rllib / bare, 3),
+        # per CPU-second of this process: what a loaded machine does not move
+        "rllib_vs_torch_ratio_cpu": round(float(np.median(rl_cpu)) / float(np.median(pt_cpu)), 3),
         "sampler_batches_per_s": round(samp, 2),
         "sampler_vs_trainer_x": round(samp / rllib, 2),
         "goals": GOALS,
