@@ -11,10 +11,12 @@ Part 2, the cell as `fleet up` runs it (20 Hz, two 96x128 cameras): the SDK cell
 shared memory -> MuJoCo; MuJoCo renderer -> pyrealsense2 software device -> RealSenseCamera)
 driven tick by tick like the control loop (observe, command, sleep until the next tick), in
 its default real-time mode and in lockstep (`fleet eval`). Its floor, measured in the same
-run: the same world, scene, cameras and goals stepped and rendered directly, with no SDK,
-servo peer or RealSense path. Figures are control steps per CPU-second: the CPU time of every
-process involved (this process with all its threads, and the servo peers, its children), so
-the ratio means the same on a loaded machine and an idle one. Goal: SDK cell >= 0.6 x floor.
+run: the same world, scene, cameras and goals stepped and rendered directly, unpaced, with
+no SDK, servo peer or RealSense path (also printed: that floor paced in real time, which
+tells the cost of sleeping between ticks from the cost of the SDK path). Figures are
+control steps per CPU-second: the CPU time of every process involved (this process with all
+its threads, and the servo peers, its children), so the ratio means much the same on a
+loaded machine and an idle one. Goal: real-time SDK cell >= 0.6 x the (unpaced) floor.
 
 Why: a simulated fleet runs many cells on one machine, and data collection and evaluation
 run faster than real time; a cell must not be what limits them, and the SDK path that makes
@@ -119,7 +121,9 @@ def _figures(steps: int, cpu_s: float, wall_s: float) -> dict[str, float]:
     }
 
 
-def _measure(tick: Callable[[int], None], seconds: float) -> dict[str, float]:
+def _measure(tick: Callable[[int], None], seconds: float, paced: bool = False) -> dict[str, float]:
+    """Runs `tick` for ~`seconds` after a few untimed ones; `paced`: at CELL_HZ in real
+    time, sleeping between ticks as SimClock does (0 lag: never bursts to catch up)."""
     for k in range(5):  # GL contexts, pipelines, first frames stay out of the figures
         tick(k)
     cpu0, t0 = tree_cpu_s(), time.perf_counter()
@@ -127,12 +131,16 @@ def _measure(tick: Callable[[int], None], seconds: float) -> dict[str, float]:
     while time.perf_counter() - t0 < seconds:
         tick(5 + steps)
         steps += 1
+        if paced:
+            time.sleep(max(0.0, t0 + steps / CELL_HZ - time.perf_counter()))
     return _figures(steps, tree_cpu_s() - cpu0, time.perf_counter() - t0)
 
 
-def cell_floor(seconds: float) -> dict[str, float]:
+def cell_floor(seconds: float, paced: bool = False) -> dict[str, float]:
     """The physics + render floor of a `fleet up` cell tick: goals in, 1/CELL_HZ of physics,
-    joint positions out, every camera rendered; no SDK, servo peer or RealSense path."""
+    joint positions out, every camera rendered; no SDK, servo peer or RealSense path.
+    `paced`: in real time like the real-time cell, to tell the cost of sleeping between
+    ticks (caches gone cold, threads woken) from the cost of the SDK path."""
     world = MujocoWorld(0, control_hz=CELL_HZ)
     start = world.joint_positions()
 
@@ -144,7 +152,7 @@ def cell_floor(seconds: float) -> dict[str, float]:
             world.render(cam, *CELL_SIZE)
 
     try:
-        return _measure(tick, seconds)
+        return _measure(tick, seconds, paced)
     finally:
         world.close()
 
@@ -194,9 +202,15 @@ def main() -> None:
     }
     for name, fig in figures.items():
         print(f"{name:>18}: {fig}")
-    rounds: dict[str, list[dict[str, float]]] = {"floor": [], "realtime": [], "lockstep": []}
+    rounds: dict[str, list[dict[str, float]]] = {
+        "floor": [],
+        "floor_paced": [],
+        "realtime": [],
+        "lockstep": [],
+    }
     for r in range(args.rounds):  # interleaved, so drift in the machine's load hits all alike
         rounds["floor"].append(cell_floor(args.cell_seconds))
+        rounds["floor_paced"].append(cell_floor(args.cell_seconds, paced=True))
         rounds["realtime"].append(sdk_cell(args.cell_seconds, lockstep=False))
         rounds["lockstep"].append(sdk_cell(args.cell_seconds, lockstep=True))
         for name, runs in rounds.items():
@@ -207,10 +221,14 @@ def main() -> None:
 
     floor = rate("floor")
     ratios = {f"sdk_cell_{m}_vs_floor": round(rate(m) / floor, 3) for m in ("realtime", "lockstep")}
+    # Not a goal: the real-time cell against the floor paced the same way, i.e. what the SDK
+    # path costs apart from sleeping between ticks.
+    ratios["sdk_cell_realtime_vs_paced_floor"] = round(rate("realtime") / rate("floor_paced"), 3)
     figures["cell"] = {
         "control_hz": CELL_HZ,
         "size": list(CELL_SIZE),
         "floor_steps_per_cpu_s": round(floor, 1),
+        "paced_floor_steps_per_cpu_s": round(rate("floor_paced"), 1),
         "realtime_steps_per_cpu_s": round(rate("realtime"), 1),
         "lockstep_steps_per_cpu_s": round(rate("lockstep"), 1),
         **ratios,
