@@ -472,9 +472,15 @@ class DynamixelBus:
                         group.addParam(sid)
                     self._reads[(address, size, ids)] = group
                 result = self._io(lambda _p, g=group: g.txRxPacket())
-                if result == COMM_SUCCESS:
-                    return self._sync_result(group, ids, address, size, allow_alert)
                 failed = group.failed_id
+                if result == COMM_SUCCESS:
+                    # A late status packet of an earlier, given-up instruction (a ping's,
+                    # say) can arrive after the port was cleared and pass for this servo's
+                    # reply; its length gives it away, and a retry reads the real one.
+                    failed = next((s for s in ids if len(group.data_dict[s]) != size), None)
+                    if failed is None:
+                        return self._sync_result(group, ids, address, size, allow_alert)
+                    result = COMM_RX_CORRUPT
                 log.debug("%s: sync read try %d: %s", self.describe(failed), attempt, result)
                 if time.monotonic() - start > self.retry_budget_s:
                     break
