@@ -15,8 +15,10 @@ Two layers:
 
 Measured on the SDK (4.1): it busy-waits for status packets and gives up after a fixed
 ~34 ms (2 x LATENCY_TIMER + 2 ms). The port handler here waits in select() instead of
-spinning (reads return as soon as the bytes the SDK asked for arrived) and sets the FTDI
-latency timer to 1 ms through sysfs when the port is a USB serial adapter that allows it.
+spinning, takes every byte that has arrived in one read (the SDK then parses from that
+buffer: ~2 system calls for a 7-servo sync read instead of ~16 small pyserial reads), and
+sets the FTDI latency timer to 1 ms through sysfs when the port is a USB serial adapter
+that allows it.
 """
 
 from __future__ import annotations
