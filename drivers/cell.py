@@ -110,9 +110,14 @@ class CellHardware:
 
         def watch() -> None:
             held_since = None
-            while not self._watchdog_stop.wait(period_s / 2):
+            wait = period_s / 2
+            while not self._watchdog_stop.wait(wait):
                 quiet = time.monotonic() - self._last_command
-                if quiet < limit or self.current_fault or held_since == self._last_command:
+                if quiet < limit:  # no hold can be due before the limit: sleep until then
+                    wait = max(limit - quiet, 0.001)
+                    continue
+                wait = period_s / 2
+                if self.current_fault or held_since == self._last_command:
                     continue
                 held_since = self._last_command
                 try:

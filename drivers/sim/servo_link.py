@@ -18,7 +18,8 @@ Layout (little-endian). Header, 64 bytes:
     12   u32   number of servos N
     16   f64   physics_stamp: time.monotonic() of the physics sim's last write (0 = never)
     24   f64   peer_stamp: time.monotonic() of the peer's last command write
-    32   ...   reserved (zero)
+    32   u64   command_count: +1 after every command write (written last, by the peer)
+    40   ...   reserved (zero)
 
 Then N records of 64 bytes, record i at offset 64 + 64 * i:
 
@@ -44,6 +45,10 @@ gripper = (shaft_ticks + homing_offset - closed_ticks) / (open_ticks - closed_ti
 
 A physics step: for each servo `read_command`, drive the joint toward `goal_position` when
 `torque_enable` (limiting effort to `goal_current` in mode 5), then `write_measurement`.
+Commands change a few times a control tick and physics steps run 25 times as often, so a
+physics sim first reads `command_count` (one load): while it is what it was when the
+commands were last read, nothing new has been written (the count is stored after the fields
+it covers, so reading it *before* the fields never hides a write).
 Until the physics sim first writes, the peer reports the initial shaft positions it was
 started with.
 """
@@ -73,6 +78,7 @@ _PRESENT = struct.Struct("<ddd")  # +24
 _U8 = struct.Struct("<B")
 _F64 = struct.Struct("<d")
 _U64 = struct.Struct("<Q")
+_COMMAND_COUNT_OFF = 32
 
 
 _SHM_DIR = "/dev/shm"
@@ -210,6 +216,8 @@ class ServoLink:
         _F64.pack_into(self._buf, off + 16, goal_current)
         _U64.pack_into(self._buf, off + 48, seq)
         _F64.pack_into(self._buf, 24, time.monotonic())
+        count = _U64.unpack_from(self._buf, _COMMAND_COUNT_OFF)[0] + 1
+        _U64.pack_into(self._buf, _COMMAND_COUNT_OFF, count)
 
     def read_measurement(self, servo_id: int) -> ServoMeasurement:
         off = self._off(servo_id)
@@ -224,6 +232,12 @@ class ServoLink:
         )
 
     # Physics side ----------------------------------------------------------------------
+
+    @property
+    def command_count(self) -> int:
+        """How many command writes the peer has made; read it before `read_command`, and
+        while it is unchanged the commands are too."""
+        return int(_U64.unpack_from(self._buf, _COMMAND_COUNT_OFF)[0])
 
     def read_command(self, servo_id: int) -> ServoCommand:
         off = self._off(servo_id)
