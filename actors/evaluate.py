@@ -72,6 +72,26 @@ class LoadedVersion:
         return self.manifest.version_id
 
 
+def version_of_model(
+    model: Any, version_id: str, directory: Path, *, training_step: int = 0
+) -> LoadedVersion:
+    """An in-memory model (its PolicyConfig and state) as a version `evaluate` can run:
+    written as a version file pair under `directory`, since workers load weights from a
+    file and every runner checks them against the manifest's SHA-256."""
+    from fleet.policy.weights import save_version
+
+    manifest = Manifest(
+        version_id=version_id,
+        parent=None,
+        model_config=model.config.to_dict(),
+        training_step=training_step,
+        data_seen=0,
+        sha256="",
+    )
+    weights_path, manifest_path = save_version(Path(directory), model, manifest)
+    return LoadedVersion(manifest, weights_path, manifest_path)
+
+
 def _from_files(manifest_path: Path, weights_path: Path | None = None) -> LoadedVersion:
     manifest = Manifest.from_json(manifest_path.read_text())
     weights = weights_path or manifest_path.with_name(f"{manifest.version_id}.safetensors")
@@ -293,6 +313,17 @@ class PolicySpec:
     manifest_json: str = ""
     init_seed: int = 0
 
+    @classmethod
+    def of_version(cls, version: LoadedVersion) -> PolicySpec:
+        """The spec that runs `version`'s own (checked) weights, under its id."""
+        return cls(
+            version.version_id,
+            "version",
+            str(version.weights_path),
+            str(version.manifest_path or ""),
+            version.manifest.to_json(),
+        )
+
 
 def _build_runner(spec: PolicySpec) -> Any:
     import torch
@@ -424,26 +455,10 @@ def _policies(
     untrained_seed: int,
 ) -> list[PolicySpec]:
     manifest_json = version.manifest.to_json()
-    out = [
-        PolicySpec(
-            version.version_id,
-            "version",
-            str(version.weights_path),
-            str(version.manifest_path or ""),
-            manifest_json,
-        )
-    ]
+    out = [PolicySpec.of_version(version)]
     for base in baselines:
         if isinstance(base, LoadedVersion):
-            out.append(
-                PolicySpec(
-                    base.version_id,
-                    "version",
-                    str(base.weights_path),
-                    str(base.manifest_path or ""),
-                    base.manifest.to_json(),
-                )
-            )
+            out.append(PolicySpec.of_version(base))
         elif base == "untrained":
             out.append(
                 PolicySpec(

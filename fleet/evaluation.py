@@ -68,6 +68,16 @@ class TaskScore:
     def rate(self) -> float:
         return self.successes / self.episodes if self.episodes else 0.0
 
+    def to_dict(self) -> dict[str, Any]:
+        """The figures as stored and printed (rounded)."""
+        return {
+            "successes": self.successes,
+            "episodes": self.episodes,
+            "success_rate": round(self.rate, 4),
+            "ci95": [round(self.ci95[0], 4), round(self.ci95[1], 4)],
+            "mean_progress": round(self.mean_progress, 4),
+        }
+
 
 def score(records: Iterable[EpisodeRecord]) -> dict[str, dict[str, TaskScore]]:
     """policy -> task -> TaskScore. A success counts only when no step was an operator's
@@ -122,16 +132,7 @@ class EvalResult:
             "evaluated_at": self.started_at,
             "duration_s": round(self.duration_s, 3),
             "scores": {
-                policy: {
-                    task: {
-                        "successes": s.successes,
-                        "episodes": s.episodes,
-                        "success_rate": round(s.rate, 4),
-                        "ci95": [round(s.ci95[0], 4), round(s.ci95[1], 4)],
-                        "mean_progress": round(s.mean_progress, 4),
-                    }
-                    for task, s in per_task.items()
-                }
+                policy: {task: s.to_dict() for task, s in per_task.items()}
                 for policy, per_task in self.scores.items()
             },
         }

@@ -15,9 +15,11 @@ random (--takeover-prob 0), but when the policy has made no progress on the task
 autonomous successes / episodes is the fleet's real success rate, not one capped by random
 takeovers. Their corrections are the training data the policy lacks.
 
-When the fleet has stopped, the versions it published are run on held-out scenes (the
-MuJoCo cell through its ControlLoop, no takeovers; ops/offline_ceiling.run_episodes):
---eval-versions of them, spread over the run, --eval-scenes scenes a task each. The curve
+When the fleet has stopped, the versions it published are evaluated as `fleet eval` does
+(actors.evaluate.evaluate: lockstep MuJoCo cells through their ControlLoop, no takeovers, on
+its held-out scenes, never a training seed), and each result is stored with its version
+(manifest file and registry, as `fleet eval` stores it): --eval-versions of them, spread
+over the run, --eval-scenes scenes a task each. The curve
 (window rates as lines, held-out results as dots with 95 % intervals) goes to --png, its
 numbers to --json; --replot JSON redraws a saved run.
 
@@ -95,11 +97,12 @@ def held_out(
     count: int,
     scenes: int,
     tasks: list[str],
+    registry: Registry | None = None,
 ) -> list[dict[str, object]]:
-    """`count` published versions, evenly spread and always the last, on held-out scenes."""
-    from fleet.policy.manifest import Manifest
-    from fleet.policy.runtime import PolicyRunner
-    from ops.offline_ceiling import EVAL_SEED, run_episodes, summarize
+    """`count` published versions, evenly spread and always the last, run by `fleet eval`'s
+    evaluate() on its held-out scenes; each result is stored with its version."""
+    from actors.evaluate import evaluate, resolve_version, store_where
+    from fleet.evaluation import store_evaluation
 
     if not versions or count < 1 or scenes < 1:
         return []
@@ -110,23 +113,23 @@ def held_out(
     for i in picks:
         v = versions[i]
         vid = str(v["version_id"])
-        manifest = Manifest.from_json((data_dir / "versions" / f"{vid}.json").read_text())
-        weights = (data_dir / "versions" / f"{vid}.safetensors").read_bytes()
-        runner = PolicyRunner.from_version(weights, manifest)
+        version = resolve_version(vid, registry=registry, versions_dir=data_dir / "versions")
         log.info("held-out evaluation of version %s: %d scenes a task", vid, scenes)
-        outcomes = run_episodes(
-            seed=EVAL_SEED,
-            episodes_per_task=scenes,
-            tasks=tasks,
-            cameras=list(manifest.model_config["cameras"]),
-            runner=runner,
+        result = evaluate(version, tasks, scenes, 0, "mujoco", baselines=())
+        stored = store_where(version, registry)
+        store_evaluation(
+            result.summary(),
+            manifest_path=version.manifest_path,
+            registry=registry if "registry" in stored else None,
         )
+        log.info("evaluation of %s stored in the %s", vid, " and ".join(stored) or "(nowhere)")
         points.append(
             {
                 "version": vid,
                 "t_s": round(float(v["published_at"]) - started_at, 1),
-                "training_step": manifest.training_step,
-                "tasks": summarize(outcomes),
+                "training_step": version.manifest.training_step,
+                "seeds": list(result.seeds),
+                "tasks": {t: s.to_dict() for t, s in result.scores[vid].items()},
             }
         )
         print(json.dumps({"held_out": points[-1]}), flush=True)
@@ -143,12 +146,13 @@ def draw(result: dict, png: Path) -> Path:
     evals: dict[str, list[EvalPoint]] = {}
     for point in result.get("held_out", []):
         for task, v in point["tasks"].items():
+            low, high = v["ci95"] if "ci95" in v else (v["low"], v["high"])  # older runs
             evals.setdefault(task, []).append(
                 EvalPoint(
                     float(point["t_s"]) / 60.0,
                     v["successes"] / max(1, v["episodes"]),
-                    float(v["low"]),
-                    float(v["high"]),
+                    float(low),
+                    float(high),
                 )
             )
     args = result.get("args", {})
@@ -222,6 +226,7 @@ def main() -> int:
     ]  # fmt: skip
     curve: list[dict[str, object]] = []
     fleet = None
+    registry: Registry | None = None
     try:
         time.sleep(0.5)
         registry = Registry(url)
@@ -256,29 +261,40 @@ def main() -> int:
             }
             stats = registry.learner_stats()
             versions = registry.versions()
+        tasks = sorted({t for p in curve for t in p["tasks"]})  # type: ignore[attr-defined]
+        result: dict = {
+            "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+            "curve": curve,
+            "per_version": final,
+            "learner": stats,
+            "versions": [
+                {
+                    "version": v["version_id"],
+                    "t_s": round(float(v["published_at"]) - started_at, 1),
+                }
+                for v in versions
+            ],
+        }
+        save(result, args.json, args.png)  # the curve is kept even if the evaluation fails
+        if args.sim_backend == "mujoco":  # while Redis runs: results are stored in it too
+            result["held_out"] = held_out(
+                data_dir,
+                versions,
+                started_at,
+                args.eval_versions,
+                args.eval_scenes,
+                tasks,
+                registry,
+            )
+            save(result, args.json, args.png)
     finally:
         if fleet is not None and fleet.poll() is None:
             fleet.terminate()
             fleet.wait(60)
+        if registry is not None:
+            registry.close()
         redis.terminate()
         redis.wait(10)
-    tasks = sorted({t for p in curve for t in p["tasks"]})  # type: ignore[attr-defined]
-    result: dict = {
-        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-        "curve": curve,
-        "per_version": final,
-        "learner": stats,
-        "versions": [
-            {"version": v["version_id"], "t_s": round(float(v["published_at"]) - started_at, 1)}
-            for v in versions
-        ],
-    }
-    save(result, args.json, args.png)  # the curve is kept even if the evaluation fails
-    if args.sim_backend == "mujoco":
-        result["held_out"] = held_out(
-            data_dir, versions, started_at, args.eval_versions, args.eval_scenes, tasks
-        )
-        save(result, args.json, args.png)
     print(json.dumps(result, default=str))
     return 0
 

@@ -4,18 +4,22 @@ Why: the fleet's learning curve mixes two limits, what the model and method can 
 and how fast the fleet loop gets data and updates through on a small machine. This script
 takes the second away: the scripted expert records a fixed set of demonstrations once (cached
 in an EpisodeStore under --data, reused by later runs), the unified model trains on them for
-as many updates as asked, and every --eval-every updates it is run on scenes no demonstration
-used, on the MuJoCo cell behind the SDKs through the cell's own ControlLoop (chunk blending,
-safety gate), with no operator takeovers.
+as many updates as asked, and every --eval-every updates it is evaluated as `fleet eval`
+evaluates a version (actors.evaluate.evaluate): lockstep MuJoCo cells behind the SDKs, the
+cell's own ControlLoop (chunk blending, safety gate), no takeovers, on `fleet eval`'s
+held-out scenes (fleet.scenes.heldout_seed: never a training seed, so never a
+demonstration's scene).
 
 Training is the learner's: the same EpisodeSampler batches and UnifiedPolicy.bc_loss, with
 plain torch Adam instead of the RLlib LearnerGroup (same loss and optimizer; the wrapper's
-overhead is not what this measures). Demonstrations and evaluations come from cells with
-different actor seeds, so their scenes differ (ControlLoop's episode seeds are 32-bit hashes
-of the actor seed and the episode index).
+overhead is not what this measures). --eval-demo-scenes also runs the policy, through the
+same lockstep evaluation cells, on the scenes the demonstrations were recorded on (training
+seeds by design: it tells underfitting from overfitting); those figures are labelled
+"demo_scenes" and are not held out.
 
-Last line: one JSON object {"config", "demos", "evals": [{"updates", "train_s", per task
-{"successes", "episodes", "mean_final_reward"}}], "updates_per_s", ...}.
+Last line: one JSON object {"config", "demos", "evals": [{"updates", "train_s", "tasks":
+per task {"successes", "episodes", "success_rate", "ci95", "mean_progress"}}],
+"updates_per_s", ...}.
 Run: .venv/bin/python ops/offline_ceiling.py --data var/ceiling --demos 20 --updates 3000
 """
 
@@ -24,12 +28,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,13 +42,14 @@ import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from actors.config import ActorConfig
-from actors.control_loop import ControlLoop
+from actors.control_loop import ControlLoop, episode_seed
+from actors.evaluate import PolicySpec, evaluate, run_jobs, version_of_model
 from actors.inference import InlineInference
 from drivers.sim.mujoco import EPISODE_TIME_S, MUJOCO_TASKS
 from drivers.sim.sdk_cell import make_sdk_sim_cell
+from fleet.evaluation import EpisodeRecord, score
 from fleet.policy.config import PolicyConfig, parse_overrides, policy_config
 from fleet.policy.model import UnifiedPolicy
-from fleet.policy.runtime import PolicyRunner
 from fleet.policy.weights import load_state_bytes, state_dict_to_bytes
 from learner.chunks import decode_chunk
 from learner.sampler import EpisodeSampler, SamplerConfig
@@ -53,93 +58,81 @@ from protos.fleetlearn.v1 import trajectory_pb2
 
 log = logging.getLogger("offline_ceiling")
 
-DEMO_SEED = 101  # actor seed of the demonstrating cell
-EVAL_SEED = 9_000_001  # actor seed of the evaluating cell: other scenes than the demos'
+DEMO_SEED = 101  # actor seed of the demonstrating cell (its scenes are training seeds)
 CAMERAS = ("overhead", "front")  # what `fleet up` cells record
 
 
 @dataclass
-class EpisodeOutcome:
-    task: str
-    success: bool
-    steps: int
-    final_reward: float
-    intervened: bool
-
-
-@dataclass
 class _Sink:
-    """The ControlLoop's uplink: decodes chunks as ingest does, optionally stores them, and
-    stops the loop once every task in `tasks` has `per_task` finished episodes (after a
-    fault-cut episode the round robin shifts; a task's extra episodes are not counted)."""
+    """The demonstrating ControlLoop's uplink: decodes chunks as ingest does, optionally
+    stores them, and stops the loop once every task in `tasks` has `per_task` finished
+    episodes (after a fault-cut episode the round robin shifts; a task's extra episodes are
+    not counted). Each counted episode becomes an EpisodeRecord of policy "expert" with its
+    scene seed (`seed_of` the loop's episode index: one index per episode, faulted or not)."""
 
     per_task: int
     tasks: Sequence[str]
     stop: threading.Event
     store: EpisodeStore | None = None
-    on_episode: Callable[[EpisodeOutcome], None] | None = None
-    outcomes: list[EpisodeOutcome] = field(default_factory=list)
+    on_episode: Callable[[EpisodeRecord], None] | None = None
+    seed_of: Callable[[int], int] = lambda index: index
+    records: list[EpisodeRecord] = field(default_factory=list)
     faults: int = 0  # episodes a cell fault cut short (a starved servo peer): not counted
+    _episodes: int = 0
     _steps: int = 0
-    _intervened: bool = False
+    _intervention_steps: int = 0
 
     def submit(self, chunk: trajectory_pb2.StepChunk) -> bool:
         decoded = decode_chunk(chunk, known_tasks=None)
         if self.store is not None:
             self.store.append(decoded)
         self._steps += len(decoded.reward)
-        self._intervened |= bool(np.any(decoded.intervention))
-        if chunk.last and chunk.outcome.reason in ("fault", "aborted"):
+        self._intervention_steps += int(np.count_nonzero(decoded.intervention))
+        if not chunk.last:
+            return True
+        seed = self.seed_of(self._episodes)
+        self._episodes += 1
+        steps, intervention_steps = self._steps, self._intervention_steps
+        self._steps = self._intervention_steps = 0
+        if chunk.outcome.reason in ("fault", "aborted"):
             self.faults += 1
-            self._steps, self._intervened = 0, False
             log.warning(
                 "episode %s cut short (%s); not counted", chunk.episode_id, chunk.outcome.reason
             )
-        elif chunk.last:
-            outcome = EpisodeOutcome(
-                task=decoded.task,
-                success=bool(chunk.outcome.success),
-                steps=self._steps,
-                final_reward=float(decoded.reward[-1]) if len(decoded.reward) else 0.0,
-                intervened=self._intervened,
-            )
-            self._steps, self._intervened = 0, False
-            if self._count(outcome.task) < self.per_task:
-                self.outcomes.append(outcome)
-                if self.on_episode is not None:
-                    self.on_episode(outcome)
-            if all(self._count(t) >= self.per_task for t in self.tasks):
-                self.stop.set()
+            return True
+        record = EpisodeRecord(
+            policy="expert",
+            task=decoded.task,
+            seed=seed,
+            success=bool(chunk.outcome.success),
+            reason=chunk.outcome.reason,
+            steps=steps,
+            reward=round(float(decoded.reward[-1]) if len(decoded.reward) else 0.0, 6),
+            intervention_steps=intervention_steps,
+        )
+        if self._count(record.task) < self.per_task:
+            self.records.append(record)
+            if self.on_episode is not None:
+                self.on_episode(record)
+        if all(self._count(t) >= self.per_task for t in self.tasks):
+            self.stop.set()
         return True
 
     def _count(self, task: str) -> int:
-        return sum(o.task == task for o in self.outcomes)
+        return sum(r.task == task for r in self.records)
 
 
-class _OneVersion:
-    def __init__(self, runner: PolicyRunner | None) -> None:
-        self._runner = runner
-
-    def take_new(self) -> PolicyRunner | None:
-        runner, self._runner = self._runner, None
-        return runner
-
-
-def run_episodes(
+def record_demos(
     *,
-    seed: int,
     episodes_per_task: int,
     tasks: Sequence[str],
     cameras: Sequence[str],
-    runner: PolicyRunner | None,
-    store: EpisodeStore | None = None,
-    lookahead: int | None = None,
-    on_episode: Callable[[EpisodeOutcome], None] | None = None,
-) -> list[EpisodeOutcome]:
-    """Episodes round robin over `tasks` on a fresh MuJoCo SDK cell through ControlLoop.
-
-    runner None: the scripted expert drives (demonstrations); else the policy alone.
-    """
+    store: EpisodeStore | None,
+    seed: int = DEMO_SEED,
+    on_episode: Callable[[EpisodeRecord], None] | None = None,
+) -> list[EpisodeRecord]:
+    """The scripted expert's episodes, round robin over `tasks`, on a fresh MuJoCo SDK cell
+    through ControlLoop (the path a fleet cell records on), stored in `store`."""
     # No watchdog: it measures wall time, and in virtual time (realtime_factor 0) a slow
     # tick on a loaded machine would make it hold the arms mid-episode.
     cell = make_sdk_sim_cell(
@@ -151,7 +144,7 @@ def run_episodes(
         watchdog=False,
     )
     stop = threading.Event()
-    sink = _Sink(episodes_per_task, tasks, stop, store, on_episode)
+    sink = _Sink(episodes_per_task, tasks, stop, store, on_episode, lambda i: episode_seed(seed, i))
     try:
         loop = ControlLoop(
             ActorConfig(
@@ -166,51 +159,26 @@ def run_episodes(
             cell.operator,
             cell.clock,
             sink,
-            _OneVersion(runner),
+            None,  # no policy: the scripted expert drives every step
             inference=InlineInference(),
             shadow_inference=InlineInference(),
-            lookahead=lookahead,
         )
         loop.run(stop)
-        if runner is not None and loop.stats["interventions"]:
-            raise RuntimeError("the operator drove an evaluation episode")
     finally:
         cell.close()
-    return sink.outcomes
+    return sink.records
 
 
-def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95 % Wilson score interval of a success rate (sensible at 0 and n successes)."""
-    if n == 0:
-        return 0.0, 1.0
-    p = successes / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
-
-
-def summarize(outcomes: Sequence[EpisodeOutcome]) -> dict[str, dict[str, float | int]]:
-    """Per task: successes / episodes with a 95 % Wilson interval, mean final reward."""
-    out: dict[str, dict[str, float | int]] = {}
-    for task in sorted({o.task for o in outcomes}):
-        mine = [o for o in outcomes if o.task == task]
-        wins = sum(o.success for o in mine)
-        low, high = wilson(wins, len(mine))
-        out[task] = {
-            "successes": wins,
-            "episodes": len(mine),
-            "low": round(low, 3),
-            "high": round(high, 3),
-            "mean_final_reward": round(float(np.mean([o.final_reward for o in mine])), 3),
-            "mean_steps": round(float(np.mean([o.steps for o in mine])), 1),
-        }
-    return out
+def scores_json(records: Sequence[EpisodeRecord], policy: str) -> dict[str, dict[str, Any]]:
+    """Per task: `policy`'s figures as `fleet eval` stores them (fleet.evaluation.score)."""
+    return {task: s.to_dict() for task, s in score(records).get(policy, {}).items()}
 
 
 def ensure_demos(
     data: Path, per_task: int, tasks: Sequence[str], cameras: Sequence[str], progress: Progress
 ) -> EpisodeStore:
-    """The demonstration store under `data`, recorded once (more are added if asked)."""
+    """The demonstration store under `data`, recorded once; demos.json keeps each episode's
+    record (task, scene seed, outcome) beside it."""
     store = EpisodeStore(data / "store")
     have = len(store.episodes(complete_only=True))
     want = per_task * len(tasks)
@@ -221,17 +189,37 @@ def ensure_demos(
             f"{data}: holds {have} demonstrations, {want} asked; use a new --data directory"
         )
     bar = progress.add_task("expert demonstrations", total=want, note="")
-    outcomes = run_episodes(
-        seed=DEMO_SEED,
+    records = record_demos(
         episodes_per_task=per_task,
         tasks=tasks,
         cameras=cameras,
-        runner=None,
         store=store,
-        on_episode=lambda o: progress.advance(bar),
+        on_episode=lambda r: progress.advance(bar),
     )
-    (data / "demos.json").write_text(json.dumps(summarize(outcomes)))
+    (data / "demos.json").write_text(json.dumps({"episodes": [asdict(r) for r in records]}))
     return store
+
+
+def load_demo_records(data: Path) -> list[EpisodeRecord]:
+    """The demonstrations' records from demos.json (SystemExit naming the fix if absent)."""
+    try:
+        saved = json.loads((data / "demos.json").read_text())
+        return [EpisodeRecord(**r) for r in saved["episodes"]]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise SystemExit(
+            f"{data}/demos.json has no demonstration records ({exc!r}): it is from an older "
+            "offline_ceiling; record again into a new --data directory"
+        ) from None
+
+
+def demo_scenes(
+    records: Sequence[EpisodeRecord], tasks: Sequence[str], per_task: int
+) -> list[tuple[str, int]]:
+    """(task, seed) of the first `per_task` demonstrated scenes of each of `tasks`."""
+    out: list[tuple[str, int]] = []
+    for task in tasks:
+        out += [(task, r.seed) for r in records if r.task == task][:per_task]
+    return out
 
 
 def _tensors(batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
@@ -250,15 +238,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--eval-every", type=int, default=1000, help="updates between evaluations")
     ap.add_argument("--eval-scenes", type=int, default=10, help="held-out scenes per task")
     ap.add_argument(
-        "--eval-seed",
+        "--eval-seed-start",
         type=int,
-        default=EVAL_SEED,
-        help=f"actor seed of the evaluating cell (held out: {EVAL_SEED}; the demos': {DEMO_SEED})",
+        default=0,
+        help="first held-out scene index (fleet eval's --seed-start: heldout_seed(i))",
     )
+    ap.add_argument("--eval-workers", type=int, default=1, help="evaluation worker processes")
     ap.add_argument(
         "--eval-demo-scenes",
         action="store_true",
-        help="also run the policy on the scenes it was shown (underfit or overfit?)",
+        help="also run the policy on the demonstrations' own scenes (training seeds, labelled "
+        "demo_scenes; underfit or overfit?)",
     )
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--lr", type=float, default=3e-4)
@@ -267,11 +257,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     ap.add_argument("--preset", default="tiny")
     ap.add_argument("--set", nargs="*", default=[], help="PolicyConfig fields: KEY=JSON ...")
-    ap.add_argument("--lookahead", type=int, default=None, help="ControlLoop lookahead ticks")
     ap.add_argument("--seed", type=int, default=0, help="training seed (init, batches)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads")
     ap.add_argument(
-        "--expert-baseline", action="store_true", help="also run the expert on the held-out scenes"
+        "--expert-baseline",
+        action="store_true",
+        help="also run the expert on the held-out scenes (at the first evaluation)",
     )
     ap.add_argument(
         "--save", type=Path, default=None, help="write the weights here (safetensors) at each eval"
@@ -305,32 +296,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         TimeElapsedColumn(),
         TextColumn("{task.fields[note]}"),
     )
-    with progress:
+    with progress, tempfile.TemporaryDirectory(prefix="ceiling-versions-") as versions_dir:
         t0 = time.monotonic()
         store = ensure_demos(args.data, args.demos, tasks, CAMERAS, progress)
         result["demo_collect_s"] = round(time.monotonic() - t0, 1)
+        demos = load_demo_records(args.data)
         sampler = EpisodeSampler(store, cameras, MUJOCO_TASKS, sampler_cfg, seed=args.seed)
         sampler.refresh(force=True)
         result["demos"] = {
             "episodes": sampler.episodes_available,
             "steps": sampler.steps_available,
-            "expert": json.loads((args.data / "demos.json").read_text()),
+            "expert": scores_json(demos, "expert"),
         }
-        if args.expert_baseline:
-            bar = progress.add_task(
-                "expert on held-out scenes", total=args.eval_scenes * len(tasks), note=""
-            )
-            result["expert_held_out"] = summarize(
-                run_episodes(
-                    seed=EVAL_SEED,
-                    episodes_per_task=args.eval_scenes,
-                    tasks=tasks,
-                    cameras=cameras,
-                    runner=None,
-                    on_episode=lambda o: progress.advance(bar),
-                )
-            )
-            progress.console.print(json.dumps({"expert_held_out": result["expert_held_out"]}))
         model = UnifiedPolicy(cfg)
         if args.load is not None:
             load_state_bytes(model, args.load.read_bytes())
@@ -344,48 +321,64 @@ def main(argv: Sequence[str] | None = None) -> int:
         train_s = 0.0
         losses: list[float] = [float("nan")]
 
-        def evaluate(u: int) -> None:
+        def run_eval(u: int) -> None:
             model.eval()
             if args.save is not None:  # at every evaluation: a stopped run keeps its weights
                 args.save.parent.mkdir(parents=True, exist_ok=True)
                 args.save.write_bytes(state_dict_to_bytes(model))
-            runner = PolicyRunner(model, f"u{u}")
+            version = version_of_model(model, f"u{u}", Path(versions_dir), training_step=u)
+            baselines = ("expert",) if args.expert_baseline and not result["evals"] else ()
             bar = progress.add_task(
-                f"held-out eval @ {u}", total=args.eval_scenes * len(tasks), note=""
+                f"held-out eval @ {u}",
+                total=args.eval_scenes * len(tasks) * (1 + len(baselines)),
+                note="",
             )
             t_eval = time.monotonic()
-            outcomes = run_episodes(
-                seed=args.eval_seed,
-                episodes_per_task=args.eval_scenes,
-                tasks=tasks,
-                cameras=cameras,
-                runner=runner,
-                lookahead=args.lookahead,
-                on_episode=lambda o: progress.advance(bar),
+            held_out = evaluate(
+                version,
+                tasks,
+                args.eval_scenes,
+                args.eval_seed_start,
+                "mujoco",
+                baselines,
+                args.eval_workers,
+                progress=lambda _record: progress.advance(bar),
             )
-            if args.eval_demo_scenes:
-                seen = run_episodes(
-                    seed=DEMO_SEED,
-                    episodes_per_task=min(args.eval_scenes, args.demos),
-                    tasks=tasks,
-                    cameras=cameras,
-                    runner=runner,
-                    lookahead=args.lookahead,
-                )
-            point = {
+            point: dict[str, Any] = {
                 "updates": u,
                 "train_s": round(train_s, 1),
                 "eval_s": round(time.monotonic() - t_eval, 1),
                 "loss": round(float(np.mean(losses[-50:])), 5),
-                "tasks": summarize(outcomes),
+                "seeds": list(held_out.seeds),  # fleet eval's held-out scenes
+                "tasks": scores_json(held_out.records, version.version_id),
             }
+            if baselines:
+                result["expert_held_out"] = scores_json(held_out.records, "expert")
             if args.eval_demo_scenes:
-                point["demo_scenes"] = summarize(seen)
+                scenes = demo_scenes(demos, tasks, min(args.eval_scenes, args.demos))
+                seen_bar = progress.add_task(f"demo-scene eval @ {u}", total=len(scenes), note="")
+                seen: list[EpisodeRecord] = []
+
+                def take(record: EpisodeRecord) -> None:
+                    seen.append(record)
+                    progress.advance(seen_bar)
+
+                run_jobs(
+                    "mujoco",
+                    cameras,
+                    [PolicySpec.of_version(version)],
+                    [(version.version_id, task, seed) for task, seed in scenes],
+                    take,
+                )
+                point["demo_scenes"] = {  # training seeds: not held out
+                    "seeds": [seed for _task, seed in scenes],
+                    "tasks": scores_json(seen, version.version_id),
+                }
             result["evals"].append(point)
             progress.console.print(json.dumps(point))
 
         if args.updates == 0:
-            evaluate(0)
+            run_eval(0)
         for u in range(1, args.updates + 1):
             t = time.monotonic()
             model.train()
@@ -399,7 +392,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             losses.append(float(metrics["loss"]))
             progress.update(train_bar, advance=1, note=f"loss {np.mean(losses[-50:]):.4f}")
             if u % args.eval_every == 0 or u == args.updates:
-                evaluate(u)
+                run_eval(u)
         result["updates_per_s"] = round(args.updates / max(train_s, 1e-9), 2)
         result["parameters"] = model.num_parameters()
     print(json.dumps(result))

@@ -84,13 +84,16 @@ def test_learning_run_replots_a_saved_run(tmp_path: Path) -> None:
     assert _near(img, _pixel(590 / 60, 0.7, 10.0), COLOURS[0])
 
 
-def test_learning_run_runs_a_published_version_on_held_out_scenes(tmp_path: Path) -> None:
+def test_learning_run_evaluates_published_versions_as_fleet_eval_and_stores_it(
+    registry, tmp_path: Path
+) -> None:
     import torch
 
     from fleet.policy.config import policy_config
     from fleet.policy.manifest import Manifest
     from fleet.policy.model import UnifiedPolicy
     from fleet.policy.weights import save_version
+    from fleet.scenes import heldout_seed
     from ops.learning_run import held_out
 
     torch.set_num_threads(1)
@@ -104,11 +107,18 @@ def test_learning_run_runs_a_published_version_on_held_out_scenes(tmp_path: Path
         data_seen=0,
         sha256="",
     )
-    save_version(tmp_path / "versions", model, manifest)
+    weights, manifest_path = save_version(tmp_path / "versions", model, manifest)
+    registry.add_version(manifest.to_json(), str(weights))
     versions = [{"version_id": "v0003", "published_at": 1000.0 + 420.0}]
-    (point,) = held_out(tmp_path, versions, 1000.0, 1, 1, ["push_to_target"])
+    (point,) = held_out(tmp_path, versions, 1000.0, 1, 1, ["push_to_target"], registry)
     assert point["version"] == "v0003" and point["t_s"] == 420.0
     assert point["training_step"] == 450
+    assert point["seeds"] == [heldout_seed(0)]  # fleet eval's held-out set, not training seeds
     result = point["tasks"]["push_to_target"]  # an untrained version holds still
     assert (result["successes"], result["episodes"]) == (0, 1)
-    assert result["low"] == 0.0 and 0.5 < result["high"] < 1.0
+    assert result["ci95"][0] == 0.0 and 0.5 < result["ci95"][1] < 1.0
+    # Stored with the version as `fleet eval` stores it: manifest file and registry record.
+    stored = registry.version("v0003")["evaluation"]
+    assert stored["scores"]["v0003"]["push_to_target"] == result
+    on_disk = Manifest.from_json(manifest_path.read_text())
+    assert on_disk.evaluation == stored and on_disk.sha256 == manifest.sha256

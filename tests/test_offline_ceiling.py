@@ -1,8 +1,10 @@
-"""The offline ceiling's parts a reader of its figures relies on: the episodes it counts are
-the MuJoCo cell's own, through its ControlLoop, and its intervals are right."""
+"""The offline ceiling's parts a reader of its figures relies on: the demonstrations are the
+MuJoCo cell's own episodes through its ControlLoop, and the policy is evaluated the way
+`fleet eval` evaluates a version, on its held-out scenes (never a demonstration's)."""
 
 from __future__ import annotations
 
+import json
 import threading
 from pathlib import Path
 
@@ -10,60 +12,54 @@ import numpy as np
 import pytest
 import torch
 
+from actors.control_loop import episode_seed
 from actors.recorder import EpisodeRecorder
 from drivers.interfaces import Frame
-from drivers.sim.mujoco import EPISODE_TIME_S
-from fleet.policy.config import policy_config
-from fleet.policy.model import UnifiedPolicy
-from fleet.policy.runtime import PolicyRunner
+from fleet.scenes import heldout_seed, is_heldout
 from learner.store import EpisodeStore
-from ops.offline_ceiling import CAMERAS, DEMO_SEED, EVAL_SEED, _Sink, run_episodes, wilson
+from ops.offline_ceiling import CAMERAS, DEMO_SEED, _Sink, main, record_demos
 from protos.fleetlearn.v1 import trajectory_pb2
 
 TASK = "push_to_target"  # the expert's shortest task (about 45 ticks)
 
 
-def test_wilson_interval_matches_the_textbook_values() -> None:
-    low, high = wilson(0, 10)
-    assert low == 0.0 and high == pytest.approx(0.2775, abs=1e-3)
-    low, high = wilson(10, 10)
-    assert high == 1.0 and low == pytest.approx(0.7225, abs=1e-3)
-    low, high = wilson(8, 10)
-    assert (low, high) == (pytest.approx(0.4902, abs=1e-3), pytest.approx(0.9433, abs=1e-3))
-
-
-def test_expert_demonstrations_are_stored_and_a_fresh_policy_solves_nothing(
-    tmp_path: Path,
-) -> None:
+def test_expert_demonstrations_are_stored_with_their_training_scenes(tmp_path: Path) -> None:
     torch.set_num_threads(1)
     store = EpisodeStore(tmp_path / "store")
-    demos = run_episodes(
-        seed=DEMO_SEED,
-        episodes_per_task=1,
-        tasks=(TASK,),
-        cameras=CAMERAS,
-        runner=None,
-        store=store,
-    )
-    assert [(o.task, o.success, o.intervened) for o in demos] == [(TASK, True, True)]
+    (demo,) = record_demos(episodes_per_task=1, tasks=(TASK,), cameras=CAMERAS, store=store)
+    assert (demo.policy, demo.task, demo.success) == ("expert", TASK, True)
+    assert demo.intervention_steps == demo.steps  # the operator (the expert) drove each step
+    assert demo.seed == episode_seed(DEMO_SEED, 0) and not is_heldout(demo.seed)
     (ref,) = store.episodes(complete_only=True)
     data = store.read_episode(ref)
-    assert data.joint_pos.shape[0] == demos[0].steps
+    assert data.joint_pos.shape[0] == demo.steps
     assert set(CAMERAS) <= set(data.frames)  # colour (and depth) of each camera
-    torch.manual_seed(0)
-    untrained = PolicyRunner(
-        UnifiedPolicy(policy_config("tiny", ("handover_bar", "place_cube", TASK), CAMERAS)), "u0"
-    )
-    held_out = run_episodes(
-        seed=EVAL_SEED, episodes_per_task=1, tasks=(TASK,), cameras=CAMERAS, runner=untrained
-    )
-    # The policy alone, to the time limit, and it holds still: no success, no operator.
-    assert [(o.success, o.intervened) for o in held_out] == [(False, False)]
-    assert held_out[0].steps == round(EPISODE_TIME_S[TASK] * 20)  # 20 Hz, the task's limit
+
+
+def test_a_fresh_model_is_evaluated_on_fleet_evals_held_out_scenes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["--data", str(tmp_path / "ceiling"), "--demos", "1", "--tasks", TASK]
+    argv += ["--updates", "0", "--eval-scenes", "1", "--eval-seed-start", "7"]
+    argv += ["--eval-demo-scenes", "--expert-baseline"]
+    assert main(argv) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["demos"]["expert"][TASK]["successes"] == 1
+    (point,) = result["evals"]
+    assert point["seeds"] == [heldout_seed(7)]  # fleet eval's held-out scene index 7
+    # The untrained policy alone, to the time limit: no success; the expert on the same
+    # held-out scene succeeds.
+    fresh = point["tasks"][TASK]
+    assert (fresh["successes"], fresh["episodes"]) == (0, 1)
+    assert fresh["ci95"][0] == 0.0 and 0.5 < fresh["ci95"][1] < 1.0
+    assert result["expert_held_out"][TASK]["successes"] == 1
+    # --eval-demo-scenes: the demonstration's own (training) scene, kept apart.
+    assert point["demo_scenes"]["seeds"] == [episode_seed(DEMO_SEED, 0)]
+    assert point["demo_scenes"]["tasks"][TASK]["episodes"] == 1
 
 
 def _one_step_episode(reason: str) -> trajectory_pb2.StepChunk:
-    recorder = EpisodeRecorder("c", "e", TASK, 20, 90, "")
+    recorder = EpisodeRecorder("c", "e", TASK, 20, 90)
     frame = Frame("overhead", np.zeros((8, 8, 3), np.uint8), 0.0)
     recorder.add_step(
         stamp=0.0,
@@ -77,10 +73,11 @@ def _one_step_episode(reason: str) -> trajectory_pb2.StepChunk:
     return recorder.finish(success=False, reason=reason, started_at=0.0, ended_at=0.05)
 
 
-def test_an_episode_cut_short_by_a_fault_is_not_counted() -> None:
+def test_an_episode_cut_short_by_a_fault_is_not_counted_but_keeps_its_scene() -> None:
     stop = threading.Event()
-    sink = _Sink(per_task=1, tasks=(TASK,), stop=stop)
+    sink = _Sink(per_task=1, tasks=(TASK,), stop=stop, seed_of=lambda i: 100 + i)
     sink.submit(_one_step_episode("fault"))
-    assert sink.outcomes == [] and sink.faults == 1 and not stop.is_set()
+    assert sink.records == [] and sink.faults == 1 and not stop.is_set()
     sink.submit(_one_step_episode("timeout"))
-    assert [o.success for o in sink.outcomes] == [False] and stop.is_set()
+    # The second episode of the loop: its scene is the loop's second seed, not the first.
+    assert [(r.success, r.seed) for r in sink.records] == [(False, 101)] and stop.is_set()
