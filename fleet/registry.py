@@ -392,16 +392,21 @@ class Registry:
         """cell id -> pinned version id."""
         return dict(self.r.hgetall(self._k("pins")))
 
+    def _rollout_and_pins(self) -> tuple[dict[str, str], dict[str, str]]:
+        """The rollout hash and the per-cell pins, in one round trip."""
+        pipe = self.r.pipeline(transaction=False)
+        pipe.hgetall(self._k("rollout"))
+        pipe.hgetall(self._k("pins"))
+        rollout, pins = pipe.execute()
+        return rollout, pins
+
     def assignments(self, cell_ids: Iterable[str]) -> dict[str, str | None]:
         """The version each cell should run, in one round trip for all of them.
 
         Precedence: a per-cell pin, then the candidate for cells in its cell set (unless
         the candidate is only in shadow: shadow cells keep acting with stable), then stable.
         """
-        pipe = self.r.pipeline(transaction=False)
-        pipe.hgetall(self._k("rollout"))
-        pipe.hgetall(self._k("pins"))
-        rollout, pins = pipe.execute()
+        rollout, pins = self._rollout_and_pins()
         stable = rollout.get("stable") or None
         candidate = rollout.get("candidate") or None
         acting = candidate is not None and rollout.get("stage") in ("canary", "fraction")
@@ -433,10 +438,7 @@ class Registry:
         stage or the promotion hands it over); a cell acting with the candidate gets stable
         (a rollback sends it back). A pinned cell gets nothing (the rollout does not move
         it), nor does a shadow cell (it fetches the candidate already, as its shadow)."""
-        pipe = self.r.pipeline(transaction=False)
-        pipe.hgetall(self._k("rollout"))
-        pipe.hgetall(self._k("pins"))
-        rollout, pins = pipe.execute()
+        rollout, pins = self._rollout_and_pins()
         stable = rollout.get("stable") or None
         candidate = rollout.get("candidate") or None
         stage = rollout.get("stage")

@@ -11,8 +11,10 @@ import json
 import time
 from collections.abc import Callable, Iterator
 from concurrent import futures
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -321,9 +323,21 @@ def test_version_cache_is_bounded_and_content_addressed(tmp_path: Path) -> None:
         cache.put(b"abc", sha256_hex(b"abd"))
 
 
-def test_swapping_in_a_large_version_misses_no_control_tick(learner: Learner, tmp_path) -> None:
-    """A real ControlLoop on the sim cell at 20 Hz on the wall clock keeps every tick while a
-    ~50 MB version is fetched, verified, loaded and warmed up beside it, and swapped in."""
+@dataclass
+class PacedCell:
+    """A real ControlLoop on the light sim cell at 20 Hz on the wall clock, with its watcher."""
+
+    loop: Any
+    watcher: PolicyWatcher
+    clock: Any
+    tasks: tuple[str, ...]
+    cameras: tuple[str, ...]
+
+
+@contextmanager
+def paced_cell_running_v1(learner: Learner, tmp_path: Path) -> Iterator[PacedCell]:
+    """Publish v0001 (a tiny model), start a wall-paced cell on `learner` and yield once it
+    runs v0001; stop the loop and the watcher on the way out."""
     import threading
 
     from actors.config import ActorConfig
@@ -368,6 +382,18 @@ def test_swapping_in_a_large_version_misses_no_control_tick(learner: Learner, tm
     runner.start()
     try:
         assert wait_until(lambda: loop.stats["version_running"] == "v0001", 20.0)
+        yield PacedCell(loop, watcher, clock, tasks, cameras)
+    finally:
+        stop.set()
+        runner.join(10)
+        watcher.stop()
+
+
+def test_swapping_in_a_large_version_misses_no_control_tick(learner: Learner, tmp_path) -> None:
+    """A real ControlLoop on the sim cell at 20 Hz on the wall clock keeps every tick while a
+    ~50 MB version is fetched, verified, loaded and warmed up beside it, and swapped in."""
+    with paced_cell_running_v1(learner, tmp_path) as cell:
+        loop, tasks, cameras = cell.loop, cell.tasks, cell.cameras
         # Building and saving the version is the learner's work, which shares this process's
         # GIL with the loop as no cell does (it made ticks late here): done before counting.
         torch.manual_seed(1)
@@ -390,7 +416,3 @@ def test_swapping_in_a_large_version_misses_no_control_tick(learner: Learner, tm
         assert size > 40e6
         assert loop.stats["late_ticks"] == late_before
         assert loop.stats["policy_errors"] == 0
-    finally:
-        stop.set()
-        runner.join(10)
-        watcher.stop()

@@ -23,7 +23,7 @@ from fleet.policy.model import UnifiedPolicy
 from fleet.registry import Registry
 from learner.publisher import Publisher
 from protos.fleetlearn.v1 import policy_pb2, policy_pb2_grpc
-from tests.test_distribution import CELL, Learner, run_until_loaded
+from tests.test_distribution import CELL, Learner, paced_cell_running_v1, run_until_loaded
 
 # The learner and cell fixtures (re-exported: pytest finds them here).
 from tests.test_distribution import learner as learner
@@ -212,50 +212,11 @@ def test_prefetch_and_swap_delay_no_control_tick(learner: Learner, tmp_path: Pat
     """A real ControlLoop on the sim cell at 20 Hz on the wall clock keeps every tick while a
     ~50 MB candidate is prefetched (fetched, verified, cached, loaded, warmed up) beside it,
     and when the promotion swaps it in."""
-    from actors.config import ActorConfig
-    from actors.control_loop import ControlLoop
-    from drivers.sim import make_sim_cell
-    from tests.bench.distribution import WallPacedSimClock
-
-    tasks, cameras = ("pick_cube", "touch_target"), ("overhead", "front")
-    torch.manual_seed(0)
-    learner.publisher.publish(
-        UnifiedPolicy(policy_config("tiny", tasks, cameras)), training_step=0, data_seen=0
-    )
-    watcher = PolicyWatcher(
-        learner.address,
-        CELL,
-        deadline_s=10.0,
-        on_fault=print,
-        verify_key=signing.load_public_key(learner.public_key_path),
-        cache=VersionCache(tmp_path / "cache"),
-    )
-    sim = make_sim_cell(
-        CELL, cameras=cameras, height=48, width=64, realtime_factor=1.0, takeover_prob=0.0
-    )
-    clock = WallPacedSimClock(sim.clock)
-
-    class Sink:
-        def submit(self, chunk: object) -> bool:
-            return True
-
-    loop = ControlLoop(
-        ActorConfig(cell_id=CELL, learner_address=learner.address, max_episode_s=30.0),
-        sim.hardware,
-        sim.scene,
-        sim.operator,
-        clock,
-        Sink(),
-        watcher,
-    )
-    stop = threading.Event()
-    runner = threading.Thread(target=loop.run, args=(stop,))
-    watcher.start()
-    assert watcher._prefetcher is not None
-    prefetcher_tid = watcher._prefetcher.native_id
-    runner.start()
-    try:
-        assert wait_until(lambda: loop.stats["version_running"] == "v0001", 20.0)
+    with paced_cell_running_v1(learner, tmp_path) as cell:
+        loop, watcher, clock = cell.loop, cell.watcher, cell.clock
+        tasks, cameras = cell.tasks, cell.cameras
+        assert watcher._prefetcher is not None
+        prefetcher_tid = watcher._prefetcher.native_id
         # The learner's side (building and saving the version) shares this process's GIL
         # with the loop, which a cell never does: it is done before the ticks are counted.
         torch.manual_seed(1)
@@ -293,10 +254,6 @@ def test_prefetch_and_swap_delay_no_control_tick(learner: Learner, tmp_path: Pat
         baseline = late_ticks(t_base, t_canary)
         scale = max(1.0, (t_end - t_canary) / (t_canary - t_base))
         assert during <= 2 * baseline * scale + 2, (during, baseline, t_end - t_canary)
-    finally:
-        stop.set()
-        runner.join(10)
-        watcher.stop()
 
 
 def test_learner_refuses_a_paced_fetch_too_slow_to_serve(learner: Learner) -> None:
