@@ -349,6 +349,58 @@ def test_depth_video_holds_the_stored_depth_losslessly_coded(depth_store, depth_
         assert np.abs(mm[valid] - want[valid]).max() < 2.5
 
 
+def test_lerobot_roundtrip_trains_act_on_state_and_colour_only(depth_dataset) -> None:
+    """LeRobot's ACT runs every visual input through a 3-channel ResNet; a depth map (one
+    channel, as LeRobot stores it) given to it fails its first training step. roundtrip.sh
+    names ACT's inputs with act_features.py: the state and the colour cameras, channel-first."""
+    dataset, _ = depth_dataset
+    done = subprocess.run(
+        [sys.executable, str(REPO / "ops" / "lerobot" / "act_features.py"), str(dataset)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    inputs = json.loads(done.stdout)
+    assert inputs == {
+        "observation.state": {"type": "STATE", "shape": [14]},
+        "observation.images.overhead": {"type": "VISUAL", "shape": [3, DEPTH_H, DEPTH_W]},
+    }
+    script = (REPO / "ops" / "lerobot" / "roundtrip.sh").read_text()
+    assert '--policy.input_features="$inputs"' in script
+
+
+def test_act_features_refuses_a_dataset_act_cannot_train_on() -> None:
+    from ops.lerobot.act_features import act_input_features
+
+    depth_only = {
+        "observation.state": {"dtype": "float32", "shape": [14]},
+        "observation.images.wrist_depth": {
+            "dtype": "video",
+            "shape": [8, 8, 1],
+            "info": {"is_depth_map": True},
+        },
+    }
+    with pytest.raises(ValueError, match="no colour camera"):
+        act_input_features({"features": depth_only})
+    with pytest.raises(ValueError, match=r"observation\.state"):
+        act_input_features({"features": {}})
+
+
+def test_roundtrip_checks_the_frames_the_export_took_its_image_stats_from() -> None:
+    """check_dataset.py (in LeRobot's venv) compares LeRobot's frames with the exported
+    per-episode image stats, so it must pick the very frames the exporter sampled."""
+    from learner.export import lerobot
+    from ops.lerobot import check_dataset
+
+    assert check_dataset.IMAGE_STATS_SAMPLES == lerobot.IMAGE_STATS_SAMPLES
+    for n in range(1, 200):
+        k = min(n, lerobot.IMAGE_STATS_SAMPLES)
+        want = sorted({int(i) for i in np.linspace(0, n - 1, k).astype(int)})
+        assert check_dataset._picks(n) == want, n
+
+
 def _unzstd(frame: bytes) -> np.ndarray:
     from actors.recorder import decode_depth
 

@@ -506,11 +506,12 @@ def quantize_depth(depth_mm: np.ndarray) -> np.ndarray:
 
 
 def dequantize_depth(codes: np.ndarray) -> np.ndarray:
-    """12-bit log depth codes back to millimetres (float), as LeRobot's reader does."""
+    """12-bit log depth codes back to millimetres as LeRobot's reader returns them (whole
+    millimetres, as float), so the depth stats describe what a LeRobot user gets."""
     lo = math.log(DEPTH_MIN_M + DEPTH_SHIFT_M)
     hi = math.log(DEPTH_MAX_M + DEPTH_SHIFT_M)
     metres = np.exp(codes.astype(np.float64) * (hi - lo) / DEPTH_QMAX + lo) - DEPTH_SHIFT_M
-    return np.clip(metres, DEPTH_MIN_M, DEPTH_MAX_M) * 1000.0
+    return np.rint(np.clip(metres, DEPTH_MIN_M, DEPTH_MAX_M) * 1000.0)
 
 
 def _encode_video(path: Path, images: Sequence[np.ndarray], cam: _Camera, fps: int) -> None:
