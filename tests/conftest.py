@@ -17,6 +17,20 @@ def redis_server() -> Iterator[str]:
         yield server.url
 
 
+def wipe_default_registry(redis_url: str) -> None:
+    """Delete every key under the registry's default prefix. What a test starts itself (a
+    Gateway, `fleet learner`) uses that prefix in the session's shared Redis, so a test that
+    reads it wipes it first and after, and never sees another test's versions."""
+    from fleet.registry import Registry
+
+    reg = Registry(redis_url)
+    try:
+        for key in reg.r.scan_iter(f"{reg.prefix}*"):
+            reg.r.delete(key)
+    finally:
+        reg.close()
+
+
 @pytest.fixture
 def registry(redis_server: str):
     """A Registry under a prefix of its own, so tests never see each other's keys."""

@@ -24,6 +24,7 @@ from fleet.registry import Registry
 from fleet.wire import to_tensor
 from learner.store import EpisodeStore
 from protos.fleetlearn.v1 import trajectory_pb2, trajectory_pb2_grpc
+from tests.conftest import wipe_default_registry
 from tests.expert_episodes import record_expert_episodes
 from tests.waiting import wait_for, wait_until
 
@@ -90,9 +91,8 @@ def test_killed_learner_acks_and_publishes_nothing_more_and_leaves_no_process(
     data = tmp_path / "data"
     record_expert_episodes(EpisodeStore(data / "store"), task="pick_cube", episodes=1, seed=8)
     port = free_port()
-    registry = Registry(redis_server)  # `fleet learner` uses the default prefix
-    for key in registry.r.scan_iter(f"{registry.prefix}*"):
-        registry.r.delete(key)
+    wipe_default_registry(redis_server)  # `fleet learner` uses the default prefix
+    registry = Registry(redis_server)
     log = (tmp_path / "learner.log").open("w")
     learner = subprocess.Popen(
         [
@@ -176,6 +176,8 @@ def test_killed_learner_acks_and_publishes_nothing_more_and_leaves_no_process(
             learner.kill()
             learner.wait(10)
         log.close()
+        registry.close()
+        wipe_default_registry(redis_server)
     print(
         f"\nfate-sharing: {acks_before} acks before the kill, all {len(tree)} processes of "
         f"the learner gone {gone_after:.2f} s after it; stream ended with {streamer.error!r}"

@@ -23,6 +23,7 @@ from fleet.cell_auth import call_credentials
 from learner.admission import StreamLimits
 from learner.gateway import Gateway
 from protos.fleetlearn.v1 import policy_pb2, policy_pb2_grpc, trajectory_pb2, trajectory_pb2_grpc
+from tests.conftest import wipe_default_registry
 from tests.test_ingest import TASKS, make_msg
 from tests.test_ingest_frames import _jpeg_claiming, _with_frames, _zstd_bomb
 from tests.waiting import wait_for
@@ -74,6 +75,7 @@ def _serve(tmp_path: Path, lab: Path, redis_url: str, limits: StreamLimits) -> I
     tokens = {cell: f"token-of-{cell}" for cell in CELLS}
     tokens_file = tmp_path / "tokens.json"
     tokens_file.write_text(json.dumps(tokens))
+    wipe_default_registry(redis_url)  # the Gateway's registry: no other test's versions
     gateway = Gateway(
         tmp_path / "store",
         redis_url,
@@ -88,6 +90,7 @@ def _serve(tmp_path: Path, lab: Path, redis_url: str, limits: StreamLimits) -> I
         yield Learner(gateway, lab, tokens_file, tokens)
     finally:
         gateway.stop(grace_s=1.0)
+        wipe_default_registry(redis_url)
 
 
 @pytest.fixture
