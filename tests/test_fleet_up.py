@@ -6,6 +6,7 @@ sim cell -> edge actor -> gRPC -> learner on Ray -> zarr -> RLlib training -> ne
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import subprocess
@@ -17,16 +18,48 @@ import pytest
 
 ADOPTION_LIMIT_S = 10.0
 RUN_MARKER = "FLEET_TEST_RUN"
+PR_SET_CHILD_SUBREAPER = 36
 
 
 @pytest.fixture(scope="module")
 def fleet_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     run_dir = tmp_path_factory.mktemp("fleet")
     summary_path = run_dir / "summary.json"
-    # Every process of this run inherits the marker, so leftovers are looked for in our own
-    # process tree only: other people's tests on a shared machine start Redis and Ray too.
+    # Leftovers are looked for in our own process tree only (other work on a shared machine
+    # starts Redis and Ray too): while `fleet up` runs, this process is a child subreaper, so
+    # whatever of its tree is orphaned (Ray's daemons detach) is reparented here, not to init;
+    # and every process of this run inherits the marker.
     marker = f"{os.getpid()}-{run_dir.name}"
-    proc = subprocess.run(
+    _child_subreaper(True)
+    try:
+        proc = _run_fleet_up(run_dir, summary_path, marker)
+        leftovers = [
+            p.cmdline() for p in psutil.Process().children(recursive=True) if _is_ours(p, marker)
+        ]
+    finally:
+        _child_subreaper(False)
+    logs = "\n".join(
+        f"--- {p.name}\n{p.read_text()[-3000:]}" for p in (run_dir / "run" / "logs").glob("*.log")
+    )
+    assert proc.returncode == 0, f"fleet up failed:\n{proc.stdout}\n{proc.stderr}\n{logs}"
+    summary = json.loads(summary_path.read_text())
+    return {
+        "summary": summary,
+        "leftovers": leftovers,
+        "logs": logs,
+        "run_dir": run_dir,
+        "stdout": proc.stdout,
+    }
+
+
+def _child_subreaper(on: bool) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_CHILD_SUBREAPER, int(on), 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER) failed")
+
+
+def _run_fleet_up(run_dir: Path, summary_path: Path, marker: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
         [
             sys.executable,
             "-m",
@@ -53,19 +86,6 @@ def fleet_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
         timeout=420,
         env={**os.environ, "COLUMNS": "200", RUN_MARKER: marker},
     )
-    logs = "\n".join(
-        f"--- {p.name}\n{p.read_text()[-3000:]}" for p in (run_dir / "run" / "logs").glob("*.log")
-    )
-    assert proc.returncode == 0, f"fleet up failed:\n{proc.stdout}\n{proc.stderr}\n{logs}"
-    leftovers = [p.cmdline() for p in psutil.process_iter() if _is_ours(p, marker)]
-    summary = json.loads(summary_path.read_text())
-    return {
-        "summary": summary,
-        "leftovers": leftovers,
-        "logs": logs,
-        "run_dir": run_dir,
-        "stdout": proc.stdout,
-    }
 
 
 def _is_ours(p: psutil.Process, marker: str) -> bool:

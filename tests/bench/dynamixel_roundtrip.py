@@ -124,8 +124,9 @@ def main() -> None:
         "iterations": n,
         "cpus": os.cpu_count(),
         "results": results,
-        "goals": {"p99_ms_below": GOAL_P99_MS, "worst_p99_ms": worst},
-        "goals_met": worst < GOAL_P99_MS,
+        "worst_p99_ms": worst,
+        "goals": {"p99_ms_below": GOAL_P99_MS},
+        "met": {"p99_ms_below": worst < GOAL_P99_MS},
     }
     print(json.dumps(summary))
 
