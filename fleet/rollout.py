@@ -12,7 +12,7 @@ The decision rule (`decide`) compares a candidate with stable on episode outcome
   the task succeeded with no operator intervention (`autonomous_successes`): an episode an
   operator had to take over counts as a failure of the version.
 * Each version's per-task success rate has a Beta(1 + successes, 1 + failures) posterior
-  (Beta(1, 1) prior). Outcomes are pooled across cells (one arm per version and task).
+  (Beta(1, 1) prior). Outcomes are pooled across cells (one tally per version and task).
 * Per task, P(p_cand < p_stable - margin) is estimated by Monte Carlo from the two
   posteriors (`samples` draws, fixed seed so a decision is reproducible).
 * Pooled over tasks, the difference D = sum_t w_t (p_cand,t - p_stable,t), weighting each
@@ -46,7 +46,7 @@ Action = Literal["rollback", "advance", "wait"]
 
 
 @dataclass(frozen=True)
-class Arm:
+class TaskTally:
     """One version's outcomes on one task: autonomous successes out of episodes."""
 
     successes: int
@@ -70,8 +70,8 @@ class RuleConfig:
 @dataclass(frozen=True)
 class TaskComparison:
     task: str
-    candidate: Arm
-    stable: Arm
+    candidate: TaskTally
+    stable: TaskTally
     p_worse: float  # P(p_cand < p_stable - margin)
 
 
@@ -101,12 +101,14 @@ class Decision:
 
 
 def decide(
-    stable: Mapping[str, Arm], candidate: Mapping[str, Arm], config: RuleConfig | None = None
+    stable: Mapping[str, TaskTally],
+    candidate: Mapping[str, TaskTally],
+    config: RuleConfig | None = None,
 ) -> Decision:
-    """The rollout decision for `candidate` against `stable` (task -> Arm each); pure."""
+    """The rollout decision for `candidate` against `stable` (task -> TaskTally each); pure."""
     cfg = config or RuleConfig()
     rng = np.random.default_rng(cfg.seed)
-    tasks = sorted(t for t, arm in candidate.items() if arm.episodes > 0)
+    tasks = sorted(t for t, tally in candidate.items() if tally.episodes > 0)
     total = sum(candidate[t].episodes for t in tasks)
     if not tasks:
         return Decision("wait", "no candidate episodes yet", 0, 0.0, 0.0)
@@ -114,7 +116,7 @@ def decide(
     comparisons = []
     for task in tasks:
         cand = candidate[task]
-        base = stable.get(task, Arm(0, 0))
+        base = stable.get(task, TaskTally(0, 0))
         p_c = rng.beta(1 + cand.successes, 1 + cand.episodes - cand.successes, cfg.samples)
         p_s = rng.beta(1 + base.successes, 1 + base.episodes - base.successes, cfg.samples)
         diff = p_c - p_s
@@ -168,11 +170,11 @@ def decide(
     )
 
 
-def arms(counts: Mapping[str, Mapping[str, int]]) -> dict[str, Arm]:
-    """task -> Arm from one version's `Registry.success_counts()` entry (autonomous
+def tallies(counts: Mapping[str, Mapping[str, int]]) -> dict[str, TaskTally]:
+    """task -> TaskTally from one version's `Registry.success_counts()` entry (autonomous
     successes: an episode with an intervention is a failure)."""
     return {
-        task: Arm(int(c.get("autonomous_successes", 0)), int(c.get("episodes", 0)))
+        task: TaskTally(int(c.get("autonomous_successes", 0)), int(c.get("episodes", 0)))
         for task, c in counts.items()
     }
 
@@ -183,8 +185,8 @@ def evaluate(registry: Registry, config: RuleConfig | None = None) -> Decision |
     if not state["candidate"]:
         return None
     counts = registry.success_counts()
-    stable = arms(counts.get(state["stable"] or "", {}))
-    return decide(stable, arms(counts.get(state["candidate"], {})), config)
+    stable = tallies(counts.get(state["stable"] or "", {}))
+    return decide(stable, tallies(counts.get(state["candidate"], {})), config)
 
 
 # -- actions ---------------------------------------------------------------------------

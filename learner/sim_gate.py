@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fleet.evaluation import successes_by_task
-from fleet.rollout import Arm, Decision, RuleConfig, decide
+from fleet.rollout import Decision, RuleConfig, TaskTally, decide
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +39,8 @@ def gate_decision(
     summary: Mapping[str, Any], candidate: str, stable: str, scenes: int, rule: RuleConfig
 ) -> tuple[GateVerdict, Decision]:
     """The verdict on one evaluation summary holding both versions' scores."""
-    cand = {t: Arm(s, n) for t, (s, n) in successes_by_task(summary, candidate).items()}
-    base = {t: Arm(s, n) for t, (s, n) in successes_by_task(summary, stable).items()}
+    cand = {t: TaskTally(s, n) for t, (s, n) in successes_by_task(summary, candidate).items()}
+    base = {t: TaskTally(s, n) for t, (s, n) in successes_by_task(summary, stable).items()}
     if not cand or not base:
         raise ValueError(f"evaluation lacks scores of {candidate!r} or {stable!r}")
     config = RuleConfig(

@@ -69,6 +69,57 @@ def layering_violations() -> list[str]:
     return bad
 
 
+# zarr's private modules (zarr.core.*, or any name starting with "_") change without notice
+# between releases; the one module that uses them is pinned to the tested zarr range and
+# its bytes layout is checked by tests/test_zarr_layout.py.
+ZARR_PRIVATE_ALLOWED = "learner/zarr_direct.py"
+# Where our Python lives: the product packages, ops scripts and the tests.
+CODE_FOLDERS = (*MAY_IMPORT, "ops", "tests")
+
+
+def _is_private_zarr(dotted: str) -> bool:
+    parts = dotted.split(".")
+    return parts[0] == "zarr" and (
+        (len(parts) > 1 and parts[1] == "core") or any(p.startswith("_") for p in parts[1:])
+    )
+
+
+def _dotted(node: ast.AST) -> str | None:
+    """'a.b.c' for an attribute chain on a plain name, else None."""
+    names: list[str] = []
+    while isinstance(node, ast.Attribute):
+        names.append(node.attr)
+        node = node.value
+    if not isinstance(node, ast.Name):
+        return None
+    return ".".join([node.id, *reversed(names)])
+
+
+def private_zarr_uses() -> list[str]:
+    """Every import of a private zarr module or name (and every `zarr.core...` attribute
+    reached from `import zarr`) outside learner/zarr_direct.py, as 'file:line: what'."""
+    bad: list[str] = []
+    for folder in CODE_FOLDERS:
+        for path in _product_files(folder):
+            rel = path.relative_to(ROOT).as_posix()
+            if rel == ZARR_PRIVATE_ALLOWED:
+                continue
+            tree = ast.parse(path.read_text(), filename=str(path))
+            for node in ast.walk(tree):
+                found: list[str] = []
+                if isinstance(node, ast.Import):
+                    found = [a.name for a in node.names]
+                elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                    found = [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
+                elif isinstance(node, ast.Attribute) and not isinstance(node.value, ast.Attribute):
+                    dotted = _dotted(node)
+                    found = [dotted] if dotted else []
+                hits = [n for n in found if _is_private_zarr(n)]
+                if hits:
+                    bad.append(f"{rel}:{node.lineno}: {hits[0]}")
+    return sorted(set(bad))
+
+
 def test_no_package_imports_across_the_layering_rule() -> None:
     assert layering_violations() == []
 
@@ -99,3 +150,36 @@ def test_the_check_catches_a_crossing_import(
     monkeypatch.setattr(sys.modules[__name__], "ROOT", fake_root)
     found = layering_violations()
     assert found == [f"{package}/planted.py:{source.count(chr(10))}: {expected}"]
+
+
+def test_zarr_private_modules_are_used_in_the_direct_writer_only() -> None:
+    assert private_zarr_uses() == []
+    # ... and the allowed module does use them (else the exception is stale).
+    assert any(m.startswith("zarr.core") for _, m in _imports(ROOT / ZARR_PRIVATE_ALLOWED)), (
+        f"{ZARR_PRIVATE_ALLOWED} no longer uses zarr internals: drop the exception"
+    )
+
+
+@pytest.mark.parametrize(
+    ("where", "source"),
+    [
+        ("learner/planted.py", "from zarr.core.sync import sync\n"),
+        ("learner/planted.py", "import zarr.core.buffer\n"),
+        ("fleet/planted.py", "def f():\n    from zarr.storage import _utils\n"),
+        ("tests/planted.py", "import zarr\nx = zarr.core.group.GroupMetadata\n"),
+    ],
+)
+def test_the_zarr_check_catches_a_private_use(
+    where: str, source: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The check is not vacuous: a planted private zarr use, lazy or by attribute, is found
+    anywhere but in the direct writer."""
+    for name in CODE_FOLDERS:
+        (tmp_path / name).mkdir()
+    (tmp_path / where).write_text(source)
+    monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
+    line = source.count(chr(10))
+    assert [u.rsplit(": ", 1)[0] for u in private_zarr_uses()] == [f"{where}:{line}"]
+    (tmp_path / "learner" / "zarr_direct.py").write_text(source)
+    (tmp_path / where).unlink()
+    assert private_zarr_uses() == []

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import pytest
 
-from fleet.rollout import Arm, RuleConfig, arms, decide
+from fleet.rollout import RuleConfig, TaskTally, decide, tallies
 
 
 def test_credibly_worse_candidate_is_rolled_back() -> None:
-    stable = {"pick": Arm(80, 100)}
-    decision = decide(stable, {"pick": Arm(2, 20)})
+    stable = {"pick": TaskTally(80, 100)}
+    decision = decide(stable, {"pick": TaskTally(2, 20)})
     assert decision.action == "rollback"
     assert "pick" in decision.reason
     assert decision.tasks[0].p_worse > 0.95
@@ -18,16 +18,16 @@ def test_credibly_worse_candidate_is_rolled_back() -> None:
 
 
 def test_one_credibly_worse_task_vetoes_even_when_the_pool_looks_fine() -> None:
-    stable = {"pick": Arm(50, 100), "fold": Arm(80, 100)}
-    candidate = {"pick": Arm(190, 200), "fold": Arm(1, 20)}
+    stable = {"pick": TaskTally(50, 100), "fold": TaskTally(80, 100)}
+    candidate = {"pick": TaskTally(190, 200), "fold": TaskTally(1, 20)}
     decision = decide(stable, candidate)
     assert decision.action == "rollback"
     assert "fold" in decision.reason
 
 
 def test_equal_candidate_advances_after_enough_episodes() -> None:
-    stable = {"pick": Arm(300, 400), "fold": Arm(200, 400)}
-    candidate = {"pick": Arm(150, 200), "fold": Arm(100, 200)}
+    stable = {"pick": TaskTally(300, 400), "fold": TaskTally(200, 400)}
+    candidate = {"pick": TaskTally(150, 200), "fold": TaskTally(100, 200)}
     decision = decide(stable, candidate)
     assert decision.action == "advance"
     assert decision.p_not_worse > 0.95
@@ -35,31 +35,31 @@ def test_equal_candidate_advances_after_enough_episodes() -> None:
 
 
 def test_too_few_episodes_waits() -> None:
-    stable = {"pick": Arm(80, 100)}
+    stable = {"pick": TaskTally(80, 100)}
     assert decide(stable, {}).action == "wait"
-    assert decide(stable, {"pick": Arm(4, 5)}).action == "wait"
+    assert decide(stable, {"pick": TaskTally(4, 5)}).action == "wait"
     # Equal rates but far from enough evidence to rule out a 10-point drop: keep collecting.
-    undecided = decide(stable, {"pick": Arm(32, 40)})
+    undecided = decide(stable, {"pick": TaskTally(32, 40)})
     assert undecided.action == "wait"
     assert "undecided" in undecided.reason
 
 
 def test_a_task_below_its_minimum_cannot_veto() -> None:
     config = RuleConfig(min_task_episodes=10, min_episodes=1000)
-    decision = decide({"pick": Arm(90, 100)}, {"pick": Arm(0, 5)}, config)
+    decision = decide({"pick": TaskTally(90, 100)}, {"pick": TaskTally(0, 5)}, config)
     assert decision.action == "wait"
 
 
 def test_decisions_are_reproducible() -> None:
-    stable, candidate = {"pick": Arm(60, 100)}, {"pick": Arm(25, 40)}
+    stable, candidate = {"pick": TaskTally(60, 100)}, {"pick": TaskTally(25, 40)}
     assert decide(stable, candidate) == decide(stable, candidate)
 
 
 def test_interventions_count_as_failures() -> None:
     counts = {"pick": {"episodes": 10, "successes": 9, "autonomous_successes": 3}}
-    assert arms(counts) == {"pick": Arm(3, 10)}
+    assert tallies(counts) == {"pick": TaskTally(3, 10)}
 
 
-def test_arm_rejects_impossible_counts() -> None:
+def test_tally_rejects_impossible_counts() -> None:
     with pytest.raises(ValueError):
-        Arm(5, 3)
+        TaskTally(5, 3)

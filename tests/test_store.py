@@ -15,7 +15,7 @@ import pytest
 import simplejpeg
 import zarr
 
-import learner.store
+import learner.zarr_direct
 from fleet.wire import to_tensor
 from learner.chunks import ChunkRejected, DecodedChunk, decode_chunk
 from learner.store import AppendResult, EpisodeRef, EpisodeStore
@@ -200,17 +200,17 @@ def test_crash_between_rows_and_commit_is_repaired_by_the_resend(
 ) -> None:
     store.append(chunk(0))
     commit_file = store.root / EpisodeRef("c1", "e1").path / "zarr.json"
-    real = learner.store._put_json
+    real = learner.zarr_direct.put_json
 
     def crash(path: Path, doc: dict) -> None:  # dies after the rows, before the commit
         if path == commit_file:
             raise OSError("simulated crash before commit")
         real(path, doc)
 
-    monkeypatch.setattr(learner.store, "_put_json", crash)
+    monkeypatch.setattr(learner.zarr_direct, "put_json", crash)
     with pytest.raises(OSError):
         store.append(chunk(1))
-    monkeypatch.setattr(learner.store, "_put_json", real)
+    monkeypatch.setattr(learner.zarr_direct, "put_json", real)
     # The rows of seq 1 did reach their chunk files; only the commit is missing.
     assert (commit_file.parent / "cameras" / "overhead" / "c" / "1").is_file()
 
@@ -525,22 +525,23 @@ _KILL_SCRIPT = """
 import os, signal, sys
 sys.path.insert(0, sys.argv[3])
 import learner.store as st
+import learner.zarr_direct as zd
 from test_store import chunk
 store = st.EpisodeStore(sys.argv[1])
 store.append(chunk(0))
 where = sys.argv[2]
 if where == "before_commit":
-    real = st._put_json
+    real = zd.put_json
     def put_json(path, doc):
         if path.name == "zarr.json" and path.parent.name == "e1":
             os.kill(os.getpid(), signal.SIGKILL)
         real(path, doc)
-    st._put_json = put_json
+    zd.put_json = put_json
 else:  # half way through writing a frame file
     def write_fd(fd, pieces):
         os.write(fd, b"".join(pieces[: len(pieces) // 2]))
         os.kill(os.getpid(), signal.SIGKILL)
-    st._write_fd = write_fd
+    zd.write_fd = write_fd
 store.append(chunk(1))
 """
 

@@ -20,16 +20,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import mujoco
 import numpy as np
 
 from drivers.sim.mujoco.scene import ARM_LOWER, ARM_UPPER, BASE_X, BLOCK_HALF, CUBE_HALF, HOME
 from drivers.sim.mujoco.tasks import LEFT, RIGHT, bar_grasp_points
-
-if TYPE_CHECKING:
-    from drivers.sim.mujoco.world import MujocoWorld
+from drivers.sim.mujoco.world_view import ExpertWorld
 
 TIP_SPEED = 0.30  # m/s of the reference in free motion
 SLOW_SPEED = 0.12  # m/s for the last centimetres down onto an object and while pushing
@@ -94,7 +91,7 @@ class Waypoint:
 class ArmIK:
     """Damped least squares IK for one arm's site on a scratch copy of the model's data."""
 
-    def __init__(self, world: MujocoWorld) -> None:
+    def __init__(self, world: ExpertWorld) -> None:
         self.world = world
         self.data = mujoco.MjData(world.model)
         self._jacp = np.zeros((3, world.model.nv))
@@ -138,7 +135,7 @@ class ArmIK:
 class MujocoExpert:
     """Solves the MuJoCo cell's tasks from privileged state; `action()` once per tick."""
 
-    def __init__(self, world: MujocoWorld) -> None:
+    def __init__(self, world: ExpertWorld) -> None:
         self.world = world
         self.ik = ArmIK(world)
         self._episode = -1

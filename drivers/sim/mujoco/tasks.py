@@ -20,14 +20,11 @@
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from drivers.sim.mujoco.scene import BLOCK_HALF, CUBE_HALF, FLOOR_Z, PAD_RADIUS
-
-if TYPE_CHECKING:
-    from drivers.sim.mujoco.world import MujocoWorld
+from drivers.sim.mujoco.world_view import TaskWorld
 
 MUJOCO_TASKS: tuple[str, ...] = ("handover_bar", "place_cube", "push_to_target")
 TASK_OBJECT = {"handover_bar": "bar", "place_cube": "cube", "push_to_target": "block"}
@@ -53,7 +50,7 @@ def _closeness(metres: float, k: float = 10.0) -> float:
     return 1.0 - math.tanh(k * max(0.0, metres))
 
 
-def place_objects(world: MujocoWorld, task: str, rng: np.random.Generator) -> dict[str, float]:
+def place_objects(world: TaskWorld, task: str, rng: np.random.Generator) -> dict[str, float]:
     """Lay out `task`'s objects and target from `rng`; returns the layout (for logs)."""
     hide = np.array([6.0, 6.0, FLOOR_Z])
     if task == "handover_bar":
@@ -80,7 +77,7 @@ def place_objects(world: MujocoWorld, task: str, rng: np.random.Generator) -> di
     raise ValueError(f"unknown mujoco task {task!r}")
 
 
-def bar_grasp_points(world: MujocoWorld) -> tuple[np.ndarray, np.ndarray]:
+def bar_grasp_points(world: TaskWorld) -> tuple[np.ndarray, np.ndarray]:
     """Where the left and right grippers take the bar (its left and right ends' middles)."""
     c = world.object_pos("bar")
     axis = world.object_mat("bar")[:, 0]
@@ -89,11 +86,11 @@ def bar_grasp_points(world: MujocoWorld) -> tuple[np.ndarray, np.ndarray]:
     return c - BAR_GRASP_OFFSET * axis, c + BAR_GRASP_OFFSET * axis
 
 
-def _any_finger_touches(world: MujocoWorld, name: str) -> bool:
+def _any_finger_touches(world: TaskWorld, name: str) -> bool:
     return any(any(world.touching(s, name)) for s in (LEFT, RIGHT))
 
 
-def task_success(world: MujocoWorld, task: str) -> bool:
+def task_success(world: TaskWorld, task: str) -> bool:
     if task == "handover_bar":
         return (
             world.holds(RIGHT, "bar")
@@ -116,7 +113,7 @@ def task_success(world: MujocoWorld, task: str) -> bool:
     raise ValueError(f"unknown mujoco task {task!r}")
 
 
-def task_reward(world: MujocoWorld, task: str) -> float:
+def task_reward(world: TaskWorld, task: str) -> float:
     if task_success(world, task):
         return 1.0
     if task == "handover_bar":
