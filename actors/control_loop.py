@@ -475,14 +475,13 @@ class ControlLoop:
         )
         if self.acting.runner is None:  # the running version failed and there is no fallback
             return np.asarray(self.operator.action(), dtype=np.float32), True, ""
-        blender = self.acting.blender
-        action = blender.action(self._tick)
+        action = self.acting.target(self._tick)
         if action is None:  # the first chunk of this plan is not ready: stay put
             return self._hold_target(obs), False, self._version
-        if blender.remaining(self._tick) == 0:
+        if self.acting.remaining(self._tick) == 0:
             with self._lock:
                 self._counts["plan_exhausted_ticks"] += 1
-        return action, False, blender.version
+        return action, False, self.acting.version
 
     def _acting_failed(self, runner: PolicyRunner, error: str) -> None:
         """The acting version failed to predict: fall back to the last good one, if any."""
@@ -510,11 +509,11 @@ class ControlLoop:
             self.shadow.advance(obs, self._tick, self._task, share=self._tick_snapshot)
             if self.shadow.runner is None:  # it just failed
                 return None
-            if self.shadow.blender.remaining(self._tick) == 0:
+            if self.shadow.remaining(self._tick) == 0:
                 with self._lock:
                     self._counts["shadow_steps_missing"] += 1
                 return None
-            target = self.shadow.blender.action(self._tick)
+            target = self.shadow.target(self._tick)
             if target is None:
                 return None
             return np.asarray(target, np.float32), runner.version_id

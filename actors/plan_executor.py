@@ -15,8 +15,8 @@ action and never commanded). Both follow the same rules, written once here:
 - Lookahead: half the last chunk, at least twice the recent inference latency in ticks, or
   the fixed number given (lockstep cells: `fleet eval` asks at a fixed point of the plan).
 
-The executor never chooses what is commanded: the loop reads `blender` for this tick's target
-and decides whether to hold, act or log.
+The executor never chooses what is commanded: the loop reads this tick's `target` and decides
+whether to hold, act or log it.
 """
 
 from __future__ import annotations
@@ -78,6 +78,19 @@ class PlanExecutor:
     def counts(self) -> dict[str, int]:
         with self._lock:
             return dict(self._counts)
+
+    @property
+    def version(self) -> str:
+        """The version of the newest chunk in the plan ("" with no plan)."""
+        return self.blender.version
+
+    def target(self, tick: int) -> np.ndarray | None:
+        """The plan's target for `tick`; past its end its last target; None with no plan."""
+        return self.blender.action(tick)
+
+    def remaining(self, tick: int) -> int:
+        """Planned ticks left from `tick` on (0 once only holding, or with no plan)."""
+        return self.blender.remaining(tick)
 
     def start(self) -> None:
         self.inference.start()

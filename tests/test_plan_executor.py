@@ -116,8 +116,8 @@ def test_a_new_runner_is_asked_at_once_and_crossfades_into_the_plan() -> None:
     assert request_ticks(plan, range(3)) == [0]
     plan.use(FakeRunner(2, k=10))
     assert request_ticks(plan, range(3, 4)) == [3]  # plan still long, but of the old version
-    assert plan.blender.version == "v2"
-    first = [float(plan.blender.action(t)[0]) for t in range(3, 9)]  # type: ignore[index]
+    assert plan.version == "v2"
+    first = [float(plan.target(t)[0]) for t in range(3, 9)]  # type: ignore[index]
     # A 4-tick crossfade from v1's plan to v2's, not a jump.
     np.testing.assert_allclose(first, [1.2, 1.4, 1.6, 1.8, 2.0, 2.0], rtol=1e-6)
 
@@ -132,7 +132,7 @@ def test_a_busy_worker_is_never_asked_and_a_replaced_runners_chunk_is_stale() ->
     inference.finish()  # v1's chunk comes back after v2 took over
     assert request_ticks(plan, range(3, 4)) == [3]  # the worker is free: v2 is asked
     assert plan.counts["stale"] == 1 and plan.counts["blended"] == 0
-    assert plan.blender.action(3) is None
+    assert plan.target(3) is None
 
 
 def test_a_chunk_observed_before_the_plan_was_dropped_is_stale() -> None:
@@ -159,7 +159,7 @@ def test_a_late_first_chunk_fades_in_from_the_held_target_only_when_one_is_given
     assert plan.advance(observation(0), 0, TASK, hold=lambda: held) is not None
     inference.finish()  # the chunk observed at tick 0 is back at tick 3
     plan.advance(observation(3), 3, TASK, hold=(lambda: held) if hold else None)
-    target = plan.blender.action(3)
+    target = plan.target(3)
     assert target is not None and float(target[0]) == pytest.approx(first_target)
     assert plan.counts["blended"] == 1 and plan.counts["ready_in_time"] == 0
 
@@ -180,7 +180,7 @@ def test_a_failed_prediction_goes_to_the_caller_and_nothing_is_blended() -> None
     plan.use(FakeRunner(2, fail=True))
     assert request_ticks(plan, range(3)) == [0]  # the handler stopped the plan: no retry
     assert errors == ["v2: no frame from camera(s) ['front']"]
-    assert plan.runner is None and plan.blender.action(2) is None
+    assert plan.runner is None and plan.target(2) is None
     assert plan.counts["errors"] == 1 and plan.counts["calls"] == 1
 
 
