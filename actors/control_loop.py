@@ -5,34 +5,35 @@ blended plan (actors/blending.py), or the operator's action when the operator ha
 over or no policy has arrived yet (those steps are demonstrations, flagged as
 interventions), commands the arms and records the step.
 
-The tick never runs the policy: it hands an observation snapshot to the inference worker
-(actors/inference.py) when the plan runs short and blends in whatever chunk the worker has
-finished, aligned by the tick its observation was taken at. With no fresh chunk the loop
-keeps executing the plan's remaining steps and then holds its last target, so neither
-inference latency nor a late chunk stalls the loop. A new version is adopted as soon as the
-watcher offers it and takes effect as its first chunk is crossfaded into the old plan (no
-jump beyond what the blend window allows; the safety gate bounds the rest).
+The tick never runs the policy: its plan executor (actors/plan_executor.py) hands an
+observation snapshot to the inference worker (actors/inference.py) when the plan runs short
+and blends in whatever chunk the worker has finished, aligned by the tick its observation
+was taken at. With no fresh chunk the loop keeps executing the plan's remaining steps and
+then holds its last target, so neither inference latency nor a late chunk stalls the loop.
+A new version is adopted as soon as the watcher offers it and takes effect as its first
+chunk is crossfaded into the old plan (no jump beyond what the blend window allows; the
+safety gate bounds the rest).
 
 The loop never waits on the network: recorded chunks go to the uplink's queue, and new
 versions come from the watcher's `take_new()`, which never blocks.
 
 Shadow evaluation: while the watcher offers a `shadow_runner` (a candidate in stage
-"shadow"), the loop keeps a second plan for it, on the same observations and the same tick
-stamps: its own inference worker (low CPU priority), its own blender of the acting kind, and
-the same "request when the plan runs short" rule; when both are due on one tick they share
-the one observation snapshot. The shadow plan runs on through operator takeovers (those
-steps are what the shadow is compared with an operator on). Its target for each recorded
-step is logged beside the executed action and never commanded. A step the shadow plan does
-not cover (the first chunk not back yet, or a shadow slower than its plan) simply has no
-shadow action: nothing is held or invented for it, and a chunk goes up with shadow actions
-only when every one of its steps has one (`shadow_steps_missing` counts the others). A
-shadow that fails to predict is reported once and dropped; the acting version never notices.
+"shadow"), the loop keeps a second plan executor for it, on the same observations and the
+same tick stamps: its own inference worker (low CPU priority), its own blender of the acting
+kind, and the same "request when the plan runs short" rule; when both are due on one tick
+they share the one observation snapshot. The shadow plan runs on through operator takeovers
+(those steps are what the shadow is compared with an operator on). Its target for each
+recorded step is logged beside the executed action and never commanded. A step the shadow
+plan does not cover (the first chunk not back yet, or a shadow slower than its plan) simply
+has no shadow action: nothing is held or invented for it, and a chunk goes up with shadow
+actions only when every one of its steps has one (`shadow_steps_missing` counts the
+others). A shadow that fails to predict is reported once and dropped; the acting version
+never notices.
 """
 
 from __future__ import annotations
 
 import copy
-import dataclasses
 import logging
 import secrets
 import threading
@@ -45,9 +46,10 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 from prometheus_client import Histogram
 
-from actors.blending import ChunkBlender, CrossfadeBlender, TimedChunk
+from actors.blending import ChunkBlender, CrossfadeBlender
 from actors.config import ActorConfig
 from actors.inference import Inference, Snapshot, ThreadedInference
+from actors.plan_executor import PlanExecutor
 from actors.recorder import EpisodeRecorder
 from drivers.cell import CellFault
 from drivers.interfaces import Clock, DriverFault, Observation, Operator, TaskScene
@@ -98,6 +100,30 @@ class RunnerSource(Protocol):
 
 SHADOW_NICE = 5  # the shadow's inference worker yields the CPU to acting inference and loop
 
+# `stats` names each plan executor's counts as they have always been named, in this order.
+LOOP_COUNTS = (
+    "episodes",
+    "episodes_aborted",
+    "successes",
+    "steps_recorded",
+    "interventions",
+    "late_ticks",
+    "chunks_submitted",
+)
+ACTING_COUNTS = {
+    "policy_calls": "calls",
+    "policy_errors": "errors",
+    "chunks_blended": "blended",  # chunks from inference blended into the plan
+    "chunks_followup": "followup",  # ... of those, ones that continue a running plan
+    "chunks_ready_in_time": "ready_in_time",  # ... of those, ready before the plan ran out
+    "chunks_stale": "stale",  # finished too late to contribute, or from an old version
+}
+SHADOW_COUNTS = {
+    "shadow_calls": "calls",  # inferences asked of the shadow version
+    "shadow_errors": "errors",
+    "shadow_chunks_stale": "stale",
+}
+
 
 def episode_seed(seed: int, index: int) -> int:
     """A scene seed per episode: reproducible from the actor's seed and the episode index,
@@ -145,31 +171,31 @@ class ControlLoop:
         # (cell, episode, seq) once, so a reused id would silently lose the new data.
         self._run_id = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + secrets.token_hex(3)
         self._lock = threading.Lock()
-        self._runner: PolicyRunner | None = None
         self._fallback: PolicyRunner | None = None  # the last good runner before the current
-        self.inference: Inference = inference or ThreadedInference(config.cell_id)
         gate = getattr(hardware, "gate", None)
-        self.blender: ChunkBlender = blender or CrossfadeBlender(
-            max_step=getattr(gate, "max_step", None)
+        blender = blender or CrossfadeBlender(max_step=getattr(gate, "max_step", None))
+        self.acting = PlanExecutor(
+            inference or ThreadedInference(config.cell_id),
+            blender,
+            self.period,
+            self._acting_failed,
+            lookahead=lookahead,
         )
-        self.lookahead = lookahead
-        self.fault_retry_s = FAULT_RETRY_S
         # Shadow evaluation: a second plan, blended like the acting one, never executed.
-        self.shadow_inference: Inference = shadow_inference or ThreadedInference(
-            config.cell_id, name="shadow-inference", nice=SHADOW_NICE
+        shadow_blender = copy.deepcopy(blender)
+        shadow_blender.reset()
+        self.shadow = PlanExecutor(
+            shadow_inference
+            or ThreadedInference(config.cell_id, name="shadow-inference", nice=SHADOW_NICE),
+            shadow_blender,
+            self.period,
+            self._shadow_failed_to_predict,
+            lookahead=lookahead,
         )
-        self.shadow_blender: ChunkBlender = copy.deepcopy(self.blender)
-        self.shadow_blender.reset()
-        self._shadow_runner: PolicyRunner | None = None
         self._shadow_failed: PolicyRunner | None = None  # failed to predict: not used again
-        self._shadow_fresh_from = 0
-        self._shadow_chunk_len = 0
-        self._shadow_latency_ticks = 0.0
+        self.fault_retry_s = FAULT_RETRY_S
         self._tick_snapshot: Snapshot | None = None  # the acting snapshot taken this tick
         self._tick = 0  # ticks since the loop started, across episodes
-        self._fresh_from = 0  # results from snapshots before this tick are discarded
-        self._chunk_len = 0
-        self._latency_ticks = 0.0  # recent inference latency in ticks (EMA)
         self._last_target: np.ndarray | None = None
         self._forced: bool | None = None
         self._episode_index = 0
@@ -178,23 +204,8 @@ class ControlLoop:
         self._tick_starts: deque[float] = deque(maxlen=RATE_WINDOW_TICKS)
         self._counts = dict.fromkeys(
             (
-                "episodes",
-                "episodes_aborted",
-                "successes",
-                "steps_recorded",
-                "interventions",
-                "late_ticks",
-                "chunks_submitted",
-                "policy_calls",
-                "policy_errors",
-                "chunks_blended",  # chunks from inference blended into the plan
-                "chunks_followup",  # ... of those, ones that continue a running plan
-                "chunks_ready_in_time",  # ... of those, ready before the plan ran out
-                "chunks_stale",  # finished too late to contribute, or from an old version
+                *LOOP_COUNTS,
                 "plan_exhausted_ticks",  # policy ticks holding the last target
-                "shadow_calls",  # inferences asked of the shadow version
-                "shadow_errors",
-                "shadow_chunks_stale",
                 "shadow_steps",  # recorded steps with a shadow action
                 "shadow_steps_missing",  # steps a shadow ran for but its plan did not cover
             ),
@@ -207,17 +218,27 @@ class ControlLoop:
 
     @property
     def stats(self) -> dict[str, Any]:
+        acting, shadow = self.acting.counts, self.shadow.counts
         with self._lock:
-            out: dict[str, Any] = dict(self._counts)
+            counts = self._counts
+            out: dict[str, Any] = {
+                **{k: counts[k] for k in LOOP_COUNTS},
+                **{name: acting[k] for name, k in ACTING_COUNTS.items()},
+                "plan_exhausted_ticks": counts["plan_exhausted_ticks"],
+                **{name: shadow[k] for name, k in SHADOW_COUNTS.items()},
+                "shadow_steps": counts["shadow_steps"],
+                "shadow_steps_missing": counts["shadow_steps_missing"],
+            }
             out["loop_hz"] = self._loop_hz()
-            out["version_running"] = self._runner.version_id if self._runner else ""
-            out["shadow_version"] = self._shadow_runner.version_id if self._shadow_runner else ""
+            out["version_running"] = self._version
+            runner = self.shadow.runner
+            out["shadow_version"] = runner.version_id if runner else ""
             out["versions_adopted"] = [dict(a) for a in self._adoptions]
             out["task"] = self._task
             out["episode_id"] = self._episode_id
             out["last_fault"] = self.last_fault
-        out["inference"] = self.inference.stats
-        out["shadow_inference"] = self.shadow_inference.stats
+        out["inference"] = self.acting.inference.stats
+        out["shadow_inference"] = self.shadow.inference.stats
         return out
 
     def run(self, stop: threading.Event) -> None:
@@ -230,16 +251,16 @@ class ControlLoop:
             ",".join(self.tasks),
             self.config.chunk_steps,
         )
-        self.inference.start()
-        self.shadow_inference.start()
+        self.acting.start()
+        self.shadow.start()
         try:
             while not stop.is_set():
                 self._run_episode(stop)
                 if self._cell_fault() is not None:
                     self._wait_out_fault(stop)
         finally:
-            self.inference.stop()
-            self.shadow_inference.stop()
+            self.acting.stop()
+            self.shadow.stop()
 
     def _wait_out_fault(self, stop: threading.Event) -> None:
         """After a fault: with torque off, stay idle until restarted (a person must look);
@@ -300,8 +321,8 @@ class ControlLoop:
             self._task = task
             self._episode_id = episode_id
         self._take_new_runner()
-        self._drop_plan()  # a new scene: nothing planned for the last one carries over
-        self._drop_shadow_plan()
+        self.acting.drop_plan(self._tick)  # a new scene: nothing planned carries over
+        self.shadow.drop_plan(self._tick)
         self._last_target = None  # the reset may have moved the arms: hold where they are
         self.scene.reset(task, seed)
         recorder = EpisodeRecorder(cfg.cell_id, episode_id, task, cfg.chunk_steps, cfg.jpeg_quality)
@@ -433,13 +454,8 @@ class ControlLoop:
 
     @property
     def _version(self) -> str:
-        return self._runner.version_id if self._runner is not None else ""
-
-    def _drop_plan(self) -> None:
-        """Forget the plan and any chunk in flight (new episode, operator takeover)."""
-        self.blender.reset()
-        self._fresh_from = self._tick
-        self.inference.poll()
+        runner = self.acting.runner
+        return runner.version_id if runner is not None else ""
 
     def _hold_target(self, obs: Observation) -> np.ndarray:
         if self._last_target is not None:
@@ -451,100 +467,34 @@ class ControlLoop:
         whose plan they come from. Never runs the policy itself."""
         self._tick_snapshot = None
         self._take_new_runner()
-        if self._runner is None or self.operator.wants_control():
-            self._drop_plan()  # a takeover abandons the plan in progress
+        if self.acting.runner is None or self.operator.wants_control():
+            self.acting.drop_plan(self._tick)  # a takeover abandons the plan in progress
             return np.asarray(self.operator.action(), dtype=np.float32), True, self._version
-        self._blend_finished(obs)
-        if self._runner is None:  # the running version failed and there is no fallback
+        self._tick_snapshot = self.acting.advance(
+            obs, self._tick, self._task, hold=lambda: self._hold_target(obs)
+        )
+        if self.acting.runner is None:  # the running version failed and there is no fallback
             return np.asarray(self.operator.action(), dtype=np.float32), True, ""
-        self._request_if_due(obs)
-        self._blend_finished(obs)  # an inline inference is already done
-        if self._runner is None:
-            return np.asarray(self.operator.action(), dtype=np.float32), True, ""
-        action = self.blender.action(self._tick)
+        action = self.acting.target(self._tick)
         if action is None:  # the first chunk of this plan is not ready: stay put
             return self._hold_target(obs), False, self._version
-        if self.blender.remaining(self._tick) == 0:
+        if self.acting.remaining(self._tick) == 0:
             with self._lock:
                 self._counts["plan_exhausted_ticks"] += 1
-        return action, False, self.blender.version
+        return action, False, self.acting.version
 
-    def _request_if_due(self, obs: Observation) -> None:
-        runner = self._runner
-        assert runner is not None
-        if self.inference.busy:
-            return
-        remaining = self.blender.remaining(self._tick)
-        if remaining > self._lookahead() and self.blender.version == runner.version_id:
-            return
-        snapshot = self._snapshot(obs, runner)
-        self._tick_snapshot = snapshot
-        self.inference.submit(snapshot)
-        with self._lock:
-            self._counts["policy_calls"] += 1
-
-    def _snapshot(self, obs: Observation, runner: PolicyRunner) -> Snapshot:
-        """This tick's observation copied out for a worker (the loop moves on at once)."""
-        frames = {name: np.array(frame.color) for name, frame in obs.frames.items()}
-        joints = np.array(obs.joint_pos, np.float32)
-        return Snapshot(frames, joints, self._task, self._tick, runner)
-
-    def _lookahead(self) -> int:
-        if self.lookahead is not None:
-            return self.lookahead
-        return _lookahead(self._chunk_len, self._latency_ticks)
-
-    def _blend_finished(self, obs: Observation) -> None:
-        """Blend in the chunk the worker finished, if any; handle a failed version."""
-        result = self.inference.poll()
-        if result is None:
-            return
-        runner = self._runner
-        if result.runner is not runner or runner is None:
-            with self._lock:
-                self._counts["chunks_stale"] += 1  # from a version no longer running
-            return
-        if result.chunk is None:
-            fallback = self._fallback
-            self._fault(
-                f"episode {self._episode_id}: version {runner.version_id} failed to predict "
-                f"({result.error}); falling back to version "
-                f"{fallback.version_id if fallback else None!r}"
-            )
-            with self._lock:
-                self._counts["policy_errors"] += 1
-                self._runner, self._fallback = fallback, None
-            self._sync_operator()
-            return
-        chunk = result.chunk
-        if chunk.start_tick < self._fresh_from:
-            with self._lock:
-                self._counts["chunks_stale"] += 1  # observed before the plan was dropped
-            return
-        self._chunk_len = len(chunk.actions)
-        ticks = chunk.latency_s / self.period
-        self._latency_ticks = (
-            ticks if self._latency_ticks == 0 else (0.8 * self._latency_ticks + 0.2 * ticks)
+    def _acting_failed(self, runner: PolicyRunner, error: str) -> None:
+        """The acting version failed to predict: fall back to the last good one, if any."""
+        fallback = self._fallback
+        self._fault(
+            f"episode {self._episode_id}: version {runner.version_id} failed to predict "
+            f"({error}); falling back to version "
+            f"{fallback.version_id if fallback else None!r}"
         )
-        had_plan = self.blender.version != ""
-        if chunk.end_tick <= self._tick:  # too late for a single step (nothing to blend)
-            with self._lock:
-                self._counts["chunks_stale"] += 1
-            return
-        if not had_plan and chunk.start_tick < self._tick:
-            # The first chunk of a plan came late while the arm held still: fade it in from
-            # the held target instead of jumping to where its plan has got to by now.
-            self.blender.reset()
-            self.blender.add(TimedChunk(self._hold_target(obs)[None], self._tick), self._tick)
-        in_time = had_plan and self.blender.remaining(self._tick) > 0
-        if not self.blender.add(chunk, self._tick):
-            with self._lock:
-                self._counts["chunks_stale"] += 1
-            return
         with self._lock:
-            self._counts["chunks_blended"] += 1
-            self._counts["chunks_followup"] += int(had_plan)
-            self._counts["chunks_ready_in_time"] += int(in_time)
+            self.acting.use(fallback)
+            self._fallback = None
+        self._sync_operator()
 
     # -- shadow evaluation ------------------------------------------------------------
 
@@ -556,19 +506,14 @@ class ControlLoop:
             runner = self._current_shadow()
             if runner is None:
                 return None
-            self._shadow_blend_finished(runner)
-            runner = self._shadow_runner
-            if runner is None:  # it just failed
+            self.shadow.advance(obs, self._tick, self._task, share=self._tick_snapshot)
+            if self.shadow.runner is None:  # it just failed
                 return None
-            self._shadow_request_if_due(obs, runner)
-            self._shadow_blend_finished(runner)  # an inline inference is already done
-            if self._shadow_runner is None:
-                return None
-            if self.shadow_blender.remaining(self._tick) == 0:
+            if self.shadow.remaining(self._tick) == 0:
                 with self._lock:
                     self._counts["shadow_steps_missing"] += 1
                 return None
-            target = self.shadow_blender.action(self._tick)
+            target = self.shadow.target(self._tick)
             if target is None:
                 return None
             return np.asarray(target, np.float32), runner.version_id
@@ -586,11 +531,9 @@ class ControlLoop:
         offered = getattr(self.watcher, "shadow_runner", None) if self.watcher else None
         if offered is not None and offered is self._shadow_failed:
             offered = None
-        if offered is not self._shadow_runner:
-            previous = self._shadow_runner
-            self._shadow_runner = offered
-            self._drop_shadow_plan()
-            self._shadow_chunk_len, self._shadow_latency_ticks = 0, 0.0
+        previous = self.shadow.runner
+        if offered is not previous:
+            self.shadow.restart(offered, self._tick)
             log.info(
                 "cell %s episode %s: shadow version %r (was %r); its actions are logged, "
                 "never executed",
@@ -599,65 +542,17 @@ class ControlLoop:
                 offered.version_id if offered is not None else "",
                 previous.version_id if previous is not None else "",
             )
-        return self._shadow_runner
+        return self.shadow.runner
 
-    def _drop_shadow_plan(self) -> None:
-        self.shadow_blender.reset()
-        self._shadow_fresh_from = self._tick
-        self.shadow_inference.poll()
-
-    def _shadow_request_if_due(self, obs: Observation, runner: PolicyRunner) -> None:
-        if self.shadow_inference.busy:
-            return  # a slow shadow: the steps it does not cover go without shadow actions
-        remaining = self.shadow_blender.remaining(self._tick)
-        lookahead = (
-            self.lookahead
-            if self.lookahead is not None
-            else _lookahead(self._shadow_chunk_len, self._shadow_latency_ticks)
+    def _shadow_failed_to_predict(self, runner: PolicyRunner, error: str) -> None:
+        """A shadow that fails is dropped and never used again; acting never notices."""
+        self._shadow_failed = runner
+        self.shadow.restart(None, self._tick)
+        self._fault(
+            f"episode {self._episode_id}: shadow version {runner.version_id} failed to "
+            f"predict ({error}); shadow run stopped, acting version "
+            f"{self._version!r} unaffected"
         )
-        if remaining > lookahead and self.shadow_blender.version == runner.version_id:
-            return
-        snapshot = self._tick_snapshot  # the acting policy's observation of this tick
-        if snapshot is None or snapshot.tick != self._tick:
-            snapshot = self._snapshot(obs, runner)
-        self.shadow_inference.submit(dataclasses.replace(snapshot, runner=runner))
-        with self._lock:
-            self._counts["shadow_calls"] += 1
-
-    def _shadow_blend_finished(self, runner: PolicyRunner) -> None:
-        result = self.shadow_inference.poll()
-        if result is None:
-            return
-        if result.runner is not runner:
-            with self._lock:
-                self._counts["shadow_chunks_stale"] += 1
-            return
-        if result.chunk is None:
-            with self._lock:
-                self._counts["shadow_errors"] += 1
-            self._shadow_failed, self._shadow_runner = runner, None
-            self._drop_shadow_plan()
-            self._fault(
-                f"episode {self._episode_id}: shadow version {runner.version_id} failed to "
-                f"predict ({result.error}); shadow run stopped, acting version "
-                f"{self._version!r} unaffected"
-            )
-            return
-        chunk = result.chunk
-        if chunk.start_tick < self._shadow_fresh_from:
-            with self._lock:
-                self._counts["shadow_chunks_stale"] += 1
-            return
-        self._shadow_chunk_len = len(chunk.actions)
-        ticks = chunk.latency_s / self.period
-        self._shadow_latency_ticks = (
-            ticks
-            if self._shadow_latency_ticks == 0
-            else (0.8 * self._shadow_latency_ticks + 0.2 * ticks)
-        )
-        if not self.shadow_blender.add(chunk, self._tick):
-            with self._lock:
-                self._counts["shadow_chunks_stale"] += 1
 
     def _take_new_runner(self) -> None:
         if self.watcher is None:
@@ -668,9 +563,9 @@ class ControlLoop:
             previous = self._version
             adoption = {"version": runner.version_id, "adopted_at": time.time()}
             with self._lock:
-                if self._runner is not None:
-                    self._fallback = self._runner
-                self._runner = runner
+                if self.acting.runner is not None:
+                    self._fallback = self.acting.runner
+                self.acting.use(runner)
                 self._adoptions.append(adoption)
             log.info(
                 "cell %s episode %s: adopted version %s (was %r); it blends in with its "
@@ -684,7 +579,7 @@ class ControlLoop:
 
     def _sync_operator(self) -> None:
         """While no policy runs, the operator drives every tick (demonstrations)."""
-        want = self._runner is None
+        want = self.acting.runner is None
         if want == self._forced:
             return
         force = getattr(self.operator, "force", None)
@@ -704,10 +599,3 @@ class ControlLoop:
             return 0.0
         span = self._tick_starts[-1] - self._tick_starts[0]
         return (len(self._tick_starts) - 1) / span if span > 0 else 0.0
-
-
-def _lookahead(chunk_len: int, latency_ticks: float) -> int:
-    """Ask for the next chunk with this many planned ticks left: half a chunk, or twice the
-    recent inference latency when that is longer (but less than a whole chunk)."""
-    need = int(np.ceil(2.0 * latency_ticks)) + 1
-    return max(chunk_len // 2, min(need, max(chunk_len - 1, 0)))
