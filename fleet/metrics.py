@@ -34,6 +34,9 @@ from prometheus_client.core import (
 )
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
+from pydantic import BaseModel, Field
+
+from fleet.config_cli import add_model_arguments
 
 log = logging.getLogger(__name__)
 
@@ -162,12 +165,17 @@ class MetricsServer:
         self.thread.join(5.0)
 
 
+class MetricsOptions(BaseModel):
+    """--metrics-port / --metrics-host, the same on every process that serves /metrics
+    (a component's options model inherits them)."""
+
+    metrics_port: int = Field(0, description="serve Prometheus /metrics here (0 = off)")
+    metrics_host: str = Field("0.0.0.0", description="address /metrics binds")
+
+
 def add_metrics_arguments(p: argparse.ArgumentParser) -> None:
-    """--metrics-port / --metrics-host, the same on every process that serves /metrics."""
-    p.add_argument(
-        "--metrics-port", type=int, default=0, help="serve Prometheus /metrics here (0 = off)"
-    )
-    p.add_argument("--metrics-host", default="0.0.0.0", help="address /metrics binds")
+    """The two flags alone, for a parser not yet generated from an options model."""
+    add_model_arguments(p, MetricsOptions)
 
 
 def serve_metrics(
