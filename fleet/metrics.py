@@ -15,7 +15,6 @@ one scrape target per learner no matter where Ray placed its actors.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import math
 import re
@@ -35,8 +34,6 @@ from prometheus_client.core import (
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 from pydantic import BaseModel, Field
-
-from fleet.config_cli import add_model_arguments
 
 log = logging.getLogger(__name__)
 
@@ -171,11 +168,6 @@ class MetricsOptions(BaseModel):
 
     metrics_port: int = Field(0, description="serve Prometheus /metrics here (0 = off)")
     metrics_host: str = Field("0.0.0.0", description="address /metrics binds")
-
-
-def add_metrics_arguments(p: argparse.ArgumentParser) -> None:
-    """The two flags alone, for a parser not yet generated from an options model."""
-    add_model_arguments(p, MetricsOptions)
 
 
 def serve_metrics(
