@@ -192,9 +192,10 @@ def main(argv: list[str] | None = None) -> int:
         return _exec_module("learner.retention", argv[1:])
     args = build_parser().parse_args(argv)
     if args.command == "up":
-        from fleet.up import run_up
+        from fleet.config_cli import model_from_namespace
+        from fleet.up import UpOptions, run_up
 
-        return run_up(args)
+        return run_up(model_from_namespace(UpOptions, args))
     if args.command == "status":
         return cmd_status(args)
     if args.command == "dashboard":
