@@ -16,6 +16,7 @@ from __future__ import annotations
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
+from itertools import takewhile
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, get_args, get_origin
 
@@ -267,15 +268,14 @@ def _first_problem(exc: ValidationError, data: Mapping[str, Any]) -> str:
     A table's unknown keys come before its fields: an unknown key is usually a known one
     misspelled, which pydantic also reports as missing."""
     err = min(exc.errors(), key=lambda e: _reading_order(e, data))
-    loc = [part for part in err["loc"] if isinstance(part, str)]
-    if any(isinstance(part, int) for part in err["loc"]):  # an item: name its whole list
-        loc = loc[: next(i for i, p in enumerate(err["loc"]) if isinstance(p, int))]
+    loc = list(takewhile(lambda part: isinstance(part, str), err["loc"]))  # a list, not its item
     key = ".".join(loc)
     if err["type"] == "extra_forbidden":
-        return f"unknown key {key!r}; expected one of {sorted(_model_at(loc[:-1]).model_fields)}"
+        table = _optional_inner(_type_at(loc[:-1])[0])
+        return f"unknown key {key!r}; expected one of {sorted(table.model_fields)}"
     ctx = err.get("ctx") or {}
     key = ctx.get("key", key)
-    expected = ctx["expected"] if err["type"] == "expected" else _expectation(loc)
+    expected = ctx["expected"] if err["type"] == "expected" else _type_at(loc)[1]
     if err["type"] == "missing":
         return f"key {key!r} is missing; expected {expected}"
     got = ctx["got"] if "got" in ctx else _raw(data, loc)
@@ -329,14 +329,6 @@ def _type_at(loc: list[str]) -> tuple[Any, str]:
 def _optional_inner(typ: Any) -> Any:
     args = [a for a in get_args(typ) if a is not type(None)]
     return args[0] if type(None) in get_args(typ) and len(args) == 1 else typ
-
-
-def _model_at(loc: list[str]) -> type[BaseModel]:
-    return _optional_inner(_type_at(loc)[0])
-
-
-def _expectation(loc: list[str]) -> str:
-    return _type_at(loc)[1]
 
 
 def _raw(data: Any, loc: list[str]) -> Any:
