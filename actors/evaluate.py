@@ -34,13 +34,15 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import numpy as np
+from pydantic import BaseModel, Field
 
 from actors.config import ActorConfig
 from actors.control_loop import ControlLoop
 from actors.inference import InlineInference
+from fleet.config_cli import add_model_arguments, flag, parse_model
 from fleet.evaluation import BASELINES, EpisodeRecord, EvalResult, store_evaluation
 from fleet.policy.manifest import Manifest
 from fleet.scenes import heldout_seed
@@ -50,7 +52,8 @@ from protos.joint_layout import JOINT_DIM
 
 log = logging.getLogger("eval")
 
-BACKENDS = ("mujoco", "kinematic")
+Backend = Literal["mujoco", "kinematic"]
+BACKENDS: tuple[Backend, ...] = get_args(Backend)
 CONTROL_HZ = 20.0
 DEFAULT_CAMERAS = ("overhead", "front")
 
@@ -640,6 +643,43 @@ def evaluate(
 # -- command -----------------------------------------------------------------------------
 
 
+class EvalOptions(BaseModel):
+    """`fleet eval`'s arguments (fleet/config_cli.py generates them)."""
+
+    version: str | None = flag(
+        None,
+        "VERSION id, stable or latest (with --redis-url or --versions-dir), or a version's "
+        "manifest (.json) / weights (.safetensors) file, or a versions directory",
+        positional=True,
+    )
+    redis_url: str | None = Field(None, description="Redis holding the fleet registry")
+    redis_prefix: str = Field("fleet:", description="registry key prefix")
+    versions_dir: Path | None = Field(
+        None,
+        description="directory of <version>.safetensors/.json files (the learner's versions)",
+    )
+    tasks: str = Field("", description="comma-separated tasks (default: all shared)")
+    episodes: int = Field(10, description="held-out scenes per task")
+    seed_start: int = Field(
+        0,
+        description="first held-out scene index (seeds are fleet.scenes.heldout_seed(i), "
+        "never a training seed)",
+    )
+    backend: Backend = Field("mujoco", description="sim backend")
+    baselines: str = Field(
+        "untrained,expert",
+        description="comma-separated: untrained, expert, or versions (id, stable, latest); "
+        "'' = none",
+    )
+    workers: int = Field(1, description="parallel worker processes")
+    verify_key: Path | None = Field(None, description="require the learner's signature (PEM)")
+    no_store: bool = Field(
+        False,
+        description="do not store the result with the version (manifest file and registry)",
+    )
+    worker: bool = flag(False, hidden=True)  # a worker process of a parent `fleet eval`
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="fleet eval",
@@ -648,45 +688,7 @@ def build_parser() -> argparse.ArgumentParser:
         "same scenes; print successes with 95%% Wilson intervals and mean progress per task, "
         "store the result with the version, and end with one JSON line.",
     )
-    p.add_argument(
-        "version",
-        nargs="?",
-        help="VERSION id, stable or latest (with --redis-url or --versions-dir), or a "
-        "version's manifest (.json) / weights (.safetensors) file, or a versions directory",
-    )
-    p.add_argument("--redis-url", default=None, help="Redis holding the fleet registry")
-    p.add_argument("--redis-prefix", default="fleet:", help="registry key prefix")
-    p.add_argument(
-        "--versions-dir",
-        type=Path,
-        default=None,
-        help="directory of <version>.safetensors/.json files (the learner's versions)",
-    )
-    p.add_argument("--tasks", default="", help="comma-separated tasks (default: all shared)")
-    p.add_argument("--episodes", type=int, default=10, help="held-out scenes per task")
-    p.add_argument(
-        "--seed-start",
-        type=int,
-        default=0,
-        help="first held-out scene index (seeds are "
-        "fleet.scenes.heldout_seed(i), never a training seed)",
-    )
-    p.add_argument("--backend", choices=BACKENDS, default="mujoco", help="sim backend")
-    p.add_argument(
-        "--baselines",
-        default="untrained,expert",
-        help="comma-separated: untrained, expert, or versions (id, stable, latest); '' = none",
-    )
-    p.add_argument("--workers", type=int, default=1, help="parallel worker processes")
-    p.add_argument(
-        "--verify-key", type=Path, default=None, help="require the learner's signature (PEM)"
-    )
-    p.add_argument(
-        "--no-store",
-        action="store_true",
-        help="do not store the result with the version (manifest file and registry)",
-    )
-    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    add_model_arguments(p, EvalOptions)
     return p
 
 
@@ -737,7 +739,7 @@ def _table(result: EvalResult) -> Any:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_model(build_parser(), EvalOptions, argv)
     if args.worker:
         logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
         return _worker_main()

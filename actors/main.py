@@ -15,10 +15,10 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from actors.config import ActorConfig
+from actors.config import ActorConfig, ActorOptions
 from actors.edge import run_actor
+from fleet.config_cli import add_model_arguments, parse_model
 from fleet.logs import setup_logging
-from fleet.metrics import add_metrics_arguments
 from fleet.supervision import stop_with_supervisor
 
 log = logging.getLogger("actor")
@@ -29,129 +29,12 @@ def build_parser() -> argparse.ArgumentParser:
         prog="fleet actor",
         description="Run a cell's edge actor: control loop, policy, trajectory upload.",
     )
-    p.add_argument("--cell", required=True, help="this cell's id, e.g. cell-01")
-    p.add_argument("--learner", required=True, help="learner gateway address host:port")
-    p.add_argument(
-        "--token",
-        default="",
-        help="this cell's credential, sent as call credentials over TLS (prefer --token-file)",
-    )
-    p.add_argument(
-        "--token-file",
-        type=Path,
-        default=None,
-        help="read the credential from this file instead (kept out of the process list)",
-    )
-    p.add_argument(
-        "--tls-dir",
-        type=Path,
-        default=None,
-        help="TLS to the learner: ca.pem, and <cell>.pem/<cell>.key for mutual TLS "
-        "(default: plaintext)",
-    )
-    p.add_argument("--sim", action="store_true", help="drive the simulated cell")
-    p.add_argument(
-        "--cell-config",
-        type=Path,
-        default=None,
-        help="drive a real cell described by this TOML file (ops/cell.example.toml); it "
-        "sets the cell's arms, cameras, control rate, episode limit, tasks and JPEG quality "
-        "(the sim-only and cell flags here are then ignored); --cell must match its cell.id",
-    )
-    p.add_argument("--seed", type=int, default=0, help="sim seed (episode layouts)")
-    p.add_argument("--cameras", default="overhead,front", help="comma-separated camera names")
-    p.add_argument("--height", type=int, default=96)
-    p.add_argument("--width", type=int, default=128)
-    p.add_argument(
-        "--control-hz", type=float, default=20.0, help="sim only (a real cell: its config)"
-    )
-    p.add_argument(
-        "--realtime-factor",
-        type=float,
-        default=1.0,
-        help="sim only: sim seconds per wall second (0 = as fast as possible)",
-    )
-    p.add_argument(
-        "--takeover-prob",
-        type=float,
-        default=0.5,
-        help="sim only: chance the simulated operator takes over an episode",
-    )
-    p.add_argument(
-        "--takeover-stall-s",
-        type=float,
-        default=0.0,
-        help="sim only: the simulated operator also takes over when the task's progress has "
-        "not improved for this many sim seconds (0 = never; DAgger-style corrections)",
-    )
-    p.add_argument(
-        "--sim-backend",
-        choices=["mujoco", "kinematic"],
-        default="mujoco",
-        help="sim only: mujoco = physics cell behind the real dynamixel_sdk and pyrealsense2 "
-        "paths; kinematic = the light stand-in without SDKs (fast tests)",
-    )
-    p.add_argument(
-        "--max-episode-s",
-        type=float,
-        default=None,
-        help="sim only: episode time limit (default: 10 s mujoco, 8 s kinematic; a real "
-        "cell: its config)",
-    )
-    p.add_argument(
-        "--verify-key",
-        type=Path,
-        default=None,
-        help="learner's Ed25519 public key (PEM); versions must carry its signature "
-        "(required unless --allow-unsigned)",
-    )
-    p.add_argument(
-        "--allow-unsigned",
-        action="store_true",
-        help="run versions without checking their signature (no --verify-key; tests only)",
-    )
-    p.add_argument(
-        "--version-cache",
-        type=Path,
-        default=None,
-        help="directory caching verified versions (default: ~/.cache/fleetlearn/<cell>/versions)",
-    )
-    p.add_argument(
-        "--version-cache-mb", type=int, default=2048, help="bound on the version cache, MB"
-    )
-    p.add_argument(
-        "--prefetch-mbps",
-        type=float,
-        default=25.0,
-        help="bandwidth cap, MB/s, for fetching versions this cell may soon run ahead of "
-        "time (the rollout's candidate), so a promotion is a swap; 0 = no prefetch, else >= 0.066",
-    )
-    p.add_argument(
-        "--spool-dir",
-        type=Path,
-        default=None,
-        help="durable spool of chunks not yet acked by the learner "
-        "(default: ~/.local/share/fleetlearn/<cell>/spool; fleet up: <run>/spool/<cell>)",
-    )
-    p.add_argument("--spool-quota-mb", type=int, default=2048, help="disk quota of the spool, MB")
-    p.add_argument(
-        "--jpeg-quality",
-        type=int,
-        default=90,
-        help="JPEG quality of uploaded frames, 1-100 (a real cell: its config)",
-    )
-    add_metrics_arguments(p)
-    p.add_argument(
-        "--summary-json",
-        type=Path,
-        default=None,
-        help="write the actor's final counts here on exit",
-    )
+    add_model_arguments(p, ActorOptions)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_model(build_parser(), ActorOptions, argv)
     setup_logging()
     if args.verify_key is None and not args.allow_unsigned:
         log.error(

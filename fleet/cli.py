@@ -192,17 +192,19 @@ def main(argv: list[str] | None = None) -> int:
         return _exec_module("learner.retention", argv[1:])
     args = build_parser().parse_args(argv)
     if args.command == "up":
-        from fleet.up import run_up
+        from fleet.config_cli import model_from_namespace
+        from fleet.up import UpOptions, run_up
 
-        return run_up(args)
+        return run_up(model_from_namespace(UpOptions, args))
     if args.command == "status":
         return cmd_status(args)
     if args.command == "dashboard":
-        from fleet.dashboard.server import run_dashboard
+        from fleet.config_cli import model_from_namespace
+        from fleet.dashboard.server import DashboardOptions, run_dashboard
         from fleet.supervision import stop_with_supervisor
 
         stop_with_supervisor()  # under `fleet up`: its death is a SIGTERM here
-        return run_dashboard(args)
+        return run_dashboard(model_from_namespace(DashboardOptions, args))
     from fleet.rollout_cli import COMMANDS, run_rollout_command
 
     if args.command in COMMANDS:

@@ -15,7 +15,6 @@ one scrape target per learner no matter where Ray placed its actors.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import math
 import re
@@ -34,6 +33,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
+from pydantic import BaseModel, Field
 
 log = logging.getLogger(__name__)
 
@@ -162,12 +162,12 @@ class MetricsServer:
         self.thread.join(5.0)
 
 
-def add_metrics_arguments(p: argparse.ArgumentParser) -> None:
-    """--metrics-port / --metrics-host, the same on every process that serves /metrics."""
-    p.add_argument(
-        "--metrics-port", type=int, default=0, help="serve Prometheus /metrics here (0 = off)"
-    )
-    p.add_argument("--metrics-host", default="0.0.0.0", help="address /metrics binds")
+class MetricsOptions(BaseModel):
+    """--metrics-port / --metrics-host, the same on every process that serves /metrics
+    (a component's options model inherits them)."""
+
+    metrics_port: int = Field(0, description="serve Prometheus /metrics here (0 = off)")
+    metrics_host: str = Field("0.0.0.0", description="address /metrics binds")
 
 
 def serve_metrics(

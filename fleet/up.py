@@ -19,11 +19,13 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+from pydantic import BaseModel, Field
 from rich.console import Console
 from rich.live import Live
 
+from fleet.config_cli import add_model_arguments, flag
 from fleet.connection import write_connection
 from fleet.net import free_port
 from fleet.redis_server import RedisServer
@@ -43,98 +45,67 @@ SIM_TASKS = {
 SIM_CAMERAS = ("overhead", "front")
 
 
-def add_up_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--cells", type=int, default=2, help="number of simulated cells")
-    p.add_argument(
-        "--duration",
-        type=float,
-        default=None,
-        help="stop after this many seconds (default: run until Ctrl-C)",
+class UpOptions(BaseModel):
+    """`fleet up`'s flags (fleet/config_cli.py generates them)."""
+
+    cells: int = Field(2, description="number of simulated cells")
+    duration: float | None = Field(
+        None, description="stop after this many seconds (default: run until Ctrl-C)"
     )
-    p.add_argument(
-        "--summary-json", type=Path, default=None, help="write the run's counts here at the end"
+    summary_json: Path | None = Field(None, description="write the run's counts here at the end")
+    rollout: Literal["auto", "immediate", "manual"] = Field(
+        "auto",
+        description="auto: canary cells, then a fraction, then the fleet, rolled back when "
+        "credibly worse; immediate: every cell takes each new version as it is published; "
+        "manual: versions are registered and nothing moves until an operator acts",
     )
-    p.add_argument(
-        "--rollout",
-        default="auto",
-        choices=["auto", "immediate", "manual"],
-        help="auto: canary cells, then a fraction, then the fleet, rolled back when credibly "
-        "worse; immediate: every cell takes each new version as it is published; manual: "
-        "versions are registered and nothing moves until an operator acts",
-    )
-    p.add_argument(
-        "--sim-gate",
-        type=int,
-        default=0,
+    sim_gate: int = flag(
+        0,
+        "auto rollout: each new version must pass `fleet eval` against stable on N held-out "
+        "scenes a task (sim backend of the cells) before its canary (0 = off)",
         metavar="N",
-        help="auto rollout: each new version must pass `fleet eval` against stable on N "
-        "held-out scenes a task (sim backend of the cells) before its canary (0 = off)",
     )
-    p.add_argument(
-        "--redis-url", default=None, help="use this Redis instead of starting a private one"
+    redis_url: str | None = Field(
+        None, description="use this Redis instead of starting a private one"
     )
-    p.add_argument(
-        "--data-dir", type=Path, default=None, help="run directory (default: var/runs/<timestamp>)"
-    )
-    p.add_argument(
-        "--publish-every",
-        type=int,
-        default=150,
-        help="publish a new version every N trainer updates",
-    )
-    p.add_argument("--min-steps", type=int, default=200, help="stored steps before training starts")
-    p.add_argument("--preset", default="tiny", help="model preset")
-    p.add_argument(
-        "--policy-set",
-        nargs="*",
-        default=[],
-        metavar="KEY=VALUE",
+    data_dir: Path | None = Field(None, description="run directory (default: var/runs/<timestamp>)")
+    publish_every: int = Field(150, description="publish a new version every N trainer updates")
+    min_steps: int = Field(200, description="stored steps before training starts")
+    preset: str = Field("tiny", description="model preset")
+    policy_set: list[str] = flag(
+        default_factory=list,
         help="model settings over the preset's (fleet learner --policy-set)",
+        metavar="KEY=VALUE",
     )
-    p.add_argument(
-        "--realtime-factor",
-        type=float,
-        default=1.0,
-        help="sim seconds per wall second in each cell",
+    realtime_factor: float = Field(1.0, description="sim seconds per wall second in each cell")
+    drain_timeout: float = Field(
+        60.0, description="seconds a stopping cell may take to get its last steps acked"
     )
-    p.add_argument(
-        "--drain-timeout",
-        type=float,
-        default=60.0,
-        help="seconds a stopping cell may take to get its last steps acked",
-    )
-    p.add_argument(
-        "--sim-backend",
-        choices=sorted(SIM_TASKS),
-        default="mujoco",
-        help="mujoco: physics cells behind dynamixel_sdk and pyrealsense2 (default); "
+    sim_backend: Literal["kinematic", "mujoco"] = Field(  # the keys of SIM_TASKS
+        "mujoco",
+        description="mujoco: physics cells behind dynamixel_sdk and pyrealsense2 (default); "
         "kinematic: the light stand-in without SDKs",
     )
-    p.add_argument(
-        "--takeover-prob",
-        type=float,
-        default=0.5,
-        help="chance a sim cell's operator takes over an episode at a random moment",
+    takeover_prob: float = Field(
+        0.5, description="chance a sim cell's operator takes over an episode at a random moment"
     )
-    p.add_argument(
-        "--takeover-stall-s",
-        type=float,
-        default=0.0,
-        help="a sim cell's operator also takes over when the task has made no progress "
+    takeover_stall_s: float = Field(
+        0.0,
+        description="a sim cell's operator also takes over when the task has made no progress "
         "for this many sim seconds (0 = never)",
     )
-    p.add_argument("--no-live", action="store_true", help="print no live table")
-    p.add_argument(
-        "--dashboard-port",
-        type=int,
-        default=0,
-        help="web dashboard port (0: a free port; -1: no dashboard)",
+    no_live: bool = Field(False, description="print no live table")
+    dashboard_port: int = Field(
+        0, description="web dashboard port (0: a free port; -1: no dashboard)"
     )
-    p.add_argument(
-        "--insecure",
-        action="store_true",
-        help="plaintext gRPC without tokens (default: mutual TLS and a token per cell)",
+    insecure: bool = Field(
+        False,
+        description="plaintext gRPC without tokens (default: mutual TLS and a token per cell)",
     )
+
+
+def add_up_arguments(p: argparse.ArgumentParser) -> None:
+    add_model_arguments(p, UpOptions)
 
 
 @dataclass
@@ -228,7 +199,7 @@ def _summary(registry: Registry, cell_files: dict[str, Path]) -> dict[str, Any]:
     }
 
 
-def run_up(args: argparse.Namespace) -> int:
+def run_up(args: UpOptions) -> int:
     from fleet.logs import setup_logging
 
     setup_logging()

@@ -18,9 +18,9 @@ from typing import Any
 import ray
 
 from fleet import metrics
+from fleet.config_cli import add_model_arguments, parse_model
 from fleet.lease import LEASE_FILE, Lease, hold_lease
 from fleet.logs import setup_logging
-from fleet.metrics import add_metrics_arguments
 from fleet.policy.config import parse_overrides
 from fleet.registry import Registry
 from fleet.supervision import kill_group_when_gone, stop_with_supervisor
@@ -28,6 +28,7 @@ from learner.admission import StreamLimits
 from learner.auth import TokensFile
 from learner.chunks import DecodedChunk
 from learner.gateway import Gateway
+from learner.options import LearnerOptions
 from learner.sampler import SamplerConfig
 from learner.store import EpisodeSummary
 from learner.trainer import Trainer, TrainerConfig
@@ -91,145 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
         prog="fleet learner",
         description="Run the central learner: gRPC ingest + policy service, trainer, publisher.",
     )
-    p.add_argument("--redis-url", required=True, help="Redis holding the fleet registry")
-    p.add_argument(
-        "--data-dir",
-        type=Path,
-        required=True,
-        help="where the episode store (store/) and versions (versions/) live",
-    )
-    p.add_argument("--host", default="127.0.0.1", help="address the gateway binds")
-    p.add_argument("--port", type=int, default=50051, help="gateway port (0 = any free port)")
-    p.add_argument("--tasks", required=True, help="comma-separated task names the model learns")
-    p.add_argument("--cameras", required=True, help="comma-separated camera names, model order")
-    p.add_argument("--preset", default="tiny", help="model preset: tiny, base, large")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=3e-4)
-    p.add_argument(
-        "--publish-every", type=int, default=200, help="publish a new version every N updates"
-    )
-    p.add_argument("--min-steps", type=int, default=200, help="stored steps before training starts")
-    p.add_argument(
-        "--max-samples-per-insert",
-        type=float,
-        default=64.0,
-        help="rate limit: sampled steps per stored step before the trainer waits",
-    )
-    p.add_argument("--num-learners", type=int, default=0, help="remote RLlib learners (0=local)")
-    p.add_argument("--num-gpus-per-learner", type=float, default=0.0)
-    p.add_argument("--torch-threads", type=int, default=1)
-    p.add_argument(
-        "--rollout",
-        default="immediate",
-        choices=["immediate", "auto", "manual"],
-        help="immediate: every cell takes each new version; auto: staged canary rollout; "
-        "manual: versions are registered and nothing moves until an operator acts",
-    )
-    p.add_argument("--canary", type=int, default=1, help="auto rollout: canary cells")
-    p.add_argument(
-        "--rollout-fraction", type=float, default=0.5, help="auto rollout: share of the fleet"
-    )
-    p.add_argument(
-        "--rollout-min-episodes",
-        type=int,
-        default=30,
-        help="auto rollout: candidate episodes per stage before it may advance",
-    )
-    p.add_argument(
-        "--sim-gate",
-        type=int,
-        default=0,
-        metavar="N",
-        help="auto rollout: a new version goes to canary only after `fleet eval` on N "
-        "held-out scenes a task shows it not credibly worse than stable (0 = off)",
-    )
-    p.add_argument(
-        "--sim-gate-backend",
-        choices=["mujoco", "kinematic"],
-        default="mujoco",
-        help="sim backend of the sim gate's evaluation",
-    )
-    p.add_argument("--ray-address", default=None, help="join this Ray cluster (default: local)")
-    p.add_argument(
-        "--tls-dir",
-        type=Path,
-        default=None,
-        help="serve TLS with learner.pem/learner.key and ca.pem from here (required unless "
-        "--insecure)",
-    )
-    p.add_argument(
-        "--mtls", action="store_true", help="with --tls-dir: require a cell client certificate"
-    )
-    p.add_argument(
-        "--tokens-file",
-        type=Path,
-        default=None,
-        help='JSON {"cell_id": "token"}: the allow-list of cells, re-read when it changes '
-        "(remove a cell to revoke it); required unless --insecure",
-    )
-    p.add_argument(
-        "--insecure",
-        action="store_true",
-        help="serve plaintext gRPC and accept any cell without a token (local tests only)",
-    )
-    p.add_argument(
-        "--max-streams-per-cell", type=int, default=8, help="open streams one cell may hold"
-    )
-    p.add_argument("--max-streams", type=int, default=96, help="open streams in all")
-    p.add_argument(
-        "--idle-timeout-s",
-        type=float,
-        default=60.0,
-        help="close an upload stream that sends nothing for this long",
-    )
-    p.add_argument(
-        "--truncate-after-s",
-        type=float,
-        default=60.0,
-        help="mark an unfinished episode truncated after this long without a chunk (0 = never)",
-    )
-    p.add_argument(
-        "--ingest-servers",
-        type=int,
-        default=1,
-        help="gateway actors sharing the one address (SO_REUSEPORT spreads connections)",
-    )
-    add_metrics_arguments(p)
-    p.add_argument(
-        "--signing-key",
-        type=Path,
-        default=None,
-        help="Ed25519 private key (PEM, ops/make_signing_key.py) that signs every version",
-    )
-    p.add_argument(
-        "--checkpoint-dir",
-        type=Path,
-        default=None,
-        help="trainer checkpoints; resumed from on start (default <data-dir>/checkpoints)",
-    )
-    p.add_argument("--checkpoint-every", type=int, default=500, help="checkpoint every N updates")
-    p.add_argument(
-        "--checkpoint-every-s", type=float, default=300.0, help="and at least every T seconds"
-    )
-    p.add_argument(
-        "--decode-workers", type=int, default=0, help="Ray actors decoding JPEGs (0=in-process)"
-    )
-    p.add_argument(
-        "--policy-set",
-        nargs="*",
-        default=[],
-        metavar="KEY=VALUE",
-        help="model settings over the preset's, e.g. keypoints=16 shift_augment=4 chunk_len=20",
-    )
-    p.add_argument(
-        "--advantage-weighting",
-        action="store_true",
-        help="weight episodes by exp(advantage/beta) from their outcome (AWR-style)",
-    )
+    add_model_arguments(p, LearnerOptions)
     return p
 
 
-def _security_problem(args: argparse.Namespace) -> str | None:
+def _security_problem(args: LearnerOptions) -> str | None:
     """Why these arguments may not start a learner (secure by default), or None."""
     if args.insecure:
         return None
@@ -252,7 +119,7 @@ def _security_problem(args: argparse.Namespace) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_model(parser, LearnerOptions, argv)
     try:
         policy_overrides = parse_overrides(args.policy_set)
     except ValueError as exc:

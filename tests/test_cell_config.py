@@ -80,6 +80,26 @@ def test_a_minimal_config_gets_defaults(tmp_path: Path) -> None:
         ('serial = "111"', "serial = true", "cameras.overhead.serial", "serial number"),
         ('file = "cal/calibration.json"', 'file = "nope.json"', "calibration.file", "not a file"),
         ("[actor]", "[actor]\nspeed = 2", "actor.speed", "one of"),
+        # types are exact: TOML's bool is no number, a float no integer
+        ("control_hz = 25", "control_hz = true", "actor.control_hz", "a number"),
+        ("control_hz = 25", "jpeg_quality = 90.5", "actor.jpeg_quality", "an integer in 1..100"),
+        ("baud = 3000000", "baud = true", "arms.followers.right.baud", "baud rate"),
+        ('serial = "111"', 'serial = "111"\nwidth = 8', "cameras.overhead.width", "16..4096"),
+        ('serial = "111"', 'serial = "111"\ndepth = 1', "cameras.overhead.depth", "true or false"),
+        ('serial = "111"\n', "", "cameras.overhead.serial", "serial number"),
+        ('serial = "111"', 'serial = "111"\nzoom = 2', "cameras.overhead.zoom", "'serial'"),
+        ('id = "cell-07"', 'id = "  "', "cell.id", "a non-empty string"),
+        ('port = "/dev/ttyA"', 'port = ""', "arms.followers.left.port", "a non-empty string"),
+        (
+            'port = "/dev/ttyA"',
+            'port = "/dev/ttyA"\nspeed = 1',
+            "arms.followers.left.speed",
+            "port",
+        ),
+        ('tasks = ["transfer_cube"]', 'tasks = ["a", ""]', "actor.tasks", "task names"),
+        ('tasks = ["transfer_cube"]', 'tasks = "a"', "actor.tasks", "task names"),
+        ("[actor]", '[operator]\ninput = ""\n[actor]', "operator.input", "a non-empty string"),
+        ("[calibration]", "[calibration]\nfiles = 1", "calibration.files", "'file'"),
     ],
 )
 def test_each_mistake_names_its_key(
@@ -115,3 +135,25 @@ def test_bad_toml_and_missing_file_name_the_file(tmp_path: Path) -> None:
     bad.write_text("[cell\n")
     with pytest.raises(CellConfigError, match=r"not valid TOML"):
         CellConfig.load(bad)
+
+
+def test_the_first_mistake_in_reading_order_is_named(tmp_path: Path) -> None:
+    """With several mistakes the message names the one a person reading the file from the
+    top meets first; a table's unknown key before its fields (a misspelled key is also a
+    missing one)."""
+    text = GOOD.replace("control_hz = 25", "control_hz = 0") + "[nothing]\n"
+    with pytest.raises(CellConfigError, match=r"unknown key 'nothing'"):
+        CellConfig.load(_write(tmp_path, text))
+    text = GOOD.replace('port = "/dev/ttyA"', 'prot = "/dev/ttyA"').replace("id = ", "id = 7 #")
+    with pytest.raises(CellConfigError, match=r"key 'cell.id' is 7"):
+        CellConfig.load(_write(tmp_path, text))
+    text = GOOD.replace('port = "/dev/ttyA"', 'prot = "/dev/ttyA"')
+    with pytest.raises(CellConfigError, match=r"unknown key 'arms.followers.left.prot'"):
+        CellConfig.load(_write(tmp_path, text))
+
+
+def test_a_bare_number_serial_and_an_operator_fifo_are_read(tmp_path: Path) -> None:
+    text = GOOD.replace('serial = "111"', "serial = 111") + '[operator]\ninput = "pedal"\n'
+    cfg = CellConfig.load(_write(tmp_path, text))
+    assert cfg.cameras[0].serial == "111"
+    assert cfg.operator_input == str(tmp_path / "pedal")

@@ -40,7 +40,7 @@ time.sleep(60)
 def test_fleet_up_children_stop_when_it_is_killed(tmp_path: Path) -> None:
     sup = subprocess.Popen([sys.executable, "-c", SUPERVISOR, str(tmp_path), CHILD])
     try:
-        wait_for((tmp_path / "ready").exists, 30, "the child to start")
+        wait_for(lambda: _written(tmp_path / "ready"), 30, "the child to start")
         # Tied to fleet up, and its own children are not (the variable is consumed).
         assert (tmp_path / "ready").read_text() == "True False"
         child_pid = int((tmp_path / "child.pid").read_text())
@@ -58,11 +58,16 @@ def test_a_process_not_started_by_fleet_up_is_untouched(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k != "FLEET_SUPERVISOR_PID"}
     child = subprocess.Popen([sys.executable, "-c", CHILD, str(tmp_path)], env=env)
     try:
-        wait_for((tmp_path / "ready").exists, 30, "the child to start")
+        wait_for(lambda: _written(tmp_path / "ready"), 30, "the child to start")
         assert (tmp_path / "ready").read_text() == "False False"
     finally:
         child.kill()
         child.wait(10)
+
+
+def _written(path: Path) -> bool:
+    """The file exists and has its text: write_text creates it empty first."""
+    return path.exists() and path.read_text() != ""
 
 
 def _alive(pid: int) -> bool:

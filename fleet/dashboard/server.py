@@ -7,28 +7,35 @@ import logging
 import os
 from pathlib import Path
 
+from pydantic import BaseModel, Field
+
+from fleet.config_cli import add_model_arguments
+
 log = logging.getLogger(__name__)
 
 TOKEN_ENV = "FLEET_OPERATOR_TOKEN"
 
 
-def add_dashboard_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--redis-url", required=True)
-    p.add_argument(
-        "--store", type=Path, default=None, help="episode store directory (run dir's store/)"
-    )
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8080)
-    p.add_argument(
-        "--operator-token",
-        default=None,
-        help=f"token that rollout actions must present (default: ${TOKEN_ENV}; "
+class DashboardOptions(BaseModel):
+    """`fleet dashboard`'s flags (fleet/config_cli.py generates them)."""
+
+    redis_url: str
+    store: Path | None = Field(None, description="episode store directory (run dir's store/)")
+    host: str = "127.0.0.1"
+    port: int = 8080
+    operator_token: str | None = Field(
+        None,
+        description=f"token that rollout actions must present (default: ${TOKEN_ENV}; "
         "without one, promote/rollback/pin are refused)",
     )
-    p.add_argument("--sample-interval", type=float, default=2.0, help="learning-curve sampling s")
+    sample_interval: float = Field(2.0, description="learning-curve sampling s")
 
 
-def run_dashboard(args: argparse.Namespace) -> int:
+def add_dashboard_arguments(p: argparse.ArgumentParser) -> None:
+    add_model_arguments(p, DashboardOptions)
+
+
+def run_dashboard(args: DashboardOptions) -> int:
     import uvicorn
 
     from fleet.dashboard.app import create_app
