@@ -16,7 +16,10 @@ from pathlib import Path
 import psutil
 import pytest
 
-ADOPTION_LIMIT_S = 10.0
+# A bound that says "the cell follows the versions", not a speed target: every cell must run
+# each version before shutdown, and a version taking longer than this to arrive is a stuck
+# watch, not a slow machine (publication-to-running time is tests/bench/distribution.py's).
+ADOPTION_LIMIT_S = 30.0
 RUN_MARKER = "FLEET_TEST_RUN"
 PR_SET_CHILD_SUBREAPER = 36
 
