@@ -373,8 +373,8 @@ class RegistryCollector(Collector):
         for c in cells:
             alive.add_metric([c.cell_id], 1.0 if c.alive else 0.0)
             seen.add_metric([c.cell_id], float(c.last_seen))
-            spool.add_metric([c.cell_id], float(c.spool_bytes))
-            spool_chunks.add_metric([c.cell_id], float(c.spool_chunks))
+            spool.add_metric([c.cell_id], float(c.counters.spool_bytes))
+            spool_chunks.add_metric([c.cell_id], float(c.counters.spool_chunks))
         yield from (alive, seen, spool, spool_chunks)
         stats = reg.learner_stats()
         current = str(stats.get("state", ""))

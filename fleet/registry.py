@@ -39,10 +39,12 @@ import json
 import math
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 
 import redis
+
+from fleet.cell_counters import CellCounters
 
 # immediate: every cell runs the newest published version as soon as it is published.
 # auto: the rollout controller (learner/rollout_controller.py) stages each version.
@@ -70,52 +72,45 @@ _SHADOW_COUNTERS = ("steps", "dist_stable_sum", "operator_steps", "dist_operator
 
 @dataclass
 class CellState:
-    """One cell as its last heartbeat described it (`alive`: the heartbeat has not expired)."""
+    """One cell as its last heartbeat described it (`alive`: the heartbeat has not expired).
+    Its counters are the heartbeat's (fleet/cell_counters.py), stored flat in the hash."""
 
     cell_id: str
     version_running: str = ""
     task: str = ""
-    episodes: int = 0
-    steps_recorded: int = 0
-    steps_acked: int = 0
-    loop_hz: float = 0.0
-    late_ticks: int = 0
+    counters: CellCounters = field(default_factory=CellCounters)
     last_fault: str = ""  # the newest fault, only while recent (actors/edge.py FaultLog)
-    fault_count: int = 0  # faults since the cell's actor started, cleared or not
     shadow_version: str = ""  # the version the cell runs in shadow ("" = none)
-    successes: int = 0
-    interventions: int = 0
-    spool_bytes: int = 0  # chunks waiting on the cell's disk for the learner's ack
-    spool_chunks: int = 0
     versions_adopted: list[dict] = field(default_factory=list)  # [{"version", "adopted_at"}]
     last_seen: float = 0.0
     alive: bool = False
 
     def to_redis(self) -> dict[str, str]:
-        out = {}
-        for f in fields(self):
-            if f.name == "alive":
-                continue  # liveness is the TTL key, never a stored flag
-            value = getattr(self, f.name)
-            out[f.name] = json.dumps(value) if f.name == "versions_adopted" else str(value)
-        return out
+        return {
+            "cell_id": self.cell_id,
+            "version_running": self.version_running,
+            "task": self.task,
+            **self.counters.to_redis(),
+            "last_fault": self.last_fault,
+            "shadow_version": self.shadow_version,
+            "versions_adopted": json.dumps(self.versions_adopted),
+            "last_seen": str(self.last_seen),
+        }  # liveness is the TTL key, never a stored flag
 
     @classmethod
     def from_redis(cls, data: dict[str, str], *, alive: bool) -> CellState:
-        kwargs: dict[str, Any] = {"alive": alive}
-        for f in fields(cls):
-            if f.name == "alive" or f.name not in data:
-                continue
-            raw = data[f.name]
-            if f.name == "versions_adopted":
-                kwargs[f.name] = json.loads(raw) if raw else []
-            elif f.type == "int":
-                kwargs[f.name] = int(raw)
-            elif f.type == "float":
-                kwargs[f.name] = float(raw)
-            else:
-                kwargs[f.name] = raw
-        return cls(**kwargs)
+        adopted = data.get("versions_adopted")
+        return cls(
+            cell_id=data["cell_id"],
+            version_running=data.get("version_running", ""),
+            task=data.get("task", ""),
+            counters=CellCounters.from_redis(data),
+            last_fault=data.get("last_fault", ""),
+            shadow_version=data.get("shadow_version", ""),
+            versions_adopted=json.loads(adopted) if adopted else [],
+            last_seen=float(data.get("last_seen", 0.0)),
+            alive=alive,
+        )
 
 
 def _scalar(raw: str) -> int | float | str:

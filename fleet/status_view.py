@@ -42,22 +42,23 @@ def render(registry: Registry) -> Group:
     outcomes = registry.cell_outcomes()
     for c in sorted(registry.cells(), key=lambda c: c.cell_id):
         f = figures(outcomes.get(c.cell_id, {}))
+        n = c.counters
         cells.add_row(
             c.cell_id,
             "yes" if c.alive else "[red]stale[/red]",
             c.task,
-            str(c.episodes),
-            str(c.steps_acked),
+            str(n.episodes),
+            str(n.steps_acked),
             c.version_running or "-",
             c.shadow_version or "-",
-            _rate(c.successes, c.episodes),
+            _rate(n.successes, n.episodes),
             _num(f["takeovers_per_hour"], "{:.1f}"),
             _num(f["takeovers_per_episode"], "{:.2f}"),
             _num(f["intervention_share"], "{:.1%}"),
-            str(c.interventions),
-            f"{c.spool_chunks} ({c.spool_bytes / 1e6:.1f} MB)",
-            f"{c.loop_hz:.1f}",
-            str(c.fault_count),
+            str(n.interventions),
+            f"{n.spool_chunks} ({n.spool_bytes / 1e6:.1f} MB)",
+            f"{n.loop_hz:.1f}",
+            str(n.fault_count),
             c.last_fault or "",
         )
     stats = registry.learner_stats()

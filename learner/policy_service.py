@@ -44,6 +44,7 @@ from typing import Any, NoReturn, TypeVar
 import grpc
 import redis
 
+from fleet.cell_counters import CellCounters
 from fleet.ids import MAX_ID_LEN
 from fleet.registry import CellState, Registry
 from learner.admission import Admission
@@ -250,18 +251,9 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
             cell_id=request.cell_id,
             version_running=request.version_running,
             task=request.task,
-            episodes=request.episodes,
-            steps_recorded=request.steps_recorded,
-            steps_acked=request.steps_acked,
-            loop_hz=request.loop_hz,
-            late_ticks=request.late_ticks,
+            counters=CellCounters.from_heartbeat(request),
             last_fault=request.last_fault,
-            fault_count=request.fault_count,
             shadow_version=request.shadow_version,
-            successes=request.successes,
-            interventions=request.interventions,
-            spool_bytes=request.spool_bytes,
-            spool_chunks=request.spool_chunks,
             versions_adopted=adopted,
             last_seen=now,  # the learner's clock: cells' clocks need not agree with it
             alive=True,

@@ -200,6 +200,7 @@ def test_pin_unpin_and_start_with_the_token(client: TestClient, world: World) ->
 def test_shadow_run_scores_cells_and_actions_through_the_api(
     client: TestClient, world: World
 ) -> None:
+    from fleet.cell_counters import CellCounters
     from fleet.registry import CellState
 
     registry = world.registry
@@ -218,9 +219,9 @@ def test_shadow_run_scores_cells_and_actions_through_the_api(
     registry.record_heartbeat(
         CellState(
             cell_id="cell-01",
+            counters=CellCounters(fault_count=2),
             version_running="v0002",
             shadow_version="v0003",
-            fault_count=2,
             last_seen=time.time(),
         )
     )

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
+from fleet.cell_counters import CellCounters
 from fleet.dashboard.app import create_app
 from fleet.registry import CellState
 from tests.dashboard_world import TOKEN, ServerThread, World, build_world
@@ -76,10 +77,9 @@ def test_fleet_view_shows_live_cells_and_updates_without_reload(page: Page, worl
     world.registry.record_heartbeat(
         CellState(
             cell_id="cell-01",
+            counters=CellCounters(episodes=8, loop_hz=50.0),
             version_running="v0003",
             task="pick_cube",
-            episodes=8,
-            loop_hz=50.0,
             last_seen=time.time(),
         )
     )

@@ -17,6 +17,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from fleet import metrics
+from fleet.cell_counters import CellCounters
 from fleet.dashboard.app import create_app
 from fleet.interventions import count_takeovers, figures
 from fleet.redis_server import RedisServer
@@ -57,7 +58,12 @@ def _fill(reg: Registry) -> None:
     for _ in range(6):
         _episode(reg, "cell-02", "v0002", success=True, flags=[0] * 6000)
     reg.record_heartbeat(
-        CellState(cell_id="cell-01", task="pick_cube", interventions=3600, last_seen=time.time())
+        CellState(
+            cell_id="cell-01",
+            counters=CellCounters(interventions=3600),
+            task="pick_cube",
+            last_seen=time.time(),
+        )
     )
     reg.record_heartbeat(CellState(cell_id="cell-02", task="pick_cube", last_seen=time.time()))
 

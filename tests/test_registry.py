@@ -8,6 +8,7 @@ import time
 import pytest
 import redis
 
+from fleet.cell_counters import CellCounters
 from fleet.redis_server import RedisServer, RedisServerError
 from fleet.registry import CellState, Registry
 
@@ -70,15 +71,17 @@ def test_heartbeat_ttl_marks_cell_dead(redis_server: str) -> None:
     reg = Registry(redis_server, prefix="test:ttl:", heartbeat_ttl_s=0.2)
     state = CellState(
         cell_id="cell-1",
+        counters=CellCounters(
+            episodes=3,
+            steps_recorded=900,
+            steps_acked=850,
+            loop_hz=49.5,
+            late_ticks=2,
+            successes=1,
+            interventions=7,
+        ),
         version_running="v0001",
         task="fold",
-        episodes=3,
-        steps_recorded=900,
-        steps_acked=850,
-        loop_hz=49.5,
-        late_ticks=2,
-        successes=1,
-        interventions=7,
         versions_adopted=[{"version": "v0001", "adopted_at": 12.5}],
         last_seen=time.time(),
     )
@@ -90,7 +93,7 @@ def test_heartbeat_ttl_marks_cell_dead(redis_server: str) -> None:
     time.sleep(0.35)
     (seen,) = reg.cells()
     assert not seen.alive
-    assert seen.steps_acked == 850  # the last state stays for the dashboard
+    assert seen.counters.steps_acked == 850  # the last state stays for the dashboard
 
     reg.record_heartbeat(state)
     assert reg.cells()[0].alive

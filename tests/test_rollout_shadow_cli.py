@@ -11,6 +11,7 @@ from collections.abc import Iterator
 import pytest
 from rich.console import Console
 
+from fleet.cell_counters import CellCounters
 from fleet.cli import main
 from fleet.registry import CellState, Registry
 from fleet.status_view import render
@@ -194,9 +195,9 @@ def test_status_shows_shadow_version_faults_and_scores(registry: Registry) -> No
     registry.record_heartbeat(
         CellState(
             cell_id="cell-9",
+            counters=CellCounters(fault_count=3),
             version_running="v1",
             shadow_version="v2",
-            fault_count=3,
             last_fault="camera front timed out",
             last_seen=time.time(),
         )
@@ -205,7 +206,7 @@ def test_status_shows_shadow_version_faults_and_scores(registry: Registry) -> No
         version="v2", steps=40, dist_stable_sum=4.0, operator_steps=0, dist_operator_sum=0.0
     )
     (cell,) = registry.cells()
-    assert (cell.shadow_version, cell.fault_count) == ("v2", 3)
+    assert (cell.shadow_version, cell.counters.fault_count) == ("v2", 3)
     console = Console(width=250, record=True)
     console.print(render(registry))
     text = console.export_text()

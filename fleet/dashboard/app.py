@@ -159,7 +159,7 @@ def create_app(
         cells = []
         outcomes = registry.cell_outcomes()
         for c in registry.cells():
-            spool = c.spool_bytes
+            n = c.counters
             stored = outcomes.get(c.cell_id, {})
             cells.append(
                 {
@@ -169,23 +169,23 @@ def create_app(
                     "task": c.task,
                     "version_running": c.version_running,
                     "shadow_version": c.shadow_version,
-                    "loop_hz": c.loop_hz,
-                    "late_ticks": c.late_ticks,
-                    "episodes": c.episodes,
-                    "successes": c.successes,
+                    "loop_hz": n.loop_hz,
+                    "late_ticks": n.late_ticks,
+                    "episodes": n.episodes,
+                    "successes": n.successes,
                     # Steps an operator drove since the cell's actor started (heartbeat).
-                    "intervention_steps": c.interventions,
+                    "intervention_steps": n.interventions,
                     # Takeovers over every episode the learner stored from this cell.
                     "takeovers": stored.get("takeovers", 0),
                     "demonstrations": stored.get("demonstrations", 0),
                     **figures(stored),
-                    "steps_recorded": c.steps_recorded,
-                    "steps_acked": c.steps_acked,
-                    "unacked_steps": max(0, c.steps_recorded - c.steps_acked),
-                    "spool_depth": spool,
-                    "spool_chunks": c.spool_chunks,
+                    "steps_recorded": n.steps_recorded,
+                    "steps_acked": n.steps_acked,
+                    "unacked_steps": max(0, n.steps_recorded - n.steps_acked),
+                    "spool_depth": n.spool_bytes,
+                    "spool_chunks": n.spool_chunks,
                     "last_fault": c.last_fault,  # only while recent: cells clear it
-                    "fault_count": c.fault_count,
+                    "fault_count": n.fault_count,
                     "last_seen": c.last_seen,
                     "seconds_since_seen": (now - c.last_seen) if c.last_seen else None,
                 }
