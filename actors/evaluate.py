@@ -135,7 +135,7 @@ def resolve_version(
     if registry is not None:
         version_id = text
         if text == "stable":
-            version_id = registry.rollout()["stable"] or ""
+            version_id = registry.rollout().stable or ""
             if not version_id:
                 raise LookupError("the registry has no stable version yet")
         elif text == "latest":

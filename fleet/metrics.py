@@ -35,6 +35,8 @@ from prometheus_client.core import (
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
+from fleet.registry_records import RolloutState
+
 log = logging.getLogger(__name__)
 
 PREFIX = "fleet_"
@@ -392,16 +394,14 @@ class RegistryCollector(Collector):
         yield from self._rollout(reg)
 
     def _rollout(self, reg: Any) -> Iterator[Metric]:
-        ro = reg.rollout()
+        ro: RolloutState = reg.rollout()
         stage = GaugeMetricFamily(
             "fleet_rollout_stage_started_timestamp_seconds",
             "when the candidate entered its current stage (absent without a candidate)",
             labels=["version", "stage"],
         )
-        if ro.get("candidate") and ro.get("stage"):
-            started = _number(ro.get("stage_started_at"))
-            if not math.isnan(started):
-                stage.add_metric([str(ro["candidate"]), str(ro["stage"])], started)
+        if ro.candidate and ro.stage and ro.stage_started_at is not None:
+            stage.add_metric([ro.candidate, ro.stage], ro.stage_started_at)
         yield stage
         kinds = CounterMetricFamily(
             "fleet_rollout_events", "rollout events logged, by kind", labels=["kind"]

@@ -39,12 +39,11 @@ import json
 import math
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from typing import Any
 
 import redis
 
-from fleet.cell_counters import CellCounters
+from fleet.registry_records import CellState, RolloutState
 
 # immediate: every cell runs the newest published version as soon as it is published.
 # auto: the rollout controller (learner/rollout_controller.py) stages each version.
@@ -68,49 +67,6 @@ _OUTCOME_COUNTERS = (
 # The version of an episode no policy ran (the operator demonstrated the task).
 NO_VERSION = ("", "none")
 _SHADOW_COUNTERS = ("steps", "dist_stable_sum", "operator_steps", "dist_operator_sum")
-
-
-@dataclass
-class CellState:
-    """One cell as its last heartbeat described it (`alive`: the heartbeat has not expired).
-    Its counters are the heartbeat's (fleet/cell_counters.py), stored flat in the hash."""
-
-    cell_id: str
-    version_running: str = ""
-    task: str = ""
-    counters: CellCounters = field(default_factory=CellCounters)
-    last_fault: str = ""  # the newest fault, only while recent (actors/edge.py FaultLog)
-    shadow_version: str = ""  # the version the cell runs in shadow ("" = none)
-    versions_adopted: list[dict] = field(default_factory=list)  # [{"version", "adopted_at"}]
-    last_seen: float = 0.0
-    alive: bool = False
-
-    def to_redis(self) -> dict[str, str]:
-        return {
-            "cell_id": self.cell_id,
-            "version_running": self.version_running,
-            "task": self.task,
-            **self.counters.to_redis(),
-            "last_fault": self.last_fault,
-            "shadow_version": self.shadow_version,
-            "versions_adopted": json.dumps(self.versions_adopted),
-            "last_seen": str(self.last_seen),
-        }  # liveness is the TTL key, never a stored flag
-
-    @classmethod
-    def from_redis(cls, data: dict[str, str], *, alive: bool) -> CellState:
-        adopted = data.get("versions_adopted")
-        return cls(
-            cell_id=data["cell_id"],
-            version_running=data.get("version_running", ""),
-            task=data.get("task", ""),
-            counters=CellCounters.from_redis(data),
-            last_fault=data.get("last_fault", ""),
-            shadow_version=data.get("shadow_version", ""),
-            versions_adopted=json.loads(adopted) if adopted else [],
-            last_seen=float(data.get("last_seen", 0.0)),
-            alive=alive,
-        )
 
 
 def _scalar(raw: str) -> int | float | str:
@@ -232,20 +188,9 @@ class Registry:
             raise ValueError(f"unknown rollout mode {mode!r}; known: {', '.join(ROLLOUT_MODES)}")
         self.r.hset(self._k("rollout"), "mode", mode)
 
-    def rollout(self) -> dict:
-        """{"mode", "stable", "candidate", "stage", "candidate_cells", "canary_cells",
-        "stage_started_at", "stage_episodes"}; unset scalars are None, unset lists empty."""
-        raw = self.r.hgetall(self._k("rollout"))
-        out: dict[str, Any] = {
-            name: raw.get(name) or None for name in ("mode", "stable", "candidate", "stage")
-        }
-        for name in ("candidate_cells", "canary_cells"):
-            out[name] = json.loads(raw[name]) if raw.get(name) else []
-        out["stage_started_at"] = (
-            float(raw["stage_started_at"]) if raw.get("stage_started_at") else None
-        )
-        out["stage_episodes"] = int(raw.get("stage_episodes") or 0)
-        return out
+    def rollout(self) -> RolloutState:
+        """The rollout: mode, stable, candidate, its stage and cells (RolloutState)."""
+        return RolloutState.from_redis(self.r.hgetall(self._k("rollout")))
 
     def set_stable(self, version_id: str, *, actor: str, reason: str, **numbers: Any) -> None:
         """Make `version_id` the fleet's stable version and log it as an event."""
@@ -387,13 +332,13 @@ class Registry:
         """cell id -> pinned version id."""
         return dict(self.r.hgetall(self._k("pins")))
 
-    def _rollout_and_pins(self) -> tuple[dict[str, str], dict[str, str]]:
-        """The rollout hash and the per-cell pins, in one round trip."""
+    def _rollout_and_pins(self) -> tuple[RolloutState, dict[str, str]]:
+        """The rollout and the per-cell pins, in one round trip."""
         pipe = self.r.pipeline(transaction=False)
         pipe.hgetall(self._k("rollout"))
         pipe.hgetall(self._k("pins"))
         rollout, pins = pipe.execute()
-        return rollout, pins
+        return RolloutState.from_redis(rollout), pins
 
     def assignments(self, cell_ids: Iterable[str]) -> dict[str, str | None]:
         """The version each cell should run, in one round trip for all of them.
@@ -401,11 +346,10 @@ class Registry:
         Precedence: a per-cell pin, then the candidate for cells in its cell set (unless
         the candidate is only in shadow: shadow cells keep acting with stable), then stable.
         """
-        rollout, pins = self._rollout_and_pins()
-        stable = rollout.get("stable") or None
-        candidate = rollout.get("candidate") or None
-        acting = candidate is not None and rollout.get("stage") in ("canary", "fraction")
-        candidate_cells = set(json.loads(rollout.get("candidate_cells") or "[]"))
+        state, pins = self._rollout_and_pins()
+        stable, candidate = state.stable, state.candidate
+        acting = candidate is not None and state.stage in ("canary", "fraction")
+        candidate_cells = set(state.candidate_cells)
         out: dict[str, str | None] = {}
         for cell_id in cell_ids:
             if cell_id in pins:
@@ -419,10 +363,9 @@ class Registry:
     def shadow_assignments(self, cell_ids: Iterable[str]) -> dict[str, str | None]:
         """The version each cell should run in shadow (None: none): the candidate on its
         cells while the rollout is in stage "shadow"."""
-        rollout = self.r.hgetall(self._k("rollout"))
-        candidate = rollout.get("candidate") or None
-        cells = set(json.loads(rollout.get("candidate_cells") or "[]"))
-        shadow = candidate if rollout.get("stage") == "shadow" else None
+        state = self.rollout()
+        cells = set(state.candidate_cells)
+        shadow = state.candidate if state.stage == "shadow" else None
         return {c: (shadow if c in cells else None) for c in cell_ids}
 
     def prefetch_assignments(self, cell_ids: Iterable[str]) -> dict[str, list[str]]:
@@ -433,11 +376,9 @@ class Registry:
         stage or the promotion hands it over); a cell acting with the candidate gets stable
         (a rollback sends it back). A pinned cell gets nothing (the rollout does not move
         it), nor does a shadow cell (it fetches the candidate already, as its shadow)."""
-        rollout, pins = self._rollout_and_pins()
-        stable = rollout.get("stable") or None
-        candidate = rollout.get("candidate") or None
-        stage = rollout.get("stage")
-        cells = set(json.loads(rollout.get("candidate_cells") or "[]"))
+        state, pins = self._rollout_and_pins()
+        stable, candidate, stage = state.stable, state.candidate, state.stage
+        cells = set(state.candidate_cells)
         out: dict[str, list[str]] = {}
         for cell_id in cell_ids:
             if candidate is None or cell_id in pins:

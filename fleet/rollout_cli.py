@@ -110,8 +110,8 @@ def run_rollout_command(args: argparse.Namespace) -> int:
         elif args.command == "promote":
             version = rollout.promote(registry, actor=_who(), reason=args.reason)
             state = registry.rollout()
-            if state["candidate"] == version and state["stage"] == "canary":
-                cells = ", ".join(state["candidate_cells"])
+            if state.candidate == version and state.stage == "canary":
+                cells = ", ".join(state.candidate_cells)
                 console.print(f"moved {version} from shadow to canary on cells: {cells}")
             else:
                 console.print(f"promoted {version} to stable")
@@ -150,16 +150,16 @@ def _versions_table(registry: Any) -> Table:
     state = registry.rollout()
     counts = registry.success_counts()
     rolled_back = registry.rolled_back()
-    table = Table(title=f"versions (rollout mode {state['mode'] or '-'})")
+    table = Table(title=f"versions (rollout mode {state.mode or '-'})")
     for column in ("version", "role", "published", "step", "episodes", "success", "autonomous"):
         table.add_column(column)
     table.add_column("eval (held-out scenes)")
     for v in registry.versions():
         vid = v["version_id"]
-        if vid == state["stable"]:
+        if vid == state.stable:
             role = "stable"
-        elif vid == state["candidate"]:
-            role = f"candidate ({state['stage']}: {', '.join(state['candidate_cells'])})"
+        elif vid == state.candidate:
+            role = f"candidate ({state.stage}: {', '.join(state.candidate_cells)})"
         elif vid in rolled_back:
             role = "rolled back"
         else:

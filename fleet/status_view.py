@@ -111,11 +111,11 @@ def render(registry: Registry) -> Group:
     for col in ("mode", "stable", "candidate", "stage", "cells on candidate", "pins"):
         rollout.add_column(col)
     rollout.add_row(
-        str(ro.get("mode") or "-"),
-        str(ro.get("stable") or "-"),
-        str(ro.get("candidate") or "-"),
-        str(ro.get("stage") or "-"),
-        ", ".join(ro.get("candidate_cells") or []) or "-",
+        str(ro.mode or "-"),
+        str(ro.stable or "-"),
+        str(ro.candidate or "-"),
+        str(ro.stage or "-"),
+        ", ".join(ro.candidate_cells) or "-",
         ", ".join(f"{c}={v}" for c, v in sorted(pins.items())) or "-",
     )
     per_task = Table(title="success by version and task", expand=False)

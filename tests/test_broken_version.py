@@ -63,7 +63,7 @@ def test_broken_version_reaches_only_the_canary_and_is_rolled_back(
     config = policy_config("tiny", [TASK], CAMERAS)
     torch.manual_seed(0)
     stable = publisher.publish(UnifiedPolicy(config), training_step=100, data_seen=1000)
-    assert registry.rollout()["stable"] is None  # auto mode: the publisher never sets stable
+    assert registry.rollout().stable is None  # auto mode: the publisher never sets stable
     for i in range(100):
         registry.record_episode(
             cell_id=CELLS[i % 4],
@@ -117,9 +117,9 @@ def test_broken_version_reaches_only_the_canary_and_is_rolled_back(
             broken_model.head.bias.fill_(0.5)
         broken = publisher.publish(broken_model, training_step=101, data_seen=1100)
         wait_for(
-            lambda: registry.rollout()["candidate"] == broken.version_id, 10, "the canary to start"
+            lambda: registry.rollout().candidate == broken.version_id, 10, "the canary to start"
         )
-        canary = registry.rollout()["canary_cells"]
+        canary = registry.rollout().canary_cells
         assert len(canary) == 1
         wait_for(lambda: broken.version_id in registry.rolled_back(), 60, "the automatic rollback")
         wait_for(

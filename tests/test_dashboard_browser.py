@@ -126,8 +126,8 @@ def test_rollout_view_shows_state_and_refuses_actions_without_the_token(
     page.fill("#token", "wrong")
     page.click("#btn-rollback")
     expect(page.locator("#action-result")).to_contain_text("refused (HTTP 403)")
-    assert world.registry.rollout()["stable"] == "v0002"
-    assert world.registry.rollout()["candidate"] == "v0003"
+    assert world.registry.rollout().stable == "v0002"
+    assert world.registry.rollout().candidate == "v0003"
 
 
 def test_promote_with_the_token_from_the_page(page: Page, world: World) -> None:
@@ -139,7 +139,7 @@ def test_promote_with_the_token_from_the_page(page: Page, world: World) -> None:
     expect(page.locator("#rollout-stable")).to_have_text("v0003")
     expect(page.locator("#rollout-candidate")).to_have_text("-")
     expect(page.locator("#events-table .kind").first).to_have_text("promote")
-    assert world.registry.rollout()["stable"] == "v0003"
+    assert world.registry.rollout().stable == "v0003"
 
 
 def test_rollback_with_the_token_from_the_page(page: Page, world: World) -> None:
@@ -151,7 +151,7 @@ def test_rollback_with_the_token_from_the_page(page: Page, world: World) -> None
     expect(page.locator("#rollout-candidate")).to_have_text("-")
     expect(page.locator('#assign-table tr[data-cell="cell-02"]')).to_contain_text("v0002")
     state = world.registry.rollout()
-    assert state["stable"] == "v0002" and state["candidate"] is None
+    assert state.stable == "v0002" and state.candidate is None
 
 
 def test_episodes_view_filters_and_plays_back(page: Page, world: World) -> None:

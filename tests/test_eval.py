@@ -261,7 +261,7 @@ def test_sim_gate_lets_a_version_as_good_as_stable_through(
     gate = SimGate(2, redis_url=redis_server, prefix=registry.prefix, backend="kinematic")
     controller = RolloutController(registry, ControllerConfig(), sim_gate=gate)
     assert controller.step() == "start"
-    assert registry.rollout()["candidate"] == "v0002"
+    assert registry.rollout().candidate == "v0002"
     [passed] = [e for e in registry.events() if e["kind"] == "sim_gate_pass"]
     assert passed["version"] == "v0002" and passed["decision"] != "rollback"
     assert passed["task.pick_cube"].startswith("cand 0/2 stable 0/2")  # the same scenes
@@ -294,7 +294,7 @@ def test_sim_gate_blocks_a_worse_version_and_never_proposes_it_again(
     controller = RolloutController(registry, ControllerConfig(), sim_gate=gate)
     assert controller.step() == "blocked"
     assert asked == [("v0002", "v0001")]
-    assert registry.rollout()["candidate"] is None
+    assert registry.rollout().candidate is None
     assert "v0002" in registry.rolled_back()
     [blocked] = [e for e in registry.events() if e["kind"] == "sim_gate_block"]
     assert blocked["version"] == "v0002" and "credibly worse" in blocked["reason"]
@@ -321,7 +321,7 @@ def test_a_sim_gate_that_cannot_evaluate_keeps_the_version_from_canary(
     gate = SimGate(2, redis_url=redis_server, prefix=registry.prefix, backend="kinematic")
     controller = RolloutController(registry, ControllerConfig(), sim_gate=gate)
     assert controller.step() == "gate_error"
-    assert registry.rollout()["candidate"] is None
+    assert registry.rollout().candidate is None
     [error] = [e for e in registry.events() if e["kind"] == "sim_gate_error"]
     assert error["version"] == "v0002" and "weights not found" in error["reason"]
     assert controller.step() is None  # not evaluated again at once

@@ -78,7 +78,7 @@ def test_trainer_publishes_loadable_versions_and_registers_them(
     assert trainer.versions[:2] == ["v0001", "v0002"]
     versions = registry.versions()
     assert [v["version_id"] for v in versions][:2] == ["v0001", "v0002"]
-    assert registry.rollout()["stable"] == trainer.versions[-1]
+    assert registry.rollout().stable == trainer.versions[-1]
     second = Manifest.from_json(Path(versions[1]["weights_path"]).with_suffix(".json").read_text())
     assert second.parent == "v0001" and second.training_step == 20
     weights = Path(versions[1]["weights_path"]).read_bytes()

@@ -48,7 +48,7 @@ def test_versions_are_immutable(registry: Registry) -> None:
 def test_rollout_stable_is_every_cells_assignment_and_is_logged(registry: Registry) -> None:
     registry.set_rollout_mode("immediate")
     rollout = registry.rollout()
-    assert (rollout["mode"], rollout["stable"], rollout["candidate"]) == ("immediate", None, None)
+    assert (rollout.mode, rollout.stable, rollout.candidate) == ("immediate", None, None)
     assert registry.assignment_for("cell-a") is None
     with pytest.raises(KeyError):
         registry.set_stable("v9", actor="test", reason="no such version")
@@ -57,7 +57,7 @@ def test_rollout_stable_is_every_cells_assignment_and_is_logged(registry: Regist
 
     registry.add_version(manifest("v0001"), "/w/1")
     registry.set_stable("v0001", actor="publisher", reason="newest")
-    assert registry.rollout()["stable"] == "v0001"
+    assert registry.rollout().stable == "v0001"
     assert registry.assignments(["cell-a", "cell-b"]) == {"cell-a": "v0001", "cell-b": "v0001"}
 
     (event,) = registry.events()

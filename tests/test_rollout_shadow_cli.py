@@ -79,7 +79,7 @@ def test_shadow_then_promote_to_canary_then_to_stable(
     assert code == 0, out
     assert "shadow" in out and "cell-0, cell-1" in out
     state = registry.rollout()
-    assert (state["candidate"], state["stage"], state["candidate_cells"]) == (
+    assert (state.candidate, state.stage, state.candidate_cells) == (
         "v2",
         "shadow",
         ["cell-0", "cell-1"],
@@ -107,8 +107,8 @@ def test_shadow_then_promote_to_canary_then_to_stable(
     assert code == 0, out
     assert "from shadow to canary" in out and "cell-0, cell-1" in out
     state = registry.rollout()
-    assert (state["candidate"], state["stage"], state["stable"]) == ("v2", "canary", "v1")
-    assert state["canary_cells"] == state["candidate_cells"] == ["cell-0", "cell-1"]
+    assert (state.candidate, state.stage, state.stable) == ("v2", "canary", "v1")
+    assert state.canary_cells == state.candidate_cells == ["cell-0", "cell-1"]
     assert registry.assignments(CELLS) == {
         "cell-0": "v2",
         "cell-1": "v2",
@@ -126,7 +126,7 @@ def test_shadow_then_promote_to_canary_then_to_stable(
 
     code, out = fleet(capsys, "promote", "--reason", "canary fine", "--redis-url", url)
     assert code == 0 and "promoted v2 to stable" in out
-    assert registry.rollout()["stable"] == "v2"
+    assert registry.rollout().stable == "v2"
     assert set(registry.assignments(CELLS).values()) == {"v2"}
 
     code, out = fleet(capsys, "events", "--redis-url", url)
@@ -141,14 +141,14 @@ def test_shadow_on_named_cells_ends_with_rollback(
     registry = registry_at
     code, out = fleet(capsys, "rollout", "v3", "--shadow", "cell-3, cell-1", "--redis-url", url)
     assert code == 0, out
-    assert registry.rollout()["candidate_cells"] == ["cell-1", "cell-3"]
+    assert registry.rollout().candidate_cells == ["cell-1", "cell-3"]
     code, out = fleet(capsys, "versions", "--redis-url", url)
     assert "candidate (shadow: cell-1, cell-3)" in " ".join(out.split())
 
     code, out = fleet(capsys, "rollback", "--reason", "shadow run over", "--redis-url", url)
     assert code == 0 and "rolled back v3" in out
     state = registry.rollout()
-    assert state["candidate"] is None and state["stable"] == "v1"
+    assert state.candidate is None and state.stable == "v1"
     assert set(registry.shadow_assignments(CELLS).values()) == {None}
     ended = registry.events()[-1]
     assert (ended["kind"], ended["version"], ended["stage"], ended["reason"]) == (
@@ -178,7 +178,7 @@ def test_shadow_refusals(
     ):
         code, out = fleet(capsys, "rollout", version, "--shadow", spec, "--redis-url", url)
         assert code == 1 and "refused" in out and why in " ".join(out.split()), out
-    assert registry.rollout()["candidate"] is None
+    assert registry.rollout().candidate is None
 
     assert fleet(capsys, "rollout", "v2", "--canary", "cell-2", "--redis-url", url)[0] == 0
     code, out = fleet(capsys, "rollout", "v3", "--shadow", "1", "--redis-url", url)
@@ -186,7 +186,7 @@ def test_shadow_refusals(
     # A candidate acting on canary cells does not go back to shadow (that is a rollback).
     code, out = fleet(capsys, "rollout", "v2", "--shadow", "1", "--redis-url", url)
     assert code == 1 and "already acts in stage canary" in " ".join(out.split())
-    assert registry.rollout()["stage"] == "canary"
+    assert registry.rollout().stage == "canary"
     kinds = [e["kind"] for e in registry.events()]
     assert "shadow_start" not in kinds
 

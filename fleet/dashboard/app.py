@@ -238,7 +238,7 @@ def create_app(
         pins = registry.pins() if hasattr(registry, "pins") else {}
         success = registry.success_counts()
         return {
-            "rollout": registry.rollout(),
+            "rollout": registry.rollout().to_json(),
             "assignments": registry.assignments([c.cell_id for c in cells]),
             "running": {c.cell_id: c.version_running for c in cells},
             "shadow_running": {c.cell_id: c.shadow_version for c in cells},
