@@ -35,7 +35,7 @@ from prometheus_client.core import (
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
-from fleet.registry_records import RolloutState
+from fleet.registry_records import OutcomeCounts, RolloutState, StoreTotals
 
 log = logging.getLogger(__name__)
 
@@ -346,20 +346,20 @@ class RegistryCollector(Collector):
 
     def _collect(self) -> Iterator[Metric]:
         reg = self.registry
-        by_task = reg.success_counts()
+        by_task: dict[str, dict[str, OutcomeCounts]] = reg.success_counts()
         for key, name, help_ in _OUTCOME_METRICS:
             scale = 1e-3 if key == "duration_ms" else 1.0
             fam = CounterMetricFamily(f"fleet_outcome_{name}", help_, labels=["version", "task"])
             for version, tasks in sorted(by_task.items()):
                 for task, counts in sorted(tasks.items()):
-                    fam.add_metric([version, task], counts.get(key, 0) * scale)
+                    fam.add_metric([version, task], getattr(counts, key) * scale)
             yield fam
-        by_cell = reg.cell_outcomes()
+        by_cell: dict[str, OutcomeCounts] = reg.cell_outcomes()
         for key, name, help_ in _OUTCOME_METRICS:
             scale = 1e-3 if key == "duration_ms" else 1.0
             fam = CounterMetricFamily(f"fleet_cell_{name}", help_, labels=["cell"])
             for cell, counts in sorted(by_cell.items()):
-                fam.add_metric([cell], counts.get(key, 0) * scale)
+                fam.add_metric([cell], getattr(counts, key) * scale)
             yield fam
         cells = reg.cells()
         alive = GaugeMetricFamily("fleet_cell_alive", "1 while heartbeats arrive", labels=["cell"])
@@ -386,10 +386,10 @@ class RegistryCollector(Collector):
         for name in sorted({*LEARNER_STATES, current} - {""}):
             state.add_metric([name], 1.0 if name == current else 0.0)
         yield state
-        totals = reg.store_totals()
-        for key in ("steps", "episodes"):
+        totals: StoreTotals = reg.store_totals()
+        for key, value in totals.to_json().items():
             fam = CounterMetricFamily(f"fleet_store_{key}", f"{key} the store took in", labels=[])
-            fam.add_metric([], float(totals.get(key, 0)))
+            fam.add_metric([], float(value))
             yield fam
         yield from self._rollout(reg)
 

@@ -43,7 +43,13 @@ from typing import Any
 
 import redis
 
-from fleet.registry_records import CellState, RolloutState
+from fleet.registry_records import (
+    CellState,
+    OutcomeCounts,
+    RolloutState,
+    ShadowScore,
+    StoreTotals,
+)
 
 # immediate: every cell runs the newest published version as soon as it is published.
 # auto: the rollout controller (learner/rollout_controller.py) stages each version.
@@ -53,20 +59,14 @@ ROLLOUT_MODES = ("immediate", "auto", "manual")
 # A rollout's stage: shadow (candidate infers beside stable, never acts), canary (a few
 # cells run it), fraction (a larger share of cells), fleet (promoted: it is stable).
 ROLLOUT_STAGES = ("shadow", "canary", "fraction", "fleet")
-_OUTCOME_COUNTERS = (
-    "episodes",
-    "successes",
-    "intervention_steps",
-    "steps",
-    "intervened_episodes",
-    "autonomous_successes",
-    "takeovers",
-    "duration_ms",
-    "demonstrations",
-)
 # The version of an episode no policy ran (the operator demonstrated the task).
 NO_VERSION = ("", "none")
 _SHADOW_COUNTERS = ("steps", "dist_stable_sum", "operator_steps", "dist_operator_sum")
+
+
+def _outcome_counts(stored: dict[str, int]) -> OutcomeCounts:
+    """Counters read back from Redis; a counter not stored yet is 0."""
+    return OutcomeCounts(**{name: stored[name] for name in OutcomeCounts.names() if name in stored})
 
 
 def _scalar(raw: str) -> int | float | str:
@@ -452,44 +452,44 @@ class Registry:
             takeovers = 0  # nothing to take over from: the operator drove it all
         elif takeovers is None:
             takeovers = int(intervened)
-        amounts = (
-            ("episodes", 1),
-            ("successes", int(bool(success))),
-            ("intervention_steps", int(intervention_steps)),
-            ("steps", int(steps)),
-            ("intervened_episodes", int(intervened)),
-            ("autonomous_successes", int(bool(success) and not intervened)),
-            ("takeovers", int(takeovers)),
-            ("duration_ms", max(0, round(float(duration_s) * 1000))),
-            ("demonstrations", int(demonstration)),
+        episode = OutcomeCounts(
+            episodes=1,
+            successes=int(bool(success)),
+            intervention_steps=int(intervention_steps),
+            steps=int(steps),
+            intervened_episodes=int(intervened),
+            autonomous_successes=int(bool(success) and not intervened),
+            takeovers=int(takeovers),
+            duration_ms=max(0, round(float(duration_s) * 1000)),
+            demonstrations=int(demonstration),
         )
         pipe = self.r.pipeline(transaction=True)
-        for counter, amount in amounts:
+        for counter, amount in episode.to_json().items():
             pipe.hincrby(self._k("outcomes"), json.dumps([version, task, counter]), amount)
             # A cell's figures describe it running policies; demonstrations are only counted.
             if not demonstration or counter == "demonstrations":
                 pipe.hincrby(self._k("cell_outcomes"), json.dumps([cell_id, counter]), amount)
         pipe.execute()
 
-    def success_counts(self) -> dict[str, dict[str, dict[str, int]]]:
-        """version -> task -> {counter: count} for every counter of `record_episode`."""
-        out: dict[str, dict[str, dict[str, int]]] = {}
+    def success_counts(self) -> dict[str, dict[str, OutcomeCounts]]:
+        """version -> task -> the counters of `record_episode` (OutcomeCounts)."""
+        raw: dict[str, dict[str, dict[str, int]]] = {}
         for name, count in self.r.hgetall(self._k("outcomes")).items():
             version, task, counter = json.loads(name)
-            per_task = out.setdefault(version, {}).setdefault(
-                task, dict.fromkeys(_OUTCOME_COUNTERS, 0)
-            )
-            per_task[counter] = int(count)
-        return out
+            raw.setdefault(version, {}).setdefault(task, {})[counter] = int(count)
+        return {
+            version: {task: _outcome_counts(c) for task, c in tasks.items()}
+            for version, tasks in raw.items()
+        }
 
-    def cell_outcomes(self) -> dict[str, dict[str, int]]:
-        """cell -> {counter: count}: the counters of `record_episode`, per cell, as the
-        learner stored them (they outlive the cell's actor, unlike its heartbeat counters)."""
-        out: dict[str, dict[str, int]] = {}
+    def cell_outcomes(self) -> dict[str, OutcomeCounts]:
+        """cell -> the counters of `record_episode`, per cell, as the learner stored them
+        (they outlive the cell's actor, unlike its heartbeat counters)."""
+        raw: dict[str, dict[str, int]] = {}
         for name, count in self.r.hgetall(self._k("cell_outcomes")).items():
             cell_id, counter = json.loads(name)
-            out.setdefault(cell_id, dict.fromkeys(_OUTCOME_COUNTERS, 0))[counter] = int(count)
-        return out
+            raw.setdefault(cell_id, {})[counter] = int(count)
+        return {cell_id: _outcome_counts(c) for cell_id, c in raw.items()}
 
     def record_shadow(
         self,
@@ -511,23 +511,22 @@ class Registry:
         pipe.hincrbyfloat(key, json.dumps([version, "dist_operator_sum"]), float(dist_operator_sum))
         pipe.execute()
 
-    def shadow_scores(self) -> dict[str, dict[str, Any]]:
-        """version -> {"steps", "operator_steps", "mean_dist_stable", "mean_dist_operator"}
-        (means are None without steps)."""
+    def shadow_scores(self) -> dict[str, ShadowScore]:
+        """version -> its ShadowScore (means are None without steps)."""
         sums: dict[str, dict[str, float]] = {}
         for name, value in self.r.hgetall(self._k("shadow")).items():
             version, counter = json.loads(name)
             sums.setdefault(version, dict.fromkeys(_SHADOW_COUNTERS, 0.0))[counter] = float(value)
-        out: dict[str, dict[str, Any]] = {}
+        out: dict[str, ShadowScore] = {}
         for version, s in sums.items():
-            out[version] = {
-                "steps": int(s["steps"]),
-                "operator_steps": int(s["operator_steps"]),
-                "mean_dist_stable": s["dist_stable_sum"] / s["steps"] if s["steps"] else None,
-                "mean_dist_operator": (
+            out[version] = ShadowScore(
+                steps=int(s["steps"]),
+                operator_steps=int(s["operator_steps"]),
+                mean_dist_stable=s["dist_stable_sum"] / s["steps"] if s["steps"] else None,
+                mean_dist_operator=(
                     s["dist_operator_sum"] / s["operator_steps"] if s["operator_steps"] else None
                 ),
-            }
+            )
         return out
 
     # -- learner progress ----------------------------------------------------------------
@@ -553,10 +552,10 @@ class Registry:
         pipe.hincrby(self._k("store"), "episodes", int(episodes))
         pipe.execute()
 
-    def store_totals(self) -> dict:
-        """{"steps", "episodes"} the episode store has taken in."""
+    def store_totals(self) -> StoreTotals:
+        """Steps and episodes the episode store has taken in."""
         raw = self.r.hgetall(self._k("store"))
-        return {"steps": int(raw.get("steps", 0)), "episodes": int(raw.get("episodes", 0))}
+        return StoreTotals(steps=int(raw.get("steps", 0)), episodes=int(raw.get("episodes", 0)))
 
     # -- events --------------------------------------------------------------------------
 

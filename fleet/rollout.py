@@ -39,7 +39,7 @@ from typing import Any, Literal
 import numpy as np
 
 from fleet.registry import Registry
-from fleet.registry_records import RolloutState
+from fleet.registry_records import OutcomeCounts, RolloutState
 
 log = logging.getLogger(__name__)
 
@@ -169,13 +169,10 @@ def decide(
     )
 
 
-def arms(counts: Mapping[str, Mapping[str, int]]) -> dict[str, Arm]:
+def arms(counts: Mapping[str, OutcomeCounts]) -> dict[str, Arm]:
     """task -> Arm from one version's `Registry.success_counts()` entry (autonomous
     successes: an episode with an intervention is a failure)."""
-    return {
-        task: Arm(int(c.get("autonomous_successes", 0)), int(c.get("episodes", 0)))
-        for task, c in counts.items()
-    }
+    return {task: Arm(c.autonomous_successes, c.episodes) for task, c in counts.items()}
 
 
 def evaluate(registry: Registry, config: RuleConfig | None = None) -> Decision | None:
@@ -201,7 +198,7 @@ def _alive_cells(registry: Registry) -> list[str]:
 
 def _candidate_episodes(registry: Registry, version_id: str) -> int:
     per_task = registry.success_counts().get(version_id, {})
-    return sum(int(c.get("episodes", 0)) for c in per_task.values())
+    return sum(c.episodes for c in per_task.values())
 
 
 def _choose_cells(registry: Registry, spec: int | Sequence[str], what: str) -> list[str]:
@@ -351,9 +348,11 @@ def promote(registry: Registry, *, actor: str, reason: str, **numbers: Any) -> s
         cells = state.candidate_cells
         if not cells:
             raise RuntimeError(f"shadow run of {candidate} has no cells to start a canary on")
-        score = registry.shadow_scores().get(candidate, {})
+        score = registry.shadow_scores().get(candidate)
         shadow_numbers = {
-            f"shadow_{k}": v for k, v in score.items() if v is not None and k not in numbers
+            f"shadow_{k}": v
+            for k, v in (score.to_json() if score else {}).items()
+            if v is not None and k not in numbers
         }
         registry.set_candidate(
             candidate,

@@ -165,9 +165,9 @@ def _versions_table(registry: Any) -> Table:
         else:
             role = ""
         per_task = counts.get(vid, {})
-        episodes = sum(c["episodes"] for c in per_task.values())
-        successes = sum(c["successes"] for c in per_task.values())
-        autonomous = sum(c["autonomous_successes"] for c in per_task.values())
+        episodes = sum(c.episodes for c in per_task.values())
+        successes = sum(c.successes for c in per_task.values())
+        autonomous = sum(c.autonomous_successes for c in per_task.values())
         table.add_row(
             vid,
             role,

@@ -136,7 +136,7 @@ def test_broken_version_reaches_only_the_canary_and_is_rolled_back(
 
     # Its success dropped: the broken version never succeeded on the canary cell.
     counts = registry.success_counts()[broken.version_id][TASK]
-    assert counts["episodes"] >= 6 and counts["autonomous_successes"] == 0
+    assert counts.episodes >= 6 and counts.autonomous_successes == 0
     # The event log says what happened and why, with the numbers.
     events = registry.events(500)
     (start,) = [e for e in events if e["kind"] == "rollout_start"]

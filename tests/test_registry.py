@@ -11,6 +11,7 @@ import redis
 from fleet.cell_counters import CellCounters
 from fleet.redis_server import RedisServer, RedisServerError
 from fleet.registry import CellState, Registry
+from fleet.registry_records import OutcomeCounts, StoreTotals
 
 
 def manifest(version_id: str, **extra: object) -> str:
@@ -116,30 +117,30 @@ def test_success_counts(registry: Registry) -> None:
     # An episode an operator took over is not an autonomous success (rollout decisions).
     assert registry.success_counts() == {
         "v0001": {
-            "fold": {
-                "episodes": 3,
-                "successes": 2,
-                "intervention_steps": 35,
-                "steps": 310,
-                "intervened_episodes": 2,
-                "autonomous_successes": 1,
-                "takeovers": 2,  # not given: one per episode with an intervention
-                "duration_ms": 0,
-                "demonstrations": 0,
-            }
+            "fold": OutcomeCounts(
+                episodes=3,
+                successes=2,
+                intervention_steps=35,
+                steps=310,
+                intervened_episodes=2,
+                autonomous_successes=1,
+                takeovers=2,  # not given: one per episode with an intervention
+                duration_ms=0,
+                demonstrations=0,
+            )
         },
         "v0002": {
-            "pour": {
-                "episodes": 1,
-                "successes": 0,
-                "intervention_steps": 0,
-                "steps": 10,
-                "intervened_episodes": 0,
-                "autonomous_successes": 0,
-                "takeovers": 0,
-                "duration_ms": 0,
-                "demonstrations": 0,
-            }
+            "pour": OutcomeCounts(
+                episodes=1,
+                successes=0,
+                intervention_steps=0,
+                steps=10,
+                intervened_episodes=0,
+                autonomous_successes=0,
+                takeovers=0,
+                duration_ms=0,
+                demonstrations=0,
+            )
         },
     }
 
@@ -166,10 +167,10 @@ def test_learner_stats_and_store_totals(registry: Registry) -> None:
     registry.set_learner_stats(state="training", updates=12, loss=0.25, port=50051)
     registry.set_learner_stats(updates=13, port=None)  # None removes a stat
     assert registry.learner_stats() == {"state": "training", "updates": 13, "loss": 0.25}
-    assert registry.store_totals() == {"steps": 0, "episodes": 0}
+    assert registry.store_totals() == StoreTotals(steps=0, episodes=0)
     registry.add_store_totals(100, 1)
     registry.add_store_totals(50, 0)
-    assert registry.store_totals() == {"steps": 150, "episodes": 1}
+    assert registry.store_totals() == StoreTotals(steps=150, episodes=1)
 
 
 def test_password_protected_server() -> None:

@@ -14,6 +14,7 @@ import pytest
 
 from fleet import rollout
 from fleet.registry import CellState, Registry
+from fleet.registry_records import ShadowScore
 from fleet.rollout import RuleConfig
 from learner.rollout_controller import ControllerConfig, RolloutController
 
@@ -95,12 +96,12 @@ def test_shadow_candidate_never_acts(registry: Registry) -> None:
     registry.record_shadow(
         version="v2", steps=10, dist_stable_sum=2.0, operator_steps=4, dist_operator_sum=2.0
     )
-    assert registry.shadow_scores()["v2"] == {
-        "steps": 10,
-        "operator_steps": 4,
-        "mean_dist_stable": 0.2,
-        "mean_dist_operator": 0.5,
-    }
+    assert registry.shadow_scores()["v2"] == ShadowScore(
+        steps=10,
+        operator_steps=4,
+        mean_dist_stable=0.2,
+        mean_dist_operator=0.5,
+    )
 
 
 def controller(registry: Registry) -> RolloutController:

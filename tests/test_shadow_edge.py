@@ -247,10 +247,10 @@ def test_candidate_in_shadow_is_logged_scored_and_never_executed(
     assert set(scores) == {candidate}
     sent = [shadow_score(c) for c in shadow]
     score = scores[candidate]
-    assert score["steps"] == sum(s.steps for s in sent if s is not None)
-    assert score["operator_steps"] == sum(s.operator_steps for s in sent if s is not None)
-    assert score["steps"] + score["operator_steps"] == sum(c.n_steps for c in shadow)
-    means = [score["mean_dist_stable"], score["mean_dist_operator"]]
+    assert score.steps == sum(s.steps for s in sent if s is not None)
+    assert score.operator_steps == sum(s.operator_steps for s in sent if s is not None)
+    assert score.steps + score.operator_steps == sum(c.n_steps for c in shadow)
+    means = [score.mean_dist_stable, score.mean_dist_operator]
     assert any(m is not None for m in means)
     assert all(m is None or m > 0.1 for m in means)  # the fixed pose is far from what was done
     console = Console(width=200, record=True)

@@ -24,6 +24,7 @@ from fleet.dashboard.history import LearningHistory
 from fleet.dashboard.store_reader import StoreReader
 from fleet.interventions import figures
 from fleet.registry import Registry
+from fleet.registry_records import OutcomeCounts
 
 log = logging.getLogger(__name__)
 
@@ -160,7 +161,7 @@ def create_app(
         outcomes = registry.cell_outcomes()
         for c in registry.cells():
             n = c.counters
-            stored = outcomes.get(c.cell_id, {})
+            stored = outcomes.get(c.cell_id, OutcomeCounts())
             cells.append(
                 {
                     "cell_id": c.cell_id,
@@ -176,8 +177,8 @@ def create_app(
                     # Steps an operator drove since the cell's actor started (heartbeat).
                     "intervention_steps": n.interventions,
                     # Takeovers over every episode the learner stored from this cell.
-                    "takeovers": stored.get("takeovers", 0),
-                    "demonstrations": stored.get("demonstrations", 0),
+                    "takeovers": stored.takeovers,
+                    "demonstrations": stored.demonstrations,
                     **figures(stored),
                     "steps_recorded": n.steps_recorded,
                     "steps_acked": n.steps_acked,
@@ -199,7 +200,7 @@ def create_app(
         return {
             "now": time.time(),
             "stats": registry.learner_stats(),
-            "store": registry.store_totals(),
+            "store": registry.store_totals().to_json(),
             "points": history.points(since, until),
             "oldest": history.oldest(),
             "retention_s": {t.name: t.retention_s for t in history.tiers},
@@ -244,14 +245,16 @@ def create_app(
             "shadow_running": {c.cell_id: c.shadow_version for c in cells},
             "pins": pins,
             "versions": versions[-50:],
-            "success": success,
+            "success": {
+                v: {t: n.to_json() for t, n in tasks.items()} for v, tasks in success.items()
+            },
             # version -> task -> takeovers/h, /episode, intervention share, human steps
             # per autonomous success (fleet/interventions.py)
             "interventions": {
                 v: {t: figures(n) for t, n in tasks.items()} for v, tasks in success.items()
             },
             # version -> {steps, mean_dist_stable, operator_steps, mean_dist_operator}
-            "shadow_scores": registry.shadow_scores(),
+            "shadow_scores": {v: s.to_json() for v, s in registry.shadow_scores().items()},
             "decisions": [e for e in events if _is_decision(e)],
             "events": events,
             "operator_actions": bool(operator_token),
