@@ -49,6 +49,7 @@ from fleet.registry_records import (
     RolloutState,
     ShadowScore,
     StoreTotals,
+    VersionRecord,
 )
 
 # immediate: every cell runs the newest published version as soon as it is published.
@@ -132,14 +133,6 @@ class Registry:
         if not created and stored != manifest_json:
             raise ValueError(f"version {version_id!r} is already registered with another manifest")
 
-    def _version_record(self, raw: dict[str, str]) -> dict:
-        out = json.loads(raw["manifest"])
-        out["weights_path"] = raw["weights_path"]
-        out["published_at"] = float(raw["published_at"])
-        if raw.get("evaluation"):
-            out["evaluation"] = json.loads(raw["evaluation"])
-        return out
-
     def set_evaluation(self, version_id: str, summary_json: str) -> None:
         """Keep a `fleet eval` summary with a registered version (its record's `evaluation`;
         the manifest itself stays as published) and log it as an event."""
@@ -165,17 +158,17 @@ class Registry:
         )
         pipe.execute()
 
-    def versions(self) -> list[dict]:
-        """Every version, oldest published first: manifest fields + weights_path + published_at."""
+    def versions(self) -> list[VersionRecord]:
+        """Every version, oldest published first."""
         ids = self.r.zrange(self._k("versions"), 0, -1)
         pipe = self.r.pipeline(transaction=False)
         for version_id in ids:
             pipe.hgetall(self._k("version", version_id))
-        return [self._version_record(raw) for raw in pipe.execute() if raw]
+        return [VersionRecord.from_redis(raw) for raw in pipe.execute() if raw]
 
-    def version(self, version_id: str) -> dict | None:
+    def version(self, version_id: str) -> VersionRecord | None:
         raw = self.r.hgetall(self._k("version", version_id))
-        return self._version_record(raw) if raw else None
+        return VersionRecord.from_redis(raw) if raw else None
 
     def latest_version(self) -> str | None:
         newest = self.r.zrange(self._k("versions"), -1, -1)

@@ -61,6 +61,49 @@ class CellState:
 
 
 @dataclass(frozen=True)
+class VersionRecord:
+    """A registered version: its manifest as published (fleet/policy/manifest.py fields),
+    where its weights are, when it was registered and its newest `fleet eval` summary (the
+    registry's, else the one the manifest carries; None: not evaluated)."""
+
+    manifest: dict[str, Any]
+    weights_path: str
+    published_at: float
+    evaluation: dict[str, Any] | None = None
+
+    @property
+    def version_id(self) -> str:
+        return str(self.manifest["version_id"])
+
+    @property
+    def parent(self) -> str | None:
+        return self.manifest.get("parent")
+
+    @property
+    def training_step(self) -> int | None:
+        return self.manifest.get("training_step")
+
+    @classmethod
+    def from_redis(cls, raw: dict[str, str]) -> VersionRecord:
+        manifest = json.loads(raw["manifest"])
+        stored = raw.get("evaluation")
+        return cls(
+            manifest=manifest,
+            weights_path=raw["weights_path"],
+            published_at=float(raw["published_at"]),
+            evaluation=json.loads(stored) if stored else manifest.get("evaluation"),
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        """The manifest's fields with weights_path, published_at and evaluation."""
+        out = {**self.manifest, "weights_path": self.weights_path}
+        out["published_at"] = self.published_at
+        if self.evaluation is not None:
+            out["evaluation"] = self.evaluation
+        return out
+
+
+@dataclass(frozen=True)
 class RolloutState:
     """The rollout: mode, stable version, the candidate in flight and where it runs. Unset
     versions, mode and stage are None; unset cell lists are empty."""

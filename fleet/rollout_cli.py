@@ -155,7 +155,7 @@ def _versions_table(registry: Any) -> Table:
         table.add_column(column)
     table.add_column("eval (held-out scenes)")
     for v in registry.versions():
-        vid = v["version_id"]
+        vid = v.version_id
         if vid == state.stable:
             role = "stable"
         elif vid == state.candidate:
@@ -171,12 +171,12 @@ def _versions_table(registry: Any) -> Table:
         table.add_row(
             vid,
             role,
-            _when(v.get("published_at")),
-            str(v.get("training_step", "")),
+            _when(v.published_at),
+            str(v.manifest.get("training_step", "")),
             str(episodes),
             _rate(successes, episodes),
             _rate(autonomous, episodes),
-            _eval_cell(vid, v.get("evaluation")),
+            _eval_cell(vid, v.evaluation),
         )
     pins = registry.pins()
     if pins:

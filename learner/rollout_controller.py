@@ -132,7 +132,7 @@ class RolloutController:
         if (
             stable_record
             and latest_record
-            and latest_record["published_at"] < stable_record["published_at"]
+            and latest_record.published_at < stable_record.published_at
         ):
             return None  # an operator promoted something newer by hand
         reason = f"newly published version; canary on {self.config.canary} cell(s)"

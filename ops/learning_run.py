@@ -42,7 +42,7 @@ import time
 from pathlib import Path
 
 from fleet.registry import Registry
-from fleet.registry_records import OutcomeCounts
+from fleet.registry_records import OutcomeCounts, VersionRecord
 from ops.curve_png import EvalPoint, draw_success_curve
 
 log = logging.getLogger(__name__)
@@ -93,7 +93,7 @@ def _window(
 
 def held_out(
     data_dir: Path,
-    versions: list[dict],
+    versions: list[VersionRecord],
     started_at: float,
     count: int,
     scenes: int,
@@ -113,7 +113,7 @@ def held_out(
     points: list[dict[str, object]] = []
     for i in picks:
         v = versions[i]
-        vid = str(v["version_id"])
+        vid = v.version_id
         version = resolve_version(vid, registry=registry, versions_dir=data_dir / "versions")
         log.info("held-out evaluation of version %s: %d scenes a task", vid, scenes)
         result = evaluate(version, tasks, scenes, 0, "mujoco", baselines=())
@@ -127,7 +127,7 @@ def held_out(
         points.append(
             {
                 "version": vid,
-                "t_s": round(float(v["published_at"]) - started_at, 1),
+                "t_s": round(v.published_at - started_at, 1),
                 "training_step": version.manifest.training_step,
                 "seeds": list(result.seeds),
                 "tasks": {t: s.to_dict() for t, s in result.scores[vid].items()},
@@ -267,8 +267,8 @@ def main() -> int:
             "learner": stats,
             "versions": [
                 {
-                    "version": v["version_id"],
-                    "t_s": round(float(v["published_at"]) - started_at, 1),
+                    "version": v.version_id,
+                    "t_s": round(v.published_at - started_at, 1),
                 }
                 for v in versions
             ],

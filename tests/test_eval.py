@@ -220,7 +220,7 @@ def test_the_result_is_stored_with_the_version_and_shown(
     scores = printed["scores"]
     assert scores["expert"]["pick_cube"]["successes"] == 2
     record = registry.version("v0001")
-    assert record["evaluation"]["scores"] == scores
+    assert record.evaluation["scores"] == scores
     on_disk = Manifest.from_json(manifest_path.read_text())
     assert on_disk.evaluation["scores"] == scores
     assert (on_disk.sha256, on_disk.signature) == (published.sha256, published.signature)
@@ -265,7 +265,7 @@ def test_sim_gate_lets_a_version_as_good_as_stable_through(
     [passed] = [e for e in registry.events() if e["kind"] == "sim_gate_pass"]
     assert passed["version"] == "v0002" and passed["decision"] != "rollback"
     assert passed["task.pick_cube"].startswith("cand 0/2 stable 0/2")  # the same scenes
-    assert registry.version("v0002")["evaluation"]["baselines"] == ["v0001"]
+    assert registry.version("v0002").evaluation["baselines"] == ["v0001"]
 
 
 def _summary(candidate: tuple[int, int], stable: tuple[int, int]) -> dict:

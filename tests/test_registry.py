@@ -26,20 +26,20 @@ def test_versions_add_list_latest(registry: Registry) -> None:
     registry.add_version(manifest("v0002"), "/w/v0002.safetensors", published_at=200.0)
     registry.add_version(manifest("v0001"), "/w/v0001.safetensors", published_at=100.0)
 
-    assert [v["version_id"] for v in registry.versions()] == ["v0001", "v0002"]
+    assert [v.version_id for v in registry.versions()] == ["v0001", "v0002"]
     assert registry.latest_version() == "v0002"
     record = registry.version("v0001")
     assert record is not None
-    assert record["weights_path"] == "/w/v0001.safetensors"
-    assert record["published_at"] == 100.0
-    assert record["sha256"] == "ab" * 32
+    assert record.weights_path == "/w/v0001.safetensors"
+    assert record.published_at == 100.0
+    assert record.manifest["sha256"] == "ab" * 32
     assert registry.version("nope") is None
 
 
 def test_versions_are_immutable(registry: Registry) -> None:
     registry.add_version(manifest("v0001"), "/w/a", published_at=1.0)
     registry.add_version(manifest("v0001"), "/w/a", published_at=5.0)  # identical: no-op
-    assert registry.version("v0001")["published_at"] == 1.0
+    assert registry.version("v0001").published_at == 1.0
     with pytest.raises(ValueError, match="already registered"):
         registry.add_version(manifest("v0001", training_step=9), "/w/b")
     with pytest.raises(ValueError, match="version_id"):

@@ -321,7 +321,7 @@ def test_assignment_carries_the_shadow_and_a_bad_shadow_leaves_acting_alone(
         assert runner is not None and runner.version_id == v1.version_id
         assert watcher.shadow_runner is None and watcher.current_shadow_assignment == v2.version_id
         assert len(faults) == 1 and "shadow version" in faults[0] and v2.version_id in faults[0]
-        weights = Path(registry.version(v1.version_id)["weights_path"])
+        weights = Path(registry.version(v1.version_id).weights_path)
         assert watcher.bytes_fetched == weights.stat().st_size  # the shadow never fetched
     finally:
         watcher.stop()

@@ -24,7 +24,7 @@ from fleet.dashboard.history import LearningHistory
 from fleet.dashboard.store_reader import StoreReader
 from fleet.interventions import figures
 from fleet.registry import Registry
-from fleet.registry_records import OutcomeCounts
+from fleet.registry_records import OutcomeCounts, VersionRecord
 
 log = logging.getLogger(__name__)
 
@@ -72,17 +72,17 @@ def _is_decision(event: dict[str, Any]) -> bool:
     )
 
 
-def _evaluation_points(versions: list[dict]) -> list[dict[str, Any]]:
+def _evaluation_points(versions: list[VersionRecord]) -> list[dict[str, Any]]:
     """One point per evaluated version for the success chart: when it was evaluated and its
     held-out success rate per task."""
     out = []
     for v in versions:
-        summary = v.get("evaluation") or {}
-        scores = summary.get("scores", {}).get(v.get("version_id"), {})
+        summary = v.evaluation or {}
+        scores = summary.get("scores", {}).get(v.version_id, {})
         if scores:
             out.append(
                 {
-                    "version": v.get("version_id"),
+                    "version": v.version_id,
                     "t": summary.get("evaluated_at"),
                     "backend": summary.get("backend"),
                     "success": {t: s.get("success_rate") for t, s in scores.items()},
@@ -228,11 +228,11 @@ def create_app(
         events = registry.events(200)
         versions = [
             {
-                "version_id": v.get("version_id"),
-                "parent": v.get("parent"),
-                "published_at": v.get("published_at"),
-                "training_step": v.get("training_step"),
-                "evaluation": v.get("evaluation"),  # newest `fleet eval` summary, or None
+                "version_id": v.version_id,
+                "parent": v.parent,
+                "published_at": v.published_at,
+                "training_step": v.training_step,
+                "evaluation": v.evaluation,  # newest `fleet eval` summary, or None
             }
             for v in registry.versions()
         ]
