@@ -45,6 +45,7 @@ import redis
 
 from fleet.registry_records import (
     CellState,
+    Event,
     OutcomeCounts,
     RolloutState,
     ShadowScore,
@@ -569,16 +570,10 @@ class Registry:
         """kind -> events of that kind ever logged (for Prometheus counters and alerts)."""
         return {k: int(v) for k, v in self.r.hgetall(self._k("event_counts")).items()}
 
-    def events(self, count: int = 100) -> list[dict]:
-        """The newest `count` events, oldest first: {"id", "kind", "actor", "reason", "ts",
-        ...extra fields as strings}."""
+    def events(self, count: int = 100) -> list[Event]:
+        """The newest `count` events, oldest first."""
         newest_first = self.r.xrevrange(self._k("events"), count=count)
-        out = []
-        for event_id, entry in reversed(newest_first):
-            event: dict[str, Any] = {"id": event_id, **entry}
-            event["ts"] = float(entry["ts"])
-            out.append(event)
-        return out
+        return [Event.from_redis(event_id, entry) for event_id, entry in reversed(newest_first)]
 
     # -- connection ----------------------------------------------------------------------
 

@@ -174,6 +174,36 @@ class ShadowScore:
 
 
 @dataclass(frozen=True)
+class Event:
+    """One entry of the append-only event log: who did what and why, when, and the fields
+    of its kind (version, cells, stage, the numbers behind a decision...) as strings."""
+
+    id: str  # the Redis stream id: events sort by it
+    kind: str
+    actor: str
+    reason: str
+    ts: float  # unix seconds
+    fields: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_redis(cls, event_id: str, entry: dict[str, str]) -> Event:
+        core = ("kind", "actor", "reason", "ts")
+        return cls(
+            id=event_id,
+            kind=entry.get("kind", ""),
+            actor=entry.get("actor", ""),
+            reason=entry.get("reason", ""),
+            ts=float(entry["ts"]),
+            fields={k: v for k, v in entry.items() if k not in core},
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        """Flat, as the dashboard API serves it: id, kind, actor, reason, ts, then fields."""
+        core = {"id": self.id, "kind": self.kind, "actor": self.actor, "reason": self.reason}
+        return {**core, "ts": self.ts, **self.fields}
+
+
+@dataclass(frozen=True)
 class StoreTotals:
     """Steps and episodes the episode store has taken in."""
 

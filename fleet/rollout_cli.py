@@ -200,17 +200,13 @@ def _events_table(registry: Any, count: int) -> Table:
     for column in ("time", "kind", "actor", "version", "reason", "numbers"):
         table.add_column(column, overflow="fold")
     for e in registry.events(count):
-        extra = {
-            k: v
-            for k, v in e.items()
-            if k not in ("id", "kind", "actor", "reason", "ts", "version")
-        }
+        extra = {k: v for k, v in e.fields.items() if k != "version"}
         table.add_row(
-            _when(e["ts"]),
-            e["kind"],
-            e["actor"],
-            e.get("version", ""),
-            e["reason"],
+            _when(e.ts),
+            e.kind,
+            e.actor,
+            e.fields.get("version", ""),
+            e.reason,
             " ".join(f"{k}={v}" for k, v in extra.items()),
         )
     return table

@@ -139,11 +139,13 @@ def test_broken_version_reaches_only_the_canary_and_is_rolled_back(
     assert counts.episodes >= 6 and counts.autonomous_successes == 0
     # The event log says what happened and why, with the numbers.
     events = registry.events(500)
-    (start,) = [e for e in events if e["kind"] == "rollout_start"]
-    assert start["version"] == broken.version_id and start["cells"] == canary[0]
-    (rollback,) = [e for e in events if e["kind"] == "rollback"]
-    assert rollback["actor"] == "rollout-controller" and rollback["version"] == broken.version_id
-    assert "credibly worse" in rollback["reason"] and float(rollback["p_worse"]) >= 0.0
+    (start,) = [e for e in events if e.kind == "rollout_start"]
+    assert start.fields["version"] == broken.version_id and start.fields["cells"] == canary[0]
+    (rollback,) = [e for e in events if e.kind == "rollback"]
+    assert (
+        rollback.actor == "rollout-controller" and rollback.fields["version"] == broken.version_id
+    )
+    assert "credibly worse" in rollback.reason and float(rollback.fields["p_worse"]) >= 0.0
     assert f"task.{TASK}" in rollback
     # The other cells never ran it: neither their adoptions nor the episode store show it.
     for c in registry.cells():

@@ -155,7 +155,7 @@ def test_promote_with_the_token(client: TestClient, world: World) -> None:
     assert world.registry.rollout().stable == "v0003"
     assert world.registry.rollout().candidate is None
     last = world.registry.events()[-1]
-    assert (last["kind"], last["actor"], last["reason"]) == (
+    assert (last.kind, last.actor, last.reason) == (
         "promote",
         "operator@dashboard",
         "looks good",
@@ -171,7 +171,7 @@ def test_rollback_with_the_token(client: TestClient, world: World) -> None:
     state = world.registry.rollout()
     assert state.stable == "v0002" and state.candidate is None
     assert world.registry.assignment_for("cell-02") == "v0002"
-    assert world.registry.events()[-1]["kind"] == "rollback"
+    assert world.registry.events()[-1].kind == "rollback"
 
 
 def test_pin_unpin_and_start_with_the_token(client: TestClient, world: World) -> None:
@@ -251,7 +251,7 @@ def test_shadow_run_scores_cells_and_actions_through_the_api(
         "canary",
         ["cell-01"],
     )
-    assert registry.events()[-1]["kind"] == "shadow_to_canary"
+    assert registry.events()[-1].kind == "shadow_to_canary"
 
 
 def test_lossless_depth_frames_are_rendered_for_the_browser() -> None:

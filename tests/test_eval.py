@@ -224,7 +224,7 @@ def test_the_result_is_stored_with_the_version_and_shown(
     on_disk = Manifest.from_json(manifest_path.read_text())
     assert on_disk.evaluation["scores"] == scores
     assert (on_disk.sha256, on_disk.signature) == (published.sha256, published.signature)
-    assert any(e["kind"] == "evaluation" and e["version"] == "v0001" for e in registry.events())
+    assert any(e.kind == "evaluation" and e.fields["version"] == "v0001" for e in registry.events())
     console = Console(record=True, width=250)
     console.print(_versions_table(registry))
     v0001 = scores["v0001"]
@@ -262,9 +262,9 @@ def test_sim_gate_lets_a_version_as_good_as_stable_through(
     controller = RolloutController(registry, ControllerConfig(), sim_gate=gate)
     assert controller.step() == "start"
     assert registry.rollout().candidate == "v0002"
-    [passed] = [e for e in registry.events() if e["kind"] == "sim_gate_pass"]
-    assert passed["version"] == "v0002" and passed["decision"] != "rollback"
-    assert passed["task.pick_cube"].startswith("cand 0/2 stable 0/2")  # the same scenes
+    [passed] = [e for e in registry.events() if e.kind == "sim_gate_pass"]
+    assert passed.fields["version"] == "v0002" and passed.fields["decision"] != "rollback"
+    assert passed.fields["task.pick_cube"].startswith("cand 0/2 stable 0/2")  # the same scenes
     assert registry.version("v0002").evaluation["baselines"] == ["v0001"]
 
 
@@ -296,9 +296,9 @@ def test_sim_gate_blocks_a_worse_version_and_never_proposes_it_again(
     assert asked == [("v0002", "v0001")]
     assert registry.rollout().candidate is None
     assert "v0002" in registry.rolled_back()
-    [blocked] = [e for e in registry.events() if e["kind"] == "sim_gate_block"]
-    assert blocked["version"] == "v0002" and "credibly worse" in blocked["reason"]
-    assert blocked["task.pick_cube"].startswith("cand 2/10 stable 9/10")
+    [blocked] = [e for e in registry.events() if e.kind == "sim_gate_block"]
+    assert blocked.fields["version"] == "v0002" and "credibly worse" in blocked.reason
+    assert blocked.fields["task.pick_cube"].startswith("cand 2/10 stable 9/10")
     assert controller.step() is None and len(asked) == 1  # not evaluated or proposed again
 
 
@@ -322,8 +322,8 @@ def test_a_sim_gate_that_cannot_evaluate_keeps_the_version_from_canary(
     controller = RolloutController(registry, ControllerConfig(), sim_gate=gate)
     assert controller.step() == "gate_error"
     assert registry.rollout().candidate is None
-    [error] = [e for e in registry.events() if e["kind"] == "sim_gate_error"]
-    assert error["version"] == "v0002" and "weights not found" in error["reason"]
+    [error] = [e for e in registry.events() if e.kind == "sim_gate_error"]
+    assert error.fields["version"] == "v0002" and "weights not found" in error.reason
     assert controller.step() is None  # not evaluated again at once
 
 

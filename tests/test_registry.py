@@ -62,10 +62,10 @@ def test_rollout_stable_is_every_cells_assignment_and_is_logged(registry: Regist
     assert registry.assignments(["cell-a", "cell-b"]) == {"cell-a": "v0001", "cell-b": "v0001"}
 
     (event,) = registry.events()
-    assert event["kind"] == "set_stable"
-    assert event["actor"] == "publisher"
-    assert event["version"] == "v0001"
-    assert event["previous"] == ""
+    assert event.kind == "set_stable"
+    assert event.actor == "publisher"
+    assert event.fields["version"] == "v0001"
+    assert event.fields["previous"] == ""
 
 
 def test_heartbeat_ttl_marks_cell_dead(redis_server: str) -> None:
@@ -152,13 +152,14 @@ def test_events_append_and_read(registry: Registry) -> None:
     ]
     assert ids == sorted(ids)
     events = registry.events()
-    assert [e["id"] for e in events] == ids
-    assert events[0]["kind"] == "promote"
-    assert events[0]["actor"] == "alice"
-    assert events[2]["reason"] == "step 2"
-    assert events[2]["step"] == "2"
-    assert isinstance(events[0]["ts"], float)
-    assert [e["step"] for e in registry.events(count=2)] == ["3", "4"]  # newest two, in order
+    assert [e.id for e in events] == ids
+    assert events[0].kind == "promote"
+    assert events[0].actor == "alice"
+    assert events[2].reason == "step 2"
+    assert events[2].fields["step"] == "2"
+    assert isinstance(events[0].ts, float)
+    newest_two = [e.fields["step"] for e in registry.events(count=2)]
+    assert newest_two == ["3", "4"]  # newest two, in order
     with pytest.raises(ValueError, match="reserved"):
         registry.log_event("x", actor="a", reason="r", ts=1)
 

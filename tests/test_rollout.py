@@ -80,7 +80,7 @@ def test_assignments_pin_beats_candidate_beats_stable(registry: Registry) -> Non
     assert set(registry.assignments(CELLS).values()) == {"v3"}
     assert rollout.rollback(registry, actor="alice", reason="nothing") is None
 
-    kinds = [(e["kind"], e["actor"], e["reason"]) for e in registry.events()]
+    kinds = [(e.kind, e.actor, e.reason) for e in registry.events()]
     assert ("rollout_start", "alice", "try v2") in kinds
     assert ("pin", "bob", "pinned to v3") in kinds
     assert ("rollback", "alice", "looks off") in kinds
@@ -130,9 +130,9 @@ def test_controller_promotes_a_good_version_through_every_stage(registry: Regist
     episodes(registry, "v2", 100, 80)
     assert ctl.step() == "promote"
     assert registry.rollout().stable == "v2"
-    promoted = [e for e in registry.events() if e["kind"] == "promote"][-1]
-    assert promoted["actor"] == "rollout-controller"
-    assert float(promoted["p_not_worse"]) > 0.95
+    promoted = [e for e in registry.events() if e.kind == "promote"][-1]
+    assert promoted.actor == "rollout-controller"
+    assert float(promoted.fields["p_not_worse"]) > 0.95
 
 
 def test_controller_rolls_back_a_credibly_worse_version(registry: Registry) -> None:
@@ -147,9 +147,9 @@ def test_controller_rolls_back_a_credibly_worse_version(registry: Registry) -> N
     assert ctl.step() == "rollback"
     assert registry.rollout().candidate is None
     assert ctl.step() is None  # a rolled-back version is never proposed again
-    (event,) = [e for e in registry.events() if e["kind"] == "rollback"]
-    assert "credibly worse" in event["reason"] and event["version"] == "v2"
-    assert "cand 0/15" in event["task.pick"]
+    (event,) = [e for e in registry.events() if e.kind == "rollback"]
+    assert "credibly worse" in event.reason and event.fields["version"] == "v2"
+    assert "cand 0/15" in event.fields["task.pick"]
 
 
 def test_immediate_mode_leaves_the_rollout_alone(registry: Registry) -> None:

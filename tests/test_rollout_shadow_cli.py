@@ -93,12 +93,12 @@ def test_shadow_then_promote_to_canary_then_to_stable(
         "cell-3": None,
     }
     started = registry.events()[-1]
-    assert (started["kind"], started["reason"], started["stage"]) == (
+    assert (started.kind, started.reason, started.fields["stage"]) == (
         "shadow_start",
         "see v2 first",
         "shadow",
     )
-    assert started["actor"].endswith("(cli)") and started["cells"] == "cell-0,cell-1"
+    assert started.actor.endswith("(cli)") and started.fields["cells"] == "cell-0,cell-1"
 
     registry.record_shadow(
         version="v2", steps=100, dist_stable_sum=5.0, operator_steps=10, dist_operator_sum=2.0
@@ -117,12 +117,15 @@ def test_shadow_then_promote_to_canary_then_to_stable(
     }
     assert set(registry.shadow_assignments(CELLS).values()) == {None}
     moved = registry.events()[-1]
-    assert (moved["kind"], moved["reason"], moved["stage"]) == (
+    assert (moved.kind, moved.reason, moved.fields["stage"]) == (
         "shadow_to_canary",
         "shadow looks sane",
         "canary",
     )
-    assert moved["shadow_steps"] == "100" and float(moved["shadow_mean_dist_stable"]) == 0.05
+    assert (
+        moved.fields["shadow_steps"] == "100"
+        and float(moved.fields["shadow_mean_dist_stable"]) == 0.05
+    )
 
     code, out = fleet(capsys, "promote", "--reason", "canary fine", "--redis-url", url)
     assert code == 0 and "promoted v2 to stable" in out
@@ -151,7 +154,7 @@ def test_shadow_on_named_cells_ends_with_rollback(
     assert state.candidate is None and state.stable == "v1"
     assert set(registry.shadow_assignments(CELLS).values()) == {None}
     ended = registry.events()[-1]
-    assert (ended["kind"], ended["version"], ended["stage"], ended["reason"]) == (
+    assert (ended.kind, ended.fields["version"], ended.fields["stage"], ended.reason) == (
         "rollback",
         "v3",
         "shadow",
@@ -187,7 +190,7 @@ def test_shadow_refusals(
     code, out = fleet(capsys, "rollout", "v2", "--shadow", "1", "--redis-url", url)
     assert code == 1 and "already acts in stage canary" in " ".join(out.split())
     assert registry.rollout().stage == "canary"
-    kinds = [e["kind"] for e in registry.events()]
+    kinds = [e.kind for e in registry.events()]
     assert "shadow_start" not in kinds
 
 

@@ -24,7 +24,7 @@ from fleet.dashboard.history import LearningHistory
 from fleet.dashboard.store_reader import StoreReader
 from fleet.interventions import figures
 from fleet.registry import Registry
-from fleet.registry_records import OutcomeCounts, VersionRecord
+from fleet.registry_records import Event, OutcomeCounts, VersionRecord
 
 log = logging.getLogger(__name__)
 
@@ -60,12 +60,12 @@ class Pin(BaseModel):
     version: str = ""  # empty: unpin
 
 
-def _is_decision(event: dict[str, Any]) -> bool:
+def _is_decision(event: Event) -> bool:
     """Automatic rollout decisions, as opposed to operator actions and other events."""
-    kind = str(event.get("kind", "")).lower()
-    actor = str(event.get("actor", "")).lower()
+    kind = event.kind.lower()
+    actor = event.actor.lower()
     return (
-        "decision" in event
+        "decision" in event.fields
         or "auto" in kind
         or "decision" in kind
         or actor.startswith(("auto", "rollout", "controller", "canary"))
@@ -255,8 +255,8 @@ def create_app(
             },
             # version -> {steps, mean_dist_stable, operator_steps, mean_dist_operator}
             "shadow_scores": {v: s.to_json() for v, s in registry.shadow_scores().items()},
-            "decisions": [e for e in events if _is_decision(e)],
-            "events": events,
+            "decisions": [e.to_json() for e in events if _is_decision(e)],
+            "events": [e.to_json() for e in events],
             "operator_actions": bool(operator_token),
         }
 
