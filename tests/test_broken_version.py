@@ -146,7 +146,7 @@ def test_broken_version_reaches_only_the_canary_and_is_rolled_back(
         rollback.actor == "rollout-controller" and rollback.fields["version"] == broken.version_id
     )
     assert "credibly worse" in rollback.reason and float(rollback.fields["p_worse"]) >= 0.0
-    assert f"task.{TASK}" in rollback
+    assert f"task.{TASK}" in rollback.fields
     # The other cells never ran it: neither their adoptions nor the episode store show it.
     for c in registry.cells():
         adopted = [a["version"] for a in c.versions_adopted]

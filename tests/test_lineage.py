@@ -115,4 +115,4 @@ def test_sigkilled_trainer_never_republishes_a_step_and_parents_are_true(
     assert state["trainer"]["pending_version"] is None
     assert state["trainer"]["updates"] >= steps[-1]
     print(f"\nlineage {where}: {len(ids)} versions, steps {steps[0]}..{steps[-1]}")
-    json.dumps(versions)  # plain data, as the dashboard serves it
+    json.dumps([v.to_json() for v in versions])  # plain data, as the dashboard serves it
