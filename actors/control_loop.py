@@ -51,7 +51,6 @@ from actors.inference import Inference, Snapshot, ThreadedInference
 from actors.recorder import EpisodeRecorder
 from drivers.cell import CellFault
 from drivers.interfaces import Clock, DriverFault, Observation, Operator, TaskScene
-from fleet.cell_counters import LoopCounters
 from fleet.metrics import TICK_LATENESS_BUCKETS
 from fleet.scenes import training_seed
 from protos.fleetlearn.v1 import trajectory_pb2
@@ -177,21 +176,39 @@ class ControlLoop:
         self._episode_id = ""
         self._task = ""
         self._tick_starts: deque[float] = deque(maxlen=RATE_WINDOW_TICKS)
-        self._counts = LoopCounters()
+        self._counts = dict.fromkeys(
+            (
+                "episodes",
+                "episodes_aborted",
+                "successes",
+                "steps_recorded",
+                "interventions",
+                "late_ticks",
+                "chunks_submitted",
+                "policy_calls",
+                "policy_errors",
+                "chunks_blended",  # chunks from inference blended into the plan
+                "chunks_followup",  # ... of those, ones that continue a running plan
+                "chunks_ready_in_time",  # ... of those, ready before the plan ran out
+                "chunks_stale",  # finished too late to contribute, or from an old version
+                "plan_exhausted_ticks",  # policy ticks holding the last target
+                "shadow_calls",  # inferences asked of the shadow version
+                "shadow_errors",
+                "shadow_chunks_stale",
+                "shadow_steps",  # recorded steps with a shadow action
+                "shadow_steps_missing",  # steps a shadow ran for but its plan did not cover
+            ),
+            0,
+        )
         self._adoptions: list[dict[str, Any]] = []
         self.last_fault = ""
 
     # -- public ------------------------------------------------------------------------
 
-    def counters(self) -> LoopCounters:
-        """A snapshot of the loop's counters (the heartbeat and metrics read these)."""
-        with self._lock:
-            return self._counts.copy()
-
     @property
     def stats(self) -> dict[str, Any]:
         with self._lock:
-            out: dict[str, Any] = self._counts.as_dict()
+            out: dict[str, Any] = dict(self._counts)
             out["loop_hz"] = self._loop_hz()
             out["version_running"] = self._runner.version_id if self._runner else ""
             out["shadow_version"] = self._shadow_runner.version_id if self._shadow_runner else ""
@@ -309,7 +326,7 @@ class ControlLoop:
                 lateness.observe(max(0.0, now - next_tick))
                 if now - next_tick > self.period:
                     with self._lock:
-                        self._counts.late_ticks += 1
+                        self._counts["late_ticks"] += 1
                     next_tick = now  # resync: never burst to catch up
                 with self._lock:
                     self._tick_starts.append(now)
@@ -364,11 +381,9 @@ class ControlLoop:
                 )
                 with self._lock:
                     # "episodes" counts finished ones; the one cut short by a stop is apart.
-                    if reason in ("aborted", "fault"):
-                        self._counts.episodes_aborted += 1
-                    else:
-                        self._counts.episodes += 1
-                    self._counts.successes += int(success)
+                    key = "episodes_aborted" if reason in ("aborted", "fault") else "episodes"
+                    self._counts[key] += 1
+                    self._counts["successes"] += int(success)
                 log.info(
                     "cell %s episode %s: %s ended %s after %d steps (%.2f s, version %r)",
                     cfg.cell_id,
@@ -403,16 +418,16 @@ class ControlLoop:
             shadow_version=shadow[1] if shadow is not None else "",
         )
         with self._lock:
-            self._counts.steps_recorded += 1
-            self._counts.interventions += int(intervention)
-            self._counts.shadow_steps += int(shadow is not None)
+            self._counts["steps_recorded"] += 1
+            self._counts["interventions"] += int(intervention)
+            self._counts["shadow_steps"] += int(shadow is not None)
         if chunk is not None:
             self._submit(chunk)
 
     def _submit(self, chunk: trajectory_pb2.StepChunk) -> None:
         self.uplink.submit(chunk)  # never blocks; a full queue is counted by the uplink
         with self._lock:
-            self._counts.chunks_submitted += 1
+            self._counts["chunks_submitted"] += 1
 
     # -- acting ----------------------------------------------------------------------------
 
@@ -451,7 +466,7 @@ class ControlLoop:
             return self._hold_target(obs), False, self._version
         if self.blender.remaining(self._tick) == 0:
             with self._lock:
-                self._counts.plan_exhausted_ticks += 1
+                self._counts["plan_exhausted_ticks"] += 1
         return action, False, self.blender.version
 
     def _request_if_due(self, obs: Observation) -> None:
@@ -466,7 +481,7 @@ class ControlLoop:
         self._tick_snapshot = snapshot
         self.inference.submit(snapshot)
         with self._lock:
-            self._counts.policy_calls += 1
+            self._counts["policy_calls"] += 1
 
     def _snapshot(self, obs: Observation, runner: PolicyRunner) -> Snapshot:
         """This tick's observation copied out for a worker (the loop moves on at once)."""
@@ -487,7 +502,7 @@ class ControlLoop:
         runner = self._runner
         if result.runner is not runner or runner is None:
             with self._lock:
-                self._counts.chunks_stale += 1  # from a version no longer running
+                self._counts["chunks_stale"] += 1  # from a version no longer running
             return
         if result.chunk is None:
             fallback = self._fallback
@@ -497,14 +512,14 @@ class ControlLoop:
                 f"{fallback.version_id if fallback else None!r}"
             )
             with self._lock:
-                self._counts.policy_errors += 1
+                self._counts["policy_errors"] += 1
                 self._runner, self._fallback = fallback, None
             self._sync_operator()
             return
         chunk = result.chunk
         if chunk.start_tick < self._fresh_from:
             with self._lock:
-                self._counts.chunks_stale += 1  # observed before the plan was dropped
+                self._counts["chunks_stale"] += 1  # observed before the plan was dropped
             return
         self._chunk_len = len(chunk.actions)
         ticks = chunk.latency_s / self.period
@@ -514,7 +529,7 @@ class ControlLoop:
         had_plan = self.blender.version != ""
         if chunk.end_tick <= self._tick:  # too late for a single step (nothing to blend)
             with self._lock:
-                self._counts.chunks_stale += 1
+                self._counts["chunks_stale"] += 1
             return
         if not had_plan and chunk.start_tick < self._tick:
             # The first chunk of a plan came late while the arm held still: fade it in from
@@ -524,12 +539,12 @@ class ControlLoop:
         in_time = had_plan and self.blender.remaining(self._tick) > 0
         if not self.blender.add(chunk, self._tick):
             with self._lock:
-                self._counts.chunks_stale += 1
+                self._counts["chunks_stale"] += 1
             return
         with self._lock:
-            self._counts.chunks_blended += 1
-            self._counts.chunks_followup += int(had_plan)
-            self._counts.chunks_ready_in_time += int(in_time)
+            self._counts["chunks_blended"] += 1
+            self._counts["chunks_followup"] += int(had_plan)
+            self._counts["chunks_ready_in_time"] += int(in_time)
 
     # -- shadow evaluation ------------------------------------------------------------
 
@@ -551,7 +566,7 @@ class ControlLoop:
                 return None
             if self.shadow_blender.remaining(self._tick) == 0:
                 with self._lock:
-                    self._counts.shadow_steps_missing += 1
+                    self._counts["shadow_steps_missing"] += 1
                 return None
             target = self.shadow_blender.action(self._tick)
             if target is None:
@@ -607,7 +622,7 @@ class ControlLoop:
             snapshot = self._snapshot(obs, runner)
         self.shadow_inference.submit(dataclasses.replace(snapshot, runner=runner))
         with self._lock:
-            self._counts.shadow_calls += 1
+            self._counts["shadow_calls"] += 1
 
     def _shadow_blend_finished(self, runner: PolicyRunner) -> None:
         result = self.shadow_inference.poll()
@@ -615,11 +630,11 @@ class ControlLoop:
             return
         if result.runner is not runner:
             with self._lock:
-                self._counts.shadow_chunks_stale += 1
+                self._counts["shadow_chunks_stale"] += 1
             return
         if result.chunk is None:
             with self._lock:
-                self._counts.shadow_errors += 1
+                self._counts["shadow_errors"] += 1
             self._shadow_failed, self._shadow_runner = runner, None
             self._drop_shadow_plan()
             self._fault(
@@ -631,7 +646,7 @@ class ControlLoop:
         chunk = result.chunk
         if chunk.start_tick < self._shadow_fresh_from:
             with self._lock:
-                self._counts.shadow_chunks_stale += 1
+                self._counts["shadow_chunks_stale"] += 1
             return
         self._shadow_chunk_len = len(chunk.actions)
         ticks = chunk.latency_s / self.period
@@ -642,7 +657,7 @@ class ControlLoop:
         )
         if not self.shadow_blender.add(chunk, self._tick):
             with self._lock:
-                self._counts.shadow_chunks_stale += 1
+                self._counts["shadow_chunks_stale"] += 1
 
     def _take_new_runner(self) -> None:
         if self.watcher is None:

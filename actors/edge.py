@@ -26,7 +26,7 @@ from actors.uplink import Uplink
 from actors.version_cache import VersionCache
 from drivers.interfaces import Clock, Operator, TaskScene
 from fleet import metrics
-from fleet.cell_counters import CellCounters
+from fleet.cell_counters import CellCounters, LoopCounters
 from fleet.signing import load_public_key
 from protos.fleetlearn.v1 import policy_pb2
 
@@ -133,7 +133,7 @@ def run_actor(
         s = loop.stats
         up = uplink.stats
         counters = CellCounters.from_loop(
-            loop.counters(),
+            LoopCounters.from_stats(s),
             loop_hz=s["loop_hz"],
             steps_acked=up["steps_acked"],
             fault_count=faults.count,

@@ -1,26 +1,28 @@
 """A cell's counters, named once for every side that produces or reads them.
 
-The control loop keeps `LoopCounters`; the edge actor folds them with the uplink's and the
-fault log's numbers into `CellCounters`, which is what the heartbeat carries, what the
-learner stores per cell in the registry and what `fleet status`, the dashboard and the
-Prometheus exporter show. The heartbeat's proto fields bear the same names, so the wire
-form is built from the dataclass and parsed back into it field by field: a renamed or
-misspelt counter is an AttributeError (or a type-check failure), never a silent zero.
+`LoopCounters` is a snapshot of what the control loop counts (read from its `stats`); the
+edge actor folds it with the uplink's and the fault log's numbers into `CellCounters`,
+which is what the heartbeat carries, what the learner stores per cell in the registry and
+what `fleet status`, the dashboard and the Prometheus exporter show. The heartbeat's proto
+fields bear the same names, so the wire form is built from the dataclass and parsed back
+into it field by field: a renamed or misspelt counter is an AttributeError, a KeyError or
+a type-check failure, never a silent zero.
 
 This module imports only protos, so the edge may use it (docs/architecture.md).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
+from typing import Any
 
 from protos.fleetlearn.v1 import policy_pb2
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class LoopCounters:
-    """What the control loop counts since it started (mutable: the loop increments it under
-    its lock; `copy()` is the snapshot others read)."""
+    """What the control loop counts since it started, as one snapshot of its `stats`."""
 
     episodes: int = 0  # finished episodes (success or failure)
     episodes_aborted: int = 0  # cut short by a stop or a fault
@@ -42,8 +44,11 @@ class LoopCounters:
     shadow_steps: int = 0  # recorded steps with a shadow action
     shadow_steps_missing: int = 0  # steps a shadow ran for but its plan did not cover
 
-    def copy(self) -> LoopCounters:
-        return LoopCounters(**asdict(self))
+    @classmethod
+    def from_stats(cls, stats: Mapping[str, Any]) -> LoopCounters:
+        """The counters from one `ControlLoop.stats` snapshot; a counter the loop does not
+        report is a KeyError, never a silent zero."""
+        return cls(**{f.name: int(stats[f.name]) for f in fields(cls)})
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)

@@ -126,7 +126,7 @@ def test_fleet_view_matches_the_cells_in_redis(page: Page, fleet) -> None:
             now = {c.cell_id: c for c in registry.cells()}[cell_id]
             return row.locator(".version").inner_text() == now.version_running and row.locator(
                 ".episodes"
-            ).inner_text() == str(now.episodes)
+            ).inner_text() == str(now.counters.episodes)
 
         _eventually(shows_redis, 20, f"{cell.cell_id}'s row to match Redis")
 
