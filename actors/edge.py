@@ -26,6 +26,7 @@ from actors.uplink import Uplink
 from actors.version_cache import VersionCache
 from drivers.interfaces import Clock, Operator, TaskScene
 from fleet import metrics
+from fleet.cell_counters import CellCounters, LoopCounters
 from fleet.signing import load_public_key
 from protos.fleetlearn.v1 import policy_pb2
 
@@ -130,26 +131,26 @@ def run_actor(
 
     def snapshot() -> policy_pb2.Heartbeat:
         s = loop.stats
+        up = uplink.stats
+        counters = CellCounters.from_loop(
+            LoopCounters.from_stats(s),
+            loop_hz=s["loop_hz"],
+            steps_acked=up["steps_acked"],
+            fault_count=faults.count,
+            spool_bytes=up.get("spool_bytes", 0),
+            spool_chunks=up.get("spool_chunks", 0),
+        )
         adopted = s["versions_adopted"][-MAX_ADOPTIONS_IN_HEARTBEAT:]
-        return policy_pb2.Heartbeat(
+        beat = policy_pb2.Heartbeat(
             cell_id=config.cell_id,
             version_running=s["version_running"],
             task=s["task"],
-            episodes=s["episodes"],
-            steps_recorded=s["steps_recorded"],
-            steps_acked=uplink.stats["steps_acked"],
-            loop_hz=s["loop_hz"],
-            late_ticks=s["late_ticks"],
             last_fault=faults.current(),
-            fault_count=faults.count,
             shadow_version=s.get("shadow_version", ""),
             sent_at=cell.clock.now(),
             versions_adopted_json=json.dumps(adopted),
-            successes=s["successes"],
-            interventions=s["interventions"],
-            spool_bytes=int(uplink.stats.get("spool_bytes", 0)),
-            spool_chunks=int(uplink.stats.get("spool_chunks", 0)),
         )
+        return counters.fill_heartbeat(beat)
 
     heartbeat = HeartbeatSender(
         config.learner_address,

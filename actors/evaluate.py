@@ -138,7 +138,7 @@ def resolve_version(
     if registry is not None:
         version_id = text
         if text == "stable":
-            version_id = registry.rollout()["stable"] or ""
+            version_id = registry.rollout().stable or ""
             if not version_id:
                 raise LookupError("the registry has no stable version yet")
         elif text == "latest":
@@ -148,12 +148,12 @@ def resolve_version(
         record = registry.version(version_id)
         if record is None:
             raise LookupError(f"unknown version {version_id!r} in the registry")
-        weights = Path(record["weights_path"])
+        weights = Path(record.weights_path)
         if versions_dir is not None:
             weights = Path(versions_dir) / f"{version_id}.safetensors"
         manifest_fields = {
             k: v
-            for k, v in record.items()
+            for k, v in record.manifest.items()
             if k not in ("weights_path", "published_at", "evaluation")
         }
         manifest = Manifest.from_json(json.dumps(manifest_fields))

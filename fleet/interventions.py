@@ -9,10 +9,9 @@ so every view computes them the same way.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
-
 import numpy as np
+
+from fleet.registry_records import OutcomeCounts
 
 
 def count_takeovers(flags: np.ndarray, *, previous: bool = False) -> int:
@@ -26,10 +25,10 @@ def count_takeovers(flags: np.ndarray, *, previous: bool = False) -> int:
     return starts + int(bool(f[0]) and not previous)
 
 
-def figures(counts: Mapping[str, Any]) -> dict[str, float | None]:
-    """Per-hour and per-episode figures from outcome counters ("episodes", "steps",
-    "intervention_steps", "takeovers", "duration_ms", "autonomous_successes"); a figure
-    whose denominator is zero is None (unknown, not zero).
+def figures(counts: OutcomeCounts) -> dict[str, float | None]:
+    """Per-hour and per-episode figures from outcome counters (episodes, steps,
+    intervention_steps, takeovers, duration_ms, autonomous_successes); a figure whose
+    denominator is zero is None (unknown, not zero).
 
     - takeovers_per_hour: takeovers per hour of episode time
     - takeovers_per_episode
@@ -38,12 +37,12 @@ def figures(counts: Mapping[str, Any]) -> dict[str, float | None]:
     - human_steps_per_autonomous_success: operator steps spent per episode the policy
       finished alone (the return on human effort; lower is better)
     """
-    episodes = int(counts.get("episodes", 0))
-    steps = int(counts.get("steps", 0))
-    human = int(counts.get("intervention_steps", 0))
-    takeovers = int(counts.get("takeovers", 0))
-    hours = int(counts.get("duration_ms", 0)) / 3.6e6
-    autonomous = int(counts.get("autonomous_successes", 0))
+    episodes = counts.episodes
+    steps = counts.steps
+    human = counts.intervention_steps
+    takeovers = counts.takeovers
+    hours = counts.duration_ms / 3.6e6
+    autonomous = counts.autonomous_successes
     return {
         "takeovers_per_hour": takeovers / hours if hours > 0 else None,
         "takeovers_per_episode": takeovers / episodes if episodes else None,

@@ -35,6 +35,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 from pydantic import BaseModel, Field
 
+from fleet.registry_records import OutcomeCounts, RolloutState, StoreTotals
+
 log = logging.getLogger(__name__)
 
 PREFIX = "fleet_"
@@ -344,20 +346,20 @@ class RegistryCollector(Collector):
 
     def _collect(self) -> Iterator[Metric]:
         reg = self.registry
-        by_task = reg.success_counts()
+        by_task: dict[str, dict[str, OutcomeCounts]] = reg.success_counts()
         for key, name, help_ in _OUTCOME_METRICS:
             scale = 1e-3 if key == "duration_ms" else 1.0
             fam = CounterMetricFamily(f"fleet_outcome_{name}", help_, labels=["version", "task"])
             for version, tasks in sorted(by_task.items()):
                 for task, counts in sorted(tasks.items()):
-                    fam.add_metric([version, task], counts.get(key, 0) * scale)
+                    fam.add_metric([version, task], getattr(counts, key) * scale)
             yield fam
-        by_cell = reg.cell_outcomes()
+        by_cell: dict[str, OutcomeCounts] = reg.cell_outcomes()
         for key, name, help_ in _OUTCOME_METRICS:
             scale = 1e-3 if key == "duration_ms" else 1.0
             fam = CounterMetricFamily(f"fleet_cell_{name}", help_, labels=["cell"])
             for cell, counts in sorted(by_cell.items()):
-                fam.add_metric([cell], counts.get(key, 0) * scale)
+                fam.add_metric([cell], getattr(counts, key) * scale)
             yield fam
         cells = reg.cells()
         alive = GaugeMetricFamily("fleet_cell_alive", "1 while heartbeats arrive", labels=["cell"])
@@ -373,8 +375,8 @@ class RegistryCollector(Collector):
         for c in cells:
             alive.add_metric([c.cell_id], 1.0 if c.alive else 0.0)
             seen.add_metric([c.cell_id], float(c.last_seen))
-            spool.add_metric([c.cell_id], float(c.spool_bytes))
-            spool_chunks.add_metric([c.cell_id], float(c.spool_chunks))
+            spool.add_metric([c.cell_id], float(c.counters.spool_bytes))
+            spool_chunks.add_metric([c.cell_id], float(c.counters.spool_chunks))
         yield from (alive, seen, spool, spool_chunks)
         stats = reg.learner_stats()
         current = str(stats.get("state", ""))
@@ -384,24 +386,22 @@ class RegistryCollector(Collector):
         for name in sorted({*LEARNER_STATES, current} - {""}):
             state.add_metric([name], 1.0 if name == current else 0.0)
         yield state
-        totals = reg.store_totals()
-        for key in ("steps", "episodes"):
+        totals: StoreTotals = reg.store_totals()
+        for key, value in totals.to_json().items():
             fam = CounterMetricFamily(f"fleet_store_{key}", f"{key} the store took in", labels=[])
-            fam.add_metric([], float(totals.get(key, 0)))
+            fam.add_metric([], float(value))
             yield fam
         yield from self._rollout(reg)
 
     def _rollout(self, reg: Any) -> Iterator[Metric]:
-        ro = reg.rollout()
+        ro: RolloutState = reg.rollout()
         stage = GaugeMetricFamily(
             "fleet_rollout_stage_started_timestamp_seconds",
             "when the candidate entered its current stage (absent without a candidate)",
             labels=["version", "stage"],
         )
-        if ro.get("candidate") and ro.get("stage"):
-            started = _number(ro.get("stage_started_at"))
-            if not math.isnan(started):
-                stage.add_metric([str(ro["candidate"]), str(ro["stage"])], started)
+        if ro.candidate and ro.stage and ro.stage_started_at is not None:
+            stage.add_metric([ro.candidate, ro.stage], ro.stage_started_at)
         yield stage
         kinds = CounterMetricFamily(
             "fleet_rollout_events", "rollout events logged, by kind", labels=["kind"]

@@ -39,10 +39,19 @@ import json
 import math
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field, fields
 from typing import Any
 
 import redis
+
+from fleet.registry_records import (
+    CellState,
+    Event,
+    OutcomeCounts,
+    RolloutState,
+    ShadowScore,
+    StoreTotals,
+    VersionRecord,
+)
 
 # immediate: every cell runs the newest published version as soon as it is published.
 # auto: the rollout controller (learner/rollout_controller.py) stages each version.
@@ -52,70 +61,14 @@ ROLLOUT_MODES = ("immediate", "auto", "manual")
 # A rollout's stage: shadow (candidate infers beside stable, never acts), canary (a few
 # cells run it), fraction (a larger share of cells), fleet (promoted: it is stable).
 ROLLOUT_STAGES = ("shadow", "canary", "fraction", "fleet")
-_OUTCOME_COUNTERS = (
-    "episodes",
-    "successes",
-    "intervention_steps",
-    "steps",
-    "intervened_episodes",
-    "autonomous_successes",
-    "takeovers",
-    "duration_ms",
-    "demonstrations",
-)
 # The version of an episode no policy ran (the operator demonstrated the task).
 NO_VERSION = ("", "none")
 _SHADOW_COUNTERS = ("steps", "dist_stable_sum", "operator_steps", "dist_operator_sum")
 
 
-@dataclass
-class CellState:
-    """One cell as its last heartbeat described it (`alive`: the heartbeat has not expired)."""
-
-    cell_id: str
-    version_running: str = ""
-    task: str = ""
-    episodes: int = 0
-    steps_recorded: int = 0
-    steps_acked: int = 0
-    loop_hz: float = 0.0
-    late_ticks: int = 0
-    last_fault: str = ""  # the newest fault, only while recent (actors/edge.py FaultLog)
-    fault_count: int = 0  # faults since the cell's actor started, cleared or not
-    shadow_version: str = ""  # the version the cell runs in shadow ("" = none)
-    successes: int = 0
-    interventions: int = 0
-    spool_bytes: int = 0  # chunks waiting on the cell's disk for the learner's ack
-    spool_chunks: int = 0
-    versions_adopted: list[dict] = field(default_factory=list)  # [{"version", "adopted_at"}]
-    last_seen: float = 0.0
-    alive: bool = False
-
-    def to_redis(self) -> dict[str, str]:
-        out = {}
-        for f in fields(self):
-            if f.name == "alive":
-                continue  # liveness is the TTL key, never a stored flag
-            value = getattr(self, f.name)
-            out[f.name] = json.dumps(value) if f.name == "versions_adopted" else str(value)
-        return out
-
-    @classmethod
-    def from_redis(cls, data: dict[str, str], *, alive: bool) -> CellState:
-        kwargs: dict[str, Any] = {"alive": alive}
-        for f in fields(cls):
-            if f.name == "alive" or f.name not in data:
-                continue
-            raw = data[f.name]
-            if f.name == "versions_adopted":
-                kwargs[f.name] = json.loads(raw) if raw else []
-            elif f.type == "int":
-                kwargs[f.name] = int(raw)
-            elif f.type == "float":
-                kwargs[f.name] = float(raw)
-            else:
-                kwargs[f.name] = raw
-        return cls(**kwargs)
+def _outcome_counts(stored: dict[str, int]) -> OutcomeCounts:
+    """Counters read back from Redis; a counter not stored yet is 0."""
+    return OutcomeCounts(**{name: stored[name] for name in OutcomeCounts.names() if name in stored})
 
 
 def _scalar(raw: str) -> int | float | str:
@@ -181,14 +134,6 @@ class Registry:
         if not created and stored != manifest_json:
             raise ValueError(f"version {version_id!r} is already registered with another manifest")
 
-    def _version_record(self, raw: dict[str, str]) -> dict:
-        out = json.loads(raw["manifest"])
-        out["weights_path"] = raw["weights_path"]
-        out["published_at"] = float(raw["published_at"])
-        if raw.get("evaluation"):
-            out["evaluation"] = json.loads(raw["evaluation"])
-        return out
-
     def set_evaluation(self, version_id: str, summary_json: str) -> None:
         """Keep a `fleet eval` summary with a registered version (its record's `evaluation`;
         the manifest itself stays as published) and log it as an event."""
@@ -214,17 +159,17 @@ class Registry:
         )
         pipe.execute()
 
-    def versions(self) -> list[dict]:
-        """Every version, oldest published first: manifest fields + weights_path + published_at."""
+    def versions(self) -> list[VersionRecord]:
+        """Every version, oldest published first."""
         ids = self.r.zrange(self._k("versions"), 0, -1)
         pipe = self.r.pipeline(transaction=False)
         for version_id in ids:
             pipe.hgetall(self._k("version", version_id))
-        return [self._version_record(raw) for raw in pipe.execute() if raw]
+        return [VersionRecord.from_redis(raw) for raw in pipe.execute() if raw]
 
-    def version(self, version_id: str) -> dict | None:
+    def version(self, version_id: str) -> VersionRecord | None:
         raw = self.r.hgetall(self._k("version", version_id))
-        return self._version_record(raw) if raw else None
+        return VersionRecord.from_redis(raw) if raw else None
 
     def latest_version(self) -> str | None:
         newest = self.r.zrange(self._k("versions"), -1, -1)
@@ -237,20 +182,9 @@ class Registry:
             raise ValueError(f"unknown rollout mode {mode!r}; known: {', '.join(ROLLOUT_MODES)}")
         self.r.hset(self._k("rollout"), "mode", mode)
 
-    def rollout(self) -> dict:
-        """{"mode", "stable", "candidate", "stage", "candidate_cells", "canary_cells",
-        "stage_started_at", "stage_episodes"}; unset scalars are None, unset lists empty."""
-        raw = self.r.hgetall(self._k("rollout"))
-        out: dict[str, Any] = {
-            name: raw.get(name) or None for name in ("mode", "stable", "candidate", "stage")
-        }
-        for name in ("candidate_cells", "canary_cells"):
-            out[name] = json.loads(raw[name]) if raw.get(name) else []
-        out["stage_started_at"] = (
-            float(raw["stage_started_at"]) if raw.get("stage_started_at") else None
-        )
-        out["stage_episodes"] = int(raw.get("stage_episodes") or 0)
-        return out
+    def rollout(self) -> RolloutState:
+        """The rollout: mode, stable, candidate, its stage and cells (RolloutState)."""
+        return RolloutState.from_redis(self.r.hgetall(self._k("rollout")))
 
     def set_stable(self, version_id: str, *, actor: str, reason: str, **numbers: Any) -> None:
         """Make `version_id` the fleet's stable version and log it as an event."""
@@ -392,13 +326,13 @@ class Registry:
         """cell id -> pinned version id."""
         return dict(self.r.hgetall(self._k("pins")))
 
-    def _rollout_and_pins(self) -> tuple[dict[str, str], dict[str, str]]:
-        """The rollout hash and the per-cell pins, in one round trip."""
+    def _rollout_and_pins(self) -> tuple[RolloutState, dict[str, str]]:
+        """The rollout and the per-cell pins, in one round trip."""
         pipe = self.r.pipeline(transaction=False)
         pipe.hgetall(self._k("rollout"))
         pipe.hgetall(self._k("pins"))
         rollout, pins = pipe.execute()
-        return rollout, pins
+        return RolloutState.from_redis(rollout), pins
 
     def assignments(self, cell_ids: Iterable[str]) -> dict[str, str | None]:
         """The version each cell should run, in one round trip for all of them.
@@ -406,11 +340,10 @@ class Registry:
         Precedence: a per-cell pin, then the candidate for cells in its cell set (unless
         the candidate is only in shadow: shadow cells keep acting with stable), then stable.
         """
-        rollout, pins = self._rollout_and_pins()
-        stable = rollout.get("stable") or None
-        candidate = rollout.get("candidate") or None
-        acting = candidate is not None and rollout.get("stage") in ("canary", "fraction")
-        candidate_cells = set(json.loads(rollout.get("candidate_cells") or "[]"))
+        state, pins = self._rollout_and_pins()
+        stable, candidate = state.stable, state.candidate
+        acting = candidate is not None and state.stage in ("canary", "fraction")
+        candidate_cells = set(state.candidate_cells)
         out: dict[str, str | None] = {}
         for cell_id in cell_ids:
             if cell_id in pins:
@@ -424,10 +357,9 @@ class Registry:
     def shadow_assignments(self, cell_ids: Iterable[str]) -> dict[str, str | None]:
         """The version each cell should run in shadow (None: none): the candidate on its
         cells while the rollout is in stage "shadow"."""
-        rollout = self.r.hgetall(self._k("rollout"))
-        candidate = rollout.get("candidate") or None
-        cells = set(json.loads(rollout.get("candidate_cells") or "[]"))
-        shadow = candidate if rollout.get("stage") == "shadow" else None
+        state = self.rollout()
+        cells = set(state.candidate_cells)
+        shadow = state.candidate if state.stage == "shadow" else None
         return {c: (shadow if c in cells else None) for c in cell_ids}
 
     def prefetch_assignments(self, cell_ids: Iterable[str]) -> dict[str, list[str]]:
@@ -438,11 +370,9 @@ class Registry:
         stage or the promotion hands it over); a cell acting with the candidate gets stable
         (a rollback sends it back). A pinned cell gets nothing (the rollout does not move
         it), nor does a shadow cell (it fetches the candidate already, as its shadow)."""
-        rollout, pins = self._rollout_and_pins()
-        stable = rollout.get("stable") or None
-        candidate = rollout.get("candidate") or None
-        stage = rollout.get("stage")
-        cells = set(json.loads(rollout.get("candidate_cells") or "[]"))
+        state, pins = self._rollout_and_pins()
+        stable, candidate, stage = state.stable, state.candidate, state.stage
+        cells = set(state.candidate_cells)
         out: dict[str, list[str]] = {}
         for cell_id in cell_ids:
             if candidate is None or cell_id in pins:
@@ -516,44 +446,44 @@ class Registry:
             takeovers = 0  # nothing to take over from: the operator drove it all
         elif takeovers is None:
             takeovers = int(intervened)
-        amounts = (
-            ("episodes", 1),
-            ("successes", int(bool(success))),
-            ("intervention_steps", int(intervention_steps)),
-            ("steps", int(steps)),
-            ("intervened_episodes", int(intervened)),
-            ("autonomous_successes", int(bool(success) and not intervened)),
-            ("takeovers", int(takeovers)),
-            ("duration_ms", max(0, round(float(duration_s) * 1000))),
-            ("demonstrations", int(demonstration)),
+        episode = OutcomeCounts(
+            episodes=1,
+            successes=int(bool(success)),
+            intervention_steps=int(intervention_steps),
+            steps=int(steps),
+            intervened_episodes=int(intervened),
+            autonomous_successes=int(bool(success) and not intervened),
+            takeovers=int(takeovers),
+            duration_ms=max(0, round(float(duration_s) * 1000)),
+            demonstrations=int(demonstration),
         )
         pipe = self.r.pipeline(transaction=True)
-        for counter, amount in amounts:
+        for counter, amount in episode.to_json().items():
             pipe.hincrby(self._k("outcomes"), json.dumps([version, task, counter]), amount)
             # A cell's figures describe it running policies; demonstrations are only counted.
             if not demonstration or counter == "demonstrations":
                 pipe.hincrby(self._k("cell_outcomes"), json.dumps([cell_id, counter]), amount)
         pipe.execute()
 
-    def success_counts(self) -> dict[str, dict[str, dict[str, int]]]:
-        """version -> task -> {counter: count} for every counter of `record_episode`."""
-        out: dict[str, dict[str, dict[str, int]]] = {}
+    def success_counts(self) -> dict[str, dict[str, OutcomeCounts]]:
+        """version -> task -> the counters of `record_episode` (OutcomeCounts)."""
+        raw: dict[str, dict[str, dict[str, int]]] = {}
         for name, count in self.r.hgetall(self._k("outcomes")).items():
             version, task, counter = json.loads(name)
-            per_task = out.setdefault(version, {}).setdefault(
-                task, dict.fromkeys(_OUTCOME_COUNTERS, 0)
-            )
-            per_task[counter] = int(count)
-        return out
+            raw.setdefault(version, {}).setdefault(task, {})[counter] = int(count)
+        return {
+            version: {task: _outcome_counts(c) for task, c in tasks.items()}
+            for version, tasks in raw.items()
+        }
 
-    def cell_outcomes(self) -> dict[str, dict[str, int]]:
-        """cell -> {counter: count}: the counters of `record_episode`, per cell, as the
-        learner stored them (they outlive the cell's actor, unlike its heartbeat counters)."""
-        out: dict[str, dict[str, int]] = {}
+    def cell_outcomes(self) -> dict[str, OutcomeCounts]:
+        """cell -> the counters of `record_episode`, per cell, as the learner stored them
+        (they outlive the cell's actor, unlike its heartbeat counters)."""
+        raw: dict[str, dict[str, int]] = {}
         for name, count in self.r.hgetall(self._k("cell_outcomes")).items():
             cell_id, counter = json.loads(name)
-            out.setdefault(cell_id, dict.fromkeys(_OUTCOME_COUNTERS, 0))[counter] = int(count)
-        return out
+            raw.setdefault(cell_id, {})[counter] = int(count)
+        return {cell_id: _outcome_counts(c) for cell_id, c in raw.items()}
 
     def record_shadow(
         self,
@@ -575,23 +505,22 @@ class Registry:
         pipe.hincrbyfloat(key, json.dumps([version, "dist_operator_sum"]), float(dist_operator_sum))
         pipe.execute()
 
-    def shadow_scores(self) -> dict[str, dict[str, Any]]:
-        """version -> {"steps", "operator_steps", "mean_dist_stable", "mean_dist_operator"}
-        (means are None without steps)."""
+    def shadow_scores(self) -> dict[str, ShadowScore]:
+        """version -> its ShadowScore (means are None without steps)."""
         sums: dict[str, dict[str, float]] = {}
         for name, value in self.r.hgetall(self._k("shadow")).items():
             version, counter = json.loads(name)
             sums.setdefault(version, dict.fromkeys(_SHADOW_COUNTERS, 0.0))[counter] = float(value)
-        out: dict[str, dict[str, Any]] = {}
+        out: dict[str, ShadowScore] = {}
         for version, s in sums.items():
-            out[version] = {
-                "steps": int(s["steps"]),
-                "operator_steps": int(s["operator_steps"]),
-                "mean_dist_stable": s["dist_stable_sum"] / s["steps"] if s["steps"] else None,
-                "mean_dist_operator": (
+            out[version] = ShadowScore(
+                steps=int(s["steps"]),
+                operator_steps=int(s["operator_steps"]),
+                mean_dist_stable=s["dist_stable_sum"] / s["steps"] if s["steps"] else None,
+                mean_dist_operator=(
                     s["dist_operator_sum"] / s["operator_steps"] if s["operator_steps"] else None
                 ),
-            }
+            )
         return out
 
     # -- learner progress ----------------------------------------------------------------
@@ -617,10 +546,10 @@ class Registry:
         pipe.hincrby(self._k("store"), "episodes", int(episodes))
         pipe.execute()
 
-    def store_totals(self) -> dict:
-        """{"steps", "episodes"} the episode store has taken in."""
+    def store_totals(self) -> StoreTotals:
+        """Steps and episodes the episode store has taken in."""
         raw = self.r.hgetall(self._k("store"))
-        return {"steps": int(raw.get("steps", 0)), "episodes": int(raw.get("episodes", 0))}
+        return StoreTotals(steps=int(raw.get("steps", 0)), episodes=int(raw.get("episodes", 0)))
 
     # -- events --------------------------------------------------------------------------
 
@@ -641,16 +570,10 @@ class Registry:
         """kind -> events of that kind ever logged (for Prometheus counters and alerts)."""
         return {k: int(v) for k, v in self.r.hgetall(self._k("event_counts")).items()}
 
-    def events(self, count: int = 100) -> list[dict]:
-        """The newest `count` events, oldest first: {"id", "kind", "actor", "reason", "ts",
-        ...extra fields as strings}."""
+    def events(self, count: int = 100) -> list[Event]:
+        """The newest `count` events, oldest first."""
         newest_first = self.r.xrevrange(self._k("events"), count=count)
-        out = []
-        for event_id, entry in reversed(newest_first):
-            event: dict[str, Any] = {"id": event_id, **entry}
-            event["ts"] = float(entry["ts"])
-            out.append(event)
-        return out
+        return [Event.from_redis(event_id, entry) for event_id, entry in reversed(newest_first)]
 
     # -- connection ----------------------------------------------------------------------
 

@@ -39,6 +39,7 @@ from typing import Any, Literal
 import numpy as np
 
 from fleet.registry import Registry
+from fleet.registry_records import OutcomeCounts, RolloutState
 
 log = logging.getLogger(__name__)
 
@@ -170,23 +171,20 @@ def decide(
     )
 
 
-def tallies(counts: Mapping[str, Mapping[str, int]]) -> dict[str, TaskTally]:
+def tallies(counts: Mapping[str, OutcomeCounts]) -> dict[str, TaskTally]:
     """task -> TaskTally from one version's `Registry.success_counts()` entry (autonomous
     successes: an episode with an intervention is a failure)."""
-    return {
-        task: TaskTally(int(c.get("autonomous_successes", 0)), int(c.get("episodes", 0)))
-        for task, c in counts.items()
-    }
+    return {task: TaskTally(c.autonomous_successes, c.episodes) for task, c in counts.items()}
 
 
 def evaluate(registry: Registry, config: RuleConfig | None = None) -> Decision | None:
     """The decision for the current candidate against stable (None: no candidate)."""
     state = registry.rollout()
-    if not state["candidate"]:
+    if not state.candidate:
         return None
     counts = registry.success_counts()
-    stable = tallies(counts.get(state["stable"] or "", {}))
-    return decide(stable, tallies(counts.get(state["candidate"], {})), config)
+    stable = tallies(counts.get(state.stable or "", {}))
+    return decide(stable, tallies(counts.get(state.candidate, {})), config)
 
 
 # -- actions ---------------------------------------------------------------------------
@@ -202,7 +200,7 @@ def _alive_cells(registry: Registry) -> list[str]:
 
 def _candidate_episodes(registry: Registry, version_id: str) -> int:
     per_task = registry.success_counts().get(version_id, {})
-    return sum(int(c.get("episodes", 0)) for c in per_task.values())
+    return sum(c.episodes for c in per_task.values())
 
 
 def _choose_cells(registry: Registry, spec: int | Sequence[str], what: str) -> list[str]:
@@ -219,17 +217,17 @@ def _choose_cells(registry: Registry, spec: int | Sequence[str], what: str) -> l
     return cells
 
 
-def _check_candidate(registry: Registry, version_id: str) -> dict[str, Any]:
+def _check_candidate(registry: Registry, version_id: str) -> RolloutState:
     """The rollout state, once `version_id` may become the candidate: it is known, not
     stable, and no other candidate is in flight."""
     if registry.version(version_id) is None:
         raise KeyError(f"unknown version {version_id!r}")
     state = registry.rollout()
-    if state["candidate"] and state["candidate"] != version_id:
+    if state.candidate and state.candidate != version_id:
         raise RuntimeError(
-            f"version {state['candidate']} is already rolling out; promote or roll it back first"
+            f"version {state.candidate} is already rolling out; promote or roll it back first"
         )
-    if state["stable"] == version_id:
+    if state.stable == version_id:
         raise ValueError(f"version {version_id} is stable already")
     return state
 
@@ -256,7 +254,7 @@ def start_rollout(
         actor=actor,
         reason=reason,
         stage_episodes=_candidate_episodes(registry, version_id),
-        stable=state["stable"] or "",
+        stable=state.stable or "",
     )
     log.info("rollout of %s started on canary cells %s by %s: %s", version_id, cells, actor, reason)
     return cells
@@ -277,9 +275,9 @@ def start_shadow(
     it. Refused while another candidate is in flight, for the stable version, and for a
     candidate that already acts on cells (going back to shadow would be a rollback)."""
     state = _check_candidate(registry, version_id)
-    if state["candidate"] == version_id and state["stage"] != "shadow":
+    if state.candidate == version_id and state.stage != "shadow":
         raise RuntimeError(
-            f"version {version_id} already acts in stage {state['stage']}; "
+            f"version {version_id} already acts in stage {state.stage}; "
             "roll it back before running it in shadow"
         )
     chosen = _choose_cells(registry, cells, "shadow")
@@ -290,7 +288,7 @@ def start_shadow(
         kind="shadow_start",
         actor=actor,
         reason=reason,
-        stable=state["stable"] or "",
+        stable=state.stable or "",
     )
     log.info("shadow run of %s started on cells %s by %s: %s", version_id, chosen, actor, reason)
     return chosen
@@ -307,17 +305,17 @@ def advance(
 ) -> list[str]:
     """Move the candidate to `stage` ("canary" or "fraction") on `cells`."""
     state = registry.rollout()
-    if not state["candidate"]:
+    if not state.candidate:
         raise RuntimeError("no candidate is rolling out")
-    chosen = sorted(set(cells) | set(state["candidate_cells"]))
+    chosen = sorted(set(cells) | set(state.candidate_cells))
     registry.set_candidate(
-        state["candidate"],
+        state.candidate,
         stage=stage,
         cells=chosen,
         kind="rollout_advance",
         actor=actor,
         reason=reason,
-        stage_episodes=_candidate_episodes(registry, state["candidate"]),
+        stage_episodes=_candidate_episodes(registry, state.candidate),
         **numbers,
     )
     return chosen
@@ -328,7 +326,7 @@ def fraction_cells(registry: Registry, fraction: float) -> list[str]:
     state = registry.rollout()
     cells = _known_cells(registry)
     want = max(1, math.ceil(fraction * len(cells)))
-    chosen = list(state["candidate_cells"])
+    chosen = list(state.candidate_cells)
     for cell_id in cells:
         if len(chosen) >= want:
             break
@@ -347,14 +345,16 @@ def promote(registry: Registry, *, actor: str, reason: str, **numbers: Any) -> s
     controller's `decide` in mode "auto", or an operator's promote). From canary or
     fraction it becomes the stable version on every (unpinned) cell."""
     state = registry.rollout()
-    candidate = state["candidate"]
-    if candidate and state["stage"] == "shadow":
-        cells = state["candidate_cells"]
+    candidate = state.candidate
+    if candidate and state.stage == "shadow":
+        cells = state.candidate_cells
         if not cells:
             raise RuntimeError(f"shadow run of {candidate} has no cells to start a canary on")
-        score = registry.shadow_scores().get(candidate, {})
+        score = registry.shadow_scores().get(candidate)
         shadow_numbers = {
-            f"shadow_{k}": v for k, v in score.items() if v is not None and k not in numbers
+            f"shadow_{k}": v
+            for k, v in (score.to_json() if score else {}).items()
+            if v is not None and k not in numbers
         }
         registry.set_candidate(
             candidate,
@@ -365,7 +365,7 @@ def promote(registry: Registry, *, actor: str, reason: str, **numbers: Any) -> s
             actor=actor,
             reason=reason,
             stage_episodes=_candidate_episodes(registry, candidate),
-            stable=state["stable"] or "",
+            stable=state.stable or "",
             **shadow_numbers,
             **numbers,
         )
@@ -390,7 +390,7 @@ def rollback(registry: Registry, *, actor: str, reason: str, **numbers: Any) -> 
     """Drop the candidate: every cell goes back to stable (a shadow run simply ends). The
     version is remembered as rolled back. Returns the rolled-back version (None when
     nothing was rolling out; the no-op is still logged)."""
-    stage = registry.rollout()["stage"]
+    stage = registry.rollout().stage
     if stage and "stage" not in numbers:
         numbers["stage"] = stage  # "shadow": this rollback ended a shadow run
     dropped = registry.clear_candidate(

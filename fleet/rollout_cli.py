@@ -110,8 +110,8 @@ def run_rollout_command(args: argparse.Namespace) -> int:
         elif args.command == "promote":
             version = rollout.promote(registry, actor=_who(), reason=args.reason)
             state = registry.rollout()
-            if state["candidate"] == version and state["stage"] == "canary":
-                cells = ", ".join(state["candidate_cells"])
+            if state.candidate == version and state.stage == "canary":
+                cells = ", ".join(state.candidate_cells)
                 console.print(f"moved {version} from shadow to canary on cells: {cells}")
             else:
                 console.print(f"promoted {version} to stable")
@@ -150,33 +150,33 @@ def _versions_table(registry: Any) -> Table:
     state = registry.rollout()
     counts = registry.success_counts()
     rolled_back = registry.rolled_back()
-    table = Table(title=f"versions (rollout mode {state['mode'] or '-'})")
+    table = Table(title=f"versions (rollout mode {state.mode or '-'})")
     for column in ("version", "role", "published", "step", "episodes", "success", "autonomous"):
         table.add_column(column)
     table.add_column("eval (held-out scenes)")
     for v in registry.versions():
-        vid = v["version_id"]
-        if vid == state["stable"]:
+        vid = v.version_id
+        if vid == state.stable:
             role = "stable"
-        elif vid == state["candidate"]:
-            role = f"candidate ({state['stage']}: {', '.join(state['candidate_cells'])})"
+        elif vid == state.candidate:
+            role = f"candidate ({state.stage}: {', '.join(state.candidate_cells)})"
         elif vid in rolled_back:
             role = "rolled back"
         else:
             role = ""
         per_task = counts.get(vid, {})
-        episodes = sum(c["episodes"] for c in per_task.values())
-        successes = sum(c["successes"] for c in per_task.values())
-        autonomous = sum(c["autonomous_successes"] for c in per_task.values())
+        episodes = sum(c.episodes for c in per_task.values())
+        successes = sum(c.successes for c in per_task.values())
+        autonomous = sum(c.autonomous_successes for c in per_task.values())
         table.add_row(
             vid,
             role,
-            _when(v.get("published_at")),
-            str(v.get("training_step", "")),
+            _when(v.published_at),
+            str(v.manifest.get("training_step", "")),
             str(episodes),
             _rate(successes, episodes),
             _rate(autonomous, episodes),
-            _eval_cell(vid, v.get("evaluation")),
+            _eval_cell(vid, v.evaluation),
         )
     pins = registry.pins()
     if pins:
@@ -200,17 +200,13 @@ def _events_table(registry: Any, count: int) -> Table:
     for column in ("time", "kind", "actor", "version", "reason", "numbers"):
         table.add_column(column, overflow="fold")
     for e in registry.events(count):
-        extra = {
-            k: v
-            for k, v in e.items()
-            if k not in ("id", "kind", "actor", "reason", "ts", "version")
-        }
+        extra = {k: v for k, v in e.fields.items() if k != "version"}
         table.add_row(
-            _when(e["ts"]),
-            e["kind"],
-            e["actor"],
-            e.get("version", ""),
-            e["reason"],
+            _when(e.ts),
+            e.kind,
+            e.actor,
+            e.fields.get("version", ""),
+            e.reason,
             " ".join(f"{k}={v}" for k, v in extra.items()),
         )
     return table

@@ -7,6 +7,7 @@ from rich.table import Table
 
 from fleet.interventions import figures
 from fleet.registry import Registry
+from fleet.registry_records import OutcomeCounts
 
 
 def _rate(successes: int, episodes: int) -> str:
@@ -41,23 +42,24 @@ def render(registry: Registry) -> Group:
         cells.add_column(col)
     outcomes = registry.cell_outcomes()
     for c in sorted(registry.cells(), key=lambda c: c.cell_id):
-        f = figures(outcomes.get(c.cell_id, {}))
+        f = figures(outcomes.get(c.cell_id, OutcomeCounts()))
+        n = c.counters
         cells.add_row(
             c.cell_id,
             "yes" if c.alive else "[red]stale[/red]",
             c.task,
-            str(c.episodes),
-            str(c.steps_acked),
+            str(n.episodes),
+            str(n.steps_acked),
             c.version_running or "-",
             c.shadow_version or "-",
-            _rate(c.successes, c.episodes),
+            _rate(n.successes, n.episodes),
             _num(f["takeovers_per_hour"], "{:.1f}"),
             _num(f["takeovers_per_episode"], "{:.2f}"),
             _num(f["intervention_share"], "{:.1%}"),
-            str(c.interventions),
-            f"{c.spool_chunks} ({c.spool_bytes / 1e6:.1f} MB)",
-            f"{c.loop_hz:.1f}",
-            str(c.fault_count),
+            str(n.interventions),
+            f"{n.spool_chunks} ({n.spool_bytes / 1e6:.1f} MB)",
+            f"{n.loop_hz:.1f}",
+            str(n.fault_count),
             c.last_fault or "",
         )
     stats = registry.learner_stats()
@@ -91,8 +93,8 @@ def render(registry: Registry) -> Group:
         num("updates_per_s", "{:.1f}"),
         str(len(registry.versions())),
         registry.latest_version() or "-",
-        str(store.get("steps", 0)),
-        str(store.get("episodes", 0)),
+        str(store.steps),
+        str(store.episodes),
         num("replay_ratio", "{:.1f}"),
         num("quarantined_episodes"),
         num("trainer_restarts"),
@@ -110,11 +112,11 @@ def render(registry: Registry) -> Group:
     for col in ("mode", "stable", "candidate", "stage", "cells on candidate", "pins"):
         rollout.add_column(col)
     rollout.add_row(
-        str(ro.get("mode") or "-"),
-        str(ro.get("stable") or "-"),
-        str(ro.get("candidate") or "-"),
-        str(ro.get("stage") or "-"),
-        ", ".join(ro.get("candidate_cells") or []) or "-",
+        str(ro.mode or "-"),
+        str(ro.stable or "-"),
+        str(ro.candidate or "-"),
+        str(ro.stage or "-"),
+        ", ".join(ro.candidate_cells) or "-",
         ", ".join(f"{c}={v}" for c, v in sorted(pins.items())) or "-",
     )
     per_task = Table(title="success by version and task", expand=False)
@@ -138,15 +140,15 @@ def render(registry: Registry) -> Group:
             per_task.add_row(
                 version,
                 task,
-                str(n.get("episodes", 0)),
-                _rate(n.get("successes", 0), n.get("episodes", 0)),
-                _rate(n.get("autonomous_successes", 0), n.get("episodes", 0)),
-                str(n.get("takeovers", 0)),
+                str(n.episodes),
+                _rate(n.successes, n.episodes),
+                _rate(n.autonomous_successes, n.episodes),
+                str(n.takeovers),
                 _num(f["takeovers_per_hour"], "{:.1f}"),
                 _num(f["takeovers_per_episode"], "{:.2f}"),
                 _num(f["intervention_share"], "{:.1%}"),
                 _num(f["human_steps_per_autonomous_success"], "{:.0f}"),
-                str(n.get("intervention_steps", 0)),
+                str(n.intervention_steps),
             )
     shadow = Table(title="shadow evaluation (mean action distance, rad)", expand=False)
     for col in ("version", "steps", "vs stable", "operator steps", "vs operator"):
@@ -154,10 +156,10 @@ def render(registry: Registry) -> Group:
     for version, score in sorted(registry.shadow_scores().items()):
         shadow.add_row(
             version,
-            str(score["steps"]),
-            _mean(score["mean_dist_stable"]),
-            str(score["operator_steps"]),
-            _mean(score["mean_dist_operator"]),
+            str(score.steps),
+            _mean(score.mean_dist_stable),
+            str(score.operator_steps),
+            _mean(score.mean_dist_operator),
         )
     return Group(cells, learner, rollout, per_task, shadow)
 

@@ -192,8 +192,8 @@ def _summary(registry: Registry, cell_files: dict[str, Path]) -> dict[str, Any]:
             "steps": int(float(stats.get("store_steps", -1))),
             "episodes": int(float(stats.get("store_episodes", -1))),
         },
-        "versions_published": [v["version_id"] for v in versions],
-        "published_at": {v["version_id"]: float(v["published_at"]) for v in versions},
+        "versions_published": [v.version_id for v in versions],
+        "published_at": {v.version_id: v.published_at for v in versions},
         "updates": int(float(stats.get("updates", 0))),
         "learner_state": stats.get("state", ""),
     }

@@ -44,8 +44,10 @@ from typing import Any, NoReturn, TypeVar
 import grpc
 import redis
 
+from fleet.cell_counters import CellCounters
 from fleet.ids import MAX_ID_LEN
 from fleet.registry import CellState, Registry
+from fleet.registry_records import VersionRecord
 from learner.admission import Admission
 from learner.auth import Caller
 from learner.grpc_handlers import add_servicer
@@ -99,7 +101,7 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
         self._stop_event = threading.Event()
         self._poller: threading.Thread | None = None
         # Versions are immutable: their records, Assignment messages and bytes are cached.
-        self._records: dict[str, dict] = {}
+        self._records: dict[str, VersionRecord] = {}
         self._messages: dict[str, policy_pb2.Assignment] = {}
         self._weights: OrderedDict[str, bytes] = OrderedDict()
         # The cached versions' WeightsChunk messages on the default chunk grid, built once:
@@ -250,18 +252,9 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
             cell_id=request.cell_id,
             version_running=request.version_running,
             task=request.task,
-            episodes=request.episodes,
-            steps_recorded=request.steps_recorded,
-            steps_acked=request.steps_acked,
-            loop_hz=request.loop_hz,
-            late_ticks=request.late_ticks,
+            counters=CellCounters.from_heartbeat(request),
             last_fault=request.last_fault,
-            fault_count=request.fault_count,
             shadow_version=request.shadow_version,
-            successes=request.successes,
-            interventions=request.interventions,
-            spool_bytes=request.spool_bytes,
-            spool_chunks=request.spool_chunks,
             versions_adopted=adopted,
             last_seen=now,  # the learner's clock: cells' clocks need not agree with it
             alive=True,
@@ -372,18 +365,22 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
             log.error("assignment names unknown version %r; sending none", version_id)
             return policy_pb2.Assignment(version_id="")
         try:
-            size = os.path.getsize(record["weights_path"])
+            size = os.path.getsize(record.weights_path)
         except OSError as exc:
             log.error("weights of version %s unreadable: %s", version_id, exc)
             size = 0
-        manifest = {k: v for k, v in record.items() if k not in ("weights_path", "published_at")}
+        # The record as the registry serves it (with its newest evaluation), less where the
+        # weights lie on the learner and when they were registered.
+        manifest = {
+            k: v for k, v in record.to_json().items() if k not in ("weights_path", "published_at")
+        }
         message = policy_pb2.Assignment(
             version_id=version_id,
             manifest_json=json.dumps(manifest, sort_keys=True),
             size_bytes=size,
-            sha256=record.get("sha256") or "",
-            signature=record.get("signature") or "",
-            published_at=record["published_at"],
+            sha256=record.manifest.get("sha256") or "",
+            signature=record.manifest.get("signature") or "",
+            published_at=record.published_at,
         )
         if size:
             with self._cache_lock:
@@ -392,7 +389,7 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
 
     # -- versions and weights ------------------------------------------------------------
 
-    def _record(self, version_id: str, context: grpc.ServicerContext) -> dict | None:
+    def _record(self, version_id: str, context: grpc.ServicerContext) -> VersionRecord | None:
         if not version_id:
             return None
         with self._cache_lock:
@@ -404,7 +401,9 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
                     self._records[version_id] = record
         return record
 
-    def _weights_bytes(self, version_id: str, record: dict, context: grpc.ServicerContext) -> bytes:
+    def _weights_bytes(
+        self, version_id: str, record: VersionRecord, context: grpc.ServicerContext
+    ) -> bytes:
         """The version's file, read and verified once, then served from memory."""
         with self._cache_lock:
             data = self._weights.get(version_id)
@@ -416,7 +415,7 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
                 data = self._weights.get(version_id)
             if data is not None:
                 return data
-            path = record["weights_path"]
+            path = record.weights_path
             try:
                 with open(path, "rb") as f:
                     data = f.read()
@@ -427,7 +426,7 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
                     grpc.StatusCode.NOT_FOUND,
                     f"weights of version {version_id!r} are missing on the learner: {exc}",
                 )
-            expected = record.get("sha256") or ""
+            expected = record.manifest.get("sha256") or ""
             if expected and hashlib.sha256(data).hexdigest() != expected:
                 log.error("weights of version %s at %s do not match their sha256", version_id, path)
                 context.abort(

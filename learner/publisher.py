@@ -45,7 +45,7 @@ class Publisher:
     def next_version_id(self, lineage: Sequence[str] = ()) -> str:
         """One past the highest of the registry's and the trainer's own (checkpointed)
         versions, so a learner resumed against a fresh Redis never reuses an id."""
-        known = [v["version_id"] for v in self.registry.versions()] + list(lineage)
+        known = [v.version_id for v in self.registry.versions()] + list(lineage)
         numbers = [int(v[1:]) for v in known if v[:1] == "v" and v[1:].isdigit()]
         return f"v{max(numbers, default=0) + 1:04d}"
 

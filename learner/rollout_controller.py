@@ -25,6 +25,7 @@ import redis
 
 from fleet import rollout
 from fleet.registry import Registry
+from fleet.registry_records import RolloutState
 from fleet.rollout import Decision, RuleConfig
 from learner.sim_gate import SimGate
 
@@ -96,11 +97,11 @@ class RolloutController:
         "bootstrap", "start", "blocked" (by the sim gate), "gate_error", "advance", "promote",
         "rollback", "wait" or None."""
         state = self.registry.rollout()
-        if state["mode"] != "auto":
+        if state.mode != "auto":
             return None
-        if state["candidate"] is None:
+        if state.candidate is None:
             return self._maybe_start(state)
-        if state["stage"] not in ("canary", "fraction"):
+        if state.stage not in ("canary", "fraction"):
             return None  # shadow runs are started and ended by an operator
         decision = rollout.evaluate(self.registry, self.config.rule)
         assert decision is not None
@@ -109,29 +110,29 @@ class RolloutController:
                 self.registry, actor=ACTOR, reason=decision.reason, **decision.numbers()
             )
             return "rollback"
-        new_in_stage = decision.candidate_episodes - state["stage_episodes"]
+        new_in_stage = decision.candidate_episodes - state.stage_episodes
         if decision.action == "advance" and new_in_stage >= self.config.rule.min_episodes:
             return self._advance(state, decision)
         self._log_wait(state, decision, new_in_stage)
         return "wait"
 
-    def _maybe_start(self, state: dict) -> str | None:
+    def _maybe_start(self, state: RolloutState) -> str | None:
         latest = self.registry.latest_version()
         if latest is None:
             return None
-        if state["stable"] is None:
+        if state.stable is None:
             self.registry.set_stable(
                 latest, actor=ACTOR, reason="first version: no stable version to compare with"
             )
             return "bootstrap"
-        if latest == state["stable"] or latest in self.registry.rolled_back():
+        if latest == state.stable or latest in self.registry.rolled_back():
             return None
-        stable_record = self.registry.version(state["stable"])
+        stable_record = self.registry.version(state.stable)
         latest_record = self.registry.version(latest)
         if (
             stable_record
             and latest_record
-            and latest_record["published_at"] < stable_record["published_at"]
+            and latest_record.published_at < stable_record.published_at
         ):
             return None  # an operator promoted something newer by hand
         reason = f"newly published version; canary on {self.config.canary} cell(s)"
@@ -139,7 +140,7 @@ class RolloutController:
             if time.monotonic() < self._gate_retry_at.get(latest, 0.0):
                 return None
             try:
-                verdict = self.sim_gate.check(latest, state["stable"])
+                verdict = self.sim_gate.check(latest, state.stable)
             except Exception as exc:
                 if self._stop.is_set():
                     return None
@@ -167,11 +168,11 @@ class RolloutController:
         rollout.start_rollout(self.registry, latest, self.config.canary, actor=ACTOR, reason=reason)
         return "start"
 
-    def _advance(self, state: dict, decision: Decision) -> str:
+    def _advance(self, state: RolloutState, decision: Decision) -> str:
         numbers = decision.numbers()
-        if state["stage"] == "canary" and self.config.fraction < 1.0:
+        if state.stage == "canary" and self.config.fraction < 1.0:
             cells = rollout.fraction_cells(self.registry, self.config.fraction)
-            if set(cells) - set(state["candidate_cells"]):
+            if set(cells) - set(state.candidate_cells):
                 rollout.advance(
                     self.registry,
                     cells,
@@ -184,7 +185,7 @@ class RolloutController:
         rollout.promote(self.registry, actor=ACTOR, reason=decision.reason, **numbers)
         return "promote"
 
-    def _log_wait(self, state: dict, decision: Decision, new_in_stage: int) -> None:
+    def _log_wait(self, state: RolloutState, decision: Decision, new_in_stage: int) -> None:
         when, episodes = self._last_wait_log
         now = time.monotonic()
         if decision.candidate_episodes == episodes:
@@ -196,8 +197,8 @@ class RolloutController:
             "rollout_evaluate",
             actor=ACTOR,
             reason=decision.reason,
-            version=state["candidate"],
-            stage=state["stage"],
+            version=state.candidate,
+            stage=state.stage,
             stage_episodes=new_in_stage,
             **{**decision.numbers(), "decision": "wait"},
         )

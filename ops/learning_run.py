@@ -42,6 +42,7 @@ import time
 from pathlib import Path
 
 from fleet.registry import Registry
+from fleet.registry_records import OutcomeCounts, VersionRecord
 from ops.curve_png import EvalPoint, draw_success_curve
 
 log = logging.getLogger(__name__)
@@ -53,9 +54,9 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _totals(registry: Registry) -> dict[str, dict[str, dict[str, int]]]:
+def _totals(registry: Registry) -> dict[str, dict[str, OutcomeCounts]]:
     """task -> version -> counters, from the registry's outcome counters."""
-    out: dict[str, dict[str, dict[str, int]]] = {}
+    out: dict[str, dict[str, OutcomeCounts]] = {}
     for version, tasks in registry.success_counts().items():
         for task, counters in tasks.items():
             out.setdefault(task, {})[version] = counters
@@ -63,7 +64,7 @@ def _totals(registry: Registry) -> dict[str, dict[str, dict[str, int]]]:
 
 
 def _window(
-    now: dict[str, dict[str, dict[str, int]]], before: dict[str, dict[str, dict[str, int]]]
+    now: dict[str, dict[str, OutcomeCounts]], before: dict[str, dict[str, OutcomeCounts]]
 ) -> dict[str, dict[str, float | int | str]]:
     """Per task: episodes, autonomous successes and their rate since the previous poll."""
     out: dict[str, dict[str, float | int | str]] = {}
@@ -73,11 +74,11 @@ def _window(
         for version, c in versions.items():
             if version in ("", "none"):
                 continue  # the scripted expert's demonstrations before any version exists
-            prev = before.get(task, {}).get(version, {})
-            d_eps = c.get("episodes", 0) - prev.get("episodes", 0)
+            prev = before.get(task, {}).get(version, OutcomeCounts())
+            d_eps = c.episodes - prev.episodes
             eps += d_eps
-            auto += c.get("autonomous_successes", 0) - prev.get("autonomous_successes", 0)
-            intervened += c.get("intervened_episodes", 0) - prev.get("intervened_episodes", 0)
+            auto += c.autonomous_successes - prev.autonomous_successes
+            intervened += c.intervened_episodes - prev.intervened_episodes
             if d_eps > 0 and version > latest:
                 latest = version
         out[task] = {
@@ -92,7 +93,7 @@ def _window(
 
 def held_out(
     data_dir: Path,
-    versions: list[dict],
+    versions: list[VersionRecord],
     started_at: float,
     count: int,
     scenes: int,
@@ -112,7 +113,7 @@ def held_out(
     points: list[dict[str, object]] = []
     for i in picks:
         v = versions[i]
-        vid = str(v["version_id"])
+        vid = v.version_id
         version = resolve_version(vid, registry=registry, versions_dir=data_dir / "versions")
         log.info("held-out evaluation of version %s: %d scenes a task", vid, scenes)
         result = evaluate(version, tasks, scenes, 0, "mujoco", baselines=())
@@ -126,7 +127,7 @@ def held_out(
         points.append(
             {
                 "version": vid,
-                "t_s": round(float(v["published_at"]) - started_at, 1),
+                "t_s": round(v.published_at - started_at, 1),
                 "training_step": version.manifest.training_step,
                 "seeds": list(result.seeds),
                 "tasks": {t: s.to_dict() for t, s in result.scores[vid].items()},
@@ -253,10 +254,7 @@ def main() -> int:
                 )
                 print(f"t={elapsed:6.0f}s  {line}", flush=True)
             final = {
-                task: {
-                    v: (c.get("autonomous_successes", 0), c.get("episodes", 0))
-                    for v, c in sorted(versions.items())
-                }
+                task: {v: (c.autonomous_successes, c.episodes) for v, c in sorted(versions.items())}
                 for task, versions in _totals(registry).items()
             }
             stats = registry.learner_stats()
@@ -269,8 +267,8 @@ def main() -> int:
             "learner": stats,
             "versions": [
                 {
-                    "version": v["version_id"],
-                    "t_s": round(float(v["published_at"]) - started_at, 1),
+                    "version": v.version_id,
+                    "t_s": round(v.published_at - started_at, 1),
                 }
                 for v in versions
             ],

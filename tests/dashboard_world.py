@@ -12,6 +12,7 @@ from pathlib import Path
 
 import uvicorn
 
+from fleet.cell_counters import CellCounters
 from fleet.net import free_port
 from fleet.registry import CellState, Registry
 from fleet.rollout import start_rollout
@@ -47,27 +48,27 @@ def build_world(registry: Registry, root: Path) -> World:
     registry.record_heartbeat(
         CellState(
             cell_id="cell-01",
+            counters=CellCounters(
+                episodes=7,
+                successes=5,
+                interventions=3,
+                loop_hz=49.8,
+                steps_recorded=900,
+                steps_acked=880,
+                spool_bytes=3_500_000,
+                spool_chunks=2,
+            ),
             version_running="v0002",
             task="pick_cube",
-            episodes=7,
-            successes=5,
-            interventions=3,
-            loop_hz=49.8,
-            steps_recorded=900,
-            steps_acked=880,
-            spool_bytes=3_500_000,
-            spool_chunks=2,
             last_seen=time.time(),
         )
     )
     registry.record_heartbeat(
         CellState(
             cell_id="cell-02",
+            counters=CellCounters(episodes=4, successes=1, loop_hz=50.1),
             version_running="v0003",
             task="touch_target",
-            episodes=4,
-            successes=1,
-            loop_hz=50.1,
             last_fault="signature check failed for v0004",
             last_seen=time.time(),
         )
@@ -76,9 +77,9 @@ def build_world(registry: Registry, root: Path) -> World:
     short.record_heartbeat(
         CellState(
             cell_id="cell-03",
+            counters=CellCounters(loop_hz=12.0),
             version_running="v0001",
             task="pick_cube",
-            loop_hz=12.0,
             last_seen=time.time() - 30,
         )
     )

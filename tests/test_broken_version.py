@@ -63,7 +63,7 @@ def test_broken_version_reaches_only_the_canary_and_is_rolled_back(
     config = policy_config("tiny", [TASK], CAMERAS)
     torch.manual_seed(0)
     stable = publisher.publish(UnifiedPolicy(config), training_step=100, data_seen=1000)
-    assert registry.rollout()["stable"] is None  # auto mode: the publisher never sets stable
+    assert registry.rollout().stable is None  # auto mode: the publisher never sets stable
     for i in range(100):
         registry.record_episode(
             cell_id=CELLS[i % 4],
@@ -117,9 +117,9 @@ def test_broken_version_reaches_only_the_canary_and_is_rolled_back(
             broken_model.head.bias.fill_(0.5)
         broken = publisher.publish(broken_model, training_step=101, data_seen=1100)
         wait_for(
-            lambda: registry.rollout()["candidate"] == broken.version_id, 10, "the canary to start"
+            lambda: registry.rollout().candidate == broken.version_id, 10, "the canary to start"
         )
-        canary = registry.rollout()["canary_cells"]
+        canary = registry.rollout().canary_cells
         assert len(canary) == 1
         wait_for(lambda: broken.version_id in registry.rolled_back(), 60, "the automatic rollback")
         wait_for(
@@ -136,15 +136,17 @@ def test_broken_version_reaches_only_the_canary_and_is_rolled_back(
 
     # Its success dropped: the broken version never succeeded on the canary cell.
     counts = registry.success_counts()[broken.version_id][TASK]
-    assert counts["episodes"] >= 6 and counts["autonomous_successes"] == 0
+    assert counts.episodes >= 6 and counts.autonomous_successes == 0
     # The event log says what happened and why, with the numbers.
     events = registry.events(500)
-    (start,) = [e for e in events if e["kind"] == "rollout_start"]
-    assert start["version"] == broken.version_id and start["cells"] == canary[0]
-    (rollback,) = [e for e in events if e["kind"] == "rollback"]
-    assert rollback["actor"] == "rollout-controller" and rollback["version"] == broken.version_id
-    assert "credibly worse" in rollback["reason"] and float(rollback["p_worse"]) >= 0.0
-    assert f"task.{TASK}" in rollback
+    (start,) = [e for e in events if e.kind == "rollout_start"]
+    assert start.fields["version"] == broken.version_id and start.fields["cells"] == canary[0]
+    (rollback,) = [e for e in events if e.kind == "rollback"]
+    assert (
+        rollback.actor == "rollout-controller" and rollback.fields["version"] == broken.version_id
+    )
+    assert "credibly worse" in rollback.reason and float(rollback.fields["p_worse"]) >= 0.0
+    assert f"task.{TASK}" in rollback.fields
     # The other cells never ran it: neither their adoptions nor the episode store show it.
     for c in registry.cells():
         adopted = [a["version"] for a in c.versions_adopted]

@@ -101,9 +101,9 @@ def test_trainer_resumes_from_checkpoint_without_republishing(
         np.testing.assert_array_equal(v.numpy(), w2[k].numpy())
 
     _run_until(second, versions=len(first.versions) + 1)
-    ids = [v["version_id"] for v in registry.versions()]
+    ids = [v.version_id for v in registry.versions()]
     assert len(ids) == len(set(ids)), f"a version id was published twice: {ids}"
-    steps = [int(v.get("training_step", 0)) for v in registry.versions()]
+    steps = [int(v.manifest.get("training_step", 0)) for v in registry.versions()]
     assert second.versions[-1] != first.versions[-1]
     assert second.updates > updates
     assert len(steps) == len(set(steps)), f"a training step was published twice: {steps}"

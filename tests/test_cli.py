@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+from fleet.cell_counters import CellCounters
 from fleet.registry import CellState, Registry
 
 
@@ -51,16 +52,18 @@ def test_status_prints_the_live_state_from_redis(redis_server: str) -> None:
     registry.record_heartbeat(
         CellState(
             cell_id="cell-77",
+            counters=CellCounters(
+                episodes=4,
+                steps_recorded=640,
+                steps_acked=640,
+                loop_hz=20.0,
+                late_ticks=0,
+                successes=3,
+                interventions=12,
+            ),
             version_running="v0001",
             task="pick_cube",
-            episodes=4,
-            steps_recorded=640,
-            steps_acked=640,
-            loop_hz=20.0,
-            late_ticks=0,
             last_fault="",
-            successes=3,
-            interventions=12,
             versions_adopted=[],
             last_seen=time.time(),
             alive=True,

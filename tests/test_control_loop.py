@@ -651,5 +651,7 @@ def test_run_actor_against_the_learner_services(registry, tmp_path: Path) -> Non
     assert summary["versions_adopted"] == version
     assert summary["episodes"] >= 1
     final = next(c for c in registry.cells() if c.cell_id == "cell-01")
-    assert final.steps_acked == summary["steps_sent"]  # the last heartbeat came after the drain
+    assert (
+        final.counters.steps_acked == summary["steps_sent"]
+    )  # the last heartbeat came after the drain
     assert [a["version"] for a in final.versions_adopted] == version

@@ -152,10 +152,10 @@ def test_promote_with_the_token(client: TestClient, world: World) -> None:
     r = client.post("/api/rollout/promote", json={"reason": "looks good"}, headers=AUTH)
     assert r.status_code == 200, r.text
     assert r.json()["result"] == "v0003"
-    assert world.registry.rollout()["stable"] == "v0003"
-    assert world.registry.rollout()["candidate"] is None
+    assert world.registry.rollout().stable == "v0003"
+    assert world.registry.rollout().candidate is None
     last = world.registry.events()[-1]
-    assert (last["kind"], last["actor"], last["reason"]) == (
+    assert (last.kind, last.actor, last.reason) == (
         "promote",
         "operator@dashboard",
         "looks good",
@@ -169,9 +169,9 @@ def test_rollback_with_the_token(client: TestClient, world: World) -> None:
     assert r.status_code == 200, r.text
     assert r.json()["result"] == "v0003"
     state = world.registry.rollout()
-    assert state["stable"] == "v0002" and state["candidate"] is None
+    assert state.stable == "v0002" and state.candidate is None
     assert world.registry.assignment_for("cell-02") == "v0002"
-    assert world.registry.events()[-1]["kind"] == "rollback"
+    assert world.registry.events()[-1].kind == "rollback"
 
 
 def test_pin_unpin_and_start_with_the_token(client: TestClient, world: World) -> None:
@@ -193,13 +193,14 @@ def test_pin_unpin_and_start_with_the_token(client: TestClient, world: World) ->
         "/api/rollout/start", json={"version": "v0003", "canary": ["cell-01"]}, headers=AUTH
     )
     assert r.status_code == 200, r.text
-    assert world.registry.rollout()["canary_cells"] == ["cell-01"]
+    assert world.registry.rollout().canary_cells == ["cell-01"]
     assert world.registry.assignment_for("cell-01") == "v0003"
 
 
 def test_shadow_run_scores_cells_and_actions_through_the_api(
     client: TestClient, world: World
 ) -> None:
+    from fleet.cell_counters import CellCounters
     from fleet.registry import CellState
 
     registry = world.registry
@@ -213,14 +214,14 @@ def test_shadow_run_scores_cells_and_actions_through_the_api(
     assert r.status_code == 200, r.text
     assert r.json()["result"] == ["cell-01"]
     state = registry.rollout()
-    assert (state["candidate"], state["stage"]) == ("v0003", "shadow")
+    assert (state.candidate, state.stage) == ("v0003", "shadow")
     assert registry.assignment_for("cell-01") == "v0002"  # a shadow never acts
     registry.record_heartbeat(
         CellState(
             cell_id="cell-01",
+            counters=CellCounters(fault_count=2),
             version_running="v0002",
             shadow_version="v0003",
-            fault_count=2,
             last_seen=time.time(),
         )
     )
@@ -245,12 +246,12 @@ def test_shadow_run_scores_cells_and_actions_through_the_api(
     r = client.post("/api/rollout/promote", json={}, headers=AUTH)
     assert r.status_code == 200 and r.json()["result"] == "v0003"
     state = registry.rollout()
-    assert (state["stable"], state["stage"], state["canary_cells"]) == (
+    assert (state.stable, state.stage, state.canary_cells) == (
         "v0002",
         "canary",
         ["cell-01"],
     )
-    assert registry.events()[-1]["kind"] == "shadow_to_canary"
+    assert registry.events()[-1].kind == "shadow_to_canary"
 
 
 def test_lossless_depth_frames_are_rendered_for_the_browser() -> None:

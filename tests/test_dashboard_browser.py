@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
+from fleet.cell_counters import CellCounters
 from fleet.dashboard.app import create_app
 from fleet.registry import CellState
 from tests.dashboard_world import TOKEN, ServerThread, World, build_world
@@ -76,10 +77,9 @@ def test_fleet_view_shows_live_cells_and_updates_without_reload(page: Page, worl
     world.registry.record_heartbeat(
         CellState(
             cell_id="cell-01",
+            counters=CellCounters(episodes=8, loop_hz=50.0),
             version_running="v0003",
             task="pick_cube",
-            episodes=8,
-            loop_hz=50.0,
             last_seen=time.time(),
         )
     )
@@ -126,8 +126,8 @@ def test_rollout_view_shows_state_and_refuses_actions_without_the_token(
     page.fill("#token", "wrong")
     page.click("#btn-rollback")
     expect(page.locator("#action-result")).to_contain_text("refused (HTTP 403)")
-    assert world.registry.rollout()["stable"] == "v0002"
-    assert world.registry.rollout()["candidate"] == "v0003"
+    assert world.registry.rollout().stable == "v0002"
+    assert world.registry.rollout().candidate == "v0003"
 
 
 def test_promote_with_the_token_from_the_page(page: Page, world: World) -> None:
@@ -139,7 +139,7 @@ def test_promote_with_the_token_from_the_page(page: Page, world: World) -> None:
     expect(page.locator("#rollout-stable")).to_have_text("v0003")
     expect(page.locator("#rollout-candidate")).to_have_text("-")
     expect(page.locator("#events-table .kind").first).to_have_text("promote")
-    assert world.registry.rollout()["stable"] == "v0003"
+    assert world.registry.rollout().stable == "v0003"
 
 
 def test_rollback_with_the_token_from_the_page(page: Page, world: World) -> None:
@@ -151,7 +151,7 @@ def test_rollback_with_the_token_from_the_page(page: Page, world: World) -> None
     expect(page.locator("#rollout-candidate")).to_have_text("-")
     expect(page.locator('#assign-table tr[data-cell="cell-02"]')).to_contain_text("v0002")
     state = world.registry.rollout()
-    assert state["stable"] == "v0002" and state["candidate"] is None
+    assert state.stable == "v0002" and state.candidate is None
 
 
 def test_episodes_view_filters_and_plays_back(page: Page, world: World) -> None:

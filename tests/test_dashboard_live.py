@@ -126,7 +126,7 @@ def test_fleet_view_matches_the_cells_in_redis(page: Page, fleet) -> None:
             now = {c.cell_id: c for c in registry.cells()}[cell_id]
             return row.locator(".version").inner_text() == now.version_running and row.locator(
                 ".episodes"
-            ).inner_text() == str(now.episodes)
+            ).inner_text() == str(now.counters.episodes)
 
         _eventually(shows_redis, 20, f"{cell.cell_id}'s row to match Redis")
 
@@ -135,17 +135,15 @@ def test_rollout_view_matches_redis_and_actions_need_the_token(page: Page, fleet
     _, registry, _ = fleet
     page.goto("/?poll=500#rollout")
     _eventually(
-        lambda: (
-            page.locator("#rollout-stable").inner_text() == (registry.rollout()["stable"] or "-")
-        ),
+        lambda: page.locator("#rollout-stable").inner_text() == (registry.rollout().stable or "-"),
         20,
         "stable to match Redis",
     )
-    stable = registry.rollout()["stable"]
+    stable = registry.rollout().stable
     page.fill("#token", "")
     page.click("#btn-rollback")
     expect(page.locator("#action-result")).to_contain_text("refused (HTTP 401)")
-    assert registry.rollout()["stable"] == stable
+    assert registry.rollout().stable == stable
     # With the token: pin cell-01 to the stable version, then unpin it.
     page.fill("#token", TOKEN)
     page.select_option("#pin-cell", "cell-01")

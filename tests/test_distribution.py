@@ -224,7 +224,7 @@ def test_signed_versions_load_and_bad_ones_are_rejected(learner: Learner, make_c
     # the file and writes its digest into the manifest. Only the signature catches it.
     v2 = learner.save_signed("v0002")  # registered, not yet assigned to any cell
     other = state_dict_to_bytes(learner.model())
-    Path(registry.version(v2.version_id)["weights_path"]).write_bytes(other)
+    Path(registry.version(v2.version_id).weights_path).write_bytes(other)
     manifest = json.loads(v2.to_json())
     manifest["sha256"] = sha256_hex(other)
     registry.r.hset(registry._k("version", v2.version_id), "manifest", json.dumps(manifest))
@@ -262,7 +262,7 @@ def test_truncated_downloads_are_rejected(learner: Learner, make_cell) -> None:
 
     # The learner's own copy is truncated: it refuses to serve it (DATA_LOSS).
     v3 = learner.save_signed("v0003")
-    path = Path(learner.registry.version(v3.version_id)["weights_path"])
+    path = Path(learner.registry.version(v3.version_id).weights_path)
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     learner.registry.set_stable(v3.version_id, actor="test", reason="truncated on disk")
     assert_rejected(learner, cell, v3.version_id, "DATA_LOSS")
@@ -279,7 +279,7 @@ def test_cache_serves_restarts_and_rollbacks_without_refetch(
     run_until_loaded(cell, v2.version_id)
     sent = sum(learner.servicer.bytes_sent.values())
     assert sent == sum(
-        Path(learner.registry.version(v)["weights_path"]).stat().st_size
+        Path(learner.registry.version(v).weights_path).stat().st_size
         for v in (v1.version_id, v2.version_id)
     )
 
@@ -439,7 +439,7 @@ def test_swapping_in_a_large_version_misses_no_control_tick(
         swap_s = time.monotonic() - t0
         late_swap = loop.stats["late_ticks"] - late0
         steps_swap = loop.stats["steps_recorded"] - steps0
-        size = Path(learner.registry.version("v0002")["weights_path"]).stat().st_size
+        size = Path(learner.registry.version("v0002").weights_path).stat().st_size
         assert size > 40e6
         assert heavy_threads, "the swap built no model: the wrapped loader was not used"
         assert cell.loop_thread not in heavy_threads

@@ -220,11 +220,11 @@ def test_the_result_is_stored_with_the_version_and_shown(
     scores = printed["scores"]
     assert scores["expert"]["pick_cube"]["successes"] == 2
     record = registry.version("v0001")
-    assert record["evaluation"]["scores"] == scores
+    assert record.evaluation["scores"] == scores
     on_disk = Manifest.from_json(manifest_path.read_text())
     assert on_disk.evaluation["scores"] == scores
     assert (on_disk.sha256, on_disk.signature) == (published.sha256, published.signature)
-    assert any(e["kind"] == "evaluation" and e["version"] == "v0001" for e in registry.events())
+    assert any(e.kind == "evaluation" and e.fields["version"] == "v0001" for e in registry.events())
     console = Console(record=True, width=250)
     console.print(_versions_table(registry))
     v0001 = scores["v0001"]
@@ -261,11 +261,11 @@ def test_sim_gate_lets_a_version_as_good_as_stable_through(
     gate = SimGate(2, redis_url=redis_server, prefix=registry.prefix, backend="kinematic")
     controller = RolloutController(registry, ControllerConfig(), sim_gate=gate)
     assert controller.step() == "start"
-    assert registry.rollout()["candidate"] == "v0002"
-    [passed] = [e for e in registry.events() if e["kind"] == "sim_gate_pass"]
-    assert passed["version"] == "v0002" and passed["decision"] != "rollback"
-    assert passed["task.pick_cube"].startswith("cand 0/2 stable 0/2")  # the same scenes
-    assert registry.version("v0002")["evaluation"]["baselines"] == ["v0001"]
+    assert registry.rollout().candidate == "v0002"
+    [passed] = [e for e in registry.events() if e.kind == "sim_gate_pass"]
+    assert passed.fields["version"] == "v0002" and passed.fields["decision"] != "rollback"
+    assert passed.fields["task.pick_cube"].startswith("cand 0/2 stable 0/2")  # the same scenes
+    assert registry.version("v0002").evaluation["baselines"] == ["v0001"]
 
 
 def _summary(candidate: tuple[int, int], stable: tuple[int, int]) -> dict:
@@ -294,11 +294,11 @@ def test_sim_gate_blocks_a_worse_version_and_never_proposes_it_again(
     controller = RolloutController(registry, ControllerConfig(), sim_gate=gate)
     assert controller.step() == "blocked"
     assert asked == [("v0002", "v0001")]
-    assert registry.rollout()["candidate"] is None
+    assert registry.rollout().candidate is None
     assert "v0002" in registry.rolled_back()
-    [blocked] = [e for e in registry.events() if e["kind"] == "sim_gate_block"]
-    assert blocked["version"] == "v0002" and "credibly worse" in blocked["reason"]
-    assert blocked["task.pick_cube"].startswith("cand 2/10 stable 9/10")
+    [blocked] = [e for e in registry.events() if e.kind == "sim_gate_block"]
+    assert blocked.fields["version"] == "v0002" and "credibly worse" in blocked.reason
+    assert blocked.fields["task.pick_cube"].startswith("cand 2/10 stable 9/10")
     assert controller.step() is None and len(asked) == 1  # not evaluated or proposed again
 
 
@@ -321,9 +321,9 @@ def test_a_sim_gate_that_cannot_evaluate_keeps_the_version_from_canary(
     gate = SimGate(2, redis_url=redis_server, prefix=registry.prefix, backend="kinematic")
     controller = RolloutController(registry, ControllerConfig(), sim_gate=gate)
     assert controller.step() == "gate_error"
-    assert registry.rollout()["candidate"] is None
-    [error] = [e for e in registry.events() if e["kind"] == "sim_gate_error"]
-    assert error["version"] == "v0002" and "weights not found" in error["reason"]
+    assert registry.rollout().candidate is None
+    [error] = [e for e in registry.events() if e.kind == "sim_gate_error"]
+    assert error.fields["version"] == "v0002" and "weights not found" in error.reason
     assert controller.step() is None  # not evaluated again at once
 
 

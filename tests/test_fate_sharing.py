@@ -160,9 +160,9 @@ def test_killed_learner_acks_and_publishes_nothing_more_and_leaves_no_process(
         time.sleep(max(0.0, killed_at + 4.0 - time.time()))
         late_acks = [t - killed_at for t in streamer.acks if t > killed_at + IN_FLIGHT_S]
         late_versions = [
-            (v["version_id"], v["published_at"] - killed_at)
+            (v.version_id, v.published_at - killed_at)
             for v in registry.versions()
-            if v["published_at"] > killed_at
+            if v.published_at > killed_at
         ]
         late_files = [
             p.name for p in (data / "versions").glob("*.json") if p.stat().st_mtime > killed_at

@@ -17,10 +17,12 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from fleet import metrics
+from fleet.cell_counters import CellCounters
 from fleet.dashboard.app import create_app
 from fleet.interventions import count_takeovers, figures
 from fleet.redis_server import RedisServer
 from fleet.registry import CellState, Registry
+from fleet.registry_records import OutcomeCounts
 
 
 def test_takeovers_are_runs_of_intervention_steps() -> None:
@@ -57,7 +59,12 @@ def _fill(reg: Registry) -> None:
     for _ in range(6):
         _episode(reg, "cell-02", "v0002", success=True, flags=[0] * 6000)
     reg.record_heartbeat(
-        CellState(cell_id="cell-01", task="pick_cube", interventions=3600, last_seen=time.time())
+        CellState(
+            cell_id="cell-01",
+            counters=CellCounters(interventions=3600),
+            task="pick_cube",
+            last_seen=time.time(),
+        )
     )
     reg.record_heartbeat(CellState(cell_id="cell-02", task="pick_cube", last_seen=time.time()))
 
@@ -65,8 +72,8 @@ def _fill(reg: Registry) -> None:
 def test_figures_per_version_task_and_cell(registry: Registry) -> None:
     _fill(registry)
     per_task = registry.success_counts()["v0002"]["pick_cube"]
-    assert per_task["takeovers"] == 12 and per_task["intervention_steps"] == 3600
-    assert per_task["duration_ms"] == 3_600_000
+    assert per_task.takeovers == 12 and per_task.intervention_steps == 3600
+    assert per_task.duration_ms == 3_600_000
     f = figures(per_task)
     assert f["takeovers_per_hour"] == pytest.approx(12.0)
     assert f["takeovers_per_episode"] == pytest.approx(1.0)
@@ -79,7 +86,7 @@ def test_figures_per_version_task_and_cell(registry: Registry) -> None:
     assert one["takeovers_per_episode"] == pytest.approx(2.0)
     assert one["human_steps_per_autonomous_success"] is None  # no autonomous success: unknown
     assert figures(cells["cell-02"])["takeovers_per_hour"] == 0.0
-    assert all(v is None for v in figures({}).values())
+    assert all(v is None for v in figures(OutcomeCounts()).values())
 
 
 def test_a_demonstration_is_no_takeover(registry: Registry) -> None:
@@ -88,10 +95,10 @@ def test_a_demonstration_is_no_takeover(registry: Registry) -> None:
     _fill(registry)
     _episode(registry, "cell-02", "none", success=True, flags=[1] * 400)
     demo = registry.success_counts()["none"]["pick_cube"]
-    assert demo["takeovers"] == 0 and demo["demonstrations"] == 1
-    assert demo["intervention_steps"] == 400
+    assert demo.takeovers == 0 and demo.demonstrations == 1
+    assert demo.intervention_steps == 400
     cell = registry.cell_outcomes()["cell-02"]
-    assert cell["demonstrations"] == 1 and cell["episodes"] == 6 and cell["steps"] == 36_000
+    assert cell.demonstrations == 1 and cell.episodes == 6 and cell.steps == 36_000
     assert figures(cell)["takeovers_per_hour"] == 0.0
 
 

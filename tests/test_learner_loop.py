@@ -77,11 +77,11 @@ def test_trainer_publishes_loadable_versions_and_registers_them(
     trainer.stop()
     assert trainer.versions[:2] == ["v0001", "v0002"]
     versions = registry.versions()
-    assert [v["version_id"] for v in versions][:2] == ["v0001", "v0002"]
-    assert registry.rollout()["stable"] == trainer.versions[-1]
-    second = Manifest.from_json(Path(versions[1]["weights_path"]).with_suffix(".json").read_text())
+    assert [v.version_id for v in versions][:2] == ["v0001", "v0002"]
+    assert registry.rollout().stable == trainer.versions[-1]
+    second = Manifest.from_json(Path(versions[1].weights_path).with_suffix(".json").read_text())
     assert second.parent == "v0001" and second.training_step == 20
-    weights = Path(versions[1]["weights_path"]).read_bytes()
+    weights = Path(versions[1].weights_path).read_bytes()
     model = load_version(weights, second)
     assert model.config.tasks == TASKS
     stats = registry.learner_stats()

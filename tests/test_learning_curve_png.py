@@ -9,6 +9,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from fleet.registry_records import VersionRecord
 from ops.curve_png import COLOURS, MARGIN, SIZE, EvalPoint, draw_success_curve
 
 REPO = Path(__file__).resolve().parents[1]
@@ -109,7 +110,9 @@ def test_learning_run_evaluates_published_versions_as_fleet_eval_and_stores_it(
     )
     weights, manifest_path = save_version(tmp_path / "versions", model, manifest)
     registry.add_version(manifest.to_json(), str(weights))
-    versions = [{"version_id": "v0003", "published_at": 1000.0 + 420.0}]
+    versions = [
+        VersionRecord(json.loads(manifest.to_json()), str(weights), published_at=1000.0 + 420.0)
+    ]
     (point,) = held_out(tmp_path, versions, 1000.0, 1, 1, ["push_to_target"], registry)
     assert point["version"] == "v0003" and point["t_s"] == 420.0
     assert point["training_step"] == 450
@@ -118,7 +121,7 @@ def test_learning_run_evaluates_published_versions_as_fleet_eval_and_stores_it(
     assert (result["successes"], result["episodes"]) == (0, 1)
     assert result["ci95"][0] == 0.0 and 0.5 < result["ci95"][1] < 1.0
     # Stored with the version as `fleet eval` stores it: manifest file and registry record.
-    stored = registry.version("v0003")["evaluation"]
+    stored = registry.version("v0003").evaluation
     assert stored["scores"]["v0003"]["push_to_target"] == result
     on_disk = Manifest.from_json(manifest_path.read_text())
     assert on_disk.evaluation == stored and on_disk.sha256 == manifest.sha256

@@ -81,7 +81,7 @@ def test_nothing_is_acked_or_published_once_the_lease_is_gone(
     alive[0] = False
     with pytest.raises(LearnerGone):
         publisher.publish(model, training_step=2, data_seen=2)
-    assert [v["version_id"] for v in registry.versions()] == ["v0001"]
+    assert [v.version_id for v in registry.versions()] == ["v0001"]
     assert sorted(p.name for p in (tmp_path / "versions").iterdir()) == [
         "v0001.json",
         "v0001.safetensors",

@@ -95,24 +95,24 @@ def test_sigkilled_trainer_never_republishes_a_step_and_parents_are_true(
 
     versions = registry.versions()
     where = f"(seed {seed}, kills {killed_after} s after a version; log {log})"
-    ids = [v["version_id"] for v in versions]
-    steps = [int(v["training_step"]) for v in versions]
+    ids = [v.version_id for v in versions]
+    steps = [int(v.manifest["training_step"]) for v in versions]
     assert len(set(ids)) == len(ids), f"a version id was published twice {where}: {ids}"
     # Every PUBLISH_EVERY-th step exactly once, in order: none twice, none skipped.
     assert steps == [PUBLISH_EVERY * (i + 1) for i in range(len(steps))], f"{steps} {where}"
     # Each parent is the version before it in the one lineage the weights went through.
-    assert versions[0]["parent"] is None
+    assert versions[0].parent is None
     for parent, child in itertools.pairwise(versions):
-        assert child["parent"] == parent["version_id"], f"{child['version_id']} {where}"
+        assert child.parent == parent.version_id, f"{child.version_id} {where}"
     # The registry agrees with the weights on disk and with the checkpoint's lineage.
     for v in versions:
-        path = tmp_path / "versions" / f"{v['version_id']}.json"
+        path = tmp_path / "versions" / f"{v.version_id}.json"
         manifest = Manifest.from_json(path.read_text())
-        assert manifest.sha256 == v["sha256"] and manifest.parent == v["parent"]
+        assert manifest.sha256 == v.manifest["sha256"] and manifest.parent == v.parent
     state = load_checkpoint(tmp_path / "checkpoints")
     assert state is not None
     assert state["trainer"]["versions"] == ids, where
     assert state["trainer"]["pending_version"] is None
     assert state["trainer"]["updates"] >= steps[-1]
     print(f"\nlineage {where}: {len(ids)} versions, steps {steps[0]}..{steps[-1]}")
-    json.dumps(versions)  # plain data, as the dashboard serves it
+    json.dumps([v.to_json() for v in versions])  # plain data, as the dashboard serves it

@@ -51,8 +51,8 @@ def test_manual_mode_registers_versions_and_moves_nothing(
     for _ in range(3):
         assert controller.step() is None  # no bootstrap, no canary: the operator decides
     state = registry.rollout()
-    assert [v["version_id"] for v in registry.versions()] == [first, second]
-    assert (state["mode"], state["stable"], state["candidate"]) == ("manual", None, None)
+    assert [v.version_id for v in registry.versions()] == [first, second]
+    assert (state.mode, state.stable, state.candidate) == ("manual", None, None)
     assert registry.assignments(["cell-01", "cell-02"]) == {"cell-01": None, "cell-02": None}
     assert registry.event_counts() == {}
 
@@ -63,7 +63,7 @@ def test_manual_mode_registers_versions_and_moves_nothing(
     assert controller.step() is None
     assert registry.assignments(["cell-01", "cell-02"])["cell-02"] == second
     rollout.promote(registry, actor="alice", reason="looks good")
-    assert registry.rollout()["stable"] == second
+    assert registry.rollout().stable == second
 
 
 def test_learner_and_fleet_up_offer_manual_rollout() -> None:

@@ -193,9 +193,17 @@ def test_heartbeat_lands_in_redis(service, registry) -> None:
     (cell,) = registry.cells()
     assert cell.alive
     assert (cell.cell_id, cell.version_running, cell.task) == ("c7", "v0001", "fold")
-    assert (cell.episodes, cell.steps_recorded, cell.steps_acked) == (4, 1200, 1100)
-    assert (cell.late_ticks, cell.successes, cell.interventions) == (3, 2, 15)
-    assert cell.loop_hz == pytest.approx(49.8)
+    assert (cell.counters.episodes, cell.counters.steps_recorded, cell.counters.steps_acked) == (
+        4,
+        1200,
+        1100,
+    )
+    assert (cell.counters.late_ticks, cell.counters.successes, cell.counters.interventions) == (
+        3,
+        2,
+        15,
+    )
+    assert cell.counters.loop_hz == pytest.approx(49.8)
     assert cell.versions_adopted == adopted
     assert cell.last_seen == pytest.approx(reply.server_time)
 

@@ -55,7 +55,7 @@ def promote(registry: Registry) -> None:
 
 
 def size_of(learner: Learner, manifest: Manifest) -> int:
-    return Path(learner.registry.version(manifest.version_id)["weights_path"]).stat().st_size
+    return Path(learner.registry.version(manifest.version_id).weights_path).stat().st_size
 
 
 def test_registry_lists_what_each_cell_may_run_next(registry: Registry, tmp_path) -> None:

@@ -14,6 +14,7 @@ import pytest
 
 from fleet import rollout
 from fleet.registry import CellState, Registry
+from fleet.registry_records import ShadowScore
 from fleet.rollout import RuleConfig
 from learner.rollout_controller import ControllerConfig, RolloutController
 
@@ -58,7 +59,7 @@ def test_assignments_pin_beats_candidate_beats_stable(registry: Registry) -> Non
         "cell-3": "v1",
     }
     state = registry.rollout()
-    assert (state["candidate"], state["stage"], state["canary_cells"]) == (
+    assert (state.candidate, state.stage, state.canary_cells) == (
         "v2",
         "canary",
         ["cell-1"],
@@ -75,11 +76,11 @@ def test_assignments_pin_beats_candidate_beats_stable(registry: Registry) -> Non
 
     rollout.start_rollout(registry, "v3", 2, actor="alice", reason="try v3")
     assert rollout.promote(registry, actor="alice", reason="good") == "v3"
-    assert registry.rollout()["stable"] == "v3"
+    assert registry.rollout().stable == "v3"
     assert set(registry.assignments(CELLS).values()) == {"v3"}
     assert rollout.rollback(registry, actor="alice", reason="nothing") is None
 
-    kinds = [(e["kind"], e["actor"], e["reason"]) for e in registry.events()]
+    kinds = [(e.kind, e.actor, e.reason) for e in registry.events()]
     assert ("rollout_start", "alice", "try v2") in kinds
     assert ("pin", "bob", "pinned to v3") in kinds
     assert ("rollback", "alice", "looks off") in kinds
@@ -95,12 +96,12 @@ def test_shadow_candidate_never_acts(registry: Registry) -> None:
     registry.record_shadow(
         version="v2", steps=10, dist_stable_sum=2.0, operator_steps=4, dist_operator_sum=2.0
     )
-    assert registry.shadow_scores()["v2"] == {
-        "steps": 10,
-        "operator_steps": 4,
-        "mean_dist_stable": 0.2,
-        "mean_dist_operator": 0.5,
-    }
+    assert registry.shadow_scores()["v2"] == ShadowScore(
+        steps=10,
+        operator_steps=4,
+        mean_dist_stable=0.2,
+        mean_dist_operator=0.5,
+    )
 
 
 def controller(registry: Registry) -> RolloutController:
@@ -115,23 +116,23 @@ def test_controller_promotes_a_good_version_through_every_stage(registry: Regist
     registry.set_rollout_mode("auto")
     ctl = controller(registry)
     assert ctl.step() == "bootstrap"
-    assert registry.rollout()["stable"] == "v1"
+    assert registry.rollout().stable == "v1"
     episodes(registry, "v1", 400, 300)
     registry.add_version(manifest("v2"), "/w/v2", published_at=10.0)
     assert ctl.step() == "start"
-    assert registry.rollout()["candidate_cells"] == ["cell-0"]
+    assert registry.rollout().candidate_cells == ["cell-0"]
     assert ctl.step() == "wait"
     episodes(registry, "v2", 300, 240)
     assert ctl.step() == "advance"
-    assert registry.rollout()["stage"] == "fraction"
-    assert len(registry.rollout()["candidate_cells"]) == 2
+    assert registry.rollout().stage == "fraction"
+    assert len(registry.rollout().candidate_cells) == 2
     assert ctl.step() == "wait"  # the fraction stage needs its own episodes
     episodes(registry, "v2", 100, 80)
     assert ctl.step() == "promote"
-    assert registry.rollout()["stable"] == "v2"
-    promoted = [e for e in registry.events() if e["kind"] == "promote"][-1]
-    assert promoted["actor"] == "rollout-controller"
-    assert float(promoted["p_not_worse"]) > 0.95
+    assert registry.rollout().stable == "v2"
+    promoted = [e for e in registry.events() if e.kind == "promote"][-1]
+    assert promoted.actor == "rollout-controller"
+    assert float(promoted.fields["p_not_worse"]) > 0.95
 
 
 def test_controller_rolls_back_a_credibly_worse_version(registry: Registry) -> None:
@@ -144,18 +145,18 @@ def test_controller_rolls_back_a_credibly_worse_version(registry: Registry) -> N
     assert ctl.step() == "start"
     episodes(registry, "v2", 15, 0)
     assert ctl.step() == "rollback"
-    assert registry.rollout()["candidate"] is None
+    assert registry.rollout().candidate is None
     assert ctl.step() is None  # a rolled-back version is never proposed again
-    (event,) = [e for e in registry.events() if e["kind"] == "rollback"]
-    assert "credibly worse" in event["reason"] and event["version"] == "v2"
-    assert "cand 0/15" in event["task.pick"]
+    (event,) = [e for e in registry.events() if e.kind == "rollback"]
+    assert "credibly worse" in event.reason and event.fields["version"] == "v2"
+    assert "cand 0/15" in event.fields["task.pick"]
 
 
 def test_immediate_mode_leaves_the_rollout_alone(registry: Registry) -> None:
     fleet_of_cells(registry, "v1")
     registry.set_rollout_mode("immediate")
     assert controller(registry).step() is None
-    assert registry.rollout()["stable"] is None
+    assert registry.rollout().stable is None
 
 
 # -- the `fleet` commands against a real Redis -----------------------------------------
@@ -197,7 +198,7 @@ def test_rollout_commands_against_redis(redis_server: str) -> None:
     assert fleet("unpin", "cell-0", "--redis-url", url).returncode == 0
     out = fleet("promote", "--redis-url", url, "--reason", "canary looks good")
     assert out.returncode == 0 and "v2" in out.stdout
-    assert registry.rollout()["stable"] == "v2"
+    assert registry.rollout().stable == "v2"
     out = fleet("pin", "cell-0", "v9", "--redis-url", url)
     assert out.returncode == 1 and "refused" in out.stdout
     assert fleet("rollback", "--redis-url", url).returncode == 0

@@ -88,12 +88,12 @@ def test_heartbeat_carries_shadow_version_and_fault_count_into_the_registry(
         servicer.stop()
         server.stop(0).wait(5)
     (cell,) = registry.cells()
-    assert (cell.version_running, cell.shadow_version, cell.fault_count) == ("v1", "v2", 4)
+    assert (cell.version_running, cell.shadow_version, cell.counters.fault_count) == ("v1", "v2", 4)
     assert cell.last_fault == ""
     # A heartbeat stored before these fields existed reads back with their defaults.
     registry.r.hdel(registry._k("cell", CELL), "shadow_version", "fault_count")
     (old,) = registry.cells()
-    assert (old.shadow_version, old.fault_count) == ("", 0)
+    assert (old.shadow_version, old.counters.fault_count) == ("", 0)
     assert CellState(cell_id="x").shadow_version == ""
 
 
@@ -156,10 +156,10 @@ def test_the_edge_actor_reports_its_shadow_and_clears_a_recovered_fault(
         # A shadow that fails its signature check is a fault; the cell runs on without it.
         rollout.start_shadow(registry, unverifiable, [CELL], actor="test", reason="forged")
         wait_for(lambda: unverifiable in state().last_fault, 15, "the fault in the heartbeat")
-        counted = state().fault_count
+        counted = state().counters.fault_count
         assert counted >= 1 and state().shadow_version == ""
         wait_for(lambda: state().last_fault == "", 10, "the fault to clear when fault-free")
-        assert state().fault_count == counted
+        assert state().counters.fault_count == counted
         assert state().version_running == stable
     finally:
         stop.set()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from fleet.registry_records import OutcomeCounts
 from fleet.rollout import RuleConfig, TaskTally, decide, tallies
 
 
@@ -56,7 +57,7 @@ def test_decisions_are_reproducible() -> None:
 
 
 def test_interventions_count_as_failures() -> None:
-    counts = {"pick": {"episodes": 10, "successes": 9, "autonomous_successes": 3}}
+    counts = {"pick": OutcomeCounts(episodes=10, successes=9, autonomous_successes=3)}
     assert tallies(counts) == {"pick": TaskTally(3, 10)}
 
 

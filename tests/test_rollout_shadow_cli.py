@@ -11,6 +11,7 @@ from collections.abc import Iterator
 import pytest
 from rich.console import Console
 
+from fleet.cell_counters import CellCounters
 from fleet.cli import main
 from fleet.registry import CellState, Registry
 from fleet.status_view import render
@@ -78,7 +79,7 @@ def test_shadow_then_promote_to_canary_then_to_stable(
     assert code == 0, out
     assert "shadow" in out and "cell-0, cell-1" in out
     state = registry.rollout()
-    assert (state["candidate"], state["stage"], state["candidate_cells"]) == (
+    assert (state.candidate, state.stage, state.candidate_cells) == (
         "v2",
         "shadow",
         ["cell-0", "cell-1"],
@@ -92,12 +93,12 @@ def test_shadow_then_promote_to_canary_then_to_stable(
         "cell-3": None,
     }
     started = registry.events()[-1]
-    assert (started["kind"], started["reason"], started["stage"]) == (
+    assert (started.kind, started.reason, started.fields["stage"]) == (
         "shadow_start",
         "see v2 first",
         "shadow",
     )
-    assert started["actor"].endswith("(cli)") and started["cells"] == "cell-0,cell-1"
+    assert started.actor.endswith("(cli)") and started.fields["cells"] == "cell-0,cell-1"
 
     registry.record_shadow(
         version="v2", steps=100, dist_stable_sum=5.0, operator_steps=10, dist_operator_sum=2.0
@@ -106,8 +107,8 @@ def test_shadow_then_promote_to_canary_then_to_stable(
     assert code == 0, out
     assert "from shadow to canary" in out and "cell-0, cell-1" in out
     state = registry.rollout()
-    assert (state["candidate"], state["stage"], state["stable"]) == ("v2", "canary", "v1")
-    assert state["canary_cells"] == state["candidate_cells"] == ["cell-0", "cell-1"]
+    assert (state.candidate, state.stage, state.stable) == ("v2", "canary", "v1")
+    assert state.canary_cells == state.candidate_cells == ["cell-0", "cell-1"]
     assert registry.assignments(CELLS) == {
         "cell-0": "v2",
         "cell-1": "v2",
@@ -116,16 +117,19 @@ def test_shadow_then_promote_to_canary_then_to_stable(
     }
     assert set(registry.shadow_assignments(CELLS).values()) == {None}
     moved = registry.events()[-1]
-    assert (moved["kind"], moved["reason"], moved["stage"]) == (
+    assert (moved.kind, moved.reason, moved.fields["stage"]) == (
         "shadow_to_canary",
         "shadow looks sane",
         "canary",
     )
-    assert moved["shadow_steps"] == "100" and float(moved["shadow_mean_dist_stable"]) == 0.05
+    assert (
+        moved.fields["shadow_steps"] == "100"
+        and float(moved.fields["shadow_mean_dist_stable"]) == 0.05
+    )
 
     code, out = fleet(capsys, "promote", "--reason", "canary fine", "--redis-url", url)
     assert code == 0 and "promoted v2 to stable" in out
-    assert registry.rollout()["stable"] == "v2"
+    assert registry.rollout().stable == "v2"
     assert set(registry.assignments(CELLS).values()) == {"v2"}
 
     code, out = fleet(capsys, "events", "--redis-url", url)
@@ -140,17 +144,17 @@ def test_shadow_on_named_cells_ends_with_rollback(
     registry = registry_at
     code, out = fleet(capsys, "rollout", "v3", "--shadow", "cell-3, cell-1", "--redis-url", url)
     assert code == 0, out
-    assert registry.rollout()["candidate_cells"] == ["cell-1", "cell-3"]
+    assert registry.rollout().candidate_cells == ["cell-1", "cell-3"]
     code, out = fleet(capsys, "versions", "--redis-url", url)
     assert "candidate (shadow: cell-1, cell-3)" in " ".join(out.split())
 
     code, out = fleet(capsys, "rollback", "--reason", "shadow run over", "--redis-url", url)
     assert code == 0 and "rolled back v3" in out
     state = registry.rollout()
-    assert state["candidate"] is None and state["stable"] == "v1"
+    assert state.candidate is None and state.stable == "v1"
     assert set(registry.shadow_assignments(CELLS).values()) == {None}
     ended = registry.events()[-1]
-    assert (ended["kind"], ended["version"], ended["stage"], ended["reason"]) == (
+    assert (ended.kind, ended.fields["version"], ended.fields["stage"], ended.reason) == (
         "rollback",
         "v3",
         "shadow",
@@ -177,7 +181,7 @@ def test_shadow_refusals(
     ):
         code, out = fleet(capsys, "rollout", version, "--shadow", spec, "--redis-url", url)
         assert code == 1 and "refused" in out and why in " ".join(out.split()), out
-    assert registry.rollout()["candidate"] is None
+    assert registry.rollout().candidate is None
 
     assert fleet(capsys, "rollout", "v2", "--canary", "cell-2", "--redis-url", url)[0] == 0
     code, out = fleet(capsys, "rollout", "v3", "--shadow", "1", "--redis-url", url)
@@ -185,8 +189,8 @@ def test_shadow_refusals(
     # A candidate acting on canary cells does not go back to shadow (that is a rollback).
     code, out = fleet(capsys, "rollout", "v2", "--shadow", "1", "--redis-url", url)
     assert code == 1 and "already acts in stage canary" in " ".join(out.split())
-    assert registry.rollout()["stage"] == "canary"
-    kinds = [e["kind"] for e in registry.events()]
+    assert registry.rollout().stage == "canary"
+    kinds = [e.kind for e in registry.events()]
     assert "shadow_start" not in kinds
 
 
@@ -194,9 +198,9 @@ def test_status_shows_shadow_version_faults_and_scores(registry: Registry) -> No
     registry.record_heartbeat(
         CellState(
             cell_id="cell-9",
+            counters=CellCounters(fault_count=3),
             version_running="v1",
             shadow_version="v2",
-            fault_count=3,
             last_fault="camera front timed out",
             last_seen=time.time(),
         )
@@ -205,7 +209,7 @@ def test_status_shows_shadow_version_faults_and_scores(registry: Registry) -> No
         version="v2", steps=40, dist_stable_sum=4.0, operator_steps=0, dist_operator_sum=0.0
     )
     (cell,) = registry.cells()
-    assert (cell.shadow_version, cell.fault_count) == ("v2", 3)
+    assert (cell.shadow_version, cell.counters.fault_count) == ("v2", 3)
     console = Console(width=250, record=True)
     console.print(render(registry))
     text = console.export_text()

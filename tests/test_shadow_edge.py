@@ -247,10 +247,10 @@ def test_candidate_in_shadow_is_logged_scored_and_never_executed(
     assert set(scores) == {candidate}
     sent = [shadow_score(c) for c in shadow]
     score = scores[candidate]
-    assert score["steps"] == sum(s.steps for s in sent if s is not None)
-    assert score["operator_steps"] == sum(s.operator_steps for s in sent if s is not None)
-    assert score["steps"] + score["operator_steps"] == sum(c.n_steps for c in shadow)
-    means = [score["mean_dist_stable"], score["mean_dist_operator"]]
+    assert score.steps == sum(s.steps for s in sent if s is not None)
+    assert score.operator_steps == sum(s.operator_steps for s in sent if s is not None)
+    assert score.steps + score.operator_steps == sum(c.n_steps for c in shadow)
+    means = [score.mean_dist_stable, score.mean_dist_operator]
     assert any(m is not None for m in means)
     assert all(m is None or m > 0.1 for m in means)  # the fixed pose is far from what was done
     console = Console(width=200, record=True)
@@ -321,7 +321,7 @@ def test_assignment_carries_the_shadow_and_a_bad_shadow_leaves_acting_alone(
         assert runner is not None and runner.version_id == v1.version_id
         assert watcher.shadow_runner is None and watcher.current_shadow_assignment == v2.version_id
         assert len(faults) == 1 and "shadow version" in faults[0] and v2.version_id in faults[0]
-        weights = Path(registry.version(v1.version_id)["weights_path"])
+        weights = Path(registry.version(v1.version_id).weights_path)
         assert watcher.bytes_fetched == weights.stat().st_size  # the shadow never fetched
     finally:
         watcher.stop()

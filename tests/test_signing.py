@@ -98,7 +98,7 @@ def test_publisher_signs_versions_and_the_assignment_carries_it(registry, tmp_pa
     )
     on_disk = Manifest.from_json((tmp_path / "versions" / "v0001.json").read_text())
     assert on_disk.signature == manifest.signature
-    assert registry.version("v0001")["signature"] == manifest.signature
+    assert registry.version("v0001").manifest["signature"] == manifest.signature
     servicer = PolicyServicer(registry)
     try:
         assignment = servicer._assignment("v0001", context=None)  # type: ignore[arg-type]

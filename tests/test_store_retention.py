@@ -149,9 +149,9 @@ def test_gc_removes_by_policy_and_logs_each_removal(store_root: Path) -> None:
         # Kept: the rescue and the success the sampler trains on, the young one.
         assert left == {"old-rescued", "old-success", "fresh"}
         registry = Registry(server.url)
-        (event,) = [e for e in registry.events() if e["kind"] == "store_gc"]
-        assert (event["cell"], event["episode"]) == ("cell-01", "old-failed")
-        assert int(event["bytes"]) > 0 and "older than 30 days" in event["reason"]
+        (event,) = [e for e in registry.events() if e.kind == "store_gc"]
+        assert (event.fields["cell"], event.fields["episode"]) == ("cell-01", "old-failed")
+        assert int(event.fields["bytes"]) > 0 and "older than 30 days" in event.reason
 
         out = fleet(
             "store",

@@ -24,6 +24,7 @@ from fleet.dashboard.history import LearningHistory
 from fleet.dashboard.store_reader import StoreReader
 from fleet.interventions import figures
 from fleet.registry import Registry
+from fleet.registry_records import Event, OutcomeCounts, VersionRecord
 
 log = logging.getLogger(__name__)
 
@@ -59,29 +60,29 @@ class Pin(BaseModel):
     version: str = ""  # empty: unpin
 
 
-def _is_decision(event: dict[str, Any]) -> bool:
+def _is_decision(event: Event) -> bool:
     """Automatic rollout decisions, as opposed to operator actions and other events."""
-    kind = str(event.get("kind", "")).lower()
-    actor = str(event.get("actor", "")).lower()
+    kind = event.kind.lower()
+    actor = event.actor.lower()
     return (
-        "decision" in event
+        "decision" in event.fields
         or "auto" in kind
         or "decision" in kind
         or actor.startswith(("auto", "rollout", "controller", "canary"))
     )
 
 
-def _evaluation_points(versions: list[dict]) -> list[dict[str, Any]]:
+def _evaluation_points(versions: list[VersionRecord]) -> list[dict[str, Any]]:
     """One point per evaluated version for the success chart: when it was evaluated and its
     held-out success rate per task."""
     out = []
     for v in versions:
-        summary = v.get("evaluation") or {}
-        scores = summary.get("scores", {}).get(v.get("version_id"), {})
+        summary = v.evaluation or {}
+        scores = summary.get("scores", {}).get(v.version_id, {})
         if scores:
             out.append(
                 {
-                    "version": v.get("version_id"),
+                    "version": v.version_id,
                     "t": summary.get("evaluated_at"),
                     "backend": summary.get("backend"),
                     "success": {t: s.get("success_rate") for t, s in scores.items()},
@@ -159,8 +160,8 @@ def create_app(
         cells = []
         outcomes = registry.cell_outcomes()
         for c in registry.cells():
-            spool = c.spool_bytes
-            stored = outcomes.get(c.cell_id, {})
+            n = c.counters
+            stored = outcomes.get(c.cell_id, OutcomeCounts())
             cells.append(
                 {
                     "cell_id": c.cell_id,
@@ -169,23 +170,23 @@ def create_app(
                     "task": c.task,
                     "version_running": c.version_running,
                     "shadow_version": c.shadow_version,
-                    "loop_hz": c.loop_hz,
-                    "late_ticks": c.late_ticks,
-                    "episodes": c.episodes,
-                    "successes": c.successes,
+                    "loop_hz": n.loop_hz,
+                    "late_ticks": n.late_ticks,
+                    "episodes": n.episodes,
+                    "successes": n.successes,
                     # Steps an operator drove since the cell's actor started (heartbeat).
-                    "intervention_steps": c.interventions,
+                    "intervention_steps": n.interventions,
                     # Takeovers over every episode the learner stored from this cell.
-                    "takeovers": stored.get("takeovers", 0),
-                    "demonstrations": stored.get("demonstrations", 0),
+                    "takeovers": stored.takeovers,
+                    "demonstrations": stored.demonstrations,
                     **figures(stored),
-                    "steps_recorded": c.steps_recorded,
-                    "steps_acked": c.steps_acked,
-                    "unacked_steps": max(0, c.steps_recorded - c.steps_acked),
-                    "spool_depth": spool,
-                    "spool_chunks": c.spool_chunks,
+                    "steps_recorded": n.steps_recorded,
+                    "steps_acked": n.steps_acked,
+                    "unacked_steps": max(0, n.steps_recorded - n.steps_acked),
+                    "spool_depth": n.spool_bytes,
+                    "spool_chunks": n.spool_chunks,
                     "last_fault": c.last_fault,  # only while recent: cells clear it
-                    "fault_count": c.fault_count,
+                    "fault_count": n.fault_count,
                     "last_seen": c.last_seen,
                     "seconds_since_seen": (now - c.last_seen) if c.last_seen else None,
                 }
@@ -199,7 +200,7 @@ def create_app(
         return {
             "now": time.time(),
             "stats": registry.learner_stats(),
-            "store": registry.store_totals(),
+            "store": registry.store_totals().to_json(),
             "points": history.points(since, until),
             "oldest": history.oldest(),
             "retention_s": {t.name: t.retention_s for t in history.tiers},
@@ -227,33 +228,35 @@ def create_app(
         events = registry.events(200)
         versions = [
             {
-                "version_id": v.get("version_id"),
-                "parent": v.get("parent"),
-                "published_at": v.get("published_at"),
-                "training_step": v.get("training_step"),
-                "evaluation": v.get("evaluation"),  # newest `fleet eval` summary, or None
+                "version_id": v.version_id,
+                "parent": v.parent,
+                "published_at": v.published_at,
+                "training_step": v.training_step,
+                "evaluation": v.evaluation,  # newest `fleet eval` summary, or None
             }
             for v in registry.versions()
         ]
         pins = registry.pins() if hasattr(registry, "pins") else {}
         success = registry.success_counts()
         return {
-            "rollout": registry.rollout(),
+            "rollout": registry.rollout().to_json(),
             "assignments": registry.assignments([c.cell_id for c in cells]),
             "running": {c.cell_id: c.version_running for c in cells},
             "shadow_running": {c.cell_id: c.shadow_version for c in cells},
             "pins": pins,
             "versions": versions[-50:],
-            "success": success,
+            "success": {
+                v: {t: n.to_json() for t, n in tasks.items()} for v, tasks in success.items()
+            },
             # version -> task -> takeovers/h, /episode, intervention share, human steps
             # per autonomous success (fleet/interventions.py)
             "interventions": {
                 v: {t: figures(n) for t, n in tasks.items()} for v, tasks in success.items()
             },
             # version -> {steps, mean_dist_stable, operator_steps, mean_dist_operator}
-            "shadow_scores": registry.shadow_scores(),
-            "decisions": [e for e in events if _is_decision(e)],
-            "events": events,
+            "shadow_scores": {v: s.to_json() for v, s in registry.shadow_scores().items()},
+            "decisions": [e.to_json() for e in events if _is_decision(e)],
+            "events": [e.to_json() for e in events],
             "operator_actions": bool(operator_token),
         }
 

@@ -111,17 +111,17 @@ class LearningHistory:
         episodes: dict[str, dict[str, int]] = {}
         for version, tasks in self.registry.success_counts().items():
             for task, c in tasks.items():
-                if c["episodes"]:
-                    success.setdefault(version, {})[task] = c["successes"] / c["episodes"]
-                    episodes.setdefault(version, {})[task] = c["episodes"]
+                if c.episodes:
+                    success.setdefault(version, {})[task] = c.successes / c.episodes
+                    episodes.setdefault(version, {})[task] = c.episodes
         return {
             "t": now,
             "loss": _num(stats.get("loss")),
             "updates": _num(stats.get("updates")),
             "updates_per_s": _num(stats.get("updates_per_s")),
             "replay_ratio": _num(stats.get("replay_ratio")),
-            "store_steps": int(totals.get("steps", 0)),
-            "store_episodes": int(totals.get("episodes", 0)),
+            "store_steps": totals.steps,
+            "store_episodes": totals.episodes,
             "success": success,
             "episodes": episodes,
         }

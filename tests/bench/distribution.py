@@ -515,7 +515,7 @@ def main() -> int:
         figures: dict[str, Any] = {}
 
         def size_of(version: str) -> int:
-            return Path(registry.version(version)["weights_path"]).stat().st_size
+            return Path(registry.version(version).weights_path).stat().st_size
 
         def need(ok: bool, what: str) -> None:
             if not ok:
@@ -651,7 +651,7 @@ def main() -> int:
             cold_window = (t0, time.time())
             ticks = fleet.stop((t0, time.time()))
             sent = servicer.bytes_sent[version]
-            floor_cpu = swap_floor_cpu_s(Path(registry.version(version)["weights_path"]))
+            floor_cpu = swap_floor_cpu_s(Path(registry.version(version).weights_path))
             cpus = os.cpu_count() or 1
             faults = [f for m in fleet.finals for f in m.get("faults", [])]
             log = ticks["tick_log"]
