@@ -347,6 +347,33 @@ class EpisodeSampler:
         log.warning("decoding a batch failed (%s); decoded it in-process instead", error)
         return decode_jpegs(jpegs)
 
+    def action_scale(
+        self, joint_lower: Sequence[float], joint_upper: Sequence[float], floor: float = 0.01
+    ) -> tuple[float, ...]:
+        """Per joint, the RMS of a chunk's offsets (action[t + k] - joint_pos[t], k < chunk_len)
+        in joint-limit-normalised units over every sampled step of the episodes indexed now:
+        PolicyConfig.action_scale from the data. Joint columns only, no frame is read. A
+        joint that never moves gets `floor`, so its scale cannot blow its errors up."""
+        lower, upper = np.asarray(joint_lower, np.float64), np.asarray(joint_upper, np.float64)
+        k = self.config.chunk_len
+        total, count = np.zeros(lower.shape), 0
+        for refs in self._by_task.values():
+            for ref in refs:
+                ep = self._episodes[ref]
+                steps = np.asarray(ep.steps, np.int64)
+                if not steps.size:
+                    continue
+                joints = np.asarray(ep.data.joint_pos[:], np.float64)
+                action = np.asarray(ep.data.action[:], np.float64)
+                for dk in range(k):
+                    idx = np.minimum(steps + dk, ep.n_steps - 1)
+                    offset = (action[idx] - joints[steps]) * 2.0 / (upper - lower)
+                    total += (offset**2).sum(0)
+                    count += len(steps)
+        if not count:
+            raise RuntimeError("no complete episodes to measure the action scale on")
+        return tuple(float(max(floor, x)) for x in np.sqrt(total / count))
+
     def _draw(self) -> dict[str, np.ndarray]:
         cfg = self.config
         tasks = sorted(self._by_task)

@@ -26,6 +26,7 @@ Run: .venv/bin/python ops/offline_ceiling.py --data var/ceiling --demos 20 --upd
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -255,6 +256,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument(
         "--lr-schedule", choices=["constant", "cosine"], default="constant", help="over --updates"
     )
+    ap.add_argument(
+        "--action-scale",
+        choices=("data", "none"),
+        default="none",
+        help="data: measure PolicyConfig.action_scale on the demonstrations (per-joint offset"
+        " RMS); none: the joint-limit scale (1.0 per joint)",
+    )
     ap.add_argument("--preset", default="tiny")
     ap.add_argument("--set", nargs="*", default=[], help="PolicyConfig fields: KEY=JSON ...")
     ap.add_argument("--seed", type=int, default=0, help="training seed (init, batches)")
@@ -308,6 +316,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             "steps": sampler.steps_available,
             "expert": scores_json(demos, "expert"),
         }
+        if args.action_scale == "data" and not cfg.action_scale:
+            scale = sampler.action_scale(cfg.joint_lower, cfg.joint_upper)
+            cfg = dataclasses.replace(cfg, action_scale=scale)
+            result["config"] = cfg.to_dict()
         model = UnifiedPolicy(cfg)
         if args.load is not None:
             load_state_bytes(model, args.load.read_bytes())

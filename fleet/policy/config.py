@@ -77,7 +77,7 @@ _FROM_PRESET: dict[str, Any] = {
 
 # Fields added after versions were first published, with the value that rebuilds those
 # versions' network exactly: a manifest without the field gets this, not the preset's.
-_LEGACY: dict[str, Any] = {"keypoints": 0, "shift_augment": 0}
+_LEGACY: dict[str, Any] = {"keypoints": 0, "shift_augment": 0, "action_scale": ()}
 
 _TUPLE_FIELDS = (
     "tasks",
@@ -87,6 +87,7 @@ _TUPLE_FIELDS = (
     "token_grid",
     "joint_lower",
     "joint_upper",
+    "action_scale",
 )
 
 
@@ -120,6 +121,12 @@ class PolicyConfig:
     shift_augment: int = -1
     joint_lower: tuple[float, ...] = tuple(float(x) for x in JOINT_LOWER)
     joint_upper: tuple[float, ...] = tuple(float(x) for x in JOINT_UPPER)
+    # Per joint, the typical size of a chunk's offset from the current position in
+    # joint-limit-normalised units, measured on the data (learner.sampler.action_scale): the
+    # head predicts offsets in these units and the loss weighs each joint by them, so an arm
+    # joint that moves 0.01 of its range is fitted as precisely as a gripper that moves 0.5
+    # of its range. () = 1.0 for every joint (versions published before the field existed).
+    action_scale: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
@@ -159,6 +166,14 @@ class PolicyConfig:
                 raise ValueError(f"{name} must be two positive ints (height, width), got {value}")
         if not self.image_channels or min(self.image_channels) < 1:
             raise ValueError(f"image_channels must be positive ints, got {self.image_channels}")
+        if self.action_scale and (
+            len(self.action_scale) != JOINT_DIM
+            or not all(math.isfinite(x) and x > 0 for x in self.action_scale)
+        ):
+            raise ValueError(
+                f"action_scale must be empty or {JOINT_DIM} positive numbers,"
+                f" got {self.action_scale!r}"
+            )
         if len(self.joint_lower) != JOINT_DIM or len(self.joint_upper) != JOINT_DIM:
             raise ValueError(f"joint limits must have {JOINT_DIM} values each")
         if any(

@@ -6,8 +6,9 @@ grid of tokens, and a transformer reads them together with a joint token, a task
 K learned query tokens; the query outputs become K future joint targets.
 
 Targets are predicted in joint-limit-normalised space ([-1, 1]) as an offset from the current
-position, with the output layer initialised to zero: an untrained version holds still rather
-than driving every joint to the middle of its range.
+position, in units of the config's per-joint `action_scale`, with the output layer initialised
+to zero: an untrained version holds still rather than driving every joint to the middle of its
+range.
 """
 
 from __future__ import annotations
@@ -160,6 +161,8 @@ class UnifiedPolicy(nn.Module):
         upper = torch.tensor(config.joint_upper, dtype=torch.float32)
         self.register_buffer("joint_lower", lower, persistent=False)
         self.register_buffer("joint_upper", upper, persistent=False)
+        scale = torch.tensor(config.action_scale or (1.0,) * JOINT_DIM, dtype=torch.float32)
+        self.register_buffer("action_scale", scale, persistent=False)
         self._task_ids = {t: i for i, t in enumerate(config.tasks)}
 
     # -- joint normalisation -------------------------------------------------------------
@@ -233,7 +236,7 @@ class UnifiedPolicy(nn.Module):
             dim=1,
         )
         out = self.encoder(tokens)[:, -self.config.chunk_len :]
-        return joint_norm.unsqueeze(1) + self.head(out)
+        return joint_norm.unsqueeze(1) + self.head(out) * self.action_scale
 
     def forward(self, images: Tensor, joint_pos: Tensor, task_id: Tensor) -> Tensor:
         """uint8 (B, n_cams, H, W, 3), f32 (B, 14) rad, i64 (B,) to f32 (B, K, 14) rad."""
@@ -266,7 +269,9 @@ class UnifiedPolicy(nn.Module):
         weight = batch.get("weight")
         weight = torch.ones(b, device=actions.device) if weight is None else weight.float()
 
-        step_err = (predicted - self.normalize_joints(actions)).abs().mean(-1)  # (B, K)
+        # In action_scale units: each joint's error relative to how far that joint moves.
+        scaled_err = (predicted - self.normalize_joints(actions)).abs() / self.action_scale
+        step_err = scaled_err.mean(-1)  # (B, K)
         valid = mask.sum(1)
         per_sample = (step_err * mask).sum(1) / valid.clamp_min(1.0)
         weight = weight * (valid > 0).float()
@@ -277,7 +282,10 @@ class UnifiedPolicy(nn.Module):
             mask_total = mask.sum().clamp_min(1.0)
             metrics = {
                 "loss": float(loss.detach()),
-                "l1_normalized": float((step_err * mask).sum() / mask_total),
+                "l1_normalized": float(
+                    ((predicted - self.normalize_joints(actions)).abs().mean(-1) * mask).sum()
+                    / mask_total
+                ),
                 "abs_err_rad": float((rad_err * mask).sum() / mask_total),
                 "first_step_abs_err_rad": float(
                     (rad_err[:, 0] * mask[:, 0]).sum() / mask[:, 0].sum().clamp_min(1.0)
