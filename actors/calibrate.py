@@ -14,7 +14,7 @@ from pathlib import Path
 
 from drivers.calibration import CalibrationStep, CellCalibration, calibrate, default_calibration
 from drivers.dynamixel.arm_bus import DynamixelArmBus
-from fleet.logs import setup_logging
+from fleet.common.logs import setup_logging
 
 log = logging.getLogger("calibrate")
 

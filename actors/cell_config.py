@@ -32,7 +32,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from drivers.calibration import CalibrationError, CellCalibration
-from fleet.ids import ID_RULE, is_safe_id
+from fleet.common.ids import ID_RULE, is_safe_id
 from protos.joint_layout import ARM_SIDES
 
 DEFAULT_BAUD = 1_000_000

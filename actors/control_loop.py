@@ -53,13 +53,13 @@ from actors.plan_executor import PlanExecutor
 from actors.recorder import EpisodeRecorder
 from drivers.cell import CellFault
 from drivers.interfaces import Clock, DriverFault, Observation, Operator, TaskScene
-from fleet.metrics import TICK_LATENESS_BUCKETS
-from fleet.scenes import training_seed
+from fleet.common.metrics import TICK_LATENESS_BUCKETS
+from fleet.common.scenes import training_seed
 from protos.fleetlearn.v1 import trajectory_pb2
 
 if TYPE_CHECKING:
     from drivers.cell import CellHardware
-    from fleet.policy.runtime import PolicyRunner
+    from fleet.common.policy.runtime import PolicyRunner
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +127,8 @@ SHADOW_COUNTS = {
 
 def episode_seed(seed: int, index: int) -> int:
     """A scene seed per episode: reproducible from the actor's seed and the episode index,
-    and always a training scene, never one of `fleet eval`'s held-out ones (fleet/scenes.py)."""
+    and always a training scene, never one of `fleet eval`'s held-out ones
+    (fleet/common/scenes.py)."""
     return training_seed(seed, index)
 
 

@@ -365,8 +365,8 @@ def check_learner(cell_id: str, opts: DoctorOptions) -> list[Check]:
         ]
     import grpc
 
-    from fleet.cell_auth import call_credentials
-    from fleet.tls import channel_credentials
+    from fleet.common.cell_auth import call_credentials
+    from fleet.common.tls import channel_credentials
     from protos.fleetlearn.v1 import policy_pb2, policy_pb2_grpc
 
     part = f"learner ({opts.learner})"

@@ -25,9 +25,9 @@ from actors.spool import ChunkSpool
 from actors.uplink import Uplink
 from actors.version_cache import VersionCache
 from drivers.interfaces import Clock, Operator, TaskScene
-from fleet import metrics
-from fleet.cell_counters import CellCounters, LoopCounters
-from fleet.signing import load_public_key
+from fleet.common import metrics
+from fleet.common.cell_counters import CellCounters, LoopCounters
+from fleet.common.signing import load_public_key
 from protos.fleetlearn.v1 import policy_pb2
 
 if TYPE_CHECKING:

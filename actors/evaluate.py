@@ -9,7 +9,7 @@ and on the MuJoCo backend every goal reaches the physics before it steps
 happens: the "operator" of an evaluated version only holds the arms if the version cannot
 act, and such an episode is a failure.
 
-Scenes are held-out seeds (fleet/scenes.py): disjoint by construction from every seed a
+Scenes are held-out seeds (fleet/common/scenes.py): disjoint by construction from every seed a
 cell trains on. Baselines run on the same scenes: `untrained` (a freshly initialised model
 of the version's config), `expert` (the backend's scripted expert driving the cell), or
 another version (an id, or `stable` / `latest` with a registry).
@@ -42,11 +42,11 @@ from pydantic import BaseModel, Field
 from actors.config import ActorConfig
 from actors.control_loop import ControlLoop
 from actors.inference import InlineInference
-from fleet.config_cli import add_model_arguments, flag, parse_model
-from fleet.evaluation import BASELINES, EpisodeRecord, EvalResult, store_evaluation
-from fleet.policy.manifest import Manifest
-from fleet.scenes import heldout_seed
-from fleet.wire import from_tensor
+from fleet.common.config_cli import add_model_arguments, flag, parse_model
+from fleet.common.evaluation import BASELINES, EpisodeRecord, EvalResult, store_evaluation
+from fleet.common.policy.manifest import Manifest
+from fleet.common.scenes import heldout_seed
+from fleet.common.wire import from_tensor
 from protos.fleetlearn.v1 import trajectory_pb2
 from protos.joint_layout import JOINT_DIM
 
@@ -81,7 +81,7 @@ def version_of_model(
     """An in-memory model (its PolicyConfig and state) as a version `evaluate` can run:
     written as a version file pair under `directory`, since workers load weights from a
     file and every runner checks them against the manifest's SHA-256."""
-    from fleet.policy.weights import save_version
+    from fleet.common.policy.weights import save_version
 
     manifest = Manifest(
         version_id=version_id,
@@ -181,7 +181,7 @@ def resolve_version(
 
 def check_signature(version: LoadedVersion, verify_key: Path) -> None:
     """Raise SignatureError unless the version carries the key's signature."""
-    from fleet.signing import load_public_key, verify
+    from fleet.common.signing import load_public_key, verify
 
     m = version.manifest
     verify(load_public_key(verify_key), m.version_id, m.sha256, m.signature)
@@ -331,10 +331,10 @@ class PolicySpec:
 def _build_runner(spec: PolicySpec) -> Any:
     import torch
 
-    from fleet.policy.config import PolicyConfig
-    from fleet.policy.model import UnifiedPolicy
-    from fleet.policy.runtime import PolicyRunner
-    from fleet.policy.weights import load_version
+    from fleet.common.policy.config import PolicyConfig
+    from fleet.common.policy.model import UnifiedPolicy
+    from fleet.common.policy.runtime import PolicyRunner
+    from fleet.common.policy.weights import load_version
 
     manifest = Manifest.from_json(spec.manifest_json)
     if spec.kind == "version":
@@ -580,7 +580,7 @@ def evaluate(
     or versions (a LoadedVersion, or with a registry an id / "stable" / "latest").
     `progress` is called after each episode; `on_trace` (in-process runs only, workers=1)
     gets each episode's joint positions and commanded actions, step by step. Nothing is
-    stored here: `fleet.evaluation.store_evaluation(result.summary(), ...)` keeps a result
+    stored here: `fleet.common.evaluation.store_evaluation(result.summary(), ...)` keeps a result
     with its version (as `fleet eval` does)."""
     if episodes < 1:
         raise ValueError(f"episodes must be >= 1, got {episodes}")
@@ -644,7 +644,7 @@ def evaluate(
 
 
 class EvalOptions(BaseModel):
-    """`fleet eval`'s arguments (fleet/config_cli.py generates them)."""
+    """`fleet eval`'s arguments (fleet/common/config_cli.py generates them)."""
 
     version: str | None = flag(
         None,
@@ -662,7 +662,7 @@ class EvalOptions(BaseModel):
     episodes: int = Field(10, description="held-out scenes per task")
     seed_start: int = Field(
         0,
-        description="first held-out scene index (seeds are fleet.scenes.heldout_seed(i), "
+        description="first held-out scene index (seeds are fleet.common.scenes.heldout_seed(i), "
         "never a training seed)",
     )
     backend: Backend = Field("mujoco", description="sim backend")
@@ -748,13 +748,13 @@ def main(argv: list[str] | None = None) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
-    from fleet.logs import setup_logging
+    from fleet.common.logs import setup_logging
 
     setup_logging()
     console = Console(stderr=True)
     registry = None
     if args.redis_url:
-        from fleet.registry import Registry
+        from fleet.control.registry import Registry
 
         registry = Registry(args.redis_url, prefix=args.redis_prefix)
     try:

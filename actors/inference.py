@@ -31,7 +31,7 @@ from actors.thread_priority import lower_this_thread
 from protos.joint_layout import JOINT_DIM
 
 if TYPE_CHECKING:
-    from fleet.policy.runtime import PolicyRunner
+    from fleet.common.policy.runtime import PolicyRunner
 
 log = logging.getLogger(__name__)
 

@@ -17,9 +17,9 @@ from typing import Any
 
 from actors.config import ActorConfig, ActorOptions
 from actors.edge import run_actor
-from fleet.config_cli import add_model_arguments, parse_model
-from fleet.logs import setup_logging
-from fleet.supervision import stop_with_supervisor
+from fleet.common.config_cli import add_model_arguments, parse_model
+from fleet.common.logs import setup_logging
+from fleet.common.supervision import stop_with_supervisor
 
 log = logging.getLogger("actor")
 
@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
             args.cell,
         )
         return 2
-    from fleet.tls import TLSConfigError, use_client_tls
+    from fleet.common.tls import TLSConfigError, use_client_tls
 
     token = args.token_file.read_text().strip() if args.token_file else args.token
     try:  # the token becomes call credentials of every channel; never logged or spooled
@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
             spool_quota_bytes=args.spool_quota_mb << 20,
             jpeg_quality=jpeg_quality,
         )
-        from fleet.metrics import serve_metrics
+        from fleet.common.metrics import serve_metrics
 
         metrics_server = serve_metrics(args.metrics_port, host=args.metrics_host)
         try:

@@ -33,7 +33,7 @@ from actors.inference import Inference, Snapshot
 from drivers.interfaces import Observation
 
 if TYPE_CHECKING:
-    from fleet.policy.runtime import PolicyRunner
+    from fleet.common.policy.runtime import PolicyRunner
 
 ErrorHandler = Callable[["PolicyRunner", str], None]
 

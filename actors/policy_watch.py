@@ -2,7 +2,7 @@
 
 All of it runs on a thread beside the control loop: the watch stream, the chunked weight
 fetch (resumed from the last byte received after any error, so a large file survives a
-flaky link), the Ed25519 signature check (fleet/signing.py: the learner's key over version id
+flaky link), the Ed25519 signature check (fleet/common/signing.py: the learner's key over version id
 + SHA-256, checked before a byte is fetched), the SHA-256 check of the bytes, the on-disk
 version cache (actors/version_cache.py: a restart or a rollback needs no refetch), and
 building the PolicyRunner. The loop only ever calls `take_new()`, which never blocks. Any
@@ -42,13 +42,13 @@ import grpc
 from actors.thread_priority import lower_this_thread
 from actors.uplink import Backoff, open_channel
 from actors.version_cache import VersionCache
-from fleet.signing import SignatureError, verify
+from fleet.common.signing import SignatureError, verify
 from protos.fleetlearn.v1 import policy_pb2, policy_pb2_grpc
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-    from fleet.policy.runtime import PolicyRunner
+    from fleet.common.policy.runtime import PolicyRunner
 
 log = logging.getLogger(__name__)
 
@@ -77,10 +77,10 @@ def load_runner(weights: bytearray, assignment: policy_pb2.Assignment) -> Policy
     The watcher has checked the bytes against the assignment's sha256 (and signature) just
     before; the manifest must name the same version and digest, so the bytes are not hashed
     a second time here (100 MB take ~0.07 s of a cell's CPU)."""
-    from fleet.policy.config import PolicyConfig
-    from fleet.policy.manifest import Manifest
-    from fleet.policy.runtime import PolicyRunner
-    from fleet.policy.weights import model_from_bytes
+    from fleet.common.policy.config import PolicyConfig
+    from fleet.common.policy.manifest import Manifest
+    from fleet.common.policy.runtime import PolicyRunner
+    from fleet.common.policy.weights import model_from_bytes
 
     manifest = Manifest.from_json(assignment.manifest_json)
     if manifest.version_id != assignment.version_id or manifest.sha256 != assignment.sha256:

@@ -27,7 +27,7 @@ import numpy as np
 import simplejpeg
 
 from drivers.interfaces import Frame
-from fleet.wire import to_tensor
+from fleet.common.wire import to_tensor
 from protos.fleetlearn.v1 import arrays_pb2, trajectory_pb2
 from protos.joint_layout import JOINT_DIM
 

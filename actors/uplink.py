@@ -63,8 +63,8 @@ CHANNEL_OPTIONS: tuple[tuple[str, Any], ...] = (
 
 def open_channel(address: str) -> grpc.Channel:
     """A channel to the learner with the fleet's keepalive and size options: TLS (mutual
-    when this cell has a certificate) once actors/main.py chose it via fleet.tls."""
-    from fleet.tls import client_channel
+    when this cell has a certificate) once actors/main.py chose it via fleet.common.tls."""
+    from fleet.common.tls import client_channel
 
     return client_channel(address, CHANNEL_OPTIONS)
 

@@ -65,9 +65,9 @@ def _exec_module(module: str, argv: list[str]) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from fleet.connection import redis_url
-    from fleet.registry import Registry
-    from fleet.status_view import render
+    from fleet.control.connection import redis_url
+    from fleet.control.registry import Registry
+    from fleet.control.status_view import render
 
     try:
         url = redis_url(args)
@@ -101,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
         add_help=not _missing(NEEDS_LEARNER["up"]),
     )
     if not _missing(NEEDS_LEARNER["up"]):  # else `fleet up` says which extra it needs
-        from fleet.up import add_up_arguments
+        from fleet.control.up import add_up_arguments
 
         add_up_arguments(up)
 
@@ -110,12 +110,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="print the fleet's live state from Redis",
         description="Print cells, learner and success counts from Redis.",
     )
-    from fleet.connection import add_redis_arguments
+    from fleet.control.connection import add_redis_arguments
 
     add_redis_arguments(status)
     status.add_argument("--watch", action="store_true", help="keep refreshing")
 
-    from fleet.dashboard.server import add_dashboard_arguments
+    from fleet.control.dashboard.server import add_dashboard_arguments
 
     dashboard = sub.add_parser(
         "dashboard",
@@ -124,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_dashboard_arguments(dashboard)
 
-    from fleet.rollout_cli import add_rollout_commands
+    from fleet.control.rollout_cli import add_rollout_commands
 
     add_rollout_commands(sub)  # versions, rollout, promote, rollback, pin, unpin, events
 
@@ -192,20 +192,20 @@ def main(argv: list[str] | None = None) -> int:
         return _exec_module("learner.retention", argv[1:])
     args = build_parser().parse_args(argv)
     if args.command == "up":
-        from fleet.config_cli import model_from_namespace
-        from fleet.up import UpOptions, run_up
+        from fleet.common.config_cli import model_from_namespace
+        from fleet.control.up import UpOptions, run_up
 
         return run_up(model_from_namespace(UpOptions, args))
     if args.command == "status":
         return cmd_status(args)
     if args.command == "dashboard":
-        from fleet.config_cli import model_from_namespace
-        from fleet.dashboard.server import DashboardOptions, run_dashboard
-        from fleet.supervision import stop_with_supervisor
+        from fleet.common.config_cli import model_from_namespace
+        from fleet.common.supervision import stop_with_supervisor
+        from fleet.control.dashboard.server import DashboardOptions, run_dashboard
 
         stop_with_supervisor()  # under `fleet up`: its death is a SIGTERM here
         return run_dashboard(model_from_namespace(DashboardOptions, args))
-    from fleet.rollout_cli import COMMANDS, run_rollout_command
+    from fleet.control.rollout_cli import COMMANDS, run_rollout_command
 
     if args.command in COMMANDS:
         return run_rollout_command(args)

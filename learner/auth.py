@@ -1,6 +1,6 @@
 """Who is calling, and may it act as that cell: call credentials, certificate, allow-list.
 
-A cell sends its id and token as call credentials (fleet/cell_auth.py); over mutual TLS its
+A cell sends its id and token as call credentials (fleet/common/cell_auth.py); over mutual TLS its
 client certificate's CN must be that same id, so a leaked token does not let cell A's
 machine act as cell B. When the learner has a tokens file, that file is the allow-list: a
 cell missing from it is refused even with a CA-signed certificate, and removing a cell from
@@ -23,9 +23,9 @@ from pathlib import Path
 
 import grpc
 
-from fleet.cell_auth import CELL_KEY, MAX_TOKEN_LEN, TOKEN_KEY, token_of
-from fleet.ids import MAX_ID_LEN
-from fleet.tls import peer_common_name
+from fleet.common.cell_auth import CELL_KEY, MAX_TOKEN_LEN, TOKEN_KEY, token_of
+from fleet.common.ids import MAX_ID_LEN
+from fleet.common.tls import peer_common_name
 
 log = logging.getLogger(__name__)
 

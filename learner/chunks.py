@@ -17,8 +17,8 @@ from typing import Any
 import grpc
 import numpy as np
 
-from fleet.ids import ID_RULE, MAX_ID_LEN, is_safe_id
-from fleet.wire import WireError, from_tensor
+from fleet.common.ids import ID_RULE, MAX_ID_LEN, is_safe_id
+from fleet.common.wire import WireError, from_tensor
 from learner.frame_checks import MAX_IMAGE_PIXELS, frame_problem
 from protos.fleetlearn.v1 import arrays_pb2, trajectory_pb2
 from protos.joint_layout import JOINT_DIM

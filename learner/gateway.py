@@ -15,9 +15,9 @@ from pathlib import Path
 
 import grpc
 
-from fleet.heap import keep_freed_memory
-from fleet.registry import Registry
-from fleet.tls import server_credentials
+from fleet.common.heap import keep_freed_memory
+from fleet.common.tls import server_credentials
+from fleet.control.registry import Registry
 from learner import ingest, policy_service
 from learner.admission import Admission, StreamLimits
 from learner.auth import TokensFile
@@ -54,7 +54,7 @@ class Gateway:
         alive: Callable[[], bool] | None = None,
     ) -> None:
         # Ingest frees megabytes a chunk; refaulting them each time costs more than the
-        # store's own work (fleet/heap.py).
+        # store's own work (fleet/common/heap.py).
         keep_freed_memory()
         self.store = EpisodeStore(store_root)
         self.registry = Registry(registry_url)

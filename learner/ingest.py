@@ -19,7 +19,7 @@ from collections.abc import Callable, Collection, Iterator, Mapping
 import grpc
 from prometheus_client import Counter, Histogram
 
-from fleet.metrics import ACK_LATENCY_BUCKETS
+from fleet.common.metrics import ACK_LATENCY_BUCKETS
 from learner.admission import Admission
 from learner.auth import Caller
 from learner.chunks import ChunkRejected, DecodedChunk, decode_chunk
@@ -69,7 +69,7 @@ class IngestServicer(trajectory_pb2_grpc.TrajectoryServiceServicer):
         alive: Callable[[], bool] | None = None,
     ) -> None:
         self.store = store
-        # Asked right before each ack leaves (fleet/lease.py): an orphan of a dead learner
+        # Asked right before each ack leaves (fleet/control/lease.py): an orphan of a dead learner
         # must not tell a cell that a chunk is safe.
         self.alive = alive
         self.known_tasks = None if known_tasks is None else frozenset(known_tasks)

@@ -20,8 +20,8 @@ from ray.rllib.core.learner.learner_group import LearnerGroup
 from ray.rllib.core.rl_module.rl_module import RLModuleSpec
 from ray.rllib.policy.sample_batch import MultiAgentBatch, SampleBatch
 
-from fleet.policy.config import PolicyConfig
-from fleet.policy.model import UnifiedPolicy
+from fleet.common.policy.config import PolicyConfig
+from fleet.common.policy.model import UnifiedPolicy
 from learner.bc_learner import BCTorchLearner
 from learner.rl_module import UnifiedPolicyModule
 

@@ -17,13 +17,13 @@ from typing import Any
 
 import ray
 
-from fleet import metrics
-from fleet.config_cli import add_model_arguments, parse_model
-from fleet.lease import LEASE_FILE, Lease, hold_lease
-from fleet.logs import setup_logging
-from fleet.policy.config import parse_overrides
-from fleet.registry import Registry
-from fleet.supervision import kill_group_when_gone, stop_with_supervisor
+from fleet.common import metrics
+from fleet.common.config_cli import add_model_arguments, parse_model
+from fleet.common.logs import setup_logging
+from fleet.common.policy.config import parse_overrides
+from fleet.common.supervision import kill_group_when_gone, stop_with_supervisor
+from fleet.control.lease import LEASE_FILE, Lease, hold_lease
+from fleet.control.registry import Registry
 from learner.admission import StreamLimits
 from learner.auth import TokensFile
 from learner.chunks import DecodedChunk
@@ -137,15 +137,15 @@ def main(argv: list[str] | None = None) -> int:
     store_root, versions_dir = data_dir / "store", data_dir / "versions"
     store_root.mkdir(parents=True, exist_ok=True)
 
-    # Fate-sharing: the lease is what every ack and publish checks (fleet/lease.py); the
+    # Fate-sharing: the lease is what every ack and publish checks (fleet/control/lease.py); the
     # group reaper ends the Ray processes this learner starts when it dies, and each Ray
-    # worker dies with its raylet (fleet/supervision.py).
+    # worker dies with its raylet (fleet/common/supervision.py).
     lease_path = data_dir / LEASE_FILE
     hold_lease(lease_path)
     registry = Registry(args.redis_url)
     registry.set_rollout_mode(args.rollout)
     registry.set_learner_stats(state="starting", pid=os.getpid())
-    runtime_env = {"worker_process_setup_hook": "fleet.supervision.die_with_parent"}
+    runtime_env = {"worker_process_setup_hook": "fleet.common.supervision.die_with_parent"}
     if args.ray_address:
         ray.init(address=args.ray_address, include_dashboard=False, runtime_env=runtime_env)
     else:
@@ -241,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     controller = None
     if args.rollout == "auto":  # stages each published version (learner/rollout_controller.py)
-        from fleet.rollout import RuleConfig
+        from fleet.control.rollout import RuleConfig
         from learner.rollout_controller import ControllerConfig, RolloutController
 
         gate = None
@@ -260,8 +260,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         controller.start()
     # The learning curves in Redis, sampled here too so they have no gaps while no
-    # dashboard runs (fleet/dashboard/history.py; only one process writes each sample).
-    from fleet.dashboard.history import LearningHistory
+    # dashboard runs (fleet/control/dashboard/history.py; only one process writes each sample).
+    from fleet.control.dashboard.history import LearningHistory
 
     history = LearningHistory(registry)
     history.start()

@@ -1,4 +1,4 @@
-"""`fleet learner`'s flags as one typed model (fleet/config_cli.py generates the parser).
+"""`fleet learner`'s flags as one typed model (fleet/common/config_cli.py generates the parser).
 
 Defaults that are also the trainer's, the sampler's or the gateway's come from their config
 classes, so the command line and a learner built in code start from the same numbers.
@@ -11,8 +11,8 @@ from typing import Literal
 
 from pydantic import Field
 
-from fleet.config_cli import flag
-from fleet.metrics import MetricsOptions
+from fleet.common.config_cli import flag
+from fleet.common.metrics import MetricsOptions
 from learner.admission import StreamLimits
 from learner.sampler import SamplerConfig
 from learner.trainer import TrainerConfig

@@ -44,10 +44,10 @@ from typing import Any, NoReturn, TypeVar
 import grpc
 import redis
 
-from fleet.cell_counters import CellCounters
-from fleet.ids import MAX_ID_LEN
-from fleet.registry import CellState, Registry
-from fleet.registry_records import VersionRecord
+from fleet.common.cell_counters import CellCounters
+from fleet.common.ids import MAX_ID_LEN
+from fleet.control.registry import CellState, Registry
+from fleet.control.registry_records import VersionRecord
 from learner.admission import Admission
 from learner.auth import Caller
 from learner.grpc_handlers import add_servicer

@@ -7,11 +7,11 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from fleet.policy.manifest import Manifest
-from fleet.policy.model import UnifiedPolicy
-from fleet.policy.weights import save_version
-from fleet.registry import Registry
-from fleet.signing import load_private_key, sign_digest
+from fleet.common.policy.manifest import Manifest
+from fleet.common.policy.model import UnifiedPolicy
+from fleet.common.policy.weights import save_version
+from fleet.common.signing import load_private_key, sign_digest
+from fleet.control.registry import Registry
 
 log = logging.getLogger(__name__)
 
@@ -20,7 +20,7 @@ class Publisher:
     """Writes safetensors + manifest, records the version in Redis and applies the rollout mode.
 
     In "immediate" mode every cell runs each new version as soon as it is published.
-    `alive` (see fleet/lease.py) is asked before the weights are written and again before
+    `alive` (see fleet/control/lease.py) is asked before the weights are written and again before
     the version is registered: once the learner process that owns this publisher is gone,
     nothing more is published in its name.
     """
@@ -36,7 +36,7 @@ class Publisher:
     ):
         self.registry = registry
         self._alive = alive
-        # Ed25519 key that signs each version (fleet/signing.py); None publishes unsigned.
+        # Ed25519 key that signs each version (fleet/common/signing.py); None publishes unsigned.
         self._signing_key = load_private_key(signing_key) if signing_key else None
         self.versions_dir = Path(versions_dir)
         self.versions_dir.mkdir(parents=True, exist_ok=True)

@@ -33,8 +33,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from fleet.connection import redis_url
-from fleet.logs import setup_logging
+from fleet.common.logs import setup_logging
+from fleet.control.connection import redis_url
 from learner.sampler import trained_on
 from learner.store import EpisodeRef, EpisodeStore
 
@@ -191,7 +191,7 @@ def cmd_gc(args: argparse.Namespace, console: Console) -> int:
     doomed = plan_gc(usage(store), policy, now)
     registry = None
     if args.apply:
-        from fleet.registry import Registry
+        from fleet.control.registry import Registry
 
         try:
             registry = Registry(redis_url(args))

@@ -2,7 +2,7 @@
 
 RLlib's default encoders build from observation spaces and reject our dict observation
 (several cameras, joints, a task id), so the module builds the UnifiedPolicy itself from the
-PolicyConfig carried in model_config. The network stays in fleet/policy so the edge runs it
+PolicyConfig carried in model_config. The network stays in fleet/common/policy so the edge runs it
 without Ray; its weights here live under the `policy.` prefix.
 """
 
@@ -12,8 +12,8 @@ from typing import Any
 
 from ray.rllib.core.rl_module.torch import TorchRLModule
 
-from fleet.policy.config import PolicyConfig
-from fleet.policy.model import UnifiedPolicy
+from fleet.common.policy.config import PolicyConfig
+from fleet.common.policy.model import UnifiedPolicy
 
 # Key of the normalised action chunk in forward_train's output (what BCTorchLearner reads).
 PRED_NORMALIZED = "action_pred_normalized"

@@ -1,6 +1,6 @@
 """Automatic staged rollout: each newly published version goes to canary cells, then a
 fraction of the fleet, then the whole fleet while it is not credibly worse than stable, and is
-rolled back as soon as it is credibly worse (the rule is `fleet.rollout.decide`).
+rolled back as soon as it is credibly worse (the rule is `fleet.control.rollout.decide`).
 
 With a sim gate (`fleet learner --sim-gate N`, learner/sim_gate.py) a new version first runs
 `fleet eval` against stable on N held-out scenes a task, and goes to canary only if it is not
@@ -23,10 +23,10 @@ from dataclasses import dataclass, field
 
 import redis
 
-from fleet import rollout
-from fleet.registry import Registry
-from fleet.registry_records import RolloutState
-from fleet.rollout import Decision, RuleConfig
+from fleet.control import rollout
+from fleet.control.registry import Registry
+from fleet.control.registry_records import RolloutState
+from fleet.control.rollout import Decision, RuleConfig
 from learner.sim_gate import SimGate
 
 log = logging.getLogger(__name__)

@@ -4,7 +4,7 @@ eval` on N held-out scenes a task shows it not credibly worse than stable.
 The gate runs `fleet eval CANDIDATE --baselines STABLE` as a child process (the evaluation
 drives simulated cells, which are the cell side's code: the learner does not import it) and
 reads the JSON line it ends with. Candidate and stable run on the same scenes; the verdict
-is the rollout's own rule (`fleet.rollout.decide`): blocked exactly when the rule would roll
+is the rollout's own rule (`fleet.control.rollout.decide`): blocked exactly when the rule would roll
 the candidate back on these outcomes, i.e. some task with all N scenes, or the pooled
 difference, is credibly worse by more than the margin. The evaluation is also stored with
 the candidate (manifest and registry), like any `fleet eval`.
@@ -22,8 +22,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from fleet.evaluation import successes_by_task
-from fleet.rollout import Decision, RuleConfig, TaskTally, decide
+from fleet.common.evaluation import successes_by_task
+from fleet.control.rollout import Decision, RuleConfig, TaskTally, decide
 
 log = logging.getLogger(__name__)
 

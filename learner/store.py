@@ -53,8 +53,8 @@ import numpy as np
 import zarr
 from zarr.storage import LocalStore
 
-from fleet.ids import is_safe_id
-from fleet.interventions import count_takeovers
+from fleet.common.ids import is_safe_id
+from fleet.control.interventions import count_takeovers
 from learner import zarr_direct
 from learner.chunks import ChunkRejected, DecodedChunk
 from learner.group_commit import GroupCommit, Touched
@@ -95,7 +95,7 @@ class AppendResult:
     # without reading the episode back from the store on the ack path.
     episode_steps: int = 0
     intervention_steps: int = 0
-    takeovers: int = 0  # contiguous runs of intervention steps (fleet/interventions.py)
+    takeovers: int = 0  # contiguous runs of intervention steps (fleet/control/interventions.py)
 
 
 @dataclass(frozen=True)

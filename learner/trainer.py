@@ -28,9 +28,9 @@ from typing import Any
 
 import torch
 
-from fleet.policy.config import policy_config
-from fleet.policy.model import UnifiedPolicy
-from fleet.registry import Registry
+from fleet.common.policy.config import policy_config
+from fleet.common.policy.model import UnifiedPolicy
+from fleet.control.registry import Registry
 from learner.checkpoint import load_checkpoint, save_checkpoint
 from learner.decode_pool import DecodePool
 from learner.learner_group import build_learner_group, get_state_dict, update

@@ -41,8 +41,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from fleet.registry import Registry
-from fleet.registry_records import OutcomeCounts, VersionRecord
+from fleet.control.registry import Registry
+from fleet.control.registry_records import OutcomeCounts, VersionRecord
 from ops.curve_png import EvalPoint, draw_success_curve
 
 log = logging.getLogger(__name__)
@@ -103,7 +103,7 @@ def held_out(
     """`count` published versions, evenly spread and always the last, run by `fleet eval`'s
     evaluate() on its held-out scenes; each result is stored with its version."""
     from actors.evaluate import evaluate, resolve_version, store_where
-    from fleet.evaluation import store_evaluation
+    from fleet.common.evaluation import store_evaluation
 
     if not versions or count < 1 or scenes < 1:
         return []

@@ -12,7 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from fleet.signing import PRIVATE_KEY_NAME, PUBLIC_KEY_NAME, write_key_pair
+from fleet.common.signing import PRIVATE_KEY_NAME, PUBLIC_KEY_NAME, write_key_pair
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,7 +7,7 @@ in an EpisodeStore under --data, reused by later runs), the unified model trains
 as many updates as asked, and every --eval-every updates it is evaluated as `fleet eval`
 evaluates a version (actors.evaluate.evaluate): lockstep MuJoCo cells behind the SDKs, the
 cell's own ControlLoop (chunk blending, safety gate), no takeovers, on `fleet eval`'s
-held-out scenes (fleet.scenes.heldout_seed: never a training seed, so never a
+held-out scenes (fleet.common.scenes.heldout_seed: never a training seed, so never a
 demonstration's scene).
 
 Training is the learner's: the same EpisodeSampler batches and UnifiedPolicy.bc_loss, with
@@ -48,10 +48,10 @@ from actors.evaluate import PolicySpec, evaluate, run_jobs, version_of_model
 from actors.inference import InlineInference
 from drivers.sim.mujoco import EPISODE_TIME_S, MUJOCO_TASKS
 from drivers.sim.sdk_cell import make_sdk_sim_cell
-from fleet.evaluation import EpisodeRecord, score
-from fleet.policy.config import PolicyConfig, parse_overrides, policy_config
-from fleet.policy.model import UnifiedPolicy
-from fleet.policy.weights import load_state_bytes, state_dict_to_bytes
+from fleet.common.evaluation import EpisodeRecord, score
+from fleet.common.policy.config import PolicyConfig, parse_overrides, policy_config
+from fleet.common.policy.model import UnifiedPolicy
+from fleet.common.policy.weights import load_state_bytes, state_dict_to_bytes
 from learner.chunks import decode_chunk
 from learner.sampler import EpisodeSampler, SamplerConfig
 from learner.store import EpisodeStore
@@ -171,7 +171,7 @@ def record_demos(
 
 
 def scores_json(records: Sequence[EpisodeRecord], policy: str) -> dict[str, dict[str, Any]]:
-    """Per task: `policy`'s figures as `fleet eval` stores them (fleet.evaluation.score)."""
+    """Per task: `policy`'s figures as `fleet eval` stores them (fleet.common.evaluation.score)."""
     return {task: s.to_dict() for task, s in score(records).get(policy, {}).items()}
 
 

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from fleet.redis_server import RedisServer
+from fleet.control.redis_server import RedisServer
 
 
 @pytest.fixture(scope="session")
@@ -21,7 +21,7 @@ def wipe_default_registry(redis_url: str) -> None:
     """Delete every key under the registry's default prefix. What a test starts itself (a
     Gateway, `fleet learner`) uses that prefix in the session's shared Redis, so a test that
     reads it wipes it first and after, and never sees another test's versions."""
-    from fleet.registry import Registry
+    from fleet.control.registry import Registry
 
     reg = Registry(redis_url)
     try:
@@ -34,7 +34,7 @@ def wipe_default_registry(redis_url: str) -> None:
 @pytest.fixture
 def registry(redis_server: str):
     """A Registry under a prefix of its own, so tests never see each other's keys."""
-    from fleet.registry import Registry
+    from fleet.control.registry import Registry
 
     reg = Registry(redis_server, prefix=f"test:{uuid.uuid4().hex[:12]}:")
     yield reg

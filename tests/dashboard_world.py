@@ -12,10 +12,10 @@ from pathlib import Path
 
 import uvicorn
 
-from fleet.cell_counters import CellCounters
-from fleet.net import free_port
-from fleet.registry import CellState, Registry
-from fleet.rollout import start_rollout
+from fleet.common.cell_counters import CellCounters
+from fleet.common.net import free_port
+from fleet.control.registry import CellState, Registry
+from fleet.control.rollout import start_rollout
 from learner.store import EpisodeStore
 from tests.expert_episodes import record_expert_episodes
 

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from fleet.policy.config import PolicyConfig
-from fleet.policy.weights import load_version, save_version
+from fleet.common.policy.config import PolicyConfig
+from fleet.common.policy.weights import load_version, save_version
 from learner.chunks import CameraColumn, DecodedChunk
 from learner.sampler import EpisodeSampler, SamplerConfig
 from learner.store import EpisodeStore

@@ -20,8 +20,8 @@ from actors.policy_watch import PolicyWatcher
 from actors.recorder import EpisodeRecorder, chunk_steps_of
 from actors.uplink import Uplink
 from drivers.interfaces import Frame
-from fleet.net import free_port
-from fleet.wire import from_tensor, to_tensor
+from fleet.common.net import free_port
+from fleet.common.wire import from_tensor, to_tensor
 from learner.chunks import decode_chunk
 from protos.fleetlearn.v1 import (
     policy_pb2,

@@ -288,9 +288,9 @@ def test_sim_cell_with_a_tiny_policy_keeps_20_hz() -> None:
     import torch
 
     from drivers.sim import SIM_TASKS, make_sim_cell
-    from fleet.policy.config import policy_config
-    from fleet.policy.model import UnifiedPolicy
-    from fleet.policy.runtime import PolicyRunner
+    from fleet.common.policy.config import policy_config
+    from fleet.common.policy.model import UnifiedPolicy
+    from fleet.common.policy.runtime import PolicyRunner
 
     torch.manual_seed(0)
     cameras = ("overhead", "front")

@@ -22,10 +22,10 @@ import torch
 from actors.config import ActorConfig
 from actors.edge import run_actor
 from drivers.sim import make_sim_cell
-from fleet.policy.config import policy_config
-from fleet.policy.model import UnifiedPolicy
-from fleet.registry import Registry
-from fleet.rollout import RuleConfig
+from fleet.common.policy.config import policy_config
+from fleet.common.policy.model import UnifiedPolicy
+from fleet.control.registry import Registry
+from fleet.control.rollout import RuleConfig
 from learner.gateway import Gateway
 from learner.publisher import Publisher
 from learner.rollout_controller import ControllerConfig, RolloutController

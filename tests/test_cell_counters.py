@@ -7,8 +7,8 @@ import dataclasses
 import pytest
 
 from drivers.dynamixel.bus import BusStats
-from fleet import metrics
-from fleet.cell_counters import CellCounters, LoopCounters
+from fleet.common import metrics
+from fleet.common.cell_counters import CellCounters, LoopCounters
 from protos.fleetlearn.v1 import policy_pb2
 
 

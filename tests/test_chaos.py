@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from fleet.net import free_port
+from fleet.common.net import free_port
 from tests.transport_harness import Cells, GatewayProcess, Ledger, compare_store
 
 pytestmark = pytest.mark.timeout(150)

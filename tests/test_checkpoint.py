@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from fleet.registry import Registry
+from fleet.control.registry import Registry
 from learner.checkpoint import load_checkpoint, save_checkpoint
 from learner.learner_group import get_state_dict
 from learner.sampler import SamplerConfig

@@ -10,8 +10,8 @@ import time
 
 import pytest
 
-from fleet.cell_counters import CellCounters
-from fleet.registry import CellState, Registry
+from fleet.common.cell_counters import CellCounters
+from fleet.control.registry import CellState, Registry
 
 
 def fleet(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -90,6 +90,6 @@ def test_fleet_up_names_the_tasks_each_sim_backend_has() -> None:
     exactly the tasks the cells will run, or every upload would be rejected."""
     from drivers.sim.mujoco.tasks import MUJOCO_TASKS
     from drivers.sim.tasks import SIM_TASKS as KINEMATIC_TASKS
-    from fleet.up import SIM_TASKS
+    from fleet.control.up import SIM_TASKS
 
     assert SIM_TASKS == {"mujoco": MUJOCO_TASKS, "kinematic": KINEMATIC_TASKS}

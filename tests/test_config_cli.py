@@ -11,7 +11,7 @@ from typing import Literal
 import pytest
 from pydantic import BaseModel, Field
 
-from fleet.config_cli import add_model_arguments, flag, parse_model
+from fleet.common.config_cli import add_model_arguments, flag, parse_model
 
 
 class _Example(BaseModel):

@@ -581,8 +581,8 @@ def test_run_actor_against_the_learner_services(registry, tmp_path: Path) -> Non
     import grpc
     import torch
 
-    from fleet.policy.config import policy_config
-    from fleet.policy.model import UnifiedPolicy
+    from fleet.common.policy.config import policy_config
+    from fleet.common.policy.model import UnifiedPolicy
     from learner import ingest, policy_service
     from learner.ingest import IngestServicer
     from learner.policy_service import PolicyServicer

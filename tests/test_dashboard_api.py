@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from fleet.dashboard.app import create_app
+from fleet.control.dashboard.app import create_app
 from tests.dashboard_world import TOKEN, World, build_world
 
 
@@ -200,8 +200,8 @@ def test_pin_unpin_and_start_with_the_token(client: TestClient, world: World) ->
 def test_shadow_run_scores_cells_and_actions_through_the_api(
     client: TestClient, world: World
 ) -> None:
-    from fleet.cell_counters import CellCounters
-    from fleet.registry import CellState
+    from fleet.common.cell_counters import CellCounters
+    from fleet.control.registry import CellState
 
     registry = world.registry
     assert client.get("/api/rollout").json()["shadow_scores"] == {}
@@ -258,7 +258,7 @@ def test_lossless_depth_frames_are_rendered_for_the_browser() -> None:
     import simplejpeg
     from numcodecs import Zstd
 
-    from fleet.dashboard.store_reader import displayable
+    from fleet.control.dashboard.store_reader import displayable
 
     depth = np.zeros((96, 128), "<u2")
     depth[:, 64:] = 800  # near: bright

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
-from fleet.cell_counters import CellCounters
-from fleet.dashboard.app import create_app
-from fleet.registry import CellState
+from fleet.common.cell_counters import CellCounters
+from fleet.control.dashboard.app import create_app
+from fleet.control.registry import CellState
 from tests.dashboard_world import TOKEN, ServerThread, World, build_world
 
 CHROMIUM = Path("/usr/bin/chromium")

@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
-from fleet.net import free_port
-from fleet.redis_server import RedisServer
-from fleet.registry import Registry
+from fleet.common.net import free_port
+from fleet.control.redis_server import RedisServer
+from fleet.control.registry import Registry
 from learner.store import EpisodeStore
 from tests.test_dashboard_browser import CHROMIUM, CHROMIUM_ARGS
 

@@ -24,13 +24,13 @@ from rich.console import Console
 from actors.heartbeat import HeartbeatSender
 from actors.policy_watch import PolicyWatcher
 from actors.version_cache import VersionCache
-from fleet import signing
-from fleet.policy.config import policy_config
-from fleet.policy.manifest import Manifest
-from fleet.policy.model import UnifiedPolicy
-from fleet.policy.weights import save_version, sha256_hex, state_dict_to_bytes
-from fleet.registry import Registry
-from fleet.status_view import render
+from fleet.common import signing
+from fleet.common.policy.config import policy_config
+from fleet.common.policy.manifest import Manifest
+from fleet.common.policy.model import UnifiedPolicy
+from fleet.common.policy.weights import save_version, sha256_hex, state_dict_to_bytes
+from fleet.control.registry import Registry
+from fleet.control.status_view import render
 from learner import policy_service
 from learner.policy_service import PolicyServicer
 from learner.publisher import Publisher
@@ -402,7 +402,7 @@ def test_swapping_in_a_large_version_misses_no_control_tick(
     import threading
 
     import actors.policy_watch as policy_watch
-    import fleet.policy.weights as weights
+    import fleet.common.policy.weights as weights
 
     heavy_threads: list[threading.Thread] = []
 

@@ -27,8 +27,8 @@ from drivers.calibration import default_calibration
 from drivers.dynamixel import control_table as ct
 from drivers.sim.rs_software import SoftwareRealSense
 from drivers.sim.servo_peer import ServoPeer
-from fleet import tls
-from fleet.net import free_port
+from fleet.common import tls
+from fleet.common.net import free_port
 from learner import policy_service
 from learner.policy_service import PolicyServicer
 from protos.fleetlearn.v1 import policy_pb2

@@ -19,15 +19,15 @@ from rich.console import Console
 
 from actors.control_loop import episode_seed
 from actors.evaluate import PolicySpec, evaluate, run_jobs
-from fleet.dashboard.app import create_app
-from fleet.evaluation import EvalResult, wilson_interval
-from fleet.policy.config import policy_config
-from fleet.policy.manifest import Manifest
-from fleet.policy.model import UnifiedPolicy
-from fleet.policy.weights import save_version
-from fleet.registry import CellState
-from fleet.rollout_cli import _versions_table
-from fleet.scenes import heldout_seed, is_heldout, training_seed
+from fleet.common.evaluation import EvalResult, wilson_interval
+from fleet.common.policy.config import policy_config
+from fleet.common.policy.manifest import Manifest
+from fleet.common.policy.model import UnifiedPolicy
+from fleet.common.policy.weights import save_version
+from fleet.common.scenes import heldout_seed, is_heldout, training_seed
+from fleet.control.dashboard.app import create_app
+from fleet.control.registry import CellState
+from fleet.control.rollout_cli import _versions_table
 from learner.rollout_controller import ControllerConfig, RolloutController
 from learner.sim_gate import SimGate
 

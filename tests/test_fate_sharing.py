@@ -19,9 +19,9 @@ import numpy as np
 import psutil
 import pytest
 
-from fleet.net import free_port
-from fleet.registry import Registry
-from fleet.wire import to_tensor
+from fleet.common.net import free_port
+from fleet.common.wire import to_tensor
+from fleet.control.registry import Registry
 from learner.store import EpisodeStore
 from protos.fleetlearn.v1 import trajectory_pb2, trajectory_pb2_grpc
 from tests.conftest import wipe_default_registry

@@ -18,8 +18,8 @@ import grpc
 import numpy as np
 import pytest
 
-from fleet import tls
-from fleet.cell_auth import call_credentials
+from fleet.common import tls
+from fleet.common.cell_auth import call_credentials
 from learner.admission import StreamLimits
 from learner.gateway import Gateway
 from protos.fleetlearn.v1 import policy_pb2, policy_pb2_grpc, trajectory_pb2, trajectory_pb2_grpc

@@ -7,7 +7,7 @@ import sys
 
 PROBE = """
 import ctypes, sys
-from fleet.heap import keep_freed_memory
+from fleet.common.heap import keep_freed_memory
 
 class MallInfo2(ctypes.Structure):
     _fields_ = [(n, ctypes.c_size_t) for n in (

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import simplejpeg
 
-from fleet.cell_auth import cell_metadata
-from fleet.wire import to_tensor
+from fleet.common.cell_auth import cell_metadata
+from fleet.common.wire import to_tensor
 from learner import ingest
 from learner.chunks import DecodedChunk
 from learner.ingest import IngestServicer

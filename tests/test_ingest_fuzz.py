@@ -17,7 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fleet.cell_auth import cell_metadata
+from fleet.common.cell_auth import cell_metadata
 from learner import ingest
 from learner.admission import Admission, StreamLimits
 from learner.chunks import decode_chunk

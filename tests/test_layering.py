@@ -29,7 +29,7 @@ MAY_IMPORT: dict[str, set[str]] = {
 EXCEPTIONS: dict[tuple[str, str], str] = {
     # The dashboard reads the store (episode browser, disk use) through the store's own code,
     # imported inside the functions that need it (the dashboard runs on the centre).
-    ("fleet/dashboard/store_reader.py", "learner"): "the dashboard reads the zarr store",
+    ("fleet/control/dashboard/store_reader.py", "learner"): "the dashboard reads the zarr store",
 }
 
 

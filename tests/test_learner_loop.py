@@ -8,9 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
-from fleet.policy.manifest import Manifest
-from fleet.policy.weights import load_version
-from fleet.registry import Registry
+from fleet.common.policy.manifest import Manifest
+from fleet.common.policy.weights import load_version
+from fleet.control.registry import Registry
 from learner.sampler import EpisodeSampler, SamplerConfig
 from learner.store import EpisodeStore
 from learner.trainer import Trainer, TrainerConfig

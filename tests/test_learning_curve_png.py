@@ -9,7 +9,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from fleet.registry_records import VersionRecord
+from fleet.control.registry_records import VersionRecord
 from ops.curve_png import COLOURS, MARGIN, SIZE, EvalPoint, draw_success_curve
 
 REPO = Path(__file__).resolve().parents[1]
@@ -90,11 +90,11 @@ def test_learning_run_evaluates_published_versions_as_fleet_eval_and_stores_it(
 ) -> None:
     import torch
 
-    from fleet.policy.config import policy_config
-    from fleet.policy.manifest import Manifest
-    from fleet.policy.model import UnifiedPolicy
-    from fleet.policy.weights import save_version
-    from fleet.scenes import heldout_seed
+    from fleet.common.policy.config import policy_config
+    from fleet.common.policy.manifest import Manifest
+    from fleet.common.policy.model import UnifiedPolicy
+    from fleet.common.policy.weights import save_version
+    from fleet.common.scenes import heldout_seed
     from ops.learning_run import held_out
 
     torch.set_num_threads(1)

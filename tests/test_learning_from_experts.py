@@ -27,11 +27,11 @@ from actors.config import ActorConfig
 from actors.control_loop import ControlLoop, episode_seed
 from actors.inference import InlineInference
 from drivers.sim import SIM_TASKS, make_sim_cell
-from fleet.policy.config import PolicyConfig, policy_config
-from fleet.policy.manifest import Manifest
-from fleet.policy.model import UnifiedPolicy
-from fleet.policy.runtime import PolicyRunner
-from fleet.policy.weights import save_version
+from fleet.common.policy.config import PolicyConfig, policy_config
+from fleet.common.policy.manifest import Manifest
+from fleet.common.policy.model import UnifiedPolicy
+from fleet.common.policy.runtime import PolicyRunner
+from fleet.common.policy.weights import save_version
 from learner.learner_group import build_learner_group, policy_from_learner_group, update
 from learner.sampler import EpisodeSampler, SamplerConfig
 from learner.store import EpisodeStore

@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from fleet.dashboard.history import LearningHistory
-from fleet.registry import Registry
+from fleet.control.dashboard.history import LearningHistory
+from fleet.control.registry import Registry
 
 
 def _offer(history: LearningHistory, now: float) -> dict:

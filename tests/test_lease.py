@@ -15,10 +15,10 @@ from pathlib import Path
 import grpc
 import pytest
 
-from fleet.lease import Lease, LeaseHeld, hold_lease
-from fleet.policy.config import policy_config
-from fleet.policy.model import UnifiedPolicy
-from fleet.registry import Registry
+from fleet.common.policy.config import policy_config
+from fleet.common.policy.model import UnifiedPolicy
+from fleet.control.lease import Lease, LeaseHeld, hold_lease
+from fleet.control.registry import Registry
 from learner import ingest
 from learner.ingest import IngestServicer
 from learner.publisher import LearnerGone, Publisher
@@ -29,7 +29,7 @@ from tests.test_store import make_msg
 HOLDER = """
 import sys, time
 from pathlib import Path
-from fleet.lease import hold_lease
+from fleet.control.lease import hold_lease
 hold_lease(Path(sys.argv[1]))
 print("HELD", flush=True)
 time.sleep(600)

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from fleet.policy.manifest import Manifest
-from fleet.registry import Registry
+from fleet.common.policy.manifest import Manifest
+from fleet.control.registry import Registry
 from learner.checkpoint import load_checkpoint
 from learner.store import EpisodeStore
 from tests.expert_episodes import record_expert_episodes

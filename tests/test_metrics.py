@@ -23,10 +23,10 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from fleet.metrics import metric_names
-from fleet.net import free_port
-from fleet.redis_server import RedisServer
-from fleet.registry import Registry
+from fleet.common.metrics import metric_names
+from fleet.common.net import free_port
+from fleet.control.redis_server import RedisServer
+from fleet.control.registry import Registry
 
 REPO = Path(__file__).resolve().parents[1]
 DASHBOARD = REPO / "ops" / "grafana" / "fleet-dashboard.json"
@@ -190,7 +190,7 @@ def test_every_metric_the_grafana_dashboard_queries_exists(scraped: dict[str, st
 
 
 def test_prometheus_config_reads_the_targets_fleet_up_writes(tmp_path: Path) -> None:
-    from fleet.up import write_prometheus_targets
+    from fleet.control.up import write_prometheus_targets
 
     path = write_prometheus_targets(tmp_path, {"learner": 9100, "cell-01": 9101})
     groups = json.loads(path.read_text())

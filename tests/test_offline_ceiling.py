@@ -15,7 +15,7 @@ import torch
 from actors.control_loop import episode_seed
 from actors.recorder import EpisodeRecorder
 from drivers.interfaces import Frame
-from fleet.scenes import heldout_seed, is_heldout
+from fleet.common.scenes import heldout_seed, is_heldout
 from learner.store import EpisodeStore
 from ops.offline_ceiling import CAMERAS, DEMO_SEED, _Sink, main, record_demos
 from protos.fleetlearn.v1 import trajectory_pb2

@@ -14,12 +14,12 @@ from pathlib import Path
 
 import torch
 
-from fleet.connection import read_connection, write_connection
-from fleet.policy.config import policy_config
-from fleet.policy.model import UnifiedPolicy
-from fleet.redis_server import RedisServer
-from fleet.registry import CellState, Registry
-from fleet.rollout import RuleConfig
+from fleet.common.policy.config import policy_config
+from fleet.common.policy.model import UnifiedPolicy
+from fleet.control.connection import read_connection, write_connection
+from fleet.control.redis_server import RedisServer
+from fleet.control.registry import CellState, Registry
+from fleet.control.rollout import RuleConfig
 from learner.publisher import Publisher
 from learner.rollout_controller import ControllerConfig, RolloutController
 
@@ -57,7 +57,7 @@ def test_manual_mode_registers_versions_and_moves_nothing(
     assert registry.event_counts() == {}
 
     # The operator starts a canary by hand and promotes it; the controller still stays out.
-    from fleet import rollout
+    from fleet.control import rollout
 
     rollout.start_rollout(registry, second, ["cell-02"], actor="alice", reason="try it")
     assert controller.step() is None

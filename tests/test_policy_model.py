@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from fleet.policy.config import PRESETS, PolicyConfig, policy_config
-from fleet.policy.manifest import Manifest
-from fleet.policy.model import UnifiedPolicy
-from fleet.policy.runtime import PolicyRunner
-from fleet.policy.weights import (
+from fleet.common.policy.config import PRESETS, PolicyConfig, policy_config
+from fleet.common.policy.manifest import Manifest
+from fleet.common.policy.model import UnifiedPolicy
+from fleet.common.policy.runtime import PolicyRunner
+from fleet.common.policy.weights import (
     load_state_bytes,
     load_version,
     save_version,
@@ -122,7 +122,7 @@ def test_manifest_config_without_newer_fields_rebuilds_the_old_network() -> None
 
 
 def test_command_line_policy_settings_parse_to_config_fields() -> None:
-    from fleet.policy.config import parse_overrides
+    from fleet.common.policy.config import parse_overrides
 
     got = parse_overrides(["keypoints=16", "image_size=[96,128]", "preset=tiny"])
     assert got == {"keypoints": 16, "image_size": [96, 128], "preset": "tiny"}
@@ -159,7 +159,7 @@ def test_forward_shapes_for_any_image_size(h: int, w: int) -> None:
 def test_keypoints_locate_what_they_see() -> None:
     """Spatial-softmax keypoints follow an image feature: a bright spot moved right moves
     the keypoint right, and the network's output changes with it."""
-    from fleet.policy.model import SpatialSoftmax
+    from fleet.common.policy.model import SpatialSoftmax
 
     soft = SpatialSoftmax(channels=1, keypoints=1)
     with torch.no_grad():
@@ -193,7 +193,7 @@ def test_shift_augmentation_only_while_training() -> None:
 
 
 def test_random_shift_moves_whole_images_by_at_most_pad() -> None:
-    from fleet.policy.model import random_shift
+    from fleet.common.policy.model import random_shift
 
     x = torch.arange(2 * 3 * 10 * 12, dtype=torch.float32).reshape(2, 3, 10, 12)
     torch.manual_seed(0)
@@ -424,9 +424,10 @@ def test_runner_from_version_checks_the_digest(tmp_path: Path) -> None:
 
 
 def test_policy_package_imports_no_ray() -> None:
-    """The edge installs no Ray: fleet.policy must never pull it in."""
+    """The edge installs no Ray: fleet.common.policy must never pull it in."""
     code = (
-        "import sys, fleet.policy.runtime, fleet.policy.weights, fleet.policy.config;"
+        "import sys, fleet.common.policy.runtime, fleet.common.policy.weights,"
+        " fleet.common.policy.config;"
         "bad = sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.'));"
         "assert not bad, bad"
     )

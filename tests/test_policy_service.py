@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from fleet.cell_auth import cell_metadata
-from fleet.registry import Registry
+from fleet.common.cell_auth import cell_metadata
+from fleet.control.registry import Registry
 from learner import policy_service
 from learner.policy_service import PolicyServicer
 from protos.fleetlearn.v1 import policy_pb2, policy_pb2_grpc

@@ -16,11 +16,11 @@ import torch
 
 from actors.policy_watch import PolicyWatcher
 from actors.version_cache import VersionCache
-from fleet import signing
-from fleet.policy.config import policy_config
-from fleet.policy.manifest import Manifest
-from fleet.policy.model import UnifiedPolicy
-from fleet.registry import Registry
+from fleet.common import signing
+from fleet.common.policy.config import policy_config
+from fleet.common.policy.manifest import Manifest
+from fleet.common.policy.model import UnifiedPolicy
+from fleet.control.registry import Registry
 from learner.publisher import Publisher
 from protos.fleetlearn.v1 import policy_pb2, policy_pb2_grpc
 from tests.test_distribution import CELL, Learner, paced_cell_running_v1, run_until_loaded

@@ -13,9 +13,9 @@ import simplejpeg
 from prometheus_client import CollectorRegistry
 from rich.console import Console
 
-from fleet import metrics
-from fleet.registry import Registry
-from fleet.status_view import render
+from fleet.common import metrics
+from fleet.control.registry import Registry
+from fleet.control.status_view import render
 from learner.chunks import CameraColumn, DecodedChunk
 from learner.sampler import EpisodeSampler, SamplerConfig
 from learner.store import EpisodeRef, EpisodeStore

@@ -8,10 +8,10 @@ import time
 import pytest
 import redis
 
-from fleet.cell_counters import CellCounters
-from fleet.redis_server import RedisServer, RedisServerError
-from fleet.registry import CellState, Registry
-from fleet.registry_records import OutcomeCounts, StoreTotals
+from fleet.common.cell_counters import CellCounters
+from fleet.control.redis_server import RedisServer, RedisServerError
+from fleet.control.registry import CellState, Registry
+from fleet.control.registry_records import OutcomeCounts, StoreTotals
 
 
 def manifest(version_id: str, **extra: object) -> str:

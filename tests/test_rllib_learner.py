@@ -11,8 +11,8 @@ import torch
 from ray.rllib.core import DEFAULT_MODULE_ID
 from ray.rllib.core.learner.learner_group import LearnerGroup
 
-from fleet.policy.config import PolicyConfig, policy_config
-from fleet.policy.model import UnifiedPolicy
+from fleet.common.policy.config import PolicyConfig, policy_config
+from fleet.common.policy.model import UnifiedPolicy
 from learner.learner_group import (
     build_learner_group,
     get_state_dict,

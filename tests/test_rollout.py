@@ -12,10 +12,10 @@ import time
 
 import pytest
 
-from fleet import rollout
-from fleet.registry import CellState, Registry
-from fleet.registry_records import ShadowScore
-from fleet.rollout import RuleConfig
+from fleet.control import rollout
+from fleet.control.registry import CellState, Registry
+from fleet.control.registry_records import ShadowScore
+from fleet.control.rollout import RuleConfig
 from learner.rollout_controller import ControllerConfig, RolloutController
 
 CELLS = ("cell-0", "cell-1", "cell-2", "cell-3")
@@ -214,7 +214,7 @@ def test_rollout_commands_against_redis(redis_server: str) -> None:
 def test_shadow_actions_are_scored_against_stable_and_operator() -> None:
     import numpy as np
 
-    from fleet.wire import to_tensor
+    from fleet.common.wire import to_tensor
     from learner.chunks import decode_chunk
     from learner.shadow_scoring import shadow_score
     from protos.fleetlearn.v1 import trajectory_pb2

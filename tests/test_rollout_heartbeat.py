@@ -19,10 +19,11 @@ from actors import edge
 from actors.config import ActorConfig
 from actors.edge import FaultLog, run_actor
 from drivers.sim import make_sim_cell
-from fleet import metrics, rollout, signing
-from fleet.policy.config import policy_config
-from fleet.policy.model import UnifiedPolicy
-from fleet.registry import CellState, Registry
+from fleet.common import metrics, signing
+from fleet.common.policy.config import policy_config
+from fleet.common.policy.model import UnifiedPolicy
+from fleet.control import rollout
+from fleet.control.registry import CellState, Registry
 from learner import ingest, policy_service
 from learner.ingest import IngestServicer
 from learner.policy_service import PolicyServicer

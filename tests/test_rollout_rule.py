@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from fleet.registry_records import OutcomeCounts
-from fleet.rollout import RuleConfig, TaskTally, decide, tallies
+from fleet.control.registry_records import OutcomeCounts
+from fleet.control.rollout import RuleConfig, TaskTally, decide, tallies
 
 
 def test_credibly_worse_candidate_is_rolled_back() -> None:

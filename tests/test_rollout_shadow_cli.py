@@ -11,10 +11,10 @@ from collections.abc import Iterator
 import pytest
 from rich.console import Console
 
-from fleet.cell_counters import CellCounters
 from fleet.cli import main
-from fleet.registry import CellState, Registry
-from fleet.status_view import render
+from fleet.common.cell_counters import CellCounters
+from fleet.control.registry import CellState, Registry
+from fleet.control.status_view import render
 
 CELLS = ("cell-0", "cell-1", "cell-2", "cell-3")
 

@@ -33,11 +33,12 @@ from actors.recorder import EpisodeRecorder
 from actors.uplink import Uplink
 from drivers.interfaces import Frame
 from drivers.sim import make_sim_cell
-from fleet import rollout, signing
-from fleet.policy.config import policy_config
-from fleet.policy.model import UnifiedPolicy
-from fleet.registry import Registry
-from fleet.status_view import render
+from fleet.common import signing
+from fleet.common.policy.config import policy_config
+from fleet.common.policy.model import UnifiedPolicy
+from fleet.control import rollout
+from fleet.control.registry import Registry
+from fleet.control.status_view import render
 from learner import policy_service
 from learner.chunks import DecodedChunk, decode_chunk
 from learner.gateway import Gateway

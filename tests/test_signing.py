@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from fleet import signing
-from fleet.policy.config import policy_config
-from fleet.policy.manifest import Manifest
-from fleet.policy.model import UnifiedPolicy
-from fleet.signing import SignatureError, sign_digest, verify
+from fleet.common import signing
+from fleet.common.policy.config import policy_config
+from fleet.common.policy.manifest import Manifest
+from fleet.common.policy.model import UnifiedPolicy
+from fleet.common.signing import SignatureError, sign_digest, verify
 from learner.publisher import Publisher
 
 ROOT = Path(__file__).resolve().parent.parent

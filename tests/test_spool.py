@@ -20,8 +20,8 @@ import pytest
 
 from actors.spool import HEADER_BYTES, ChunkSpool
 from actors.uplink import Uplink
-from fleet.net import free_port
-from fleet.wire import to_tensor
+from fleet.common.net import free_port
+from fleet.common.wire import to_tensor
 from protos.fleetlearn.v1 import trajectory_pb2, trajectory_pb2_grpc
 from tests.waiting import wait_until
 
@@ -118,7 +118,7 @@ _WRITER = textwrap.dedent(
     import sys
     import numpy as np
     from actors.spool import ChunkSpool
-    from fleet.wire import to_tensor
+    from fleet.common.wire import to_tensor
     from protos.fleetlearn.v1 import trajectory_pb2
 
     spool = ChunkSpool(sys.argv[1], quota_bytes=1 << 40)

@@ -16,7 +16,7 @@ import simplejpeg
 import zarr
 
 import learner.zarr_direct
-from fleet.wire import to_tensor
+from fleet.common.wire import to_tensor
 from learner.chunks import ChunkRejected, DecodedChunk, decode_chunk
 from learner.store import AppendResult, EpisodeRef, EpisodeStore
 from protos.fleetlearn.v1 import arrays_pb2, trajectory_pb2

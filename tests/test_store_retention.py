@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import simplejpeg
 
-from fleet.registry import Registry
+from fleet.control.registry import Registry
 from learner.chunks import CameraColumn, DecodedChunk
 from learner.store import EpisodeRef, EpisodeStore
 
@@ -129,7 +129,7 @@ def test_gc_is_a_dry_run_by_default_and_needs_a_log_to_apply(store_root: Path) -
 
 
 def test_gc_removes_by_policy_and_logs_each_removal(store_root: Path) -> None:
-    from fleet.redis_server import RedisServer
+    from fleet.control.redis_server import RedisServer
 
     with RedisServer() as server:
         out = fleet(

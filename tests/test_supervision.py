@@ -14,7 +14,7 @@ from tests.waiting import wait_for
 CHILD = """
 import os, signal, sys, time
 from pathlib import Path
-from fleet.supervision import SUPERVISOR_ENV, stop_with_supervisor
+from fleet.common.supervision import SUPERVISOR_ENV, stop_with_supervisor
 out = Path(sys.argv[1])
 def stop(*_):
     out.joinpath("stopped").write_text("SIGTERM")
@@ -25,11 +25,11 @@ out.joinpath("ready").write_text(f"{applied} {SUPERVISOR_ENV in os.environ}")
 time.sleep(60)
 """
 
-# fleet up's own spawn path (fleet/up.py _Fleet.spawn), then nothing: it is killed.
+# fleet up's own spawn path (fleet/control/up.py _Fleet.spawn), then nothing: it is killed.
 SUPERVISOR = """
 import sys, time
 from pathlib import Path
-from fleet.up import _Fleet
+from fleet.control.up import _Fleet
 out = Path(sys.argv[1])
 child = _Fleet(out).spawn("child", [sys.executable, "-c", sys.argv[2], str(out)])
 out.joinpath("child.pid").write_text(str(child.proc.pid))

@@ -38,7 +38,7 @@ def _actor_parser() -> argparse.ArgumentParser:
 
 
 def _dashboard_parser() -> argparse.ArgumentParser:
-    from fleet.dashboard.server import add_dashboard_arguments
+    from fleet.control.dashboard.server import add_dashboard_arguments
 
     p = argparse.ArgumentParser()
     add_dashboard_arguments(p)

@@ -11,8 +11,8 @@ from pathlib import Path
 import grpc
 import pytest
 
-from fleet import tls
-from fleet.cell_auth import call_credentials
+from fleet.common import tls
+from fleet.common.cell_auth import call_credentials
 from learner import ingest, policy_service
 from learner.ingest import IngestServicer
 from learner.policy_service import PolicyServicer

@@ -12,9 +12,9 @@ import pytest
 import safetensors.torch
 import torch
 
-from fleet.policy.config import policy_config
-from fleet.policy.model import UnifiedPolicy
-from fleet.policy.weights import (
+from fleet.common.policy.config import policy_config
+from fleet.common.policy.model import UnifiedPolicy
+from fleet.common.policy.weights import (
     load_state_bytes,
     model_from_bytes,
     state_dict_to_bytes,

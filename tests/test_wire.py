@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from fleet.wire import WireError, from_tensor, to_tensor
+from fleet.common.wire import WireError, from_tensor, to_tensor
 from protos.fleetlearn.v1 import arrays_pb2
 
 DTYPES = st.sampled_from(["bool", "uint8", "int16", "int32", "int64", "float32", "float64"])

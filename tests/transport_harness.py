@@ -22,7 +22,7 @@ import actors.edge
 from actors.config import ActorConfig
 from actors.uplink import Uplink
 from drivers.sim import make_sim_cell
-from fleet.wire import from_tensor
+from fleet.common.wire import from_tensor
 from learner.store import EpisodeRef, EpisodeStore
 from protos.fleetlearn.v1 import trajectory_pb2
 

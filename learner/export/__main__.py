@@ -11,7 +11,7 @@ import logging
 import sys
 from pathlib import Path
 
-from fleet.logs import setup_logging
+from fleet.common.logs import setup_logging
 
 log = logging.getLogger("export")
 

@@ -23,7 +23,7 @@ import numpy as np  # noqa: E402
 import ray  # noqa: E402
 from ray.rllib.core import DEFAULT_MODULE_ID  # noqa: E402
 
-from fleet.policy.config import policy_config  # noqa: E402
+from fleet.common.policy.config import policy_config  # noqa: E402
 from learner.learner_group import build_learner_group, get_state_dict, update  # noqa: E402
 
 CAMERAS = ("overhead", "left_wrist")  # names a sim cell accepts

@@ -55,9 +55,9 @@ SWAP_WINDOW_S = 2.0
 def learner_side(args: argparse.Namespace) -> int:
     import torch
 
-    from fleet.policy.config import policy_config
-    from fleet.policy.model import UnifiedPolicy
-    from fleet.registry import Registry
+    from fleet.common.policy.config import policy_config
+    from fleet.common.policy.model import UnifiedPolicy
+    from fleet.control.registry import Registry
     from learner.gateway import Gateway
     from learner.publisher import Publisher
 
@@ -171,9 +171,9 @@ def feed_cameras(sims: dict[str, Any], fps: float, stop: threading.Event) -> Non
 
 def inference_cost(preset: str, tasks: tuple[str, ...], config: Any) -> dict[str, float]:
     """One chunk's inference on this machine, as the cell runs it (p50 of a few calls)."""
-    from fleet.policy.config import policy_config
-    from fleet.policy.model import UnifiedPolicy
-    from fleet.policy.runtime import PolicyRunner
+    from fleet.common.policy.config import policy_config
+    from fleet.common.policy.model import UnifiedPolicy
+    from fleet.common.policy.runtime import PolicyRunner
 
     cams = tuple(c.name for c in config.cameras)
     model = UnifiedPolicy(policy_config(preset, tasks, cams))
@@ -223,7 +223,7 @@ def run(args: argparse.Namespace) -> int:
     from actors.real_cell import make_real_cell
     from drivers.sim.rs_software import SoftwareRealSense
     from drivers.sim.servo_peer import ServoPeer
-    from fleet.redis_server import RedisServer
+    from fleet.control.redis_server import RedisServer
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s %(message)s")
     hz_tasks = ("transfer_cube", "insertion")

@@ -69,11 +69,11 @@ from actors.control_loop import ControlLoop
 from actors.policy_watch import PolicyWatcher
 from actors.version_cache import VersionCache
 from drivers.sim import make_sim_cell
-from fleet import signing
-from fleet.policy.config import policy_config
-from fleet.policy.model import UnifiedPolicy
-from fleet.redis_server import RedisServer
-from fleet.registry import Registry
+from fleet.common import signing
+from fleet.common.policy.config import policy_config
+from fleet.common.policy.model import UnifiedPolicy
+from fleet.control.redis_server import RedisServer
+from fleet.control.registry import Registry
 from learner import policy_service
 from learner.policy_service import PolicyServicer
 from learner.publisher import Publisher

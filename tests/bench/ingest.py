@@ -52,8 +52,8 @@ import numpy as np
 import psutil
 import simplejpeg
 
-from fleet.heap import keep_freed_memory
-from fleet.wire import to_tensor
+from fleet.common.heap import keep_freed_memory
+from fleet.common.wire import to_tensor
 from learner.read_ahead import read_ahead
 from protos.fleetlearn.v1 import arrays_pb2, trajectory_pb2
 
@@ -81,7 +81,7 @@ OPTIONS = [
 def _serve(kind: str, store_dir: str) -> None:
     """Child process: serve `kind` (ingest or raw) on a free port, print it, run until stdin
     closes."""
-    # Every server gets the allocator setting the learner's gateway makes (fleet/heap.py), so
+    # Every server gets the allocator setting the learner's gateway makes (fleet/common/heap.py), so
     # the baselines are measured with it too.
     keep_freed_memory()
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=96), options=OPTIONS[:2])

@@ -33,8 +33,8 @@ import ray
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from fleet.policy.config import policy_config
-from fleet.policy.model import UnifiedPolicy
+from fleet.common.policy.config import policy_config
+from fleet.common.policy.model import UnifiedPolicy
 from learner.learner_group import build_learner_group, set_state_dict, update
 from learner.sampler import EpisodeSampler, SamplerConfig
 from learner.store import EpisodeStore

@@ -1,7 +1,7 @@
 """The `fleet` rollout commands: versions, rollout, promote, rollback, pin, unpin, events.
 
 Kept apart from fleet/cli.py so the command tool stays a thin dispatcher; each command talks
-to the registry through `fleet.rollout`, so the CLI, the dashboard and the automatic
+to the registry through `fleet.control.rollout`, so the CLI, the dashboard and the automatic
 controller change the rollout the same way and log the same events.
 """
 
@@ -16,7 +16,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from fleet.connection import add_redis_arguments, redis_url
+from fleet.control.connection import add_redis_arguments, redis_url
 
 COMMANDS = ("versions", "rollout", "promote", "rollback", "pin", "unpin", "events")
 
@@ -82,8 +82,8 @@ def add_rollout_commands(sub: Any) -> None:
 
 
 def run_rollout_command(args: argparse.Namespace) -> int:
-    from fleet import rollout
-    from fleet.registry import Registry
+    from fleet.control import rollout
+    from fleet.control.registry import Registry
 
     try:
         url = redis_url(args)
@@ -188,7 +188,7 @@ def _eval_cell(version_id: str, summary: dict | None) -> str:
     """A version's newest `fleet eval` result: successes per task, backend, scenes."""
     if not summary:
         return "-"
-    from fleet.evaluation import successes_by_task
+    from fleet.common.evaluation import successes_by_task
 
     per_task = successes_by_task(summary, version_id)
     tasks = " ".join(f"{t} {s}/{n}" for t, (s, n) in sorted(per_task.items()))

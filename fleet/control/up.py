@@ -25,13 +25,13 @@ from pydantic import BaseModel, Field
 from rich.console import Console
 from rich.live import Live
 
-from fleet.config_cli import add_model_arguments, flag
-from fleet.connection import write_connection
-from fleet.net import free_port
-from fleet.redis_server import RedisServer
-from fleet.registry import Registry
-from fleet.status_view import render
-from fleet.supervision import supervised_env
+from fleet.common.config_cli import add_model_arguments, flag
+from fleet.common.net import free_port
+from fleet.common.supervision import supervised_env
+from fleet.control.connection import write_connection
+from fleet.control.redis_server import RedisServer
+from fleet.control.registry import Registry
+from fleet.control.status_view import render
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ SIM_CAMERAS = ("overhead", "front")
 
 
 class UpOptions(BaseModel):
-    """`fleet up`'s flags (fleet/config_cli.py generates them)."""
+    """`fleet up`'s flags (fleet/common/config_cli.py generates them)."""
 
     cells: int = Field(2, description="number of simulated cells")
     duration: float | None = Field(
@@ -151,7 +151,8 @@ class _Fleet:
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,
-                env=supervised_env(),  # the child stops if fleet up dies (fleet/supervision.py)
+                # the child stops if fleet up dies (fleet/common/supervision.py)
+                env=supervised_env(),
             )
         child = _Child(name, proc, log_path)
         self.children.append(child)
@@ -200,7 +201,7 @@ def _summary(registry: Registry, cell_files: dict[str, Path]) -> dict[str, Any]:
 
 
 def run_up(args: UpOptions) -> int:
-    from fleet.logs import setup_logging
+    from fleet.common.logs import setup_logging
 
     setup_logging()
     console = Console()
@@ -404,7 +405,7 @@ def write_prometheus_targets(run_dir: Path, ports: dict[str, int]) -> Path:
 def _signing_keys(run_dir: Path) -> tuple[Path, Path]:
     """The run's policy signing key pair (made once per run directory): the learner signs
     every version with the private key, each cell checks with the public one."""
-    from fleet.signing import PRIVATE_KEY_NAME, PUBLIC_KEY_NAME, write_key_pair
+    from fleet.common.signing import PRIVATE_KEY_NAME, PUBLIC_KEY_NAME, write_key_pair
 
     keys = run_dir / "keys"
     private, public = keys / PRIVATE_KEY_NAME, keys / PUBLIC_KEY_NAME
@@ -422,7 +423,7 @@ def _transport_security(
     if insecure:
         return ["--insecure"], {cell: [] for cell in cells}
     tls_dir = run_dir / "tls"
-    make_certs = Path(__file__).resolve().parents[1] / "ops" / "make_certs.py"
+    make_certs = Path(__file__).resolve().parents[2] / "ops" / "make_certs.py"
     subprocess.run(
         [
             sys.executable,
@@ -459,7 +460,7 @@ def _start_dashboard(
     """The web dashboard as a child process, its URL and operator token; the token goes
     through the environment (not argv, which other local users can read) and is printed
     once."""
-    from fleet.dashboard.server import TOKEN_ENV
+    from fleet.control.dashboard.server import TOKEN_ENV
 
     port = port or free_port()
     token = os.environ.get(TOKEN_ENV) or secrets.token_urlsafe(16)

@@ -13,10 +13,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fleet.policy.config import PolicyConfig
-from fleet.policy.manifest import Manifest
-from fleet.policy.model import UnifiedPolicy
-from fleet.policy.weights import load_version
+from fleet.common.policy.config import PolicyConfig
+from fleet.common.policy.manifest import Manifest
+from fleet.common.policy.model import UnifiedPolicy
+from fleet.common.policy.weights import load_version
 from protos.joint_layout import JOINT_DIM
 
 log = logging.getLogger(__name__)

@@ -1,11 +1,11 @@
-"""The records the registry (fleet/registry.py) reads back from Redis, as typed classes.
+"""The records the registry (fleet/control/registry.py) reads back from Redis, as typed classes.
 
 Every consumer (learner, rollout controller, dashboard, `fleet status`, `fleet versions`,
 metrics) reads their fields, so a renamed field is an AttributeError or a type-check
 failure instead of a silent None or 0 from a string-keyed dict. `to_json()` gives the
 plain form the dashboard API serves (its field names are part of that API).
 
-No Redis here: fleet/metrics.py and the dashboard's views import these without a client.
+No Redis here: fleet/common/metrics.py and the dashboard's views import these without a client.
 """
 
 from __future__ import annotations
@@ -14,13 +14,13 @@ import json
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from fleet.cell_counters import CellCounters
+from fleet.common.cell_counters import CellCounters
 
 
 @dataclass
 class CellState:
     """One cell as its last heartbeat described it (`alive`: the heartbeat has not expired).
-    Its counters are the heartbeat's (fleet/cell_counters.py), stored flat in the hash."""
+    Its counters are the heartbeat's (fleet/common/cell_counters.py), stored flat in the hash."""
 
     cell_id: str
     version_running: str = ""
@@ -62,7 +62,7 @@ class CellState:
 
 @dataclass(frozen=True)
 class VersionRecord:
-    """A registered version: its manifest as published (fleet/policy/manifest.py fields),
+    """A registered version: its manifest as published (fleet/common/policy/manifest.py fields),
     where its weights are, when it was registered and its newest `fleet eval` summary (the
     registry's, else the one the manifest carries; None: not evaluated)."""
 
@@ -111,7 +111,7 @@ class RolloutState:
     mode: str | None = None
     stable: str | None = None
     candidate: str | None = None
-    stage: str | None = None  # fleet/registry.py ROLLOUT_STAGES
+    stage: str | None = None  # fleet/control/registry.py ROLLOUT_STAGES
     candidate_cells: list[str] = field(default_factory=list)
     canary_cells: list[str] = field(default_factory=list)
     stage_started_at: float | None = None

@@ -2,7 +2,7 @@
 operator's rollout actions behind a token, and the static page that polls them.
 
 Reads go straight to Redis on each request (the registry is the truth; the page polls every
-few seconds). Writes are the rollout actions of `fleet.rollout`, refused unless the caller
+few seconds). Writes are the rollout actions of `fleet.control.rollout`, refused unless the caller
 presents the operator token the dashboard was started with.
 """
 
@@ -20,11 +20,11 @@ from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
 from pydantic import BaseModel, Field
 
-from fleet.dashboard.history import LearningHistory
-from fleet.dashboard.store_reader import StoreReader
-from fleet.interventions import figures
-from fleet.registry import Registry
-from fleet.registry_records import Event, OutcomeCounts, VersionRecord
+from fleet.control.dashboard.history import LearningHistory
+from fleet.control.dashboard.store_reader import StoreReader
+from fleet.control.interventions import figures
+from fleet.control.registry import Registry
+from fleet.control.registry_records import Event, OutcomeCounts, VersionRecord
 
 log = logging.getLogger(__name__)
 
@@ -249,7 +249,7 @@ def create_app(
                 v: {t: n.to_json() for t, n in tasks.items()} for v, tasks in success.items()
             },
             # version -> task -> takeovers/h, /episode, intervention share, human steps
-            # per autonomous success (fleet/interventions.py)
+            # per autonomous success (fleet/control/interventions.py)
             "interventions": {
                 v: {t: figures(n) for t, n in tasks.items()} for v, tasks in success.items()
             },
@@ -296,7 +296,7 @@ def create_app(
 
     def rollout_module() -> Any:
         try:
-            from fleet import rollout as ro
+            from fleet.control import rollout as ro
         except ImportError as exc:
             raise HTTPException(503, f"rollout actions unavailable: {exc}") from exc
         return ro

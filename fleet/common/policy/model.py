@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fleet.policy.config import PolicyConfig
+from fleet.common.policy.config import PolicyConfig
 from protos.joint_layout import JOINT_DIM
 
 _PIXEL_MEAN = 0.5

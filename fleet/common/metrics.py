@@ -35,7 +35,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 from pydantic import BaseModel, Field
 
-from fleet.registry_records import OutcomeCounts, RolloutState, StoreTotals
+from fleet.control.registry_records import OutcomeCounts, RolloutState, StoreTotals
 
 log = logging.getLogger(__name__)
 
@@ -315,7 +315,8 @@ TRAINER_STATS = (
 
 # Learner states a `fleet_learner_state` gauge names (1 for the current one, 0 for the rest).
 LEARNER_STATES = ("starting", "ready", "failed", "stopped")
-# Outcome counters of fleet.registry.Registry.record_episode, by version and task and by cell.
+# Outcome counters of fleet.control.registry.Registry.record_episode, by version and task
+# and by cell.
 _OUTCOME_METRICS = (
     ("episodes", "episodes", "episodes stored"),
     ("successes", "successes", "episodes that ended in success (an operator's included)"),
@@ -333,7 +334,7 @@ class RegistryCollector(Collector):
     and by cell, cell liveness and spool depth, learner state, store totals and rollout
     actions. Served by the learner's driver, which has the registry at hand.
 
-    `registry` is a fleet.registry.Registry (not imported: this module stays Redis-free)."""
+    `registry` is a fleet.control.registry.Registry (not imported: this module stays Redis-free)."""
 
     def __init__(self, registry: Any) -> None:
         self.registry = registry

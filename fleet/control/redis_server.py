@@ -19,7 +19,7 @@ import time
 from types import TracebackType
 from urllib.parse import quote
 
-from fleet.net import free_port
+from fleet.common.net import free_port
 
 log = logging.getLogger(__name__)
 

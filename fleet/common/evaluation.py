@@ -110,7 +110,7 @@ class EvalResult:
     tasks: tuple[str, ...]
     episodes_per_task: int
     seed_start: int  # held-out scene indices seed_start .. seed_start + episodes - 1
-    seeds: tuple[int, ...]  # the held-out scene seeds (fleet.scenes.heldout_seed)
+    seeds: tuple[int, ...]  # the held-out scene seeds (fleet.common.scenes.heldout_seed)
     baselines: tuple[str, ...]
     records: list[EpisodeRecord] = field(default_factory=list)
     started_at: float = field(default_factory=time.time)
@@ -178,8 +178,8 @@ def store_evaluation(
     in the registry's version record. Each is optional."""
     version = str(summary["version"])
     if manifest_path is not None:
-        from fleet.policy.manifest import Manifest
-        from fleet.policy.weights import write_atomic
+        from fleet.common.policy.manifest import Manifest
+        from fleet.common.policy.weights import write_atomic
 
         manifest = Manifest.from_json(Path(manifest_path).read_text())
         if manifest.version_id != version:

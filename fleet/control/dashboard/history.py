@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from fleet.registry import Registry
+from fleet.control.registry import Registry
 
 log = logging.getLogger(__name__)
 

@@ -84,7 +84,7 @@ def kill_group_when_gone() -> subprocess.Popen[bytes]:
         os.setpgid(0, 0)
     read_end, write_end = os.pipe()  # both close-on-exec: no child of ours inherits them
     reaper = subprocess.Popen(
-        [sys.executable, "-m", "fleet.supervision", "reap", str(os.getpid()), str(read_end)],
+        [sys.executable, "-m", "fleet.common.supervision", "reap", str(os.getpid()), str(read_end)],
         pass_fds=(read_end,),
         start_new_session=True,  # outside the group it kills, and away from terminal signals
         stdin=subprocess.DEVNULL,
@@ -171,7 +171,7 @@ if __name__ == "__main__":
     import argparse
 
     parser = argparse.ArgumentParser(
-        prog="python -m fleet.supervision",
+        prog="python -m fleet.common.supervision",
         description="The learner's reaper (started by fleet learner, not by hand): waits for "
         "EOF on FD, then SIGKILLs process group GROUP and every process it saw descend "
         "from process GROUP.",

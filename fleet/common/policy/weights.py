@@ -20,10 +20,10 @@ import torch
 from safetensors.torch import save as safetensors_save
 from torch import nn
 
-from fleet.ids import ID_RULE, is_safe_id
-from fleet.policy.config import PolicyConfig
-from fleet.policy.manifest import Manifest
-from fleet.policy.model import UnifiedPolicy
+from fleet.common.ids import ID_RULE, is_safe_id
+from fleet.common.policy.config import PolicyConfig
+from fleet.common.policy.manifest import Manifest
+from fleet.common.policy.model import UnifiedPolicy
 
 log = logging.getLogger(__name__)
 

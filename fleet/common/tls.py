@@ -8,7 +8,7 @@ so a cell needs no crypto package beyond grpcio.
 The edge opens its channels through `client_channel`, which uses the TLS settings this
 process chose once at start-up (`use_client_tls`): the uplink, the policy watcher and the
 heartbeat then all speak TLS, and carry the cell's token as call credentials
-(fleet/cell_auth.py), without each of them carrying the settings or the token around.
+(fleet/common/cell_auth.py), without each of them carrying the settings or the token around.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typing import Any
 
 import grpc
 
-from fleet.cell_auth import call_credentials
+from fleet.common.cell_auth import call_credentials
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,8 @@ Keys, all under one prefix (default "fleet:"):
 
     versions                ZSET   version id -> published_at
     version:<id>            HASH   manifest (JSON), weights_path, published_at, evaluation
-                                   (JSON: the newest `fleet eval` summary, fleet/evaluation.py)
+                                   (JSON: the newest `fleet eval` summary,
+                                   fleet/common/evaluation.py)
     rollout                 HASH   mode, stable, candidate, stage, candidate_cells (JSON
                                    list), canary_cells (JSON list), stage_started_at,
                                    stage_episodes (candidate episodes when the stage began)
@@ -43,7 +44,7 @@ from typing import Any
 
 import redis
 
-from fleet.registry_records import (
+from fleet.control.registry_records import (
     CellState,
     Event,
     OutcomeCounts,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field
 
-from fleet.config_cli import add_model_arguments
+from fleet.common.config_cli import add_model_arguments
 
 log = logging.getLogger(__name__)
 
@@ -17,7 +17,7 @@ TOKEN_ENV = "FLEET_OPERATOR_TOKEN"
 
 
 class DashboardOptions(BaseModel):
-    """`fleet dashboard`'s flags (fleet/config_cli.py generates them)."""
+    """`fleet dashboard`'s flags (fleet/common/config_cli.py generates them)."""
 
     redis_url: str
     store: Path | None = Field(None, description="episode store directory (run dir's store/)")
@@ -38,9 +38,9 @@ def add_dashboard_arguments(p: argparse.ArgumentParser) -> None:
 def run_dashboard(args: DashboardOptions) -> int:
     import uvicorn
 
-    from fleet.dashboard.app import create_app
-    from fleet.logs import setup_logging
-    from fleet.registry import Registry
+    from fleet.common.logs import setup_logging
+    from fleet.control.dashboard.app import create_app
+    from fleet.control.registry import Registry
 
     setup_logging()
     token = args.operator_token or os.environ.get(TOKEN_ENV) or None
