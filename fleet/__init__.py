@@ -1,1 +1,1 @@
-"""What the edge and the centre share: config, the unified policy, versions, registry, CLI."""
+"""fleetlearn's shared code in two roles: fleet.common (edge and centre), fleet.control (centre)."""
