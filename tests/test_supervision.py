@@ -21,7 +21,9 @@ def stop(*_):
     sys.exit(0)
 signal.signal(signal.SIGTERM, stop)
 applied = stop_with_supervisor()
-out.joinpath("ready").write_text(f"{applied} {SUPERVISOR_ENV in os.environ}")
+# written whole, then renamed: the test waits for the file and then reads it
+out.joinpath("ready.part").write_text(f"{applied} {SUPERVISOR_ENV in os.environ}")
+os.replace(out / "ready.part", out / "ready")
 time.sleep(60)
 """
 
