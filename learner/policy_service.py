@@ -46,8 +46,8 @@ import redis
 
 from fleet.common.cell_counters import CellCounters
 from fleet.common.ids import MAX_ID_LEN
+from fleet.common.registry_records import VersionRecord
 from fleet.control.registry import CellState, Registry
-from fleet.control.registry_records import VersionRecord
 from learner.admission import Admission
 from learner.auth import Caller
 from learner.grpc_handlers import add_servicer

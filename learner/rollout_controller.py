@@ -23,9 +23,9 @@ from dataclasses import dataclass, field
 
 import redis
 
+from fleet.common.registry_records import RolloutState
 from fleet.control import rollout
 from fleet.control.registry import Registry
-from fleet.control.registry_records import RolloutState
 from fleet.control.rollout import Decision, RuleConfig
 from learner.sim_gate import SimGate
 

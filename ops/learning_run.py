@@ -41,8 +41,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from fleet.common.registry_records import OutcomeCounts, VersionRecord
 from fleet.control.registry import Registry
-from fleet.control.registry_records import OutcomeCounts, VersionRecord
 from ops.curve_png import EvalPoint, draw_success_curve
 
 log = logging.getLogger(__name__)

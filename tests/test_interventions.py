@@ -18,11 +18,11 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from fleet.common import metrics
 from fleet.common.cell_counters import CellCounters
+from fleet.common.registry_records import OutcomeCounts
 from fleet.control.dashboard.app import create_app
 from fleet.control.interventions import count_takeovers, figures
 from fleet.control.redis_server import RedisServer
 from fleet.control.registry import CellState, Registry
-from fleet.control.registry_records import OutcomeCounts
 
 
 def test_takeovers_are_runs_of_intervention_steps() -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from fleet.control.registry_records import VersionRecord
+from fleet.common.registry_records import VersionRecord
 from ops.curve_png import COLOURS, MARGIN, SIZE, EvalPoint, draw_success_curve
 
 REPO = Path(__file__).resolve().parents[1]

@@ -9,9 +9,9 @@ import pytest
 import redis
 
 from fleet.common.cell_counters import CellCounters
+from fleet.common.registry_records import OutcomeCounts, StoreTotals
 from fleet.control.redis_server import RedisServer, RedisServerError
 from fleet.control.registry import CellState, Registry
-from fleet.control.registry_records import OutcomeCounts, StoreTotals
 
 
 def manifest(version_id: str, **extra: object) -> str:

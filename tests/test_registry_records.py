@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from fleet.control.registry_records import Event, OutcomeCounts, RolloutState, VersionRecord
+from fleet.common.registry_records import Event, OutcomeCounts, RolloutState, VersionRecord
 
 
 def test_version_record_serves_the_manifest_fields_with_where_and_when() -> None:

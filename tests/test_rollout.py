@@ -12,9 +12,9 @@ import time
 
 import pytest
 
+from fleet.common.registry_records import ShadowScore
 from fleet.control import rollout
 from fleet.control.registry import CellState, Registry
-from fleet.control.registry_records import ShadowScore
 from fleet.control.rollout import RuleConfig
 from learner.rollout_controller import ControllerConfig, RolloutController
 

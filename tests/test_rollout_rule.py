@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from fleet.control.registry_records import OutcomeCounts
+from fleet.common.registry_records import OutcomeCounts
 from fleet.control.rollout import RuleConfig, TaskTally, decide, tallies
 
 

@@ -35,7 +35,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 from pydantic import BaseModel, Field
 
-from fleet.control.registry_records import OutcomeCounts, RolloutState, StoreTotals
+from fleet.common.registry_records import OutcomeCounts, RolloutState, StoreTotals
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from fleet.control.registry_records import OutcomeCounts
+from fleet.common.registry_records import OutcomeCounts
 
 
 def count_takeovers(flags: np.ndarray, *, previous: bool = False) -> int:

@@ -44,7 +44,7 @@ from typing import Any
 
 import redis
 
-from fleet.control.registry_records import (
+from fleet.common.registry_records import (
     CellState,
     Event,
     OutcomeCounts,

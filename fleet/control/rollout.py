@@ -38,8 +38,8 @@ from typing import Any, Literal
 
 import numpy as np
 
+from fleet.common.registry_records import OutcomeCounts, RolloutState
 from fleet.control.registry import Registry
-from fleet.control.registry_records import OutcomeCounts, RolloutState
 
 log = logging.getLogger(__name__)
 

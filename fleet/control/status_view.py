@@ -5,9 +5,9 @@ from __future__ import annotations
 from rich.console import Group
 from rich.table import Table
 
+from fleet.common.registry_records import OutcomeCounts
 from fleet.control.interventions import figures
 from fleet.control.registry import Registry
-from fleet.control.registry_records import OutcomeCounts
 
 
 def _rate(successes: int, episodes: int) -> str:

@@ -20,11 +20,11 @@ from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
 from pydantic import BaseModel, Field
 
+from fleet.common.registry_records import Event, OutcomeCounts, VersionRecord
 from fleet.control.dashboard.history import LearningHistory
 from fleet.control.dashboard.store_reader import StoreReader
 from fleet.control.interventions import figures
 from fleet.control.registry import Registry
-from fleet.control.registry_records import Event, OutcomeCounts, VersionRecord
 
 log = logging.getLogger(__name__)
 
