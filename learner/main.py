@@ -208,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         checkpoint_every_s=args.checkpoint_every_s,
         decode_workers=args.decode_workers,
         policy_overrides=policy_overrides,
+        action_scale=args.action_scale,
         sampler=SamplerConfig(
             chunk_len=int(policy_overrides.get("chunk_len", SamplerConfig.chunk_len)),
             batch_size=args.batch_size,

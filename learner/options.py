@@ -121,6 +121,11 @@ class LearnerOptions(MetricsOptions):
         help="model settings over the preset's, e.g. keypoints=16 shift_augment=4 chunk_len=20",
         metavar="KEY=VALUE",
     )
+    action_scale: Literal["data", "none"] = Field(
+        TrainerConfig.action_scale,
+        description="data: measure the model's per-joint action scale on the episodes stored"
+        " before its first update; none: joint-limit units",
+    )
     advantage_weighting: bool = Field(
         False,
         description="weight episodes by exp(advantage/beta) from their outcome (AWR-style)",

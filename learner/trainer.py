@@ -18,6 +18,7 @@ it in that checkpointed lineage: the one its weights descend from.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -28,7 +29,7 @@ from typing import Any
 
 import torch
 
-from fleet.common.policy.config import policy_config
+from fleet.common.policy.config import PolicyConfig, policy_config
 from fleet.common.policy.model import UnifiedPolicy
 from fleet.control.registry import Registry
 from learner.checkpoint import load_checkpoint, save_checkpoint
@@ -66,6 +67,10 @@ class TrainerConfig:
     # PolicyConfig fields set over the preset's (e.g. {"keypoints": 16}); chunk_len is the
     # sampler's.
     policy_overrides: dict[str, Any] = field(default_factory=dict)
+    # "data": before the first update, PolicyConfig.action_scale is measured on the episodes
+    # stored by then (the operators' first demonstrations) and kept for good (checkpointed,
+    # in every manifest); "none": joint-limit units. An action_scale in policy_overrides wins.
+    action_scale: str = "data"
 
 
 class Trainer:
@@ -188,6 +193,8 @@ class Trainer:
                 self._publish_stats()
                 self._stop.wait(0.2)
                 continue
+            if self.updates == 0 and self.config.action_scale == "data":
+                self._measure_action_scale()
             batch = self.sampler.sample()
             metrics = update(self.learner_group, batch)
             self.updates += 1
@@ -235,6 +242,33 @@ class Trainer:
             )
         self._pending = None
 
+    def _measure_action_scale(self) -> None:
+        """Fix the model's action_scale from the data before its first update (a model that
+        has not been updated yet is rebuilt, so nothing learnt is lost)."""
+        if self.policy_config.action_scale:
+            return
+        scale = self.sampler.action_scale(
+            self.policy_config.joint_lower, self.policy_config.joint_upper
+        )
+        self._rebuild(dataclasses.replace(self.policy_config, action_scale=scale))
+        log.info(
+            "action scale measured on %d stored steps: %s",
+            self.sampler.steps_available,
+            " ".join(f"{x:.3f}" for x in scale),
+        )
+
+    def _rebuild(self, policy_cfg: PolicyConfig) -> None:
+        """A new LearnerGroup for `policy_cfg` in place of the current one."""
+        old = self.learner_group
+        self.policy_config = policy_cfg
+        self.learner_group = build_learner_group(
+            policy_cfg,
+            lr=self.config.lr,
+            num_learners=self.config.num_learners,
+            num_gpus_per_learner=self.config.num_gpus_per_learner,
+        )
+        old.shutdown()
+
     def _maybe_checkpoint(self) -> None:
         cfg = self.config
         due_updates = cfg.checkpoint_every_updates > 0 and (
@@ -261,6 +295,7 @@ class Trainer:
                 "last_loss": self.last_loss,
                 "versions": list(self.versions),
                 "pending_version": self._pending,
+                "action_scale": list(self.policy_config.action_scale),
                 "saved_at": time.time(),
             },
             "sampler": self.sampler.position(),
@@ -282,8 +317,11 @@ class Trainer:
         if state is None:
             log.info("no checkpoint in %s: starting fresh", self._checkpoint_root)
             return False
-        self.learner_group.set_state({"learner": state["learner"]})
         trainer = state["trainer"]
+        scale = tuple(float(x) for x in trainer.get("action_scale", ()))
+        if scale != self.policy_config.action_scale:  # the network the checkpoint trained
+            self._rebuild(dataclasses.replace(self.policy_config, action_scale=scale))
+        self.learner_group.set_state({"learner": state["learner"]})
         self.updates = int(trainer["updates"])
         self.last_loss = float(trainer["last_loss"])
         self.versions = [str(v) for v in trainer["versions"]]

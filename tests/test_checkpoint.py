@@ -84,6 +84,9 @@ def test_trainer_resumes_from_checkpoint_without_republishing(
     second = make()
     assert second.resumed
     assert second.updates == updates
+    # The action scale measured before the first update is the checkpointed network's.
+    scale = first.policy_config.action_scale
+    assert len(scale) == 14 and second.policy_config.action_scale == scale
     assert second.versions == first.versions
     assert second.sampler.limiter.sampled == sampled
     opt_after = _optimizer_leaves(second)
@@ -103,6 +106,9 @@ def test_trainer_resumes_from_checkpoint_without_republishing(
     _run_until(second, versions=len(first.versions) + 1)
     ids = [v.version_id for v in registry.versions()]
     assert len(ids) == len(set(ids)), f"a version id was published twice: {ids}"
+    assert all(
+        v.manifest["model_config"]["action_scale"] == list(scale) for v in registry.versions()
+    )
     steps = [int(v.manifest.get("training_step", 0)) for v in registry.versions()]
     assert second.versions[-1] != first.versions[-1]
     assert second.updates > updates
