@@ -22,6 +22,7 @@ from fleet.common.config_cli import add_model_arguments, parse_model
 from fleet.common.logs import setup_logging
 from fleet.common.policy.config import parse_overrides
 from fleet.common.supervision import kill_group_when_gone, stop_with_supervisor
+from fleet.control.connection import redis_url_or_env
 from fleet.control.lease import LEASE_FILE, Lease, hold_lease
 from fleet.control.registry import Registry
 from learner.admission import StreamLimits
@@ -142,7 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     # worker dies with its raylet (fleet/common/supervision.py).
     lease_path = data_dir / LEASE_FILE
     hold_lease(lease_path)
-    registry = Registry(args.redis_url)
+    redis_url = redis_url_or_env(args.redis_url)
+    registry = Registry(redis_url)
     registry.set_rollout_mode(args.rollout)
     registry.set_learner_stats(state="starting", pid=os.getpid())
     runtime_env = {"worker_process_setup_hook": "fleet.common.supervision.die_with_parent"}
@@ -173,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     def new_gateway(index: int) -> Any:
         return ray.remote(num_cpus=0, max_concurrency=4)(GatewayActor).remote(
             store_root,
-            args.redis_url,
+            redis_url,
             tasks,
             host=args.host,
             port=port,
@@ -218,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
         ),
     )
     trainer = ray.remote(num_cpus=1, max_concurrency=2)(TrainerActor).remote(
-        trainer_cfg, store_root, versions_dir, args.redis_url, lease=Lease(lease_path)
+        trainer_cfg, store_root, versions_dir, redis_url, lease=Lease(lease_path)
     )
     ray.get(trainer.start.remote())
     metrics.register(
@@ -249,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.sim_gate > 0:
             from learner.sim_gate import SimGate
 
-            gate = SimGate(args.sim_gate, redis_url=args.redis_url, backend=args.sim_gate_backend)
+            gate = SimGate(args.sim_gate, redis_url=redis_url, backend=args.sim_gate_backend)
         controller = RolloutController(
             registry,
             ControllerConfig(

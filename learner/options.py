@@ -13,6 +13,7 @@ from pydantic import Field
 
 from fleet.common.config_cli import flag
 from fleet.common.metrics import MetricsOptions
+from fleet.control.connection import REDIS_URL_ENV
 from learner.admission import StreamLimits
 from learner.sampler import SamplerConfig
 from learner.trainer import TrainerConfig
@@ -21,7 +22,9 @@ from learner.trainer import TrainerConfig
 class LearnerOptions(MetricsOptions):
     """Everything `fleet learner` is told on its command line."""
 
-    redis_url: str = Field(description="Redis holding the fleet registry")
+    redis_url: str | None = Field(
+        None, description=f"Redis holding the fleet registry (default: ${REDIS_URL_ENV})"
+    )
     data_dir: Path = Field(
         description="where the episode store (store/) and versions (versions/) live"
     )

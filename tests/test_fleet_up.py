@@ -6,11 +6,13 @@ sim cell -> edge actor -> gRPC -> learner on Ray -> zarr -> RLlib training -> ne
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import psutil
@@ -35,7 +37,7 @@ def fleet_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     marker = f"{os.getpid()}-{run_dir.name}"
     _child_subreaper(True)
     try:
-        proc = _run_fleet_up(run_dir, summary_path, marker)
+        proc, cmdlines = _run_fleet_up(run_dir, summary_path, marker)
         leftovers = [
             p.cmdline() for p in psutil.Process().children(recursive=True) if _is_ours(p, marker)
         ]
@@ -52,6 +54,7 @@ def fleet_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
         "logs": logs,
         "run_dir": run_dir,
         "stdout": proc.stdout,
+        "cmdlines": cmdlines,
     }
 
 
@@ -61,34 +64,54 @@ def _child_subreaper(on: bool) -> None:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER) failed")
 
 
-def _run_fleet_up(run_dir: Path, summary_path: Path, marker: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "fleet.cli",
-            "up",
-            "--cells",
-            "2",
-            "--duration",
-            "75",
-            "--publish-every",
-            "60",
-            "--min-steps",
-            "100",
-            "--no-live",
-            "--rollout",
-            "immediate",
-            "--data-dir",
-            str(run_dir / "run"),
-            "--summary-json",
-            str(summary_path),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=420,
-        env={**os.environ, "COLUMNS": "200", RUN_MARKER: marker},
-    )
+def _run_fleet_up(
+    run_dir: Path, summary_path: Path, marker: str
+) -> tuple[subprocess.CompletedProcess, list[list[str]]]:
+    """Run `fleet up` to its end; also every command line its process tree showed meanwhile
+    (sampled while it ran: what any local user could read with ps)."""
+    out, err = run_dir / "up.stdout", run_dir / "up.stderr"
+    argv = [
+        sys.executable,
+        "-m",
+        "fleet.cli",
+        "up",
+        "--cells",
+        "2",
+        "--duration",
+        "75",
+        "--publish-every",
+        "60",
+        "--min-steps",
+        "100",
+        "--no-live",
+        "--rollout",
+        "immediate",
+        "--data-dir",
+        str(run_dir / "run"),
+        "--summary-json",
+        str(summary_path),
+    ]
+    cmdlines: list[list[str]] = []
+    with out.open("w") as stdout, err.open("w") as stderr:
+        proc = subprocess.Popen(
+            argv,
+            stdout=stdout,
+            stderr=stderr,
+            text=True,
+            env={**os.environ, "COLUMNS": "200", RUN_MARKER: marker},
+        )
+        deadline = time.monotonic() + 420
+        while proc.poll() is None:
+            if time.monotonic() > deadline:
+                proc.kill()
+                raise AssertionError("fleet up ran past 420 s")
+            for p in psutil.Process().children(recursive=True):
+                if _is_ours(p, marker):
+                    with contextlib.suppress(psutil.Error):
+                        cmdlines.append(p.cmdline())
+            time.sleep(0.5)
+    done = subprocess.CompletedProcess(argv, proc.returncode, out.read_text(), err.read_text())
+    return done, cmdlines
 
 
 def _is_ours(p: psutil.Process, marker: str) -> bool:
@@ -131,6 +154,19 @@ def test_versions_are_published_and_every_cell_adopts_each_promptly(fleet_run: d
             assert version in adopted, f"{cell_id} never ran {version}: {c['adoptions']}"
             delay = adopted[version] - published_at
             assert 0 <= delay <= ADOPTION_LIMIT_S, f"{cell_id} took {delay:.1f}s for {version}"
+
+
+def test_no_command_line_shows_the_redis_password(fleet_run: dict) -> None:
+    """Any local user can read a process's argv (ps): the password `fleet up` gave its Redis
+    reaches the learner and the dashboard through their environment, never their argv."""
+    details = json.loads((fleet_run["run_dir"] / "run" / "connection.json").read_text())
+    password = details["redis_url"].split("//:", 1)[1].split("@", 1)[0]
+    assert len(password) >= 16
+    seen = fleet_run["cmdlines"]
+    assert any("learner.main" in " ".join(c) for c in seen), "never saw the learner running"
+    assert any("dashboard" in c for c in seen), "never saw the dashboard running"
+    leaks = [c for c in seen if any(password in part for part in c)]
+    assert not leaks, leaks[:3]
 
 
 def test_connection_details_are_written_owner_only_and_announced(fleet_run: dict) -> None:

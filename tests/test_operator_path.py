@@ -107,3 +107,25 @@ def test_rewriting_the_connection_file_keeps_it_private(tmp_path: Path) -> None:
     path = write_connection(tmp_path, redis_url="redis://:b@127.0.0.1:1/0")
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert json.loads(path.read_text())["redis_url"].endswith(":1/0")
+
+
+def test_learner_and_dashboard_take_redis_from_the_environment(monkeypatch, tmp_path) -> None:
+    """`fleet up` passes the Redis URL (with its password) through FLEET_REDIS_URL, never
+    argv; without either, the commands say how to give one."""
+    import pytest
+
+    from fleet.control.connection import REDIS_URL_ENV, redis_url_or_env
+
+    monkeypatch.delenv(REDIS_URL_ENV, raising=False)
+    with pytest.raises(SystemExit, match=f"--redis-url URL or set {REDIS_URL_ENV}"):
+        redis_url_or_env(None)
+    monkeypatch.setenv(REDIS_URL_ENV, "redis://:secret@127.0.0.1:1/0")
+    assert redis_url_or_env(None) == "redis://:secret@127.0.0.1:1/0"
+    assert redis_url_or_env("redis://127.0.0.1:2/0") == "redis://127.0.0.1:2/0"  # a flag wins
+    env = {k: v for k, v in os.environ.items() if k != REDIS_URL_ENV}
+    learner = ["learner.main", "--data-dir", str(tmp_path), "--tasks", "a", "--cameras", "b"]
+    for argv in ([*learner, "--insecure"], ["fleet.cli", "dashboard"]):
+        proc = subprocess.run(
+            [sys.executable, "-m", *argv], capture_output=True, text=True, env=env, timeout=120
+        )
+        assert proc.returncode != 0 and REDIS_URL_ENV in proc.stderr, (argv, proc.stderr[-500:])

@@ -16,6 +16,9 @@ from pathlib import Path
 from typing import Any
 
 CONNECTION_FILE = "connection.json"
+#: A Redis URL with a password has no place on a command line (any local user can read argv):
+#: `fleet up` hands it to the learner and the dashboard in this variable instead.
+REDIS_URL_ENV = "FLEET_REDIS_URL"
 
 
 def write_connection(run_dir: Path, **details: Any) -> Path:
@@ -72,3 +75,11 @@ def redis_url(args: argparse.Namespace) -> str:
     if not details.get("redis_url"):
         raise ValueError(f"{args.run}: the connection file names no redis_url")
     return str(details["redis_url"])
+
+
+def redis_url_or_env(url: str | None) -> str:
+    """`url` if given, else $FLEET_REDIS_URL; SystemExit naming both when neither is set."""
+    found = url or os.environ.get(REDIS_URL_ENV)
+    if not found:
+        raise SystemExit(f"no Redis: give --redis-url URL or set {REDIS_URL_ENV}")
+    return found

@@ -28,7 +28,7 @@ from rich.live import Live
 from fleet.common.config_cli import add_model_arguments, flag
 from fleet.common.net import free_port
 from fleet.common.supervision import supervised_env
-from fleet.control.connection import write_connection
+from fleet.control.connection import REDIS_URL_ENV, write_connection
 from fleet.control.redis_server import RedisServer
 from fleet.control.registry import Registry
 from fleet.control.status_view import render
@@ -141,7 +141,9 @@ class _Fleet:
     run_dir: Path
     children: list[_Child] = field(default_factory=list)
 
-    def spawn(self, name: str, argv: list[str]) -> _Child:
+    def spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> _Child:
+        """Start `argv` logging to logs/<name>.log; `env` adds variables (secrets go here,
+        never in argv)."""
         log_path = self.run_dir / "logs" / f"{name}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
         with log_path.open("ab") as out:
@@ -152,7 +154,7 @@ class _Fleet:
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,
                 # the child stops if fleet up dies (fleet/common/supervision.py)
-                env=supervised_env(),
+                env={**supervised_env(), **(env or {})},
             )
         child = _Child(name, proc, log_path)
         self.children.append(child)
@@ -243,8 +245,6 @@ def run_up(args: UpOptions) -> int:
                 sys.executable,
                 "-m",
                 "learner.main",
-                "--redis-url",
-                url,
                 "--data-dir",
                 str(run_dir),
                 "--port",
@@ -274,6 +274,7 @@ def run_up(args: UpOptions) -> int:
                 "127.0.0.1",
                 *learner_security,
             ],
+            env={REDIS_URL_ENV: url},
         )
         _wait_learner_ready(registry, learner, timeout_s=180)
         dashboard_url, token = "", ""
@@ -472,13 +473,12 @@ def _start_dashboard(
             "-m",
             "fleet.cli",
             "dashboard",
-            "--redis-url",
-            redis_url,
             "--store",
             str(run_dir / "store"),
             "--port",
             str(port),
         ],
+        env={REDIS_URL_ENV: redis_url},
     )
     url = f"http://127.0.0.1:{port}/"
     console.print(f"fleet up: dashboard on {url} (operator token {token})")

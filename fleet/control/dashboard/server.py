@@ -10,6 +10,7 @@ from pathlib import Path
 from pydantic import BaseModel, Field
 
 from fleet.common.config_cli import add_model_arguments
+from fleet.control.connection import REDIS_URL_ENV, redis_url_or_env
 
 log = logging.getLogger(__name__)
 
@@ -19,7 +20,9 @@ TOKEN_ENV = "FLEET_OPERATOR_TOKEN"
 class DashboardOptions(BaseModel):
     """`fleet dashboard`'s flags (fleet/common/config_cli.py generates them)."""
 
-    redis_url: str
+    redis_url: str | None = Field(
+        None, description=f"Redis holding the fleet registry (default: ${REDIS_URL_ENV})"
+    )
     store: Path | None = Field(None, description="episode store directory (run dir's store/)")
     host: str = "127.0.0.1"
     port: int = 8080
@@ -45,7 +48,7 @@ def run_dashboard(args: DashboardOptions) -> int:
     setup_logging()
     token = args.operator_token or os.environ.get(TOKEN_ENV) or None
     app = create_app(
-        Registry(args.redis_url),
+        Registry(redis_url_or_env(args.redis_url)),
         args.store,
         operator_token=token,
         sample_interval_s=args.sample_interval,
