@@ -48,7 +48,7 @@ from prometheus_client import Histogram
 from actors.blending import ChunkBlender, CrossfadeBlender, TimedChunk
 from actors.config import ActorConfig
 from actors.inference import Inference, Snapshot, ThreadedInference
-from actors.recorder import EpisodeRecorder
+from actors.recorder import EpisodeRecorder, RecordingThread
 from drivers.cell import CellFault
 from drivers.interfaces import Clock, DriverFault, Observation, Operator, TaskScene
 from fleet.metrics import TICK_LATENESS_BUCKETS
@@ -97,6 +97,7 @@ class RunnerSource(Protocol):
 
 
 SHADOW_NICE = 5  # the shadow's inference worker yields the CPU to acting inference and loop
+RECORDER_NICE = 5  # the recorder's thread (frame encoding) yields the CPU to the loop
 
 
 def episode_seed(seed: int, index: int) -> int:
@@ -304,7 +305,12 @@ class ControlLoop:
         self._drop_shadow_plan()
         self._last_target = None  # the reset may have moved the arms: hold where they are
         self.scene.reset(task, seed)
-        recorder = EpisodeRecorder(cfg.cell_id, episode_id, task, cfg.chunk_steps, cfg.jpeg_quality)
+        recorder = RecordingThread(
+            EpisodeRecorder(cfg.cell_id, episode_id, task, cfg.chunk_steps, cfg.jpeg_quality),
+            self._submit,
+            on_step=self._count_step,
+            nice=RECORDER_NICE,
+        )
         started = self.clock.now()
         log.info(
             "cell %s episode %s: %s starts (version %r)",
@@ -345,8 +351,8 @@ class ControlLoop:
                     self._fault(f"cell fault: {fault}")
                     break
                 if pending is not None:
-                    # The last tick's step is recorded (its frames JPEG-encoded) now that
-                    # this tick's command is out, so that work never delays a tick's start.
+                    # The last tick's step goes to the recorder's thread (which encodes its
+                    # frames) now that this tick's command is out; the tick only queues it.
                     self._record(recorder, *pending)
                     pending = None
                 self._tick += 1
@@ -369,16 +375,16 @@ class ControlLoop:
                     reason = "timeout"
                     break
         finally:
-            if pending is not None:
-                self._record(recorder, *pending)
             success = success and reason == "success"
-            if recorder.buffered:
-                ended = self.clock.now()
-                self._submit(
-                    recorder.finish(
-                        success=success, reason=reason, started_at=started, ended_at=ended
-                    )
+            ended = self.clock.now()
+            try:
+                if pending is not None:
+                    self._record(recorder, *pending)
+            finally:  # the recorder's thread ends with the episode, whatever happened
+                recorded = recorder.finish(
+                    success=success, reason=reason, started_at=started, ended_at=ended
                 )
+            if recorded:
                 with self._lock:
                     # "episodes" counts finished ones; the one cut short by a stop is apart.
                     key = "episodes_aborted" if reason in ("aborted", "fault") else "episodes"
@@ -390,7 +396,7 @@ class ControlLoop:
                     episode_id,
                     task,
                     reason,
-                    recorder.steps_recorded,
+                    recorded,
                     ended - started,
                     self._version,
                 )
@@ -398,7 +404,7 @@ class ControlLoop:
 
     def _record(
         self,
-        recorder: EpisodeRecorder,
+        recorder: RecordingThread,
         obs: Observation,
         sent: np.ndarray,
         intervention: bool,
@@ -406,7 +412,8 @@ class ControlLoop:
         version: str,
         shadow: tuple[np.ndarray, str] | None = None,
     ) -> None:
-        chunk = recorder.add_step(
+        """Queue one step for the recorder's thread (encoding never runs on the tick)."""
+        recorder.add_step(
             stamp=obs.stamp,
             joint_pos=obs.joint_pos,
             action=sent,
@@ -417,12 +424,13 @@ class ControlLoop:
             shadow_action=shadow[0] if shadow is not None else None,
             shadow_version=shadow[1] if shadow is not None else "",
         )
+
+    def _count_step(self, intervention: bool, has_shadow: bool) -> None:
+        """A step is in its episode's recording (runs on the recorder's thread)."""
         with self._lock:
             self._counts["steps_recorded"] += 1
             self._counts["interventions"] += int(intervention)
-            self._counts["shadow_steps"] += int(shadow is not None)
-        if chunk is not None:
-            self._submit(chunk)
+            self._counts["shadow_steps"] += int(has_shadow)
 
     def _submit(self, chunk: trajectory_pb2.StepChunk) -> None:
         self.uplink.submit(chunk)  # never blocks; a full queue is counted by the uplink
