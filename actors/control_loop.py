@@ -96,8 +96,12 @@ class RunnerSource(Protocol):
     def take_new(self) -> PolicyRunner | None: ...
 
 
-SHADOW_NICE = 5  # the shadow's inference worker yields the CPU to acting inference and loop
-RECORDER_NICE = 5  # the recorder's thread (frame encoding) yields the CPU to the loop
+# Per-thread CPU priorities below the loop's own (actors/thread_priority.py): the recorder
+# must keep up with the loop; acting inference may lag (the plan covers it), and torch's
+# worker threads, started from its thread, inherit its priority; the shadow comes last.
+RECORDER_NICE = 2
+INFERENCE_NICE = 5
+SHADOW_NICE = 10
 
 
 def episode_seed(seed: int, index: int) -> int:
@@ -125,9 +129,10 @@ class ControlLoop:
         lookahead: int | None = None,
         shadow_inference: Inference | None = None,
     ) -> None:
-        """`inference` defaults to a worker thread; `blender` to a 4-tick crossfade limited
-        to the cell safety gate's max step; `shadow_inference` (the shadow version's, used
-        only while the watcher offers a `shadow_runner`) to a low-priority worker thread;
+        """`inference` defaults to a worker thread at lower priority; `blender` to a 4-tick
+        crossfade limited to the cell safety gate's max step; `shadow_inference` (the shadow
+        version's, used only while the watcher offers a `shadow_runner`) to a worker thread
+        at lower priority still;
         `lookahead`: request the next chunk once the plan has this many ticks left (default:
         half the last chunk, at least twice the recent inference latency in ticks)."""
         self.config = config
@@ -148,7 +153,9 @@ class ControlLoop:
         self._lock = threading.Lock()
         self._runner: PolicyRunner | None = None
         self._fallback: PolicyRunner | None = None  # the last good runner before the current
-        self.inference: Inference = inference or ThreadedInference(config.cell_id)
+        self.inference: Inference = inference or ThreadedInference(
+            config.cell_id, nice=INFERENCE_NICE
+        )
         gate = getattr(hardware, "gate", None)
         self.blender: ChunkBlender = blender or CrossfadeBlender(
             max_step=getattr(gate, "max_step", None)
