@@ -50,7 +50,7 @@ from actors.blending import ChunkBlender, CrossfadeBlender
 from actors.config import ActorConfig
 from actors.inference import Inference, Snapshot, ThreadedInference
 from actors.plan_executor import PlanExecutor
-from actors.recorder import EpisodeRecorder
+from actors.recorder import EpisodeRecorder, RecordingThread
 from drivers.cell import CellFault
 from drivers.interfaces import Clock, DriverFault, Observation, Operator, TaskScene
 from fleet.common.metrics import TICK_LATENESS_BUCKETS
@@ -98,7 +98,12 @@ class RunnerSource(Protocol):
     def take_new(self) -> PolicyRunner | None: ...
 
 
-SHADOW_NICE = 5  # the shadow's inference worker yields the CPU to acting inference and loop
+# Per-thread CPU priorities below the loop's own (actors/thread_priority.py): the recorder
+# must keep up with the loop; acting inference may lag (the plan covers it), and torch's
+# worker threads, started from its thread, inherit its priority; the shadow comes last.
+RECORDER_NICE = 2
+INFERENCE_NICE = 5
+SHADOW_NICE = 10
 
 # `stats` names each plan executor's counts as they have always been named, in this order.
 LOOP_COUNTS = (
@@ -151,9 +156,10 @@ class ControlLoop:
         lookahead: int | None = None,
         shadow_inference: Inference | None = None,
     ) -> None:
-        """`inference` defaults to a worker thread; `blender` to a 4-tick crossfade limited
-        to the cell safety gate's max step; `shadow_inference` (the shadow version's, used
-        only while the watcher offers a `shadow_runner`) to a low-priority worker thread;
+        """`inference` defaults to a worker thread at lower priority; `blender` to a 4-tick
+        crossfade limited to the cell safety gate's max step; `shadow_inference` (the shadow
+        version's, used only while the watcher offers a `shadow_runner`) to a worker thread
+        at lower priority still;
         `lookahead`: request the next chunk once the plan has this many ticks left (default:
         half the last chunk, at least twice the recent inference latency in ticks)."""
         self.config = config
@@ -176,7 +182,7 @@ class ControlLoop:
         gate = getattr(hardware, "gate", None)
         blender = blender or CrossfadeBlender(max_step=getattr(gate, "max_step", None))
         self.acting = PlanExecutor(
-            inference or ThreadedInference(config.cell_id),
+            inference or ThreadedInference(config.cell_id, nice=INFERENCE_NICE),
             blender,
             self.period,
             self._acting_failed,
@@ -326,7 +332,12 @@ class ControlLoop:
         self.shadow.drop_plan(self._tick)
         self._last_target = None  # the reset may have moved the arms: hold where they are
         self.scene.reset(task, seed)
-        recorder = EpisodeRecorder(cfg.cell_id, episode_id, task, cfg.chunk_steps, cfg.jpeg_quality)
+        recorder = RecordingThread(
+            EpisodeRecorder(cfg.cell_id, episode_id, task, cfg.chunk_steps, cfg.jpeg_quality),
+            self._submit,
+            on_step=self._count_step,
+            nice=RECORDER_NICE,
+        )
         started = self.clock.now()
         log.info(
             "cell %s episode %s: %s starts (version %r)",
@@ -367,8 +378,8 @@ class ControlLoop:
                     self._fault(f"cell fault: {fault}")
                     break
                 if pending is not None:
-                    # The last tick's step is recorded (its frames JPEG-encoded) now that
-                    # this tick's command is out, so that work never delays a tick's start.
+                    # The last tick's step goes to the recorder's thread (which encodes its
+                    # frames) now that this tick's command is out; the tick only queues it.
                     self._record(recorder, *pending)
                     pending = None
                 self._tick += 1
@@ -391,16 +402,16 @@ class ControlLoop:
                     reason = "timeout"
                     break
         finally:
-            if pending is not None:
-                self._record(recorder, *pending)
             success = success and reason == "success"
-            if recorder.buffered:
-                ended = self.clock.now()
-                self._submit(
-                    recorder.finish(
-                        success=success, reason=reason, started_at=started, ended_at=ended
-                    )
+            ended = self.clock.now()
+            try:
+                if pending is not None:
+                    self._record(recorder, *pending)
+            finally:  # the recorder's thread ends with the episode, whatever happened
+                recorded = recorder.finish(
+                    success=success, reason=reason, started_at=started, ended_at=ended
                 )
+            if recorded:
                 with self._lock:
                     # "episodes" counts finished ones; the one cut short by a stop is apart.
                     key = "episodes_aborted" if reason in ("aborted", "fault") else "episodes"
@@ -412,7 +423,7 @@ class ControlLoop:
                     episode_id,
                     task,
                     reason,
-                    recorder.steps_recorded,
+                    recorded,
                     ended - started,
                     self._version,
                 )
@@ -420,7 +431,7 @@ class ControlLoop:
 
     def _record(
         self,
-        recorder: EpisodeRecorder,
+        recorder: RecordingThread,
         obs: Observation,
         sent: np.ndarray,
         intervention: bool,
@@ -428,7 +439,8 @@ class ControlLoop:
         version: str,
         shadow: tuple[np.ndarray, str] | None = None,
     ) -> None:
-        chunk = recorder.add_step(
+        """Queue one step for the recorder's thread (encoding never runs on the tick)."""
+        recorder.add_step(
             stamp=obs.stamp,
             joint_pos=obs.joint_pos,
             action=sent,
@@ -439,12 +451,13 @@ class ControlLoop:
             shadow_action=shadow[0] if shadow is not None else None,
             shadow_version=shadow[1] if shadow is not None else "",
         )
+
+    def _count_step(self, intervention: bool, has_shadow: bool) -> None:
+        """A step is in its episode's recording (runs on the recorder's thread)."""
         with self._lock:
             self._counts["steps_recorded"] += 1
             self._counts["interventions"] += int(intervention)
-            self._counts["shadow_steps"] += int(shadow is not None)
-        if chunk is not None:
-            self._submit(chunk)
+            self._counts["shadow_steps"] += int(has_shadow)
 
     def _submit(self, chunk: trajectory_pb2.StepChunk) -> None:
         self.uplink.submit(chunk)  # never blocks; a full queue is counted by the uplink

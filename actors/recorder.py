@@ -20,12 +20,16 @@ geometry), so it travels losslessly as its own camera column `<camera>_depth`, e
 
 from __future__ import annotations
 
+import queue
+import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import simplejpeg
 
+from actors.thread_priority import lower_this_thread
 from drivers.interfaces import Frame
 from fleet.common.wire import to_tensor
 from protos.fleetlearn.v1 import arrays_pb2, trajectory_pb2
@@ -282,3 +286,102 @@ class EpisodeRecorder:
 def chunk_steps_of(chunk: trajectory_pb2.StepChunk) -> int:
     """Number of steps a chunk carries (its timestamp column's length)."""
     return int(chunk.timestamp.shape[0]) if chunk.timestamp.shape else 0
+
+
+@dataclass(frozen=True)
+class _Finish:
+    success: bool
+    reason: str
+    started_at: float
+    ended_at: float
+
+
+class RecordingThread:
+    """One episode's recorder on a thread of its own, so that JPEG and depth encoding and
+    cutting chunks never run on the control loop's tick thread.
+
+    `add_step` only queues the step (the frames are the observation's own arrays, never
+    drawn on again); the thread encodes it and hands every chunk it closes to `submit`, in
+    order. `finish` queues the closing chunk and waits until every step and that chunk went
+    to `submit`, so an episode is complete before the next one starts. The queue holds at
+    most `max_queued` steps: a host that cannot encode in real time at all slows the loop
+    down (`waits` counts those ticks) rather than buffering frames without bound. The thread
+    runs `nice` steps below its caller's priority. A step the recorder refuses (a camera
+    changed shape mid-episode) raises on the loop's thread at its next `add_step` or at
+    `finish`, as if it had been recorded there.
+    """
+
+    def __init__(
+        self,
+        recorder: EpisodeRecorder,
+        submit: Callable[[trajectory_pb2.StepChunk], None],
+        *,
+        on_step: Callable[[bool, bool], None] | None = None,
+        max_queued: int = 100,
+        nice: int = 0,
+    ) -> None:
+        """`on_step(intervention, has_shadow)` runs on the thread after each step is in."""
+        self.recorder = recorder
+        self._submit = submit
+        self._on_step = on_step
+        self._nice = int(nice)
+        self._queue: queue.Queue[dict[str, Any] | _Finish | None] = queue.Queue(max_queued)
+        self._error: BaseException | None = None
+        self.waits = 0  # add_step calls that found the queue full
+        self.steps_added = 0
+        self._thread = threading.Thread(
+            target=self._work, name=f"recorder-{recorder.episode_id}", daemon=True
+        )
+        self._thread.start()
+
+    def add_step(self, **step: Any) -> None:
+        """Queue one step (EpisodeRecorder.add_step's keyword arguments)."""
+        self._raise_error()
+        try:
+            self._queue.put_nowait(step)
+        except queue.Full:
+            self.waits += 1
+            self._queue.put(step)
+        self.steps_added += 1
+
+    def finish(self, *, success: bool, reason: str, started_at: float, ended_at: float) -> int:
+        """Close the episode (when it has steps) and wait for the thread to be done; the
+        number of steps recorded. Raises what the recorder refused, if anything."""
+        if self.steps_added:
+            self._queue.put(_Finish(success, reason, started_at, ended_at))
+        self._queue.put(None)
+        self._thread.join()
+        self._raise_error()
+        return self.recorder.steps_recorded
+
+    def _raise_error(self) -> None:
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    def _work(self) -> None:
+        lower_this_thread(self._nice, cell_id=self.recorder.cell_id, what="the recorder")
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            if self._error is not None:
+                continue  # the episode's recording already failed: drop the rest
+            try:
+                if isinstance(item, _Finish):
+                    chunk = self.recorder.finish(
+                        success=item.success,
+                        reason=item.reason,
+                        started_at=item.started_at,
+                        ended_at=item.ended_at,
+                    )
+                else:
+                    chunk = self.recorder.add_step(**item)
+                    if self._on_step is not None:
+                        self._on_step(
+                            bool(item["intervention"]), item.get("shadow_action") is not None
+                        )
+                if chunk is not None:
+                    self._submit(chunk)
+            except BaseException as exc:  # handed to the loop's thread
+                self._error = exc

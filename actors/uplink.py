@@ -37,10 +37,12 @@ import grpc
 
 from actors.recorder import chunk_steps_of
 from actors.spool import HEADER_BYTES, ChunkSpool
+from actors.thread_priority import lower_this_thread
 from protos.fleetlearn.v1 import trajectory_pb2, trajectory_pb2_grpc
 
 log = logging.getLogger(__name__)
 
+UPLINK_NICE = 2  # spooling and sending yield the CPU to the control loop (they catch up)
 MAX_MESSAGE_BYTES = 64 << 20  # the gateway accepts this much; camera-heavy chunks need it
 
 # Keepalive pings find a dead learner (or a silently dropped NAT entry) within seconds
@@ -396,6 +398,7 @@ class Uplink:
 
     def _write_loop(self) -> None:
         """Spool queued chunks in submission order; each becomes sendable once on disk."""
+        lower_this_thread(UPLINK_NICE, cell_id=self.cell_id, what="the spool writer")
         spool = self.spool
         assert spool is not None
         while True:
@@ -448,6 +451,7 @@ class Uplink:
             self._wake.set()  # the learner is back: end the backoff wait, resend now
 
     def _run(self) -> None:
+        lower_this_thread(UPLINK_NICE, cell_id=self.cell_id, what="the uplink")
         assert self._channel is not None
         stub = trajectory_pb2_grpc.TrajectoryServiceStub(self._channel)
         backoff = Backoff()

@@ -4,6 +4,7 @@ policy keeps its 20 Hz. The blending math is checked on its own first."""
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 
@@ -322,3 +323,59 @@ def test_sim_cell_with_a_tiny_policy_keeps_20_hz() -> None:
     assert stats["late_ticks"] <= 1
     assert stats["chunks_blended"] >= 2 and stats["policy_errors"] == 0
     assert stats["steps_recorded"] >= 50 and stats["interventions"] == 0
+
+
+def _nice() -> int:
+    return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+
+class NiceRunner(SlowRunner):
+    """Notes the CPU priority (niceness) of the thread each predict runs on."""
+
+    def __init__(self) -> None:
+        super().__init__("v1", 0.0)
+        self.nice: list[int] = []
+
+    def predict(self, frames, joint_pos, task) -> np.ndarray:
+        self.nice.append(_nice())
+        return super().predict(frames, joint_pos, task)
+
+
+@pytest.mark.skipif(not hasattr(os, "setpriority"), reason="per-thread priority is Linux's")
+def test_inference_and_recording_run_below_the_loops_priority() -> None:
+    """On a busy cell computer the tick thread gets a core first: acting inference and the
+    recorder's encoding run on threads of lower priority than the loop's own thread."""
+    runner = NiceRunner()
+    recorded_nice: list[int] = []
+    stop = threading.Event()
+    clock = RealtimeClock(stop, 0.5)
+    loop_nice: list[int] = []
+
+    class Sink:
+        def submit(self, chunk: object) -> bool:
+            recorded_nice.append(_nice())
+            return True
+
+    hardware = RecordingHardware(clock)
+    observe = hardware.observe
+
+    def observe_noting_priority() -> Observation:
+        loop_nice.append(_nice())
+        return observe()
+
+    hardware.observe = observe_noting_priority  # type: ignore[method-assign]
+    loop = ControlLoop(
+        ActorConfig(
+            cell_id="cell-01", learner_address="127.0.0.1:1", control_hz=HZ, max_episode_s=60
+        ),
+        hardware,  # type: ignore[arg-type]
+        Scene(),
+        Operator(),
+        clock,
+        Sink(),
+        Watcher(clock, [(0.0, runner)]),  # type: ignore[arg-type]
+    )
+    loop.run(stop)
+    assert runner.nice and recorded_nice and loop_nice
+    assert min(runner.nice) > max(loop_nice)
+    assert min(recorded_nice) > max(loop_nice)

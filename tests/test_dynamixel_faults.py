@@ -103,6 +103,24 @@ def test_one_hiccup_leaves_no_stale_read_behind(peer: ServoPeer) -> None:
         arm.close()
 
 
+def test_reply_left_after_a_read_is_discarded_by_the_next(peer: ServoPeer) -> None:
+    """The last servo answers twice (a second servo with its ID): the extra status packet
+    arrives in the same read as the ones wanted and stays behind in the port handler's
+    buffer. The next transaction must count it as a late reply, never take it for its
+    own answer: every read returns what the servos hold at its request."""
+    arm = _arm(peer)
+    try:
+        _raw(arm)
+        peer.set_fault(7, duplicate=True)
+        before = arm.stats.late_replies
+        for i in range(10):
+            ticks = _marker(peer, i)
+            assert _raw(arm) == {4: ticks, 7: ticks}, f"read {i} is stale"
+        assert arm.stats.late_replies - before >= 9
+    finally:
+        arm.close()
+
+
 def test_late_write_ack_is_not_taken_for_the_next_one(peer: ServoPeer) -> None:
     """A write whose ack comes late fails; a write refused right after it is reported as
     refused, not acked by the earlier write's late status packet."""

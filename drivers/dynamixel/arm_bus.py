@@ -323,15 +323,8 @@ class DynamixelArmBus:
             self.check_power()
         blocks = self.bus.sync_read(ct.STATE_BLOCK_ADDRESS, ct.STATE_BLOCK_SIZE)
         stamp = self.clock.now()
-        base = ct.STATE_BLOCK_ADDRESS
-        ticks = np.empty(len(self.ids), dtype=np.float64)
-        vel = np.empty(len(self.ids), dtype=np.float64)
-        cur = np.empty(len(self.ids), dtype=np.float64)
-        for i, sid in enumerate(self.ids):
-            b = blocks[sid]
-            cur[i] = ct.decode_value(b, ct.PRESENT_CURRENT, ct.PRESENT_CURRENT.address - base)
-            vel[i] = ct.decode_value(b, ct.PRESENT_VELOCITY, ct.PRESENT_VELOCITY.address - base)
-            ticks[i] = ct.decode_value(b, ct.PRESENT_POSITION, ct.PRESENT_POSITION.address - base)
+        unpack = ct.STATE_BLOCK.unpack
+        cur, vel, ticks = np.array([unpack(blocks[sid]) for sid in self.ids], np.float64).T
         shaft_rad_s = vel * ct.RAD_S_PER_VELOCITY_UNIT
         velocity = np.empty_like(shaft_rad_s)
         velocity[:-1] = self._dir * shaft_rad_s[:-1]

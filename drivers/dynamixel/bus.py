@@ -8,13 +8,15 @@ the request they answer (a late status packet is never taken for a fresh one).
 
 Measured on the SDK (4.1): it busy-waits for status packets and gives up after a fixed
 ~34 ms (2 x LATENCY_TIMER + 2 ms). The port handler here waits in select() instead of
-spinning (reads return as soon as the bytes the SDK asked for arrived) and sets the FTDI
-latency timer to 1 ms through sysfs when the port is a USB serial adapter that allows it.
+spinning, takes every byte that arrived in one read (the SDK's own reads are then served
+from that buffer), and sets the FTDI latency timer to 1 ms through sysfs when the port is a
+USB serial adapter that allows it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import inspect
 import logging
 import os
@@ -135,22 +137,74 @@ def set_low_latency(port: str) -> bool:
 
 
 class _WaitingPortHandler(PortHandler):
-    """PortHandler whose reads wait in select() for the bytes asked for, not spin.
+    """PortHandler whose reads wait in select() for bytes, not spin, and take every byte
+    that has arrived in one system call.
 
-    The SDK asks for exactly the bytes still missing from the packet it is parsing, so a
-    read returns the moment they arrive; when nothing comes it returns after `read_wait_s`
-    and the SDK's own packet timeout decides, as before.
+    The SDK reads a status packet in pieces (its 11-byte minimum, then the rest), packet
+    after packet: a 7-servo sync read is ~14 reads, each a select and a read through
+    pyserial. Here one wakeup takes all that is there into a buffer that the SDK's next
+    reads are served from, so status packets that came together cost one or two system
+    calls. When nothing comes, a read returns what it has after `read_wait_s` and the SDK's
+    own packet timeout decides, as before (`read_wait_s=0`: poll, the stock SDK's spin).
+
+    Bytes still buffered after a transaction are the line's, not the transaction's:
+    `take_buffered` hands them to the bus's drain (late replies are counted and never taken
+    for a fresh one), and `clearPort` (the SDK's, before every instruction) drops them with
+    the kernel's.
     """
 
     def __init__(self, port_name: str, read_wait_s: float) -> None:
         super().__init__(port_name)
-        self._read_wait_s = read_wait_s
+        self._read_wait_s = max(0.0, read_wait_s)
+        self._rx = bytearray()
 
-    def setupPort(self, cflag_baud: int) -> bool:  # SDK method name
-        ok = bool(super().setupPort(cflag_baud))
-        if ok and self._read_wait_s > 0:
-            self.ser.timeout = self._read_wait_s
-        return ok
+    def readPort(self, length: int) -> bytes:  # SDK method name
+        if length <= 0:
+            return b""
+        if len(self._rx) < length:
+            self._fill(self._read_wait_s)
+        out = bytes(self._rx[:length])
+        del self._rx[:length]
+        return out
+
+    def _fill(self, wait_s: float) -> bool:
+        """Append whatever the kernel holds, waiting up to `wait_s` for something."""
+        ser = self.ser
+        if ser is None or not ser.is_open:
+            raise OSError(errno.EBADF, f"port {self.port_name} is not open")
+        ready, _, _ = select.select([ser.fd], [], [], wait_s)
+        if not ready:
+            return False
+        try:
+            data = os.read(ser.fd, 4096)
+        except (BlockingIOError, InterruptedError):
+            return False
+        if not data:  # what a USB adapter (or a pty whose far end closed) does when gone
+            raise OSError(
+                errno.EIO,
+                f"port {self.port_name} reports data but returned none (device disconnected?)",
+            )
+        self._rx += data
+        return True
+
+    def take_buffered(self) -> bytes:
+        """Every byte that has arrived and no read took yet (buffered, then the kernel's)."""
+        while self._fill(0.0):
+            pass
+        out = bytes(self._rx)
+        self._rx.clear()
+        return out
+
+    def getBytesAvailable(self) -> int:  # SDK method name
+        return len(self._rx) + int(self.ser.in_waiting)
+
+    def clearPort(self) -> None:  # SDK method name
+        self._rx.clear()
+        super().clearPort()
+
+    def closePort(self) -> None:  # SDK method name
+        self._rx.clear()
+        super().closePort()
 
 
 # Not an SDK result: a request not sent because a late reply like its own was still due.
@@ -185,7 +239,7 @@ class BusStats:
     power_cycles: int = 0  # servos found powered up anew (RAM reset) and restored
 
 
-def _rx_packet(ph: Any) -> Callable[[PortHandler], tuple[list[int], int]]:
+def _rx_packet(ph: Any) -> Callable[[_WaitingPortHandler], tuple[list[int], int]]:
     """The SDK's status-packet reader (its signature grew a `fast_option` in 3.8)."""
     if "fast_option" in inspect.signature(ph.rxPacket).parameters:
         return lambda port: ph.rxPacket(port, False)  # type: ignore[no-any-return]
@@ -245,7 +299,7 @@ class DynamixelBus:
         self.stats = BusStats()
         self._ph = PacketHandler(2.0)
         self._rx = _rx_packet(self._ph)
-        self._port: PortHandler | None = None
+        self._port: _WaitingPortHandler | None = None
         self._opened_once = False
         self._closed = False
         self._next_attempt = 0.0
@@ -296,7 +350,7 @@ class DynamixelBus:
             with contextlib.suppress(*_PORT_ERRORS):
                 port.closePort()
 
-    def _ensure_open(self) -> PortHandler:
+    def _ensure_open(self) -> _WaitingPortHandler:
         if self._port is not None:
             return self._port
         if self._closed:
@@ -380,7 +434,7 @@ class DynamixelBus:
             port=self.port,
         )
 
-    def _io(self, fn: Callable[[PortHandler], T]) -> T:
+    def _io(self, fn: Callable[[_WaitingPortHandler], T]) -> T:
         port = self._ensure_open()
         try:
             return fn(port)
@@ -391,21 +445,16 @@ class DynamixelBus:
 
     # Matching replies to requests ---------------------------------------------------------
 
-    def _drain(self, port: PortHandler) -> None:
+    def _drain(self, port: _WaitingPortHandler) -> None:
         """Discard whatever arrived since the last transaction (late status packets)."""
-        ser = port.ser
         self._stale.clear()
-        while True:
-            waiting = ser.in_waiting
-            if not waiting:
-                return
-            data = ser.read(waiting)
-            if not data:
-                return
-            self.stats.late_bytes += len(data)
-            for pkt in self._stale.feed(data):
-                length = len(pkt.params) + 3 if isinstance(pkt, pr.Packet) else 0
-                self._late(pkt.servo_id, length)
+        data = port.take_buffered()
+        if not data:
+            return
+        self.stats.late_bytes += len(data)
+        for pkt in self._stale.feed(data):
+            length = len(pkt.params) + 3 if isinstance(pkt, pr.Packet) else 0
+            self._late(pkt.servo_id, length)
 
     def _late(self, servo_id: int, length: int) -> None:
         self.stats.late_replies += 1
@@ -416,11 +465,15 @@ class DynamixelBus:
         log.debug("%s: discarded a late status packet (length %d)", self.describe(servo_id), length)
 
     def _owes(self, servo_id: int, length: int) -> bool:
+        if not self._owed:  # the usual case: every earlier request was answered
+            return False
         now = time.monotonic()
         self._owed = [o for o in self._owed if o.until > now]
         return any(o.servo_id == servo_id and o.length == length for o in self._owed)
 
-    def _wait_owed(self, port: PortHandler, want: Mapping[int, int], deadline: float) -> bool:
+    def _wait_owed(
+        self, port: _WaitingPortHandler, want: Mapping[int, int], deadline: float
+    ) -> bool:
         """Drain the line until no owed reply looks like one of `want`; False at deadline."""
         counted = False
         while any(self._owes(sid, n) for sid, n in want.items()):
@@ -436,7 +489,7 @@ class DynamixelBus:
         return True
 
     def _receive(
-        self, port: PortHandler, want: Mapping[int, int]
+        self, port: _WaitingPortHandler, want: Mapping[int, int]
     ) -> tuple[dict[int, tuple[int, bytes]], int]:
         """Status packets for `want` ({id: LEN}) until all came or the SDK's packet timeout;
         anything else is a late reply to an earlier request and is discarded."""
@@ -457,7 +510,7 @@ class DynamixelBus:
 
     def _exchange(
         self,
-        send: Callable[[PortHandler], int],
+        send: Callable[[_WaitingPortHandler], int],
         want: Mapping[int, int],
         deadline: float,
     ) -> tuple[dict[int, tuple[int, bytes]], int]:
@@ -467,7 +520,7 @@ class DynamixelBus:
 
         sent = False
 
-        def run(port: PortHandler) -> tuple[dict[int, tuple[int, bytes]], int]:
+        def run(port: _WaitingPortHandler) -> tuple[dict[int, tuple[int, bytes]], int]:
             nonlocal sent
             self._drain(port)
             if not self._wait_owed(port, want, deadline):
@@ -506,7 +559,7 @@ class DynamixelBus:
     def _tx(self, servo_id: int, instruction: int, params: Sequence[int] = ()) -> Any:
         """An instruction packet sent through the SDK's framing (CRC, stuffing)."""
 
-        def send(port: PortHandler) -> int:
+        def send(port: _WaitingPortHandler) -> int:
             packet = [0] * (10 + len(params))
             packet[4] = servo_id
             packet[5] = (len(params) + 3) & 0xFF
@@ -552,7 +605,7 @@ class DynamixelBus:
         self,
         servo_id: int,
         what: str,
-        request: Callable[[], tuple[Callable[[PortHandler], int], int, int]],
+        request: Callable[[], tuple[Callable[[_WaitingPortHandler], int], int, int]],
         allow_alert: bool = False,
     ) -> bytes:
         """One servo's request with retries. `request()` gives (send, reply LEN, offset of
@@ -614,7 +667,7 @@ class DynamixelBus:
                 )
             out = [got[servo_id]]
 
-            def listen(port: PortHandler) -> None:
+            def listen(port: _WaitingPortHandler) -> None:
                 port.setPacketTimeoutMillis(listen_s * 1000.0)
                 while True:
                     rx, res = self._rx(port)
@@ -634,7 +687,7 @@ class DynamixelBus:
         this baud (the servos on the bus, expected or not)."""
         with self.lock:
 
-            def ping_all(port: PortHandler) -> tuple[Any, int]:
+            def ping_all(port: _WaitingPortHandler) -> tuple[Any, int]:
                 self._drain(port)
                 port.is_using = False
                 return self._ph.broadcastPing(port)  # type: ignore[no-any-return]
@@ -645,10 +698,10 @@ class DynamixelBus:
         return {int(sid): (int(v[0]), int(v[1])) for sid, v in found.items()}
 
     def read(self, servo_id: int, reg: ct.Register, allow_alert: bool = False) -> int:
-        def request() -> tuple[Callable[[PortHandler], int], int, int]:
+        def request() -> tuple[Callable[[_WaitingPortHandler], int], int, int]:
             start, n, offset = self._window(reg.address, reg.size, (servo_id,))
 
-            def send(port: PortHandler) -> int:
+            def send(port: _WaitingPortHandler) -> int:
                 return int(self._ph.readTx(port, servo_id, start, n))
 
             return send, n + _STATUS_OVERHEAD, offset
@@ -688,7 +741,7 @@ class DynamixelBus:
             for attempt in range(self.retries + 1):
                 first, n, offset = self._window(address, size, ids)
 
-                def send(port: PortHandler, first: int = first, n: int = n) -> int:
+                def send(port: _WaitingPortHandler, first: int = first, n: int = n) -> int:
                     group = self._reads.get((first, n, ids))
                     if group is None or group.port is not port:
                         group = GroupSyncRead(port, self._ph, first, n)
@@ -741,7 +794,7 @@ class DynamixelBus:
             for sid, value in values.items():
                 group.addParam(sid, list(ct.encode_value(value, size)))
 
-            def send(p: PortHandler) -> int:
+            def send(p: _WaitingPortHandler) -> int:
                 self._drain(p)
                 return int(group.txPacket())
 

@@ -9,6 +9,7 @@ Standard library only: the simulated servo process imports it and must start fas
 from __future__ import annotations
 
 import math
+import struct
 from dataclasses import dataclass
 
 
@@ -108,6 +109,9 @@ REGISTERS = (
 # one sync read of 10 bytes returns all three for every servo.
 STATE_BLOCK_ADDRESS = PRESENT_CURRENT.address
 STATE_BLOCK_SIZE = PRESENT_POSITION.address + PRESENT_POSITION.size - STATE_BLOCK_ADDRESS
+# ... decoded in one unpack per servo (signed current, velocity, position, little-endian).
+STATE_BLOCK = struct.Struct("<hii")
+assert STATE_BLOCK.size == STATE_BLOCK_SIZE
 # The configuration the driver writes at connect, read back in one sync read (9..55).
 CONFIG_BLOCK_ADDRESS = RETURN_DELAY_TIME.address
 CONFIG_BLOCK_SIZE = MIN_POSITION_LIMIT.address + MIN_POSITION_LIMIT.size - CONFIG_BLOCK_ADDRESS

@@ -99,6 +99,8 @@ def crc16(data: bytes | bytearray, crc: int = 0) -> int:
 
 def stuff(body: bytes | bytearray) -> bytes:
     """Insert an FD after every FF FF FD in INST..PARAMS (so no header appears inside)."""
+    if HEADER[:3] not in body:  # nearly every packet: nothing to stuff
+        return bytes(body)
     out = bytearray()
     for i, byte in enumerate(body):
         out.append(byte)
@@ -109,6 +111,8 @@ def stuff(body: bytes | bytearray) -> bytes:
 
 def unstuff(body: bytes | bytearray) -> bytes:
     """Undo `stuff`: drop the FD that follows each FF FF FD."""
+    if HEADER[:3] not in body:  # nearly every packet: nothing was stuffed
+        return bytes(body)
     out = bytearray()
     i = 0
     n = len(body)

@@ -250,7 +250,8 @@ class _Chain:
         if servo.torque and not torque_was:
             # Torque on holds where the shaft is (Goal Position := Present Position).
             servo.put(ct.GOAL_POSITION, round(servo.shaft) + servo.get(ct.HOMING_OFFSET))
-        self._refresh_registers(servo)
+        if touches(ct.HOMING_OFFSET):  # present position is measured through it
+            self._refresh_registers(servo)  # (advance just refreshed the rest)
         self._push(servo)
         return 0
 

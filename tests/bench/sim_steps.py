@@ -17,6 +17,9 @@ tells the cost of sleeping between ticks from the cost of the SDK path). Figures
 control steps per CPU-second: the CPU time of every process involved (this process with all
 its threads, and the servo peers, its children), so the ratio means much the same on a
 loaded machine and an idle one. Goal: real-time SDK cell >= 0.6 x the (unpaced) floor.
+Each figure also splits that CPU by part (`cpu_ms_per_step_by_part`: the ticking thread,
+Mesa's render threads, the servo peer processes, other threads), which says where the SDK
+cell's extra cost goes.
 
 Why: a simulated fleet runs many cells on one machine, and data collection and evaluation
 run faster than real time; a cell must not be what limits them, and the SDK path that makes
@@ -30,8 +33,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import psutil
@@ -98,45 +103,59 @@ def tick_goals(start: np.ndarray, k: int) -> np.ndarray:
     return goals
 
 
-def tree_cpu_s() -> float:
-    """User + system CPU seconds of this process (all threads) and all its live children."""
+def cpu_parts_s() -> dict[str, float]:
+    """User + system CPU seconds of this process and its live children, by part: "main"
+    (the ticking thread), "render" (Mesa's llvmpipe threads), "servo_peers" (the children),
+    "other_threads" (the SDKs', the cell watchdog, ...)."""
     me = psutil.Process()
-    total = 0.0
-    for proc in [me, *me.children(recursive=True)]:
+    parts = dict.fromkeys(("main", "render", "servo_peers", "other_threads"), 0.0)
+    main = threading.get_native_id()
+    for t in me.threads():
         try:
-            t = proc.cpu_times()
+            with open(f"/proc/{me.pid}/task/{t.id}/comm") as f:
+                comm = f.read().strip()
+        except OSError:
+            comm = ""
+        part = "main" if t.id == main else "render" if comm.startswith("llvmpipe") else None
+        parts[part or "other_threads"] += t.user_time + t.system_time
+    for proc in me.children(recursive=True):
+        try:
+            c = proc.cpu_times()
         except psutil.NoSuchProcess:
             continue
-        total += t.user + t.system
-    return total
+        parts["servo_peers"] += c.user + c.system
+    return parts
 
 
-def _figures(steps: int, cpu_s: float, wall_s: float) -> dict[str, float]:
+def _figures(steps: int, cpu: dict[str, float], wall_s: float) -> dict[str, Any]:
+    cpu_s = sum(cpu.values())
     return {
         "steps": steps,
         "cpu_s": round(cpu_s, 3),
         "steps_per_cpu_s": round(steps / cpu_s, 1),
         "cpu_ms_per_step": round(cpu_s / steps * 1000.0, 3),
+        "cpu_ms_per_step_by_part": {k: round(v / steps * 1000.0, 3) for k, v in cpu.items()},
         "steps_per_s": round(steps / wall_s, 1),
     }
 
 
-def _measure(tick: Callable[[int], None], seconds: float, paced: bool = False) -> dict[str, float]:
+def _measure(tick: Callable[[int], None], seconds: float, paced: bool = False) -> dict[str, Any]:
     """Runs `tick` for ~`seconds` after a few untimed ones; `paced`: at CELL_HZ in real
     time, sleeping between ticks as SimClock does (0 lag: never bursts to catch up)."""
     for k in range(5):  # GL contexts, pipelines, first frames stay out of the figures
         tick(k)
-    cpu0, t0 = tree_cpu_s(), time.perf_counter()
+    cpu0, t0 = cpu_parts_s(), time.perf_counter()
     steps = 0
     while time.perf_counter() - t0 < seconds:
         tick(5 + steps)
         steps += 1
         if paced:
             time.sleep(max(0.0, t0 + steps / CELL_HZ - time.perf_counter()))
-    return _figures(steps, tree_cpu_s() - cpu0, time.perf_counter() - t0)
+    cpu1 = cpu_parts_s()
+    return _figures(steps, {k: cpu1[k] - cpu0[k] for k in cpu1}, time.perf_counter() - t0)
 
 
-def cell_floor(seconds: float, paced: bool = False) -> dict[str, float]:
+def cell_floor(seconds: float, paced: bool = False) -> dict[str, Any]:
     """The physics + render floor of a `fleet up` cell tick: goals in, 1/CELL_HZ of physics,
     joint positions out, every camera rendered; no SDK, servo peer or RealSense path.
     `paced`: in real time like the real-time cell, to tell the cost of sleeping between
@@ -157,7 +176,7 @@ def cell_floor(seconds: float, paced: bool = False) -> dict[str, float]:
         world.close()
 
 
-def sdk_cell(seconds: float, lockstep: bool) -> dict[str, float]:
+def sdk_cell(seconds: float, lockstep: bool) -> dict[str, Any]:
     """The SDK cell ticked like the control loop ticks it: observe (two sync reads, every
     camera read through pyrealsense2), command (two sync writes), sleep until the next tick
     (the physics steps there; real time paces it unless `lockstep`, which runs unpaced)."""
@@ -202,7 +221,7 @@ def main() -> None:
     }
     for name, fig in figures.items():
         print(f"{name:>18}: {fig}")
-    rounds: dict[str, list[dict[str, float]]] = {
+    rounds: dict[str, list[dict[str, Any]]] = {
         "floor": [],
         "floor_paced": [],
         "realtime": [],
