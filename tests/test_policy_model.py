@@ -180,6 +180,32 @@ def test_keypoints_locate_what_they_see() -> None:
     assert not torch.allclose(model(images, joints, task_id), model(moved, joints, task_id))
 
 
+def test_keypoints_can_read_an_earlier_finer_stage() -> None:
+    """keypoint_stage=0 puts the spatial softmax on the first stage's map (half the input
+    resolution, not 1/8): the same network otherwise, and old manifests keep the last."""
+    fine = make_model(keypoints=4, keypoint_stage=0)
+    coarse = make_model(keypoints=4)
+    assert coarse.config.keypoint_stage == -1
+    assert fine.image_encoder.keypoints is not None
+    assert fine.image_encoder.keypoints.maps.in_channels == fine.config.image_channels[0]
+    assert set(fine.state_dict()) == set(coarse.state_dict())
+    seen: list[tuple[int, ...]] = []
+    fine.image_encoder.keypoints.register_forward_hook(
+        lambda _m, args, _out: seen.append(tuple(args[0].shape[-2:]))
+    )
+    images, joints, task_id = inputs(b=1, h=24, w=32)
+    with torch.no_grad():
+        fine(images, joints, task_id)
+    h, w = fine.config.image_size
+    assert seen == [(h // 2, w // 2)]  # every camera in one batch
+    old = tiny().to_dict()
+    old.pop("keypoint_stage")
+    assert PolicyConfig.from_dict(old).keypoint_stage == -1
+    for bad in (3, -4):
+        with pytest.raises(ValueError, match="keypoint_stage"):
+            tiny(keypoint_stage=bad)
+
+
 def test_shift_augmentation_only_while_training() -> None:
     model = perturb(make_model(shift_augment=4))
     images, joints, task_id = inputs(b=4, h=48, w=64)

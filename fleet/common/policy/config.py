@@ -77,7 +77,12 @@ _FROM_PRESET: dict[str, Any] = {
 
 # Fields added after versions were first published, with the value that rebuilds those
 # versions' network exactly: a manifest without the field gets this, not the preset's.
-_LEGACY: dict[str, Any] = {"keypoints": 0, "shift_augment": 0, "action_scale": ()}
+_LEGACY: dict[str, Any] = {
+    "keypoints": 0,
+    "shift_augment": 0,
+    "action_scale": (),
+    "keypoint_stage": -1,
+}
 
 _TUPLE_FIELDS = (
     "tasks",
@@ -116,6 +121,8 @@ class PolicyConfig:
     # Spatial-softmax keypoints per camera, each one more token (0 = none): where a feature
     # is, to a fraction of a cell, which average-pooled grid tokens blur away.
     keypoints: int = -1
+    # Which encoder stage the keypoints read (0 = the first, finest; -1 = the last).
+    keypoint_stage: int = -1
     # Random-shift augmentation while training: every image moves by up to this many pixels
     # (of image_size), edges replicated (DrQ); never at inference.
     shift_augment: int = -1
@@ -166,6 +173,12 @@ class PolicyConfig:
                 raise ValueError(f"{name} must be two positive ints (height, width), got {value}")
         if not self.image_channels or min(self.image_channels) < 1:
             raise ValueError(f"image_channels must be positive ints, got {self.image_channels}")
+        if not -len(self.image_channels) <= self.keypoint_stage < len(self.image_channels):
+            raise ValueError(
+                f"keypoint_stage must name one of the {len(self.image_channels)} encoder stages"
+                f" (0..{len(self.image_channels) - 1} or negative from the end),"
+                f" got {self.keypoint_stage}"
+            )
         if self.action_scale and (
             len(self.action_scale) != JOINT_DIM
             or not all(math.isfinite(x) and x > 0 for x in self.action_scale)

@@ -91,6 +91,7 @@ class ImageEncoder(nn.Module):
         d_model: int,
         token_grid: tuple[int, ...],
         keypoints: int = 0,
+        keypoint_stage: int = -1,
     ) -> None:
         super().__init__()
         layers: list[nn.Module] = []
@@ -106,20 +107,29 @@ class ImageEncoder(nn.Module):
         self.stages = nn.Sequential(*layers)
         self.token_grid = (int(token_grid[0]), int(token_grid[1]))
         self.project = nn.Conv2d(previous, d_model, 1)
-        self.keypoints = SpatialSoftmax(previous, keypoints) if keypoints else None
+        # The keypoints read the output of stage `keypoint_stage` (-1: the last): an earlier,
+        # finer map locates a small object to a few pixels where the last one is 8x coarser.
+        stage = keypoint_stage % len(channels)
+        self._keypoint_layer = (stage + 1) * (3 + blocks_per_stage)  # layers up to its end
+        self.keypoints = SpatialSoftmax(channels[stage], keypoints) if keypoints else None
         if keypoints:
             self.keypoint_proj = nn.Linear(2, d_model)
             self.keypoint_embed = nn.Parameter(torch.randn(1, keypoints, d_model) * 0.02)
 
     def forward(self, x: Tensor) -> Tensor:
-        features = self.stages(x)
+        early = None
+        features = x
+        for i, layer in enumerate(self.stages, start=1):
+            features = layer(features)
+            if i == self._keypoint_layer:
+                early = features
         grid = features
         if tuple(grid.shape[-2:]) != self.token_grid:
             grid = F.adaptive_avg_pool2d(grid, self.token_grid)
         tokens = self.project(grid).flatten(2).transpose(1, 2)
         if self.keypoints is None:
             return tokens
-        points = self.keypoint_proj(self.keypoints(features)) + self.keypoint_embed
+        points = self.keypoint_proj(self.keypoints(early)) + self.keypoint_embed
         return torch.cat([tokens, points], dim=1)
 
 
@@ -132,7 +142,12 @@ class UnifiedPolicy(nn.Module):
         d = config.d_model
         n_tokens = config.token_grid[0] * config.token_grid[1] + config.keypoints
         self.image_encoder = ImageEncoder(
-            config.image_channels, config.image_blocks, d, config.token_grid, config.keypoints
+            config.image_channels,
+            config.image_blocks,
+            d,
+            config.token_grid,
+            config.keypoints,
+            config.keypoint_stage,
         )
         self.camera_embed = nn.Parameter(torch.randn(len(config.cameras), 1, d) * 0.02)
         self.spatial_embed = nn.Parameter(torch.randn(1, n_tokens, d) * 0.02)
