@@ -259,9 +259,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument(
         "--action-scale",
         choices=("data", "none"),
-        default="none",
-        help="data: measure PolicyConfig.action_scale on the demonstrations (per-joint offset"
-        " RMS); none: the joint-limit scale (1.0 per joint)",
+        default="data",
+        help="data (as the learner does by default): measure PolicyConfig.action_scale on the"
+        " demonstrations (per-joint offset RMS); none: the joint-limit scale (1.0 per joint)",
     )
     ap.add_argument("--preset", default="tiny")
     ap.add_argument("--set", nargs="*", default=[], help="PolicyConfig fields: KEY=JSON ...")

@@ -45,6 +45,9 @@ def test_a_fresh_model_is_evaluated_on_fleet_evals_held_out_scenes(
     assert main(argv) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["demos"]["expert"][TASK]["successes"] == 1
+    # As the learner does: the action scale measured on the demonstrations, in the config.
+    scale = result["config"]["action_scale"]
+    assert len(scale) == 14 and all(x >= 0.01 for x in scale)
     (point,) = result["evals"]
     assert point["seeds"] == [heldout_seed(7)]  # fleet eval's held-out scene index 7
     # The untrained policy alone, to the time limit: no success; the expert on the same
