@@ -285,8 +285,8 @@ class UnifiedPolicy(nn.Module):
         weight = torch.ones(b, device=actions.device) if weight is None else weight.float()
 
         # In action_scale units: each joint's error relative to how far that joint moves.
-        scaled_err = (predicted - self.normalize_joints(actions)).abs() / self.action_scale
-        step_err = scaled_err.mean(-1)  # (B, K)
+        abs_err = (predicted - self.normalize_joints(actions)).abs()  # joint-limit units
+        step_err = (abs_err / self.action_scale).mean(-1)  # (B, K)
         valid = mask.sum(1)
         per_sample = (step_err * mask).sum(1) / valid.clamp_min(1.0)
         weight = weight * (valid > 0).float()
@@ -297,10 +297,7 @@ class UnifiedPolicy(nn.Module):
             mask_total = mask.sum().clamp_min(1.0)
             metrics = {
                 "loss": float(loss.detach()),
-                "l1_normalized": float(
-                    ((predicted - self.normalize_joints(actions)).abs().mean(-1) * mask).sum()
-                    / mask_total
-                ),
+                "l1_normalized": float((abs_err.mean(-1) * mask).sum() / mask_total),
                 "abs_err_rad": float((rad_err * mask).sum() / mask_total),
                 "first_step_abs_err_rad": float(
                     (rad_err[:, 0] * mask[:, 0]).sum() / mask[:, 0].sum().clamp_min(1.0)
