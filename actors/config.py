@@ -6,11 +6,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 from pydantic import Field
 
 from fleet.common.metrics import MetricsOptions
+from fleet.common.scenes import SimBackend
 
 
 @dataclass(frozen=True)
@@ -116,7 +116,7 @@ class ActorOptions(MetricsOptions):
         "progress has not improved for this many sim seconds (0 = never; DAgger-style "
         "corrections)",
     )
-    sim_backend: Literal["mujoco", "kinematic"] = Field(
+    sim_backend: SimBackend = Field(
         "mujoco",
         description="sim only: mujoco = physics cell behind the real dynamixel_sdk and "
         "pyrealsense2 paths; kinematic = the light stand-in without SDKs (fast tests)",

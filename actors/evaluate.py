@@ -34,7 +34,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any
 
 import numpy as np
 from pydantic import BaseModel, Field
@@ -45,15 +45,13 @@ from actors.inference import InlineInference
 from fleet.common.config_cli import add_model_arguments, flag, parse_model
 from fleet.common.evaluation import BASELINES, EpisodeRecord, EvalResult, store_evaluation
 from fleet.common.policy.manifest import Manifest
-from fleet.common.scenes import heldout_seed
+from fleet.common.scenes import SIM_BACKENDS, SimBackend, heldout_seed
 from fleet.common.wire import from_tensor
 from protos.fleetlearn.v1 import trajectory_pb2
 from protos.joint_layout import JOINT_DIM
 
 log = logging.getLogger("eval")
 
-Backend = Literal["mujoco", "kinematic"]
-BACKENDS: tuple[Backend, ...] = get_args(Backend)
 CONTROL_HZ = 20.0
 DEFAULT_CAMERAS = ("overhead", "front")
 
@@ -199,7 +197,7 @@ def backend_tasks(backend: str) -> tuple[str, ...]:
         from drivers.sim import SIM_TASKS
 
         return tuple(SIM_TASKS)
-    raise ValueError(f"unknown sim backend {backend!r}; known: {', '.join(BACKENDS)}")
+    raise ValueError(f"unknown sim backend {backend!r}; known: {', '.join(SIM_BACKENDS)}")
 
 
 def task_time_limit(backend: str, task: str) -> float:
@@ -238,7 +236,7 @@ def sim_cell(backend: str, cell_id: str, cameras: Sequence[str]) -> Iterator[Any
             takeover_prob=0.0,
         )
     else:
-        raise ValueError(f"unknown sim backend {backend!r}; known: {', '.join(BACKENDS)}")
+        raise ValueError(f"unknown sim backend {backend!r}; known: {', '.join(SIM_BACKENDS)}")
     try:
         yield cell
     finally:
@@ -665,7 +663,7 @@ class EvalOptions(BaseModel):
         description="first held-out scene index (seeds are fleet.common.scenes.heldout_seed(i), "
         "never a training seed)",
     )
-    backend: Backend = Field("mujoco", description="sim backend")
+    backend: SimBackend = Field("mujoco", description="sim backend")
     baselines: str = Field(
         "untrained,expert",
         description="comma-separated: untrained, expert, or versions (id, stable, latest); "

@@ -13,6 +13,7 @@ from pydantic import Field
 
 from fleet.common.config_cli import flag
 from fleet.common.metrics import MetricsOptions
+from fleet.common.scenes import SimBackend
 from fleet.control.connection import REDIS_URL_ENV
 from learner.admission import StreamLimits
 from learner.sampler import SamplerConfig
@@ -66,7 +67,7 @@ class LearnerOptions(MetricsOptions):
         "scenes a task shows it not credibly worse than stable (0 = off)",
         metavar="N",
     )
-    sim_gate_backend: Literal["mujoco", "kinematic"] = Field(
+    sim_gate_backend: SimBackend = Field(
         "mujoco", description="sim backend of the sim gate's evaluation"
     )
     ray_address: str | None = Field(None, description="join this Ray cluster (default: local)")

@@ -9,7 +9,13 @@ other code makes episode seeds.
 
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 import numpy as np
+
+#: The simulated cells there are: MuJoCo behind the SDKs, or the light kinematic stand-in.
+SimBackend = Literal["mujoco", "kinematic"]
+SIM_BACKENDS: tuple[SimBackend, ...] = get_args(SimBackend)
 
 SEED_BITS = 32
 HELDOUT_BIT = 1 << (SEED_BITS - 1)

@@ -27,6 +27,7 @@ from rich.live import Live
 
 from fleet.common.config_cli import add_model_arguments, flag
 from fleet.common.net import free_port
+from fleet.common.scenes import SimBackend
 from fleet.common.supervision import supervised_env
 from fleet.control.connection import REDIS_URL_ENV, write_connection
 from fleet.control.redis_server import RedisServer
@@ -81,7 +82,7 @@ class UpOptions(BaseModel):
     drain_timeout: float = Field(
         60.0, description="seconds a stopping cell may take to get its last steps acked"
     )
-    sim_backend: Literal["kinematic", "mujoco"] = Field(  # the keys of SIM_TASKS
+    sim_backend: SimBackend = Field(  # the keys of SIM_TASKS
         "mujoco",
         description="mujoco: physics cells behind dynamixel_sdk and pyrealsense2 (default); "
         "kinematic: the light stand-in without SDKs",
