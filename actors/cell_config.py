@@ -76,6 +76,7 @@ class CellConfig:
     max_episode_s: float
     tasks: tuple[str, ...]
     jpeg_quality: int
+    realtime_priority: int
     operator_input: str  # "stdin" or a path (a FIFO a pedal or button box writes to)
     source: Path
 
@@ -128,6 +129,7 @@ class CellConfig:
             max_episode_s=file.actor.max_episode_s,
             tasks=tuple(file.actor.tasks),
             jpeg_quality=file.actor.jpeg_quality,
+            realtime_priority=file.actor.realtime_priority,
             operator_input=op_input,
             source=source,
         )
@@ -226,6 +228,9 @@ class _ActorSection(_Table):
         default_factory=list, validate_default=True, description="a list of task names (strings)"
     )
     jpeg_quality: int = Field(90, ge=1, le=100, description="an integer in 1..100")
+    realtime_priority: int = Field(
+        0, ge=0, le=99, description="an integer in 0..99 (0 = an ordinary thread)"
+    )
 
     @field_validator("tasks")
     @classmethod

@@ -39,6 +39,9 @@ class ActorConfig:
     version_cache_max_bytes: int = 2 << 30
     # Versions the cell may soon run are fetched ahead at most this fast (0 = not at all).
     prefetch_bytes_per_s: float = 25e6
+    # SCHED_FIFO priority of the control loop's thread, 1..99 (0 = an ordinary thread);
+    # see actors/thread_priority.py.
+    realtime_priority: int = 0
 
     def __post_init__(self) -> None:
         if not self.cell_id:
@@ -59,6 +62,10 @@ class ActorConfig:
         rate = self.prefetch_bytes_per_s
         if not (rate == 0 or (math.isfinite(rate) and rate >= 64 << 10)):
             raise ValueError(f"prefetch_bytes_per_s must be 0 (off) or >= 65536, got {rate!r}")
+        if not 0 <= self.realtime_priority <= 99:
+            raise ValueError(
+                f"realtime_priority must be 0 (off) or 1..99, got {self.realtime_priority}"
+            )
         if self.spool_quota_bytes < 1:
             raise ValueError(f"spool_quota_bytes must be >= 1, got {self.spool_quota_bytes}")
         object.__setattr__(self, "spool_dir", str(self.spool_dir))
@@ -156,6 +163,11 @@ class ActorOptions(MetricsOptions):
     )
     spool_quota_mb: int = Field(
         ActorConfig.spool_quota_bytes >> 20, description="disk quota of the spool, MB"
+    )
+    realtime_priority: int = Field(
+        ActorConfig.realtime_priority,
+        description="run the control loop's thread SCHED_FIFO at this priority, 1-99 "
+        "(0 = ordinary; needs CAP_SYS_NICE or an RTPRIO limit; a real cell: its config)",
     )
     jpeg_quality: int = Field(
         ActorConfig.jpeg_quality,

@@ -28,6 +28,7 @@ from rich.console import Console
 from rich.table import Table
 
 from actors.cell_config import ArmPort, CameraConfig, CellConfig, CellConfigError
+from actors.thread_priority import realtime_allowed
 from drivers.calibration import ArmCalibration, CellCalibration
 from drivers.dynamixel import control_table as ct
 from drivers.dynamixel.bus import DynamixelBus, DynamixelError
@@ -429,6 +430,25 @@ def check_learner(cell_id: str, opts: DoctorOptions) -> list[Check]:
     return rows
 
 
+def check_realtime(priority: int) -> Check:
+    """The loop's real-time priority (the config's `realtime_priority`) must be allowed; a
+    refusal is a warning, not a failure: the cell runs, its loop as an ordinary thread."""
+    part = "control loop"
+    if priority <= 0:
+        return Check(part, "real-time priority", OK, "off (realtime_priority = 0)")
+    allowed, reason = realtime_allowed(priority)
+    if not allowed:
+        return Check(
+            part,
+            "real-time priority",
+            WARN,
+            f"SCHED_FIFO {priority} refused ({reason}); the loop would run as an ordinary "
+            f"thread. Run the actor under ops/systemd/fleet-actor@.service (LimitRTPRIO) or "
+            "grant CAP_SYS_NICE.",
+        )
+    return Check(part, "real-time priority", OK, f"SCHED_FIFO {priority} allowed")
+
+
 def run_doctor(
     config: CellConfig,
     opts: DoctorOptions,
@@ -446,6 +466,7 @@ def run_doctor(
         rows += check_camera(cam, camera_devices or {})
     spool = opts.spool_dir or Path.home() / ".local" / "share" / "fleetlearn" / config.cell_id
     rows.append(check_spool(spool if opts.spool_dir else spool / "spool", opts.spool_quota_mb))
+    rows.append(check_realtime(config.realtime_priority))
     rows += check_learner(config.cell_id, opts)
     return rows
 

@@ -24,6 +24,7 @@ from actors.control_loop import ControlLoop
 from actors.heartbeat import HeartbeatSender
 from actors.policy_watch import PolicyWatcher, RunnerFactory
 from actors.spool import ChunkSpool
+from actors.thread_priority import ordinary_this_thread, realtime_this_thread
 from actors.uplink import Uplink
 from actors.version_cache import VersionCache
 from drivers.interfaces import Clock, Operator, TaskScene
@@ -202,11 +203,18 @@ def run_actor(
     # woken for its deadline, must not wait that long.
     switch_interval = sys.getswitchinterval()
     sys.setswitchinterval(min(switch_interval, GIL_SWITCH_INTERVAL_S))
+    # This thread runs the loop: under SCHED_FIFO if the cell asks (threads it starts later,
+    # inference and recording, stay ordinary: see actors/thread_priority.py).
+    realtime = config.realtime_priority > 0 and realtime_this_thread(
+        config.realtime_priority, cell_id=config.cell_id
+    )
     flushed = False
     drain_s = 0.0
     try:
         loop.run(stop)
     finally:
+        if realtime:
+            ordinary_this_thread()  # the drain and whatever the caller does next
         try:
             cell.hardware.hold()
         except Exception:
@@ -254,6 +262,7 @@ def run_actor(
         "drain_s": round(drain_s, 3),
         "late_ticks": stats["late_ticks"],
         "loop_hz": stats["loop_hz"],
+        "realtime_priority": config.realtime_priority if realtime else 0,
         "policy_errors": stats["policy_errors"],
         "faults": faults.count,
         "last_fault": faults.last,

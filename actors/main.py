@@ -95,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         takeover_stall_s=args.takeover_stall_s,
     )
     control_hz, jpeg_quality = args.control_hz, args.jpeg_quality
+    realtime_priority = args.realtime_priority
     tasks: tuple[str, ...] = ()  # empty: the scene's own tasks (sim)
     if real is not None:
         from actors.real_cell import make_real_cell
@@ -106,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         max_episode_s = real.max_episode_s
         control_hz, jpeg_quality, tasks = real.control_hz, real.jpeg_quality, real.tasks
+        realtime_priority = real.realtime_priority
     elif args.sim_backend == "mujoco":
         from drivers.sim.sdk_cell import make_sdk_sim_cell
 
@@ -139,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
             ),
             spool_quota_bytes=args.spool_quota_mb << 20,
             jpeg_quality=jpeg_quality,
+            realtime_priority=realtime_priority,
         )
         from fleet.common.metrics import serve_metrics
 

@@ -203,6 +203,12 @@ def main() -> int:
     p.add_argument("--swap-every-s", type=float, default=60.0, help="a new version this often")
     p.add_argument("--preset", default="base", help="policy preset of the published versions")
     p.add_argument("--baseline-s", type=float, default=10.0, help="bare sleep-loop seconds")
+    p.add_argument(
+        "--realtime-priority",
+        type=int,
+        default=None,
+        help="override the example config's actor.realtime_priority (0 = ordinary thread)",
+    )
     p.add_argument("--learner-side", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--redis-url", default="", help=argparse.SUPPRESS)
     p.add_argument("--data-dir", default="", help=argparse.SUPPRESS)
@@ -288,6 +294,11 @@ def run(args: argparse.Namespace) -> int:
             jpeg_quality=config.jpeg_quality,
             spool_dir=str(tmp / "spool"),
             version_cache_dir=str(tmp / "versions"),
+            realtime_priority=(
+                config.realtime_priority
+                if args.realtime_priority is None
+                else args.realtime_priority
+            ),
         )
 
         def operator() -> None:  # the person at the cell: "scene ready" whenever asked
@@ -384,6 +395,7 @@ def report(
         "steps_acked": summary["steps_sent"],
         "policy_errors": summary["policy_errors"],
         "faults": summary["faults"],
+        "realtime_priority": summary["realtime_priority"],  # 0: the loop ran ordinary
     }
     goals = {"missed_ticks": GOAL_MISSED, "lateness_p99_ms_max": GOAL_P99_MS}
     met = {
