@@ -67,6 +67,7 @@ import torch
 from actors.config import ActorConfig
 from actors.control_loop import ControlLoop
 from actors.policy_watch import PolicyWatcher
+from actors.thread_priority import realtime_this_thread
 from actors.version_cache import VersionCache
 from drivers.sim import make_sim_cell
 from fleet.common import signing
@@ -242,8 +243,17 @@ def run_cell0(args: argparse.Namespace) -> int:
     )
     stop = threading.Event()
     watcher.start()
+    realtime: list[bool] = []
+
+    def run_loop() -> None:  # as run_actor runs it: the loop's thread real-time if asked
+        granted = args.realtime_priority > 0 and realtime_this_thread(
+            args.realtime_priority, cell_id="cell-00"
+        )
+        realtime.append(granted)
+        loop.run(stop)
+
     threads = [
-        threading.Thread(target=loop.run, args=(stop,), name="control-loop"),
+        threading.Thread(target=run_loop, name="control-loop"),
         threading.Thread(
             target=_watch_events,
             args=(0, watcher, lambda: loop.stats["version_running"], stop),
@@ -275,6 +285,7 @@ def run_cell0(args: argparse.Namespace) -> int:
                 "tick_log": [[round(t, 4), round(lat, 5), late] for t, lat, late in clock.ticks],
                 "adoptions": loop.stats["versions_adopted"],
                 "faults": faults,
+                "realtime_priority": args.realtime_priority if realtime and realtime[0] else 0,
             }
         ),
         flush=True,
@@ -334,6 +345,7 @@ class Fleet:
         common = ["--address", address, "--verify-key", str(public), "--cache", str(cache)]
         common += ["--hz", str(args.hz), *(["--no-cache"] if args.no_cache else [])]
         common += ["--prefetch-mbps", str(args.prefetch_mbps)]
+        common += ["--realtime-priority", str(args.realtime_priority)]
         script = str(Path(__file__).resolve())
         self.procs: list[subprocess.Popen[str]] = []
         self.proc_cells: list[list[int]] = [[0], *self.groups]
@@ -470,6 +482,13 @@ def main() -> int:
         type=int,
         default=0,
         help="processes for cells 1..N-1 (default: one per cell, as a real fleet)",
+    )
+    p.add_argument(
+        "--realtime-priority",
+        type=int,
+        default=50,
+        help="cell 0's loop thread runs SCHED_FIFO at this priority, as the example real-cell "
+        "config asks (0 = an ordinary thread)",
     )
     p.add_argument("--timeout", type=float, default=180.0)
     p.add_argument("--cell0", action="store_true", help=argparse.SUPPRESS)
@@ -741,6 +760,7 @@ def main() -> int:
                     ],
                 },
                 "tick_period_ms": round(1000 / args.hz, 2),
+                "cell_0_realtime_priority": ticks.get("realtime_priority", 0),  # 0: ordinary
                 "signature_checked": True,
                 "faults": len(faults),
                 "goals": {
