@@ -211,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
         decode_workers=args.decode_workers,
         policy_overrides=policy_overrides,
         action_scale=args.action_scale,
+        action_scale_wait_s=args.action_scale_wait_s,
         sampler=SamplerConfig(
             chunk_len=int(policy_overrides.get("chunk_len", SamplerConfig.chunk_len)),
             batch_size=args.batch_size,

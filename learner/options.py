@@ -130,6 +130,12 @@ class LearnerOptions(MetricsOptions):
         description="data: measure the model's per-joint action scale on the episodes stored"
         " before its first update; none: joint-limit units",
     )
+    action_scale_wait_s: float = Field(
+        TrainerConfig.action_scale_wait_s,
+        ge=0.0,
+        description="with --action-scale data: the first update waits up to this long for an "
+        "episode of every task",
+    )
     advantage_weighting: bool = Field(
         False,
         description="weight episodes by exp(advantage/beta) from their outcome (AWR-style)",

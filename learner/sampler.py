@@ -273,6 +273,10 @@ class EpisodeSampler:
         mean = float(np.mean([self._episodes[r].ret for r in refs])) if refs else ep.ret
         return advantage_weight(ep.ret, mean, cfg.advantage_beta, cfg.advantage_max_weight)
 
+    def tasks_without_episodes(self) -> list[str]:
+        """The model's tasks that no complete episode in the index has yet."""
+        return [t for t in self.tasks if not self._by_task.get(t)]
+
     def ready(self) -> bool:
         """True when the limiter allows one more batch (refreshing the index if due)."""
         self.refresh()

@@ -71,6 +71,10 @@ class TrainerConfig:
     # stored by then (the operators' first demonstrations) and kept for good (checkpointed,
     # in every manifest); "none": joint-limit units. An action_scale in policy_overrides wins.
     action_scale: str = "data"
+    # "data": the first update waits up to this long, once the sampler is ready, for an
+    # episode of every task, so that no task's joints are scaled without its data (a joint
+    # only a missing task moves would get the floor and its errors weigh up to ~5x more).
+    action_scale_wait_s: float = 300.0
 
 
 class Trainer:
@@ -128,6 +132,7 @@ class Trainer:
         self._thread: threading.Thread | None = None
         self._started = time.monotonic()
         self._last_stats = 0.0
+        self._scale_wait_since: float | None = None  # see _wait_for_every_task
         self._last_checkpoint = time.monotonic()
         self._checkpoint_root = Path(config.checkpoint_dir) if config.checkpoint_dir else None
         self.resumed = self._resume()
@@ -194,6 +199,9 @@ class Trainer:
                 self._stop.wait(0.2)
                 continue
             if self.updates == 0 and self.config.action_scale == "data":
+                if self._wait_for_every_task():
+                    self._stop.wait(0.2)
+                    continue
                 self._measure_action_scale()
             batch = self.sampler.sample()
             metrics = update(self.learner_group, batch)
@@ -241,6 +249,36 @@ class Trainer:
                 version_id=version_id,
             )
         self._pending = None
+
+    def _wait_for_every_task(self) -> bool:
+        """True while the action scale should wait for a first episode of some task (up to
+        action_scale_wait_s from the first time the sampler was ready)."""
+        if self.policy_config.action_scale:
+            return False
+        missing = self.sampler.tasks_without_episodes()
+        now = time.monotonic()
+        if self._scale_wait_since is None:
+            self._scale_wait_since = now
+            if missing:
+                log.info(
+                    "first update waits up to %.0f s for an episode of %s to measure the "
+                    "action scale",
+                    self.config.action_scale_wait_s,
+                    ", ".join(missing),
+                )
+        if not missing:
+            return False
+        if now - self._scale_wait_since < self.config.action_scale_wait_s:
+            if now - self._last_stats >= 1.0:
+                self._last_stats = now
+                self._safe_stats(trainer_state="waiting for tasks: " + ",".join(missing))
+            return True
+        log.warning(
+            "no episode of %s after %.0f s: the action scale is measured without them",
+            ", ".join(missing),
+            self.config.action_scale_wait_s,
+        )
+        return False
 
     def _measure_action_scale(self) -> None:
         """Fix the model's action_scale from the data before its first update (a model that

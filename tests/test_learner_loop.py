@@ -3,6 +3,7 @@ RLlib, and the publisher turns weights into registered, loadable versions."""
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from learner.sampler import EpisodeSampler, SamplerConfig
 from learner.store import EpisodeStore
 from learner.trainer import Trainer, TrainerConfig
 from tests.expert_episodes import CAMERAS, record_expert_episodes
+from tests.waiting import wait_for
 
 TASKS = ("pick_cube", "touch_target")
 
@@ -98,3 +100,70 @@ def test_version_ids_continue_the_checkpointed_lineage_on_a_fresh_registry(
     assert publisher.next_version_id() == "v0001"
     # A learner resumed from a checkpoint that had published v0001..v0003 elsewhere.
     assert publisher.next_version_id(["v0001", "v0002", "v0003"]) == "v0004"
+
+
+def test_action_scale_waits_for_every_task_then_measures_them_all(
+    tmp_path: Path, redis_server: str, ray_local: None, caplog
+) -> None:
+    """A task with no episode yet at the first update would leave its joints at the floor
+    scale: the first update waits for it (and says so), then measures on every task."""
+    store_root = tmp_path / "store"
+    record_expert_episodes(EpisodeStore(store_root), task="touch_target", episodes=2, seed=7)
+    registry = Registry(redis_server, prefix=f"t{time.time_ns()}:")
+    registry.set_rollout_mode("immediate")
+    cfg = TrainerConfig(
+        tasks=TASKS,
+        cameras=CAMERAS,
+        publish_every_updates=5,
+        sampler=SamplerConfig(batch_size=8, min_steps=1),
+        action_scale_wait_s=600.0,
+    )
+    trainer = Trainer(
+        cfg, store_root, tmp_path / "versions", redis_server, registry_prefix=registry.prefix
+    )
+    trainer.start()
+    try:
+        wait_for(
+            lambda: str(registry.learner_stats().get("trainer_state", "")).endswith("pick_cube"),
+            60.0,
+            "the trainer to say it waits for pick_cube",
+        )
+        assert trainer.updates == 0
+        record_expert_episodes(EpisodeStore(store_root), task="pick_cube", episodes=2, seed=8)
+        wait_for(lambda: trainer.versions, 120.0, "a first version")
+    finally:
+        trainer.stop()
+    sampler = EpisodeSampler(EpisodeStore(store_root), CAMERAS, TASKS, SamplerConfig(min_steps=1))
+    sampler.refresh(force=True)
+    cfg_scale = trainer.policy_config
+    want = sampler.action_scale(cfg_scale.joint_lower, cfg_scale.joint_upper)
+    assert np.allclose(cfg_scale.action_scale, want)
+    first = registry.versions()[0]
+    manifest = Manifest.from_json(Path(first.weights_path).with_suffix(".json").read_text())
+    assert np.allclose(manifest.model_config["action_scale"], want)
+
+
+def test_action_scale_stops_waiting_after_its_limit(
+    tmp_path: Path, redis_server: str, ray_local: None, caplog
+) -> None:
+    store_root = tmp_path / "store"
+    record_expert_episodes(EpisodeStore(store_root), task="touch_target", episodes=2, seed=9)
+    registry = Registry(redis_server, prefix=f"t{time.time_ns()}:")
+    cfg = TrainerConfig(
+        tasks=TASKS,
+        cameras=CAMERAS,
+        publish_every_updates=1000,
+        sampler=SamplerConfig(batch_size=8, min_steps=1),
+        action_scale_wait_s=0.5,
+    )
+    trainer = Trainer(
+        cfg, store_root, tmp_path / "versions", redis_server, registry_prefix=registry.prefix
+    )
+    with caplog.at_level(logging.WARNING, logger="learner.trainer"):
+        trainer.start()
+        try:
+            wait_for(lambda: trainer.updates > 0, 60.0, "a first update")
+        finally:
+            trainer.stop()
+    assert "no episode of pick_cube" in caplog.text
+    assert trainer.policy_config.action_scale  # measured, on touch_target alone
