@@ -41,6 +41,10 @@ import tempfile
 import time
 from pathlib import Path
 
+# Run as the README says (`python ops/learning_run.py`), the script's own folder heads
+# sys.path, not the repository: ops.curve_png would not import.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 from fleet.common.registry_records import OutcomeCounts, VersionRecord
 from fleet.control.registry import Registry
 from ops.curve_png import EvalPoint, draw_success_curve
