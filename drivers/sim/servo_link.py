@@ -78,6 +78,8 @@ _PRESENT = struct.Struct("<ddd")  # +24
 _U8 = struct.Struct("<B")
 _F64 = struct.Struct("<d")
 _U64 = struct.Struct("<Q")
+_FLAGS = struct.Struct("<BB")  # torque, operating mode at +4 (+6 is the physics side's)
+_GOALS = struct.Struct("<dd")  # goal position, goal current at +8
 _COMMAND_COUNT_OFF = 32
 
 
@@ -208,16 +210,15 @@ class ServoLink:
         goal_position: float,
         goal_current: float,
     ) -> None:
+        buf = self._buf
         off = self._off(servo_id)
-        seq = _U64.unpack_from(self._buf, off + 48)[0] + 1
-        _U8.pack_into(self._buf, off + 4, 1 if torque_enable else 0)
-        _U8.pack_into(self._buf, off + 5, operating_mode & 0xFF)
-        _F64.pack_into(self._buf, off + 8, goal_position)
-        _F64.pack_into(self._buf, off + 16, goal_current)
-        _U64.pack_into(self._buf, off + 48, seq)
-        _F64.pack_into(self._buf, 24, time.monotonic())
-        count = _U64.unpack_from(self._buf, _COMMAND_COUNT_OFF)[0] + 1
-        _U64.pack_into(self._buf, _COMMAND_COUNT_OFF, count)
+        seq = _U64.unpack_from(buf, off + 48)[0] + 1
+        _FLAGS.pack_into(buf, off + 4, 1 if torque_enable else 0, operating_mode & 0xFF)
+        _GOALS.pack_into(buf, off + 8, goal_position, goal_current)
+        _U64.pack_into(buf, off + 48, seq)
+        _F64.pack_into(buf, 24, time.monotonic())
+        count = _U64.unpack_from(buf, _COMMAND_COUNT_OFF)[0] + 1
+        _U64.pack_into(buf, _COMMAND_COUNT_OFF, count)
 
     def read_measurement(self, servo_id: int) -> ServoMeasurement:
         off = self._off(servo_id)
@@ -230,6 +231,13 @@ class ServoLink:
             hardware_error=_U8.unpack_from(self._buf, off + 6)[0],
             seq=_U64.unpack_from(self._buf, off + 56)[0],
         )
+
+    def read_present(self, servo_id: int) -> tuple[float, float, float, int]:
+        """(position, velocity, current, hardware error) of one servo: read_measurement
+        without building a ServoMeasurement, for the peer's every register read."""
+        off = self._off(servo_id)
+        pos, vel, cur = _PRESENT.unpack_from(self._buf, off + 24)
+        return pos, vel, cur, self._buf[off + 6]
 
     # Physics side ----------------------------------------------------------------------
 

@@ -60,6 +60,13 @@ _MOVING_TICKS_S = 5.0
 # the control table lays them out (checked below), written as unsigned bit patterns.
 _PRESENT_BLOCK = struct.Struct("<HII")
 _TICK_MOVING = struct.Struct("<HB")
+# Register value readers by (size, signed): one unpack instead of ct.decode_value's slice,
+# int.from_bytes and sign fix, for the registers every instruction reads.
+_REG_STRUCTS = {
+    (size, signed): struct.Struct("<" + (code.lower() if signed else code))
+    for size, code in ((1, "B"), (2, "H"), (4, "I"))
+    for signed in (False, True)
+}
 if (
     ct.PRESENT_VELOCITY.address != ct.PRESENT_CURRENT.address + ct.PRESENT_CURRENT.size
     or ct.PRESENT_POSITION.address != ct.PRESENT_VELOCITY.address + ct.PRESENT_VELOCITY.size
@@ -100,7 +107,7 @@ class _Servo:
         self.faults = _Faults()
 
     def get(self, reg: ct.Register) -> int:
-        return ct.decode_value(self.table, reg, reg.address)
+        return int(_REG_STRUCTS[reg.size, reg.signed].unpack_from(self.table, reg.address)[0])
 
     def put(self, reg: ct.Register, value: int) -> None:
         self.table[reg.address : reg.address + reg.size] = ct.encode_value(value, reg.size)
@@ -139,12 +146,12 @@ class _Chain:
         dt = max(0.0, now - servo.updated)
         servo.updated = now
         if self.link is not None:
-            m = self.link.read_measurement(servo.id)
-            servo.shaft = ct.CENTER_TICK + m.position / ct.RAD_PER_TICK
-            servo.velocity = m.velocity / ct.RAD_PER_TICK
-            servo.current_ma = m.current
-            if m.hardware_error and not servo.hardware_error & m.hardware_error:
-                self.raise_hardware_error(servo, servo.hardware_error | m.hardware_error)
+            position, velocity, current, hardware_error = self.link.read_present(servo.id)
+            servo.shaft = ct.CENTER_TICK + position / ct.RAD_PER_TICK
+            servo.velocity = velocity / ct.RAD_PER_TICK
+            servo.current_ma = current
+            if hardware_error and not servo.hardware_error & hardware_error:
+                self.raise_hardware_error(servo, servo.hardware_error | hardware_error)
         elif servo.torque and servo.table[ct.OPERATING_MODE.address] in ct.POSITION_MODES:
             goal = servo.get(ct.GOAL_POSITION) - servo.get(ct.HOMING_OFFSET)
             err = goal - servo.shaft
@@ -219,6 +226,8 @@ class _Chain:
         """Apply a write as the servo firmware would; returns the status error number."""
         if ct.write_access_error(address, len(data), servo.torque) is not None:
             return pr.ERR_ACCESS
+        if address == ct.GOAL_POSITION.address and len(data) == ct.GOAL_POSITION.size:
+            return self._write_goal(servo, data, now)
         new = bytearray(servo.table)
         new[address : address + len(data)] = data
 
@@ -252,6 +261,19 @@ class _Chain:
             servo.put(ct.GOAL_POSITION, round(servo.shaft) + servo.get(ct.HOMING_OFFSET))
         if touches(ct.HOMING_OFFSET):  # present position is measured through it
             self._refresh_registers(servo)  # (advance just refreshed the rest)
+        self._push(servo)
+        return 0
+
+    def _write_goal(self, servo: _Servo, data: bytes, now: float) -> int:
+        """`write` of Goal Position alone (every tick's sync write): the same checks and
+        effects without copying the table to validate it (no other register changes)."""
+        table = servo.table
+        if table[ct.OPERATING_MODE.address] in ct.POSITION_MODES:
+            goal = _REG_STRUCTS[4, True].unpack_from(data)[0]
+            if not servo.get(ct.MIN_POSITION_LIMIT) <= goal <= servo.get(ct.MAX_POSITION_LIMIT):
+                return pr.ERR_DATA_LIMIT
+        self.advance(servo, now)
+        table[ct.GOAL_POSITION.address : ct.GOAL_POSITION.address + 4] = data
         self._push(servo)
         return 0
 
