@@ -305,11 +305,14 @@ class _Chain:
         self.stats[name] += 1
         p = pkt.params
         bcast = pkt.servo_id == pr.BROADCAST_ID
-        targets = (
-            [s for s in self.servos.values() if self.online(s.id, now)]
-            if bcast
-            else [s for s in [self.online(pkt.servo_id, now)] if s is not None]
-        )
+
+        def targets() -> list[_Servo]:
+            """The servos the packet's ID addresses (sync and bulk instructions name theirs
+            in the parameters: not worked out for them)."""
+            if bcast:
+                return [s for s in self.servos.values() if self.online(s.id, now)]
+            return [s for s in [self.online(pkt.servo_id, now)] if s is not None]
+
         replies: list[tuple[_Servo, bytes]] = []
 
         def answer(servo: _Servo, error: int = 0, data: bytes = b"", level: int = 2) -> None:
@@ -320,18 +323,18 @@ class _Chain:
 
         ins = pkt.instruction
         if ins == pr.INST_PING:
-            for s in targets:
+            for s in targets():
                 info = s.table[0:2] + s.table[ct.FIRMWARE_VERSION.address : 7]
                 answer(s, 0, bytes(info), level=0)
         elif ins == pr.INST_READ and not bcast:
-            for s in targets:
+            for s in targets():
                 if len(p) != 4:
                     answer(s, pr.ERR_DATA_LENGTH, level=1)
                     continue
                 err, data = self.read(s, p[0] | p[1] << 8, p[2] | p[3] << 8, now)
                 answer(s, err, data, level=1)
         elif ins == pr.INST_WRITE:
-            for s in targets:
+            for s in targets():
                 err = (
                     self.write(s, p[0] | p[1] << 8, p[2:], now)
                     if len(p) > 2
@@ -369,14 +372,14 @@ class _Chain:
                     self.write(s, p[i + 1] | p[i + 2] << 8, p[i + 5 : i + 5 + size], now)
                 i += 5 + size
         elif ins == pr.INST_REBOOT and not bcast:
-            for s in targets:
+            for s in targets():
                 answer(s)
                 self.reboot(s, now)
         elif ins == pr.INST_CLEAR and not bcast:
-            for s in targets:
+            for s in targets():
                 answer(s)
         elif not bcast:
-            for s in targets:
+            for s in targets():
                 answer(s, pr.ERR_INSTRUCTION)
         return replies
 
