@@ -135,6 +135,7 @@ class DynamixelArmBus:
     # Calibration <-> servo units ----------------------------------------------------------
 
     def _set_conversion(self, cal: ArmCalibration) -> None:
+        self._ids = cal.ids  # built anew on every access of cal.ids; read several times a tick
         self._dir = np.array([j.direction for j in cal.joints], dtype=np.float64)
         self._lower = cal.lower
         self._upper = cal.upper
@@ -170,7 +171,7 @@ class DynamixelArmBus:
 
     @property
     def ids(self) -> tuple[int, ...]:
-        return self.calibration.ids
+        return self._ids
 
     @property
     def torque_enabled(self) -> bool:

@@ -92,8 +92,9 @@ _CRC_TABLE = _make_crc_table()
 def crc16(data: bytes | bytearray, crc: int = 0) -> int:
     """Dynamixel CRC-16 (poly 0x8005, MSB first, init 0) of `data`, continuing `crc`."""
     table = _CRC_TABLE
-    for byte in data:
-        crc = ((crc << 8) ^ table[((crc >> 8) ^ byte) & 0xFF]) & 0xFFFF
+    crc &= 0xFFFF
+    for byte in data:  # (crc >> 8) ^ byte is a byte already: one mask fewer a byte
+        crc = ((crc & 0xFF) << 8) ^ table[(crc >> 8) ^ byte]
     return crc
 
 
@@ -203,11 +204,18 @@ def decode_packet(raw: bytes | bytearray) -> Packet:
     return Packet(servo_id=raw[4], instruction=body[0], params=body[1:])
 
 
+_SEEN_MAX = 8  # decoded packets a PacketParser remembers
+
+
 class PacketParser:
     """Frames packets out of a byte stream (resyncing on garbage, as a servo does)."""
 
     def __init__(self) -> None:
         self._buf = bytearray()
+        # Packets decoded lately, by their bytes: a host repeats the same request every
+        # tick (a sync read between the goal writes), and a decoded packet is immutable, so
+        # it is not decoded again. Emptied when full: a few entries, whatever comes.
+        self._seen: dict[bytes, Packet | CorruptPacket] = {}
 
     @property
     def pending(self) -> int:
@@ -246,10 +254,16 @@ class PacketParser:
                 return out
             raw = bytes(buf[:total])
             del buf[:total]
-            try:
-                out.append(decode_packet(raw))
-            except ProtocolError as exc:
-                out.append(CorruptPacket(servo_id=raw[4], instruction=raw[7], reason=str(exc)))
+            pkt = self._seen.get(raw)
+            if pkt is None:
+                try:
+                    pkt = decode_packet(raw)
+                except ProtocolError as exc:
+                    pkt = CorruptPacket(servo_id=raw[4], instruction=raw[7], reason=str(exc))
+                if len(self._seen) >= _SEEN_MAX:
+                    self._seen.clear()
+                self._seen[raw] = pkt
+            out.append(pkt)
 
 
 def describe_error(error: int) -> str:

@@ -96,6 +96,8 @@ class LinkedPhysics:
         self.links = links
         self.barrier = barrier
         self.cal = {side: calibration.arm(side) for side in ARM_SIDES}
+        # ArmCalibration.ids builds its tuple on every access; looked up at every step
+        self._ids = {side: self.cal[side].ids for side in ARM_SIDES}
         self._seen = {side: {sid: 0 for sid in self.cal[side].ids} for side in ARM_SIDES}
         self._counts = {side: -1 for side in ARM_SIDES}  # links' command_count last read
         self.publish()
@@ -128,19 +130,25 @@ class LinkedPhysics:
 
     def apply_commands(self) -> None:
         for i, side in enumerate(ARM_SIDES):
-            cal, link, seen = self.cal[side], self.links[side], self._seen[side]
+            cal, link, seen, ids = (
+                self.cal[side],
+                self.links[side],
+                self._seen[side],
+                self._ids[side],
+            )
             count = link.command_count  # before the commands: a write after it shows next time
             if count == self._counts[side]:
                 continue  # nothing written since the last look (most physics steps)
             self._counts[side] = count
-            cmds = [link.read_command(sid) for sid in cal.ids]
-            torque = all(c.torque_enable for c in cmds)
+            # (torque, mode, goal, current, seq) per servo, in calibration order
+            cmds = [link.read_command_fields(sid) for sid in ids]
+            torque = all(c[0] for c in cmds)
             if torque != bool(self.world.torque[i]):  # set_torque re-homes the goal: on change only
                 self.world.set_torque(i, torque)
-            if any(c.seq != seen[c.servo_id] for c in cmds):
-                for c in cmds:
-                    seen[c.servo_id] = c.seq
-                self.world.set_goal(i, joint_from_shaft(cal, [c.goal_position for c in cmds]))
+            if any(c[4] != seen[sid] for sid, c in zip(ids, cmds, strict=True)):
+                for sid, c in zip(ids, cmds, strict=True):
+                    seen[sid] = c[4]
+                self.world.set_goal(i, joint_from_shaft(cal, [c[2] for c in cmds]))
 
     def forget_goals(self) -> None:
         """After a reset: goals sent before it must not pull the arms back (and the
@@ -157,8 +165,13 @@ class LinkedPhysics:
         for i, side in enumerate(ARM_SIDES):
             cal, link = self.cal[side], self.links[side]
             arm = slice(7 * i, 7 * i + 7)
-            for sid, pos, vel in zip(cal.ids, shaft_from_joint(cal, q[arm]), v[arm], strict=True):
-                link.write_measurement(sid, pos, float(vel))
+            link.write_positions(
+                list(
+                    zip(
+                        self._ids[side], shaft_from_joint(cal, q[arm]), v[arm].tolist(), strict=True
+                    )
+                )
+            )
 
 
 class MujocoScene:

@@ -78,6 +78,9 @@ _PRESENT = struct.Struct("<ddd")  # +24
 _U8 = struct.Struct("<B")
 _F64 = struct.Struct("<d")
 _U64 = struct.Struct("<Q")
+_COMMAND_ROW = struct.Struct("<BB2xdd24xQ")  # torque, mode, goal, current, goal_seq from +4
+_FLAGS = struct.Struct("<BB")  # torque, operating mode at +4 (+6 is the physics side's)
+_GOALS = struct.Struct("<dd")  # goal position, goal current at +8
 _COMMAND_COUNT_OFF = 32
 
 
@@ -208,16 +211,15 @@ class ServoLink:
         goal_position: float,
         goal_current: float,
     ) -> None:
+        buf = self._buf
         off = self._off(servo_id)
-        seq = _U64.unpack_from(self._buf, off + 48)[0] + 1
-        _U8.pack_into(self._buf, off + 4, 1 if torque_enable else 0)
-        _U8.pack_into(self._buf, off + 5, operating_mode & 0xFF)
-        _F64.pack_into(self._buf, off + 8, goal_position)
-        _F64.pack_into(self._buf, off + 16, goal_current)
-        _U64.pack_into(self._buf, off + 48, seq)
-        _F64.pack_into(self._buf, 24, time.monotonic())
-        count = _U64.unpack_from(self._buf, _COMMAND_COUNT_OFF)[0] + 1
-        _U64.pack_into(self._buf, _COMMAND_COUNT_OFF, count)
+        seq = _U64.unpack_from(buf, off + 48)[0] + 1
+        _FLAGS.pack_into(buf, off + 4, 1 if torque_enable else 0, operating_mode & 0xFF)
+        _GOALS.pack_into(buf, off + 8, goal_position, goal_current)
+        _U64.pack_into(buf, off + 48, seq)
+        _F64.pack_into(buf, 24, time.monotonic())
+        count = _U64.unpack_from(buf, _COMMAND_COUNT_OFF)[0] + 1
+        _U64.pack_into(buf, _COMMAND_COUNT_OFF, count)
 
     def read_measurement(self, servo_id: int) -> ServoMeasurement:
         off = self._off(servo_id)
@@ -230,6 +232,13 @@ class ServoLink:
             hardware_error=_U8.unpack_from(self._buf, off + 6)[0],
             seq=_U64.unpack_from(self._buf, off + 56)[0],
         )
+
+    def read_present(self, servo_id: int) -> tuple[float, float, float, int]:
+        """(position, velocity, current, hardware error) of one servo: read_measurement
+        without building a ServoMeasurement, for the peer's every register read."""
+        off = self._off(servo_id)
+        pos, vel, cur = _PRESENT.unpack_from(self._buf, off + 24)
+        return pos, vel, cur, self._buf[off + 6]
 
     # Physics side ----------------------------------------------------------------------
 
@@ -252,6 +261,24 @@ class ServoLink:
             goal_current=current,
             seq=_U64.unpack_from(self._buf, off + 48)[0],
         )
+
+    def read_command_fields(self, servo_id: int) -> tuple[int, int, float, float, int]:
+        """(torque_enable, operating_mode, goal_position, goal_current, seq) of one servo:
+        read_command without building a ServoCommand, for the physics side's every look."""
+        torque, mode, goal, current, seq = _COMMAND_ROW.unpack_from(
+            self._buf, self._off(servo_id) + 4
+        )
+        return torque, mode, goal, current, seq
+
+    def write_positions(self, measured: Sequence[tuple[int, float, float]]) -> None:
+        """write_measurement(servo_id, position, velocity) for each (servo_id, position,
+        velocity), with one physics stamp for the lot (the physics side's every publish)."""
+        buf = self._buf
+        for servo_id, position, velocity in measured:
+            off = self._off(servo_id)
+            _PRESENT.pack_into(buf, off + 24, position, velocity, 0.0)
+            _U64.pack_into(buf, off + 56, _U64.unpack_from(buf, off + 56)[0] + 1)
+        _F64.pack_into(buf, 16, time.monotonic())
 
     def write_measurement(
         self,

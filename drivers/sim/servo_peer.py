@@ -60,6 +60,13 @@ _MOVING_TICKS_S = 5.0
 # the control table lays them out (checked below), written as unsigned bit patterns.
 _PRESENT_BLOCK = struct.Struct("<HII")
 _TICK_MOVING = struct.Struct("<HB")
+# Register value readers by (size, signed): one unpack instead of ct.decode_value's slice,
+# int.from_bytes and sign fix, for the registers every instruction reads.
+_REG_STRUCTS = {
+    (size, signed): struct.Struct("<" + (code.lower() if signed else code))
+    for size, code in ((1, "B"), (2, "H"), (4, "I"))
+    for signed in (False, True)
+}
 if (
     ct.PRESENT_VELOCITY.address != ct.PRESENT_CURRENT.address + ct.PRESENT_CURRENT.size
     or ct.PRESENT_POSITION.address != ct.PRESENT_VELOCITY.address + ct.PRESENT_VELOCITY.size
@@ -100,7 +107,7 @@ class _Servo:
         self.faults = _Faults()
 
     def get(self, reg: ct.Register) -> int:
-        return ct.decode_value(self.table, reg, reg.address)
+        return int(_REG_STRUCTS[reg.size, reg.signed].unpack_from(self.table, reg.address)[0])
 
     def put(self, reg: ct.Register, value: int) -> None:
         self.table[reg.address : reg.address + reg.size] = ct.encode_value(value, reg.size)
@@ -139,12 +146,12 @@ class _Chain:
         dt = max(0.0, now - servo.updated)
         servo.updated = now
         if self.link is not None:
-            m = self.link.read_measurement(servo.id)
-            servo.shaft = ct.CENTER_TICK + m.position / ct.RAD_PER_TICK
-            servo.velocity = m.velocity / ct.RAD_PER_TICK
-            servo.current_ma = m.current
-            if m.hardware_error and not servo.hardware_error & m.hardware_error:
-                self.raise_hardware_error(servo, servo.hardware_error | m.hardware_error)
+            position, velocity, current, hardware_error = self.link.read_present(servo.id)
+            servo.shaft = ct.CENTER_TICK + position / ct.RAD_PER_TICK
+            servo.velocity = velocity / ct.RAD_PER_TICK
+            servo.current_ma = current
+            if hardware_error and not servo.hardware_error & hardware_error:
+                self.raise_hardware_error(servo, servo.hardware_error | hardware_error)
         elif servo.torque and servo.table[ct.OPERATING_MODE.address] in ct.POSITION_MODES:
             goal = servo.get(ct.GOAL_POSITION) - servo.get(ct.HOMING_OFFSET)
             err = goal - servo.shaft
@@ -219,6 +226,8 @@ class _Chain:
         """Apply a write as the servo firmware would; returns the status error number."""
         if ct.write_access_error(address, len(data), servo.torque) is not None:
             return pr.ERR_ACCESS
+        if address == ct.GOAL_POSITION.address and len(data) == ct.GOAL_POSITION.size:
+            return self._write_goal(servo, data, now)
         new = bytearray(servo.table)
         new[address : address + len(data)] = data
 
@@ -255,6 +264,19 @@ class _Chain:
         self._push(servo)
         return 0
 
+    def _write_goal(self, servo: _Servo, data: bytes, now: float) -> int:
+        """`write` of Goal Position alone (every tick's sync write): the same checks and
+        effects without copying the table to validate it (no other register changes)."""
+        table = servo.table
+        if table[ct.OPERATING_MODE.address] in ct.POSITION_MODES:
+            goal = _REG_STRUCTS[4, True].unpack_from(data)[0]
+            if not servo.get(ct.MIN_POSITION_LIMIT) <= goal <= servo.get(ct.MAX_POSITION_LIMIT):
+                return pr.ERR_DATA_LIMIT
+        self.advance(servo, now)
+        table[ct.GOAL_POSITION.address : ct.GOAL_POSITION.address + 4] = data
+        self._push(servo)
+        return 0
+
     # Packets -------------------------------------------------------------------------
 
     def online(self, servo_id: int, now: float) -> _Servo | None:
@@ -283,11 +305,14 @@ class _Chain:
         self.stats[name] += 1
         p = pkt.params
         bcast = pkt.servo_id == pr.BROADCAST_ID
-        targets = (
-            [s for s in self.servos.values() if self.online(s.id, now)]
-            if bcast
-            else [s for s in [self.online(pkt.servo_id, now)] if s is not None]
-        )
+
+        def targets() -> list[_Servo]:
+            """The servos the packet's ID addresses (sync and bulk instructions name theirs
+            in the parameters: not worked out for them)."""
+            if bcast:
+                return [s for s in self.servos.values() if self.online(s.id, now)]
+            return [s for s in [self.online(pkt.servo_id, now)] if s is not None]
+
         replies: list[tuple[_Servo, bytes]] = []
 
         def answer(servo: _Servo, error: int = 0, data: bytes = b"", level: int = 2) -> None:
@@ -298,18 +323,18 @@ class _Chain:
 
         ins = pkt.instruction
         if ins == pr.INST_PING:
-            for s in targets:
+            for s in targets():
                 info = s.table[0:2] + s.table[ct.FIRMWARE_VERSION.address : 7]
                 answer(s, 0, bytes(info), level=0)
         elif ins == pr.INST_READ and not bcast:
-            for s in targets:
+            for s in targets():
                 if len(p) != 4:
                     answer(s, pr.ERR_DATA_LENGTH, level=1)
                     continue
                 err, data = self.read(s, p[0] | p[1] << 8, p[2] | p[3] << 8, now)
                 answer(s, err, data, level=1)
         elif ins == pr.INST_WRITE:
-            for s in targets:
+            for s in targets():
                 err = (
                     self.write(s, p[0] | p[1] << 8, p[2:], now)
                     if len(p) > 2
@@ -347,14 +372,14 @@ class _Chain:
                     self.write(s, p[i + 1] | p[i + 2] << 8, p[i + 5 : i + 5 + size], now)
                 i += 5 + size
         elif ins == pr.INST_REBOOT and not bcast:
-            for s in targets:
+            for s in targets():
                 answer(s)
                 self.reboot(s, now)
         elif ins == pr.INST_CLEAR and not bcast:
-            for s in targets:
+            for s in targets():
                 answer(s)
         elif not bcast:
-            for s in targets:
+            for s in targets():
                 answer(s, pr.ERR_INSTRUCTION)
         return replies
 
