@@ -131,7 +131,8 @@ class _Sink:
 def test_actor_survives_a_fault_reports_it_and_resumes(cell: SdkSimCell) -> None:
     faults: list[str] = []
     sink = _Sink()
-    cfg = ActorConfig(cell_id="cell-sdk", learner_address="127.0.0.1:1", max_episode_s=2.0)
+    # One long episode: the fault must land inside it, never in the reset between two.
+    cfg = ActorConfig(cell_id="cell-sdk", learner_address="127.0.0.1:1", max_episode_s=60.0)
     loop = ControlLoop(
         cfg,
         cell.hardware,
@@ -146,7 +147,9 @@ def test_actor_survives_a_fault_reports_it_and_resumes(cell: SdkSimCell) -> None
     runner = threading.Thread(target=loop.run, args=(stop,))
     runner.start()
     try:
-        time.sleep(1.0)
+        deadline = time.monotonic() + 15
+        while loop.stats["steps_recorded"] < 5 and time.monotonic() < deadline:
+            time.sleep(0.05)  # the episode is under way
         cell.peers["left"].set_fault(5, missing=True)
         deadline = time.monotonic() + 10
         while not faults and time.monotonic() < deadline:
