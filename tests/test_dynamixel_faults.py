@@ -275,3 +275,24 @@ def test_a_refusal_without_data_is_the_answer_not_a_late_reply(peer: ServoPeer) 
         arm.read_state()  # and the bus carries on
     finally:
         arm.close()
+
+
+def test_a_port_that_takes_no_bytes_raises_instead_of_hanging_the_loop() -> None:
+    """A stalled adapter (nothing drains the line) must end in a bus fault the cell makes
+    safe, never in a write that blocks the control loop for good."""
+    import os
+
+    from drivers.dynamixel.bus import WRITE_STALL_S, _WaitingPortHandler
+
+    master, slave = os.openpty()  # nobody reads the master: the line's buffer fills
+    try:
+        port = _WaitingPortHandler(os.ttyname(slave), read_wait_s=0.01)
+        assert port.openPort()
+        t0 = time.monotonic()
+        with pytest.raises(OSError, match="took no bytes"):
+            port.writePort(bytes(1 << 20))
+        assert time.monotonic() - t0 >= WRITE_STALL_S
+        port.closePort()
+    finally:
+        os.close(master)
+        os.close(slave)

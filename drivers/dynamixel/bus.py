@@ -46,6 +46,8 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 _PORT_ERRORS = (OSError, termios.error)  # serial.SerialException is an OSError
+# An instruction packet is a few dozen bytes: a port that takes none for this long is stalled.
+WRITE_STALL_S = 0.5
 
 
 class DynamixelError(DriverFault):
@@ -203,11 +205,19 @@ class _WaitingPortHandler(PortHandler):
         if ser is None or not ser.is_open:
             raise OSError(errno.EBADF, f"port {self.port_name} is not open")
         view = memoryview(bytes(packet))
+        deadline = time.monotonic() + WRITE_STALL_S
         while view:
             try:
                 n = os.write(ser.fd, view)
             except (BlockingIOError, InterruptedError):
-                select.select([], [ser.fd], [], None)
+                left = deadline - time.monotonic()
+                if left <= 0:  # a bus fault (hold or torque off), never a hung control loop
+                    raise OSError(
+                        errno.ETIMEDOUT,
+                        f"port {self.port_name} took no bytes for {WRITE_STALL_S:.1f} s "
+                        "(adapter stalled or unplugged?)",
+                    ) from None
+                select.select([], [ser.fd], [], left)
                 continue
             view = view[n:]
         return len(packet)
