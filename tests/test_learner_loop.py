@@ -102,11 +102,10 @@ def test_version_ids_continue_the_checkpointed_lineage_on_a_fresh_registry(
     assert publisher.next_version_id(["v0001", "v0002", "v0003"]) == "v0004"
 
 
-def test_action_scale_waits_for_every_task_then_measures_them_all(
-    tmp_path: Path, redis_server: str, ray_local: None, caplog
-) -> None:
-    """A task with no episode yet at the first update would leave its joints at the floor
-    scale: the first update waits for it (and says so), then measures on every task."""
+def _touch_target_only(
+    tmp_path: Path, redis_server: str, wait_s: float, publish_every: int
+) -> tuple[Path, Registry, Trainer]:
+    """A trainer on TASKS over a store holding touch_target episodes only."""
     store_root = tmp_path / "store"
     record_expert_episodes(EpisodeStore(store_root), task="touch_target", episodes=2, seed=7)
     registry = Registry(redis_server, prefix=f"t{time.time_ns()}:")
@@ -114,13 +113,22 @@ def test_action_scale_waits_for_every_task_then_measures_them_all(
     cfg = TrainerConfig(
         tasks=TASKS,
         cameras=CAMERAS,
-        publish_every_updates=5,
+        publish_every_updates=publish_every,
         sampler=SamplerConfig(batch_size=8, min_steps=1),
-        action_scale_wait_s=600.0,
+        action_scale_wait_s=wait_s,
     )
     trainer = Trainer(
         cfg, store_root, tmp_path / "versions", redis_server, registry_prefix=registry.prefix
     )
+    return store_root, registry, trainer
+
+
+def test_action_scale_waits_for_every_task_then_measures_them_all(
+    tmp_path: Path, redis_server: str, ray_local: None
+) -> None:
+    """A task with no episode yet at the first update would leave its joints at the floor
+    scale: the first update waits for it (and says so), then measures on every task."""
+    store_root, registry, trainer = _touch_target_only(tmp_path, redis_server, 600.0, 5)
     trainer.start()
     try:
         wait_for(
@@ -146,19 +154,7 @@ def test_action_scale_waits_for_every_task_then_measures_them_all(
 def test_action_scale_stops_waiting_after_its_limit(
     tmp_path: Path, redis_server: str, ray_local: None, caplog
 ) -> None:
-    store_root = tmp_path / "store"
-    record_expert_episodes(EpisodeStore(store_root), task="touch_target", episodes=2, seed=9)
-    registry = Registry(redis_server, prefix=f"t{time.time_ns()}:")
-    cfg = TrainerConfig(
-        tasks=TASKS,
-        cameras=CAMERAS,
-        publish_every_updates=1000,
-        sampler=SamplerConfig(batch_size=8, min_steps=1),
-        action_scale_wait_s=0.5,
-    )
-    trainer = Trainer(
-        cfg, store_root, tmp_path / "versions", redis_server, registry_prefix=registry.prefix
-    )
+    _, _, trainer = _touch_target_only(tmp_path, redis_server, 0.5, 1000)
     with caplog.at_level(logging.WARNING, logger="learner.trainer"):
         trainer.start()
         try:
