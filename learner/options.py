@@ -133,8 +133,8 @@ class LearnerOptions(MetricsOptions):
     action_scale_wait_s: float = Field(
         TrainerConfig.action_scale_wait_s,
         ge=0.0,
-        description="with --action-scale data: the first update waits up to this long for an "
-        "episode of every task",
+        description="with --action-scale data: the first update waits up to this many seconds "
+        "for an episode of every task (0 = measure at once on what is stored; fleet up: 120)",
     )
     advantage_weighting: bool = Field(
         False,

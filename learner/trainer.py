@@ -74,7 +74,9 @@ class TrainerConfig:
     # "data": the first update waits up to this long, once the sampler is ready, for an
     # episode of every task, so that no task's joints are scaled without its data (a joint
     # only a missing task moves would get the floor and its errors weigh up to ~5x more).
-    action_scale_wait_s: float = 300.0
+    # 0 = measure at once on what is stored: a lab whose operators demonstrate tasks one
+    # after another sets how long the first version may wait for the rest.
+    action_scale_wait_s: float = 0.0
 
 
 class Trainer:

@@ -22,6 +22,9 @@ import pytest
 # each version before shutdown, and a version taking longer than this to arrive is a stuck
 # watch, not a slow machine (publication-to-running time is tests/bench/distribution.py's).
 ADOPTION_LIMIT_S = 30.0
+# Two versions must come out of the 75 s run: on a loaded 2-core machine the trainer makes
+# about 100 updates in it after its first episode of every task (the action scale waits).
+PUBLISH_EVERY = 40
 RUN_MARKER = "FLEET_TEST_RUN"
 PR_SET_CHILD_SUBREAPER = 36
 
@@ -80,7 +83,7 @@ def _run_fleet_up(
         "--duration",
         "75",
         "--publish-every",
-        "60",
+        str(PUBLISH_EVERY),
         "--min-steps",
         "100",
         "--no-live",
@@ -142,7 +145,7 @@ def test_versions_are_published_and_every_cell_adopts_each_promptly(fleet_run: d
     s = fleet_run["summary"]
     published = s["versions_published"]
     assert len(published) >= 2, f"only {published} published after {s['updates']} updates"
-    assert s["updates"] >= 60 * len(published)
+    assert s["updates"] >= PUBLISH_EVERY * len(published)
     last_published = max(s["published_at"].values())
     for cell_id, c in s["cells"].items():
         adopted = {a["version"]: a["adopted_at"] for a in c["adoptions"]}

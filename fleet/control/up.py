@@ -36,6 +36,10 @@ from fleet.control.status_view import render
 
 log = logging.getLogger(__name__)
 
+# The learner's first update waits this long at most for an episode of every task (the
+# action scale; learner/trainer.py): a sim cell's round robin gives each one early.
+UP_ACTION_SCALE_WAIT_S = 120.0
+
 # Each sim backend's tasks (drivers/sim/mujoco/tasks.py, drivers/sim/tasks.py). Repeated
 # here because fleet/ imports nothing from drivers/ (a control plane needs no driver stack);
 # tests/test_cli.py checks they match.
@@ -261,6 +265,9 @@ def run_up(args: UpOptions) -> int:
                 str(args.publish_every),
                 "--min-steps",
                 str(args.min_steps),
+                # Its cells play every task in turn: the first round gives each an episode.
+                "--action-scale-wait-s",
+                str(UP_ACTION_SCALE_WAIT_S),
                 "--rollout",
                 args.rollout,
                 "--sim-gate",
