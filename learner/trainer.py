@@ -255,21 +255,19 @@ class Trainer:
     def _wait_for_every_task(self) -> bool:
         """True while the action scale should wait for a first episode of some task (up to
         action_scale_wait_s from the first time the sampler was ready)."""
-        if self.policy_config.action_scale:
-            return False
         missing = self.sampler.tasks_without_episodes()
+        if self.policy_config.action_scale or not missing:
+            return False
         now = time.monotonic()
         if self._scale_wait_since is None:
             self._scale_wait_since = now
-            if missing:
+            if self.config.action_scale_wait_s > 0:
                 log.info(
                     "first update waits up to %.0f s for an episode of %s to measure the "
                     "action scale",
                     self.config.action_scale_wait_s,
                     ", ".join(missing),
                 )
-        if not missing:
-            return False
         if now - self._scale_wait_since < self.config.action_scale_wait_s:
             if now - self._last_stats >= 1.0:
                 self._last_stats = now
