@@ -16,6 +16,11 @@ Measured on the loop's own thread: each tick's start minus its scheduled time (t
 lateness, the jitter), the loop's missed ticks (a start later than a whole period), and
 the same figures in the 2 s after each swap. Baseline, measured first in the same run on
 the same machine: a bare 50 Hz sleep loop, i.e. what the OS gives any 50 Hz thread now.
+Loaded floor, measured during the run: the same bare loop in a process of its own, under the
+loop thread's scheduling (SCHED_FIFO when the loop runs it), beside the cell: what the
+machine gives a 50 Hz thread under the cell's load. When even that misses the goals
+(`floor_meets_goals` false) no loop can meet them on this machine at that moment; the loop's
+ratio to it is what the cell's own design adds.
 
 Goals (issue 13): 0 missed ticks; tick-start lateness p99 <= 1 ms.
 
@@ -35,6 +40,7 @@ import tempfile
 import threading
 import time
 import tomllib
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -132,6 +138,52 @@ def baseline(seconds: float, hz: float) -> np.ndarray:
     return np.array([lateness for _, lateness in clock.samples])
 
 
+def floor_side(args: argparse.Namespace) -> int:
+    """A bare sleep loop at `--hz` in a process of its own, scheduled as the cell's loop
+    thread is (`--floor-priority`), until stdin closes; prints its lateness figures as JSON.
+    It runs while the cell does: what the machine, under the cell's load, gives any thread
+    of that rate and class, before the loop's own work and the GIL it shares."""
+    from actors.thread_priority import realtime_this_thread
+
+    if args.floor_priority > 0:
+        realtime_this_thread(args.floor_priority, cell_id="floor")
+    stop = threading.Event()
+
+    def wait_for_eof() -> None:
+        sys.stdin.read()
+        stop.set()
+
+    threading.Thread(target=wait_for_eof, daemon=True).start()
+    clock = MeasuringClock()
+    period = 1.0 / args.hz
+    next_tick = clock.now()
+    print("READY", flush=True)
+    while not stop.is_set():
+        clock.now()
+        next_tick += period
+        clock.sleep_until(next_tick)
+    clock.now()
+    # Tick starts on CLOCK_MONOTONIC, which every process of the machine shares: the bench
+    # keeps the ones inside the loop's own first and last tick.
+    print(json.dumps({"samples": [[round(t, 6), round(x, 7)] for t, x in clock.samples]}))
+    return 0
+
+
+def lateness_figures(
+    samples: Sequence[Sequence[float]], period: float, window: tuple[float, float]
+) -> dict[str, Any]:
+    """Over the (tick start, lateness) samples inside `window`: tick count, missed ticks (a
+    start later than a period) and lateness percentiles (ms)."""
+    late = np.array([x for t, x in samples if window[0] <= t <= window[1]])
+    return {
+        "ticks": len(late),
+        "missed_ticks": int((late > period).sum()),
+        "p50": pct(late, 50),
+        "p99": pct(late, 99),
+        "max": pct(late, 100),
+    }
+
+
 def example_config(tmp: Path, ports: dict[str, str], tasks: tuple[str, ...]) -> Any:
     """ops/cell.example.toml as shipped, with simulated ports, serials and this run's tasks."""
     from actors.cell_config import CellConfig
@@ -209,6 +261,9 @@ def main() -> int:
         default=None,
         help="override the example config's actor.realtime_priority (0 = ordinary thread)",
     )
+    p.add_argument("--floor-side", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--floor-priority", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--hz", type=float, default=50.0, help=argparse.SUPPRESS)
     p.add_argument("--learner-side", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--redis-url", default="", help=argparse.SUPPRESS)
     p.add_argument("--data-dir", default="", help=argparse.SUPPRESS)
@@ -218,6 +273,8 @@ def main() -> int:
     args = p.parse_args()
     if args.learner_side:
         return learner_side(args)
+    if args.floor_side:
+        return floor_side(args)
     return run(args)
 
 
@@ -270,6 +327,9 @@ def run(args: argparse.Namespace) -> int:
     keys_r, keys_w = os.pipe()
     threads: list[threading.Thread] = []
     cell = None
+    floor: subprocess.Popen[str] | None = None
+    floor_samples: list[list[float]] = []
+    gil_clock = MeasuringClock()
     try:
         assert learner.stdout is not None and learner.stdin is not None
         ready = learner.stdout.readline().split()
@@ -323,7 +383,42 @@ def run(args: argparse.Namespace) -> int:
                 if done >= args.duration:
                     stop.set()
 
-        for fn in (operator, swaps, timer):
+        floor = subprocess.Popen(
+            [
+                sys.executable,
+                __file__,
+                "--floor-side",
+                "--hz",
+                str(config.control_hz),
+                "--floor-priority",
+                str(actor.realtime_priority),
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )
+        assert floor.stdout is not None and floor.stdin is not None
+        if floor.stdout.readline().strip() != "READY":
+            raise RuntimeError("the floor process did not start")
+
+        def end_floor() -> None:  # the floor measures exactly while the cell runs
+            stop.wait()
+            floor.stdin.close()  # type: ignore[union-attr]
+
+        def gil_floor() -> None:  # the same bare loop as a thread of the cell's process
+            from actors.thread_priority import realtime_this_thread
+
+            if actor.realtime_priority > 0:
+                realtime_this_thread(actor.realtime_priority, cell_id="gil-floor")
+            period = 1.0 / config.control_hz
+            next_tick = gil_clock.now()
+            while not stop.is_set():
+                gil_clock.now()
+                next_tick += period
+                gil_clock.sleep_until(next_tick)
+
+        for fn in (operator, swaps, timer, end_floor, gil_floor):
             threads.append(threading.Thread(target=fn, daemon=True))
         threads.append(threading.Thread(target=feed_cameras, args=(sims, 30.0, stop), daemon=True))
         for t in threads:
@@ -334,6 +429,12 @@ def run(args: argparse.Namespace) -> int:
         stop.set()
         for t in threads:
             t.join(5)
+        if floor is not None:
+            if floor.stdin is not None and not floor.stdin.closed:
+                floor.stdin.close()
+            out = floor.stdout.read() if floor.stdout is not None else ""
+            floor.wait(30)
+            floor_samples = json.loads(out.strip().splitlines()[-1])["samples"]
         if cell is not None:
             cell.close()
         os.close(keys_w)
@@ -349,12 +450,18 @@ def run(args: argparse.Namespace) -> int:
         for peer in peers.values():
             peer.close()
         shutil.rmtree(tmp, ignore_errors=True)
-    return report(args, base, clock.samples, summary, cost, config.control_hz)
+    period = 1.0 / config.control_hz
+    window = (clock.samples[0][0], clock.samples[-1][0]) if clock.samples else (0.0, 0.0)
+    floor = lateness_figures(floor_samples, period, window)
+    gil = lateness_figures(gil_clock.samples, period, window)
+    return report(args, base, floor, gil, clock.samples, summary, cost, config.control_hz)
 
 
 def report(
     args: argparse.Namespace,
     base: np.ndarray,
+    floor: dict[str, Any],
+    gil_floor: dict[str, Any],
     samples: list[tuple[float, float]],
     summary: dict[str, Any],
     cost: dict[str, float],
@@ -379,6 +486,16 @@ def report(
         "lateness_ms": {"p50": pct(late, 50), "p99": pct(late, 99), "max": pct(late, 100)},
         "baseline_lateness_ms": {"p50": pct(base, 50), "p99": pct(base, 99), "max": pct(base, 100)},
         "p99_vs_baseline": round(pct(late, 99) / max(pct(base, 99), 1e-3), 2),
+        # A bare loop of the same rate and scheduling, in its own process, during the run.
+        "loaded_floor": floor,
+        "p99_vs_loaded_floor": round(pct(late, 99) / max(floor.get("p99", 0.0), 1e-3), 2),
+        # The same bare loop as a thread of the cell's process: the floor plus waiting for
+        # the GIL that the cell's other threads (inference, recorder, uplink) hold.
+        "in_process_floor": gil_floor,
+        # The floor alone misses the goals: no loop can meet them on this machine now.
+        "floor_meets_goals": bool(
+            floor and floor["missed_ticks"] <= GOAL_MISSED and floor["p99"] <= GOAL_P99_MS
+        ),
         "swaps": len(swaps),
         "versions_adopted": summary["versions_adopted"],
         "after_swap_lateness_ms": {
@@ -404,7 +521,9 @@ def report(
     }
     print(
         f"ticks {len(late)}, missed {missed}, lateness p99 {pct(late, 99)} ms, "
-        f"max {pct(late, 100)} ms (baseline p99 {pct(base, 99)} ms); after swaps p99 "
+        f"max {pct(late, 100)} ms (baseline p99 {pct(base, 99)} ms; loaded floor p99 "
+        f"{floor.get('p99')} ms, max {floor.get('max')} ms, {floor.get('missed_ticks')} "
+        f"missed); after swaps p99 "
         f"{figures['after_swap_lateness_ms']['p99']} ms, max "
         f"{figures['after_swap_lateness_ms']['max']} ms"
     )
