@@ -20,7 +20,7 @@ import ray
 from fleet.common import metrics
 from fleet.common.config_cli import add_model_arguments, parse_model
 from fleet.common.logs import setup_logging
-from fleet.common.policy.config import parse_overrides
+from fleet.common.policy.config import parse_overrides, policy_config
 from fleet.common.supervision import kill_group_when_gone, stop_with_supervisor
 from fleet.control.connection import redis_url_or_env
 from fleet.control.lease import LEASE_FILE, Lease, hold_lease
@@ -128,12 +128,16 @@ def main(argv: list[str] | None = None) -> int:
     fixed = sorted({"tasks", "cameras", "preset"} & set(policy_overrides))
     if fixed:
         parser.error(f"--policy-set cannot set {fixed}: use --tasks, --cameras, --preset")
+    tasks = tuple(t for t in args.tasks.split(",") if t)
+    cameras = tuple(c for c in args.cameras.split(",") if c)
+    try:  # the preset and the settings over it, checked before anything starts
+        model_config = policy_config(args.preset, tasks, cameras, **policy_overrides)
+    except ValueError as exc:
+        parser.error(str(exc))
     problem = _security_problem(args)
     if problem is not None:
         raise SystemExit(problem)
     setup_logging()
-    tasks = tuple(t for t in args.tasks.split(",") if t)
-    cameras = tuple(c for c in args.cameras.split(",") if c)
     data_dir: Path = args.data_dir.resolve()
     store_root, versions_dir = data_dir / "store", data_dir / "versions"
     store_root.mkdir(parents=True, exist_ok=True)
@@ -213,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         action_scale=args.action_scale,
         action_scale_wait_s=args.action_scale_wait_s,
         sampler=SamplerConfig(
-            chunk_len=int(policy_overrides.get("chunk_len", SamplerConfig.chunk_len)),
+            chunk_len=model_config.chunk_len,
             batch_size=args.batch_size,
             min_steps=args.min_steps,
             max_samples_per_insert=args.max_samples_per_insert,

@@ -33,7 +33,7 @@ class LearnerOptions(MetricsOptions):
     port: int = Field(50051, description="gateway port (0 = any free port)")
     tasks: str = Field(description="comma-separated task names the model learns")
     cameras: str = Field(description="comma-separated camera names, model order")
-    preset: str = Field(TrainerConfig.preset, description="model preset: tiny, base, large")
+    preset: str = Field(TrainerConfig.preset, description="model preset: tiny, small, base, large")
     batch_size: int = SamplerConfig.batch_size
     lr: float = TrainerConfig.lr
     publish_every: int = Field(

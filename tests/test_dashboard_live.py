@@ -60,6 +60,8 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Regis
                 "40",
                 "--min-steps",
                 "100",
+                "--preset",
+                "tiny",  # the suite's model: versions come out within the run
                 "--redis-url",
                 redis.url,
                 "--data-dir",

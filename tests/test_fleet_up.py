@@ -86,6 +86,12 @@ def _run_fleet_up(
         str(PUBLISH_EVERY),
         "--min-steps",
         "100",
+        "--preset",
+        "tiny",  # the suite's model: versions come out within the 75 s run
+        "--lr",
+        "0.0005",
+        "--batch-size",
+        "16",
         "--no-live",
         "--rollout",
         "immediate",
@@ -170,6 +176,15 @@ def test_no_command_line_shows_the_redis_password(fleet_run: dict) -> None:
     assert any("dashboard" in c for c in seen), "never saw the dashboard running"
     leaks = [c for c in seen if any(password in part for part in c)]
     assert not leaks, leaks[:3]
+
+
+def test_training_settings_reach_the_learner(fleet_run: dict) -> None:
+    """`fleet up --lr/--batch-size` are the learner's: a lab tunes learning from one command."""
+    learners = [c for c in fleet_run["cmdlines"] if "learner.main" in " ".join(c)]
+    assert learners, "never saw the learner running"
+    for argv in learners:
+        assert argv[argv.index("--lr") + 1] == "0.0005"
+        assert argv[argv.index("--batch-size") + 1] == "16"
 
 
 def test_connection_details_are_written_owner_only_and_announced(fleet_run: dict) -> None:

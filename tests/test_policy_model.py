@@ -85,6 +85,22 @@ def test_config_fills_from_preset_and_round_trips_through_json() -> None:
     assert direct.image_channels == PRESETS["base"]["image_channels"]
 
 
+def test_the_chunk_length_comes_with_the_preset_unless_set() -> None:
+    """`small` (fleet up's model for MuJoCo cells) plans 30 steps ahead; the others 10; an
+    explicit chunk_len wins; a manifest's own chunk_len always rebuilds that version."""
+    small = PolicyConfig(tasks=TASKS, cameras=CAMERAS, preset="small")
+    assert small.chunk_len == 30
+    assert (small.image_size, small.keypoints, small.shift_augment) == ((96, 128), 16, 4)
+    assert PolicyConfig(tasks=TASKS, cameras=CAMERAS).chunk_len == 10
+    assert policy_config("small", TASKS, CAMERAS, chunk_len=12).chunk_len == 12
+    old = {**small.to_dict(), "chunk_len": 10}
+    assert PolicyConfig.from_dict(old).chunk_len == 10
+    model = UnifiedPolicy(small)
+    images = torch.zeros(1, len(CAMERAS), 120, 160, 3, dtype=torch.uint8)
+    out = model(images, torch.zeros(1, 14), torch.zeros(1, dtype=torch.int64))
+    assert out.shape == (1, 30, 14)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [

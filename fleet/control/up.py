@@ -48,6 +48,10 @@ SIM_TASKS = {
     "kinematic": ("pick_cube", "touch_target"),
 }
 SIM_CAMERAS = ("overhead", "front")
+# The model each backend's fleet trains by default (fleet/common/policy/config.py PRESETS):
+# the kinematic stand-in's flat frames need no more than tiny; the MuJoCo cells' small
+# objects need small (README "How well it learns").
+SIM_PRESETS = {"mujoco": "small", "kinematic": "tiny"}
 
 
 class UpOptions(BaseModel):
@@ -76,7 +80,13 @@ class UpOptions(BaseModel):
     data_dir: Path | None = Field(None, description="run directory (default: var/runs/<timestamp>)")
     publish_every: int = Field(150, description="publish a new version every N trainer updates")
     min_steps: int = Field(200, description="stored steps before training starts")
-    preset: str = Field("tiny", description="model preset")
+    preset: str | None = Field(
+        None, description="model preset (default: small on MuJoCo cells, tiny on kinematic)"
+    )
+    lr: float | None = Field(None, description="learning rate (default: fleet learner's)")
+    batch_size: int | None = Field(
+        None, description="samples per update (default: fleet learner's)"
+    )
     policy_set: list[str] = flag(
         default_factory=list,
         help="model settings over the preset's (fleet learner --policy-set)",
@@ -259,8 +269,10 @@ def run_up(args: UpOptions) -> int:
                 "--cameras",
                 ",".join(SIM_CAMERAS),
                 "--preset",
-                args.preset,
+                args.preset or SIM_PRESETS[args.sim_backend],
                 *(["--policy-set", *args.policy_set] if args.policy_set else []),
+                *(["--lr", str(args.lr)] if args.lr is not None else []),
+                *(["--batch-size", str(args.batch_size)] if args.batch_size is not None else []),
                 "--publish-every",
                 str(args.publish_every),
                 "--min-steps",
