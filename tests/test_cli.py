@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -93,3 +94,31 @@ def test_fleet_up_names_the_tasks_each_sim_backend_has() -> None:
     from fleet.control.up import SIM_TASKS
 
     assert SIM_TASKS == {"mujoco": MUJOCO_TASKS, "kinematic": KINEMATIC_TASKS}
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--preset", "huge"], "unknown policy preset 'huge'"),
+        (["--policy-set", "chunk_len=-1"], "chunk_len must be >= 1"),
+    ],
+)
+def test_learner_refuses_a_model_it_cannot_build_before_starting(
+    flags: list[str], message: str, tmp_path: Path
+) -> None:
+    """A preset or setting that builds no model is a usage error at once, not a trainer that
+    fails after Ray, the gateway and the store have started."""
+    out = fleet(
+        "learner",
+        "--data-dir",
+        str(tmp_path),
+        "--tasks",
+        "a",
+        "--cameras",
+        "c",
+        "--insecure",
+        *flags,
+    )
+    assert out.returncode == 2, (out.stdout, out.stderr)
+    assert message in out.stderr
+    assert not (tmp_path / "store").exists()
