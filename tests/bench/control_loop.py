@@ -40,7 +40,7 @@ import tempfile
 import threading
 import time
 import tomllib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -124,17 +124,23 @@ class MeasuringClock:
         self._due[threading.get_ident()] = t
 
 
-def baseline(seconds: float, hz: float) -> np.ndarray:
-    """Lateness of a bare sleep loop at `hz` on the wall clock (what the OS gives now)."""
-    clock = MeasuringClock()
+def bare_loop(clock: MeasuringClock, hz: float, done: Callable[[float], bool]) -> None:
+    """A sleep loop at `hz` that does nothing else, its lateness noted by `clock`, until
+    `done(next tick)`: the floor every other figure is compared with."""
     period = 1.0 / hz
     next_tick = clock.now()
-    end = next_tick + seconds
-    while next_tick < end:
+    while not done(next_tick):
         clock.now()
         next_tick += period
         clock.sleep_until(next_tick)
     clock.now()
+
+
+def baseline(seconds: float, hz: float) -> np.ndarray:
+    """Lateness of a bare sleep loop at `hz` on the wall clock (what the OS gives now)."""
+    clock = MeasuringClock()
+    end = clock.now() + seconds
+    bare_loop(clock, hz, lambda next_tick: next_tick >= end)
     return np.array([lateness for _, lateness in clock.samples])
 
 
@@ -155,14 +161,8 @@ def floor_side(args: argparse.Namespace) -> int:
 
     threading.Thread(target=wait_for_eof, daemon=True).start()
     clock = MeasuringClock()
-    period = 1.0 / args.hz
-    next_tick = clock.now()
     print("READY", flush=True)
-    while not stop.is_set():
-        clock.now()
-        next_tick += period
-        clock.sleep_until(next_tick)
-    clock.now()
+    bare_loop(clock, args.hz, lambda _: stop.is_set())
     # Tick starts on CLOCK_MONOTONIC, which every process of the machine shares: the bench
     # keeps the ones inside the loop's own first and last tick.
     print(json.dumps({"samples": [[round(t, 6), round(x, 7)] for t, x in clock.samples]}))
@@ -411,12 +411,7 @@ def run(args: argparse.Namespace) -> int:
 
             if actor.realtime_priority > 0:
                 realtime_this_thread(actor.realtime_priority, cell_id="gil-floor")
-            period = 1.0 / config.control_hz
-            next_tick = gil_clock.now()
-            while not stop.is_set():
-                gil_clock.now()
-                next_tick += period
-                gil_clock.sleep_until(next_tick)
+            bare_loop(gil_clock, config.control_hz, lambda _: stop.is_set())
 
         for fn in (operator, swaps, timer, end_floor, gil_floor):
             threads.append(threading.Thread(target=fn, daemon=True))
