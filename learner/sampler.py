@@ -154,6 +154,10 @@ class EpisodeSampler:
         self._task_ids = {t: i for i, t in enumerate(self.tasks)}
         self.quarantined = 0  # episodes the store holds in quarantine, as this sampler saw
         self.last_quarantined = ""  # "cell/episode: reason" of the newest one
+        # Episodes set aside (not quarantined) because they lack a camera the model sees.
+        self.without_cameras = 0
+        self.last_without_cameras = ""  # "cell/episode: lacks ...; has ..." of the newest one
+        self._camera_mismatches_logged: set[tuple[tuple[str, ...], tuple[str, ...]]] = set()
 
     @property
     def steps_available(self) -> int:
@@ -225,6 +229,11 @@ class EpisodeSampler:
                 )
                 self._episodes[ref] = _Episode(data, task, 0)
                 continue
+            declared = data.attrs.get("cameras") or {}
+            if declared and any(cam not in declared for cam in self.cameras):
+                self._episodes[ref] = _Episode(data, task, 0)
+                self._set_aside(ref, sorted(declared))
+                continue
             steps = trainable_steps(data, self.config.policy_steps)
             self._episodes[ref] = _Episode(data, task, n, episode_return(dict(data.attrs)), steps)
             if len(steps) == 0:
@@ -286,18 +295,52 @@ class EpisodeSampler:
         """One task-balanced batch in the layout UnifiedPolicy.bc_loss expects.
 
         An episode whose frames cannot be read or decoded is quarantined and the batch drawn
-        again without it; any other error is raised (the trainer's supervisor restarts)."""
+        again without it; one without a camera the model sees is set aside (not marked: the
+        model's cameras may be what is wrong); any other error is raised (the trainer's
+        supervisor restarts)."""
         while True:
             try:
                 return self._draw()
+            except _WithoutCamera as bad:
+                self._drop(bad.ref)
+                self._set_aside(bad.ref, bad.has)
+                if not self._by_task:
+                    raise RuntimeError(
+                        f"no episode left to sample from: {self.without_cameras} lack a camera "
+                        f"the model sees ({self.last_without_cameras})"
+                    ) from bad
             except _Unreadable as bad:
                 for ref in bad.refs:
                     self._quarantine(ref, bad.reason)
                 if not self._by_task:
                     raise RuntimeError("every episode left to sample from was quarantined") from bad
 
-    def _quarantine(self, ref: EpisodeRef, reason: str) -> None:
-        """Take an episode out of sampling for good, and mark it so in the store."""
+    def _set_aside(self, ref: EpisodeRef, has: Sequence[str]) -> None:
+        """Count an episode recorded without one of the model's cameras and say why, once
+        per kind of mismatch in the log. Nothing is written to the store: started with the
+        wrong --cameras, a learner would otherwise take every episode out of training for
+        good, and the right cameras must find them all again after a restart."""
+        lacks = tuple(cam for cam in self.cameras if cam not in has)
+        self.without_cameras += 1
+        self.last_without_cameras = (
+            f"{ref.cell_id}/{ref.episode_id}: lacks camera {', '.join(lacks)}; "
+            f"has {', '.join(has) or 'none'}"
+        )[:500]
+        key = (lacks, tuple(has))
+        if key not in self._camera_mismatches_logged:
+            self._camera_mismatches_logged.add(key)
+            log.warning(
+                "episode %s/%s (and any other like it) not trained on: it was recorded without "
+                "camera %s that the model sees (it has %s); check the learner's --cameras "
+                "against the cells' cameras",
+                ref.cell_id,
+                ref.episode_id,
+                ", ".join(lacks),
+                ", ".join(has) or "none",
+            )
+
+    def _drop(self, ref: EpisodeRef) -> None:
+        """Take an indexed episode out of sampling (its frames out of memory too)."""
         ep = self._episodes.get(ref)
         if ep is not None and ref in self._by_task.get(ep.task, []):
             self._by_task[ep.task].remove(ref)
@@ -308,6 +351,10 @@ class EpisodeSampler:
         dropped = self._frames.pop(ref, None)
         if dropped is not None:
             self._frame_bytes -= sum(len(f) for column in dropped.values() for f in column)
+
+    def _quarantine(self, ref: EpisodeRef, reason: str) -> None:
+        """Take an episode out of sampling for good, and mark it so in the store."""
+        self._drop(ref)
         self.quarantined += 1
         self.last_quarantined = f"{ref.cell_id}/{ref.episode_id}: {reason}"[:500]
         try:
@@ -392,7 +439,10 @@ class EpisodeSampler:
             if declared:
                 h, w = int(declared["height"]), int(declared["width"])
             else:
-                h, w = _frame_shape(first, self._frames_of(first), self.cameras[0])
+                frames = self._frames_of(first)
+                if self.cameras[0] not in frames:
+                    raise _WithoutCamera(first, sorted(frames))
+                h, w = _frame_shape(frames, self.cameras[0])
         except (KeyError, ValueError, RuntimeError, TypeError) as exc:
             raise _Unreadable(
                 [first], f"frames do not decode: {type(exc).__name__}: {exc}"
@@ -414,6 +464,8 @@ class EpisodeSampler:
             t = int(ep.steps[int(self._rng.integers(len(ep.steps)))])
             data = ep.data
             frames = self._frames_of(ref)
+            if any(cam not in frames for cam in self.cameras):
+                raise _WithoutCamera(ref, sorted(frames))
             try:
                 jpegs.extend(bytes(frames[cam][t]) for cam in self.cameras)
             except (KeyError, IndexError) as exc:
@@ -445,6 +497,15 @@ class EpisodeSampler:
         }
 
 
+class _WithoutCamera(Exception):
+    """An episode recorded without a camera the model sees (it has `has`)."""
+
+    def __init__(self, ref: EpisodeRef, has: list[str]) -> None:
+        super().__init__(f"{ref.cell_id}/{ref.episode_id} has cameras {has}")
+        self.ref = ref
+        self.has = has
+
+
 class _Unreadable(Exception):
     """Episodes whose stored data the sampler cannot turn into training input."""
 
@@ -465,11 +526,6 @@ def _ids(ref: EpisodeRef) -> tuple[str, str]:
     return ref.cell_id, ref.episode_id
 
 
-def _frame_shape(ref: EpisodeRef, frames: dict[str, list[bytes]], camera: str) -> tuple[int, int]:
-    if camera not in frames:
-        raise KeyError(
-            f"episode {ref.cell_id}/{ref.episode_id} has no camera {camera!r}; "
-            f"it has {sorted(frames)}"
-        )
+def _frame_shape(frames: dict[str, list[bytes]], camera: str) -> tuple[int, int]:
     img = simplejpeg.decode_jpeg(frames[camera][0], colorspace="RGB")
     return int(img.shape[0]), int(img.shape[1])

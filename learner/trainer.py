@@ -165,6 +165,8 @@ class Trainer:
             "episodes_available": self.sampler.episodes_available,
             "quarantined_episodes": self.sampler.quarantined,
             "last_quarantined": self.sampler.last_quarantined,
+            "episodes_without_cameras": self.sampler.without_cameras,
+            "last_without_cameras": self.sampler.last_without_cameras,
             "trainer_restarts": self.restarts,
             "trainer_error": self.last_error,
         }

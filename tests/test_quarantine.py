@@ -4,6 +4,7 @@ error in the training loop restarts it, and the error shows in `fleet status`.""
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -28,10 +29,17 @@ pytestmark = pytest.mark.timeout(300)
 TASKS = ("pick_cube", "touch_target")
 # Starts like a JPEG (SOI + APP0 marker) but is no image at all.
 NOT_A_JPEG = b"\xff\xd8\xff\xe0\x00\x10JFIF\x00" + bytes(range(256)) * 4
+GREY = simplejpeg.encode_jpeg(np.full((96, 128, 3), 128, np.uint8), colorspace="RGB")
 
 
 def _write_episode(
-    store: EpisodeStore, episode_id: str, frames: list[bytes], *, side: tuple[int, int]
+    store: EpisodeStore,
+    episode_id: str,
+    frames: list[bytes],
+    *,
+    side: tuple[int, int],
+    cameras: tuple[str, ...] = CAMERAS,
+    cell_id: str = "cell-bad",
 ) -> EpisodeRef:
     """A complete operator episode of `len(frames)` steps with the given frames."""
     n = len(frames)
@@ -39,7 +47,7 @@ def _write_episode(
     h, w = side
     store.append(
         DecodedChunk(
-            cell_id="cell-bad",
+            cell_id=cell_id,
             episode_id=episode_id,
             seq=0,
             first_step=0,
@@ -50,12 +58,12 @@ def _write_episode(
             action=q.copy(),
             intervention=np.ones(n, bool),
             reward=np.zeros(n, np.float32),
-            cameras={cam: CameraColumn(cam, "jpeg", h, w, 3, list(frames)) for cam in CAMERAS},
+            cameras={cam: CameraColumn(cam, "jpeg", h, w, 3, list(frames)) for cam in cameras},
             last=True,
             outcome={"success": True, "reason": "success", "started_at": 0.0, "ended_at": 1.0},
         )
     )
-    return EpisodeRef("cell-bad", episode_id)
+    return EpisodeRef(cell_id, episode_id)
 
 
 def _trainer(tmp_path: Path, redis_server: str, prefix: str, **extra: float) -> Trainer:
@@ -78,6 +86,10 @@ def test_undecodable_episode_is_quarantined_and_training_goes_on(
     record_expert_episodes(store, task="touch_target", episodes=1, seed=3)
     record_expert_episodes(store, task="pick_cube", episodes=1, seed=4)
     bad = _write_episode(store, "ep-poison", [NOT_A_JPEG] * 30, side=(96, 128))
+    # A cell whose front camera was left out of its config: set aside, not quarantined.
+    one_camera = _write_episode(
+        store, "ep-overhead", [GREY] * 30, side=(96, 128), cameras=("overhead",), cell_id="c1"
+    )
     prefix = f"q{time.time_ns()}:"
     registry = Registry(redis_server, prefix=prefix)
     trainer = _trainer(tmp_path, redis_server, prefix)
@@ -99,20 +111,37 @@ def test_undecodable_episode_is_quarantined_and_training_goes_on(
         metrics.register(
             metrics.StatsCollector(trainer.stats, metrics.TRAINER_STATS), scrape_registry
         )
-        assert "fleet_trainer_quarantined_episodes 1.0" in metrics.fleet_text(scrape_registry)
+        text = metrics.fleet_text(scrape_registry)
+        assert "fleet_trainer_quarantined_episodes 1.0" in text
+        assert "fleet_trainer_episodes_without_cameras 1.0" in text
+        assert trainer.sampler.without_cameras == 1
+        wait_for(
+            lambda: registry.learner_stats().get("episodes_without_cameras") == 1,
+            30,
+            "the count of episodes without the model's cameras in the registry",
+        )
     finally:
         trainer.stop()
-    # Marked in the store itself, with a reason a person can act on.
+    # Marked in the store itself, with a reason a person can act on; the episode without
+    # a camera is not marked.
     assert set(EpisodeStore(tmp_path / "store").quarantined()) == {bad}
+    assert one_camera not in EpisodeStore(tmp_path / "store").quarantined()
     assert "do not decode" in EpisodeStore(tmp_path / "store").quarantined()[bad]
     console = Console(width=250, record=True)
     console.print(render(registry))
-    assert "cell-bad/ep-poison" in console.export_text()
+    text = console.export_text()
+    assert "cell-bad/ep-poison" in text
+    assert "not trained on: 1 episodes without a camera the model sees" in text
+    assert "c1/ep-overhead: lacks camera front; has overhead" in text
     # A fresh sampler (a restarted learner) never indexes it again, and still counts it.
     fresh = EpisodeSampler(EpisodeStore(tmp_path / "store"), CAMERAS, TASKS, SamplerConfig())
     fresh.refresh(force=True)
-    assert fresh.quarantined == 1
-    assert fresh.episodes_available == 3 and bad not in fresh._by_task.get("pick_cube", [])
+    assert fresh.quarantined == 1 and fresh.without_cameras == 1
+    assert fresh.episodes_available == 4  # indexed, two of them not sampled
+    assert sorted(fresh._by_task["pick_cube"] + fresh._by_task["touch_target"]) == [
+        EpisodeRef("cell-t", "ep-3-0000"),
+        EpisodeRef("cell-t", "ep-4-0000"),
+    ]
 
 
 def test_frames_of_the_wrong_size_or_missing_are_quarantined_not_sampled(tmp_path: Path) -> None:
@@ -189,3 +218,41 @@ def test_a_failing_decoder_quarantines_nothing_and_batches_still_come(tmp_path: 
     batch = sampler.sample()
     assert batch["images"].shape == (8, 2, 96, 128, 3) and batch["images"].any()
     assert sampler.quarantined == 0 and not store.quarantined()
+
+
+def test_a_sampler_with_the_wrong_cameras_marks_nothing_and_the_right_ones_find_it_all(
+    tmp_path: Path,
+) -> None:
+    """A learner restarted with a camera the cells do not record must not take the store out
+    of training for good: nothing is quarantined, and the right cameras train on it all."""
+    store = EpisodeStore(tmp_path / "store")
+    record_expert_episodes(store, task="pick_cube", episodes=1, seed=1)
+    record_expert_episodes(store, task="touch_target", episodes=1, seed=2)
+    # An episode from before cameras were declared in the store: only its frames tell.
+    legacy = _write_episode(store, "ep-legacy", [GREY] * 20, side=(96, 128), cameras=("front",))
+    meta_path = tmp_path / "store" / legacy.path / "zarr.json"
+    meta = json.loads(meta_path.read_text())
+    del meta["attributes"]["cameras"]
+    meta_path.write_text(json.dumps(meta))
+    store = EpisodeStore(tmp_path / "store")
+
+    wrong = EpisodeSampler(
+        store, ("overhead", "wrist"), TASKS, SamplerConfig(batch_size=8, min_steps=1)
+    )
+    wrong.refresh(force=True)
+    assert wrong.without_cameras == 2  # the two declaring theirs; the legacy one when drawn
+    assert wrong.last_without_cameras == "cell-t/ep-2-0000: lacks camera wrist; has front, overhead"
+    with pytest.raises(RuntimeError, match="lack a camera the model sees"):
+        wrong.sample()  # only the legacy episode was left; it has no overhead camera either
+    assert wrong.without_cameras == 3 and not wrong.ready()
+    assert wrong.quarantined == 0 and not store.quarantined()
+
+    right = EpisodeSampler(store, CAMERAS, TASKS, SamplerConfig(batch_size=8, min_steps=1), seed=3)
+    right.refresh(force=True)
+    for _ in range(20):
+        assert right.sample()["images"].shape == (8, 2, 96, 128, 3)
+    assert right.without_cameras == 1  # the legacy episode: the store gives it no cameras
+    legacy_why = "cell-bad/ep-legacy: lacks camera overhead, front; has none"
+    assert right.last_without_cameras == legacy_why
+    assert sorted(right._by_task) == ["pick_cube", "touch_target"]
+    assert right.quarantined == 0 and not store.quarantined()

@@ -303,6 +303,12 @@ TRAINER_STATS = (
         "episodes taken out of training because they cannot be read or decoded",
     ),
     Stat(
+        "episodes_without_cameras",
+        "fleet_trainer_episodes_without_cameras",
+        "gauge",
+        "episodes not trained on because they lack a camera the model sees",
+    ),
+    Stat(
         "trainer_restarts",
         "fleet_trainer_restarts",
         "counter",

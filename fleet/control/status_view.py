@@ -103,6 +103,12 @@ def render(registry: Registry) -> Group:
     problems = [
         f"trainer error: {stats['trainer_error']}" if stats.get("trainer_error") else "",
         f"quarantined: {stats['last_quarantined']}" if stats.get("last_quarantined") else "",
+        (
+            f"not trained on: {stats['episodes_without_cameras']} episodes without a camera "
+            f"the model sees (check --cameras), e.g. {stats['last_without_cameras']}"
+            if stats.get("last_without_cameras")
+            else ""
+        ),
     ]
     if any(problems):
         learner.caption = "\n".join(p for p in problems if p)
