@@ -18,10 +18,13 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import simplejpeg
+import torch
 
+from fleet.common.policy.model import resize_images
 from learner.store import EpisodeData, EpisodeRef, EpisodeStore
 
 log = logging.getLogger(__name__)
@@ -43,6 +46,10 @@ class SamplerConfig:
     # frames were dropped is read from the store again when it is next sampled. Bounds the
     # sampler's memory however much data the store holds (joint columns are always kept).
     frame_cache_mb: int = 2048
+    # (height, width) of the batch's frames: the model's input size (the trainer sets it from
+    # its PolicyConfig). Frames of another size, from cells with other camera modes, are
+    # resized to it as the model would; empty: the size of the first indexed episode.
+    image_size: tuple[int, ...] = ()
     # AWR-style outcome weighting (off until it shows a gain): weight *= clip(exp(A / beta))
     # with A = the episode's return (success = 1.0) minus its task's mean return.
     # Which steps the policy drove (not the operator) are trained on: "successful" = only
@@ -368,35 +375,59 @@ class EpisodeSampler:
         except Exception as exc:
             raise _Unreadable([ref], f"frames cannot be read: {type(exc).__name__}: {exc}") from exc
 
+    def _first_frame_size(self, ref: EpisodeRef) -> tuple[int, int]:
+        """The batch size when the model's is not given: what the episode's first camera
+        declares, else what its first frame decodes to."""
+        size = _declared_size(self._episodes[ref].data.attrs, self.cameras[0])
+        if size is not None:
+            return size
+        frames = self._frames_of(ref)
+        if self.cameras[0] not in frames:
+            raise _WithoutCamera(ref, sorted(frames))
+        try:
+            img = simplejpeg.decode_jpeg(frames[self.cameras[0]][0], colorspace="RGB")
+        except (ValueError, RuntimeError, IndexError) as exc:
+            raise _Unreadable([ref], f"frames do not decode: {type(exc).__name__}: {exc}") from exc
+        return int(img.shape[0]), int(img.shape[1])
+
     def _decode_batch(
-        self, jpegs: list[bytes], rows: list[EpisodeRef], shape: tuple[int, int]
+        self,
+        jpegs: list[bytes],
+        rows: list[EpisodeRef],
+        sizes: list[tuple[int, int] | None],
+        out: tuple[int, int],
     ) -> list[np.ndarray]:
-        """Decode the batch's frames; blame the episodes whose frames do not decode to
-        `shape` (each is tried on its own) when the batch as a whole fails."""
+        """Decode the batch's frames and bring each to `out` (resized as the model would).
+
+        A frame must decode to the size its own episode declares (`sizes`, None: any size):
+        one that does not blames that episode only (each is tried on its own when the batch
+        as a whole fails). A cell whose cameras run another mode than the others' is not a
+        fault: its frames are resized like everyone's."""
         n_cam = len(self.cameras)
-        want = (*shape, 3)
         try:
             images = self.decoder(jpegs)
-            if all(img.shape == want for img in images):
-                return images
-            error = "a frame decodes to another size than the episode's cameras"
+            if all(_fits(img, size) for img, size in zip(images, sizes, strict=True)):
+                return _resized(images, out)
+            error = "a frame decodes to another size than its episode's cameras declare"
         except Exception as exc:
             error = f"{type(exc).__name__}: {exc}"
         per_frame = [r for r in rows for _ in range(n_cam)]
         for ref in dict.fromkeys(rows):
-            frames = [j for j, r in zip(jpegs, per_frame, strict=True) if r == ref]
+            mine = [i for i, r in enumerate(per_frame) if r == ref]
             try:
-                for img in decode_jpegs(frames):
-                    if img.shape != want:
-                        raise ValueError(
-                            f"a frame is {img.shape[1]}x{img.shape[0]}, not {want[1]}x{want[0]}"
-                        )
+                decoded = decode_jpegs([jpegs[i] for i in mine])
+                for i, img in zip(mine, decoded, strict=True):
+                    size = sizes[i]
+                    if not _fits(img, size):
+                        got = f"{img.shape[1]}x{img.shape[0]}" if img.ndim >= 2 else "no image"
+                        want = f"{size[1]}x{size[0]}" if size else "an RGB image"
+                        raise ValueError(f"a frame is {got}, not {want}")
             except Exception as exc:  # the first bad episode; a redraw finds any other
                 reason = f"frames do not decode: {type(exc).__name__}: {exc}"
                 raise _Unreadable([ref], reason) from exc
         # Every frame decodes here: the decoder itself failed (a decode worker died).
         log.warning("decoding a batch failed (%s); decoded it in-process instead", error)
-        return decode_jpegs(jpegs)
+        return _resized(decode_jpegs(jpegs), out)
 
     def action_scale(
         self, joint_lower: Sequence[float], joint_upper: Sequence[float], floor: float = 0.01
@@ -431,23 +462,12 @@ class EpisodeSampler:
         if not tasks:
             raise RuntimeError("no complete episodes to sample from yet")
         b, k = cfg.batch_size, cfg.chunk_len
-        first = self._by_task[tasks[0]][0]
-        try:
-            # The size the episode's cameras declare (checked against every frame when the
-            # batch is decoded); from its first frame when it declares none.
-            declared = self._episodes[first].data.attrs.get("cameras", {}).get(self.cameras[0])
-            if declared:
-                h, w = int(declared["height"]), int(declared["width"])
-            else:
-                frames = self._frames_of(first)
-                if self.cameras[0] not in frames:
-                    raise _WithoutCamera(first, sorted(frames))
-                h, w = _frame_shape(frames, self.cameras[0])
-        except (KeyError, ValueError, RuntimeError, TypeError) as exc:
-            raise _Unreadable(
-                [first], f"frames do not decode: {type(exc).__name__}: {exc}"
-            ) from exc
+        if cfg.image_size:
+            h, w = int(cfg.image_size[0]), int(cfg.image_size[1])
+        else:
+            h, w = self._first_frame_size(self._by_task[tasks[0]][0])
         rows: list[EpisodeRef] = []
+        sizes: list[tuple[int, int] | None] = []  # per frame, what its episode declares
         images = np.zeros((b, len(self.cameras), h, w, 3), np.uint8)
         joint_pos = np.zeros((b, 14), np.float32)
         actions = np.zeros((b, k, 14), np.float32)
@@ -470,6 +490,7 @@ class EpisodeSampler:
                 jpegs.extend(bytes(frames[cam][t]) for cam in self.cameras)
             except (KeyError, IndexError) as exc:
                 raise _Unreadable([ref], f"missing frames: {exc!r}") from exc
+            sizes.extend(_declared_size(data.attrs, cam) for cam in self.cameras)
             rows.append(ref)
             joint_pos[i] = data.joint_pos[t]
             end = min(t + k, ep.n_steps)
@@ -484,7 +505,7 @@ class EpisodeSampler:
                 weight[i] *= task_weights[ref]
             task_id[i] = self._task_ids[task]
         n_cam = len(self.cameras)
-        for j, img in enumerate(self._decode_batch(jpegs, rows, (h, w))):
+        for j, img in enumerate(self._decode_batch(jpegs, rows, sizes, (h, w))):
             images[j // n_cam, j % n_cam] = img
         self.limiter.sampled += b
         return {
@@ -526,6 +547,35 @@ def _ids(ref: EpisodeRef) -> tuple[str, str]:
     return ref.cell_id, ref.episode_id
 
 
-def _frame_shape(frames: dict[str, list[bytes]], camera: str) -> tuple[int, int]:
-    img = simplejpeg.decode_jpeg(frames[camera][0], colorspace="RGB")
-    return int(img.shape[0]), int(img.shape[1])
+def _declared_size(attrs: dict[str, Any], camera: str) -> tuple[int, int] | None:
+    """(height, width) an episode's attributes declare for `camera`, None if they do not."""
+    declared = (attrs.get("cameras") or {}).get(camera)
+    if not declared:
+        return None
+    try:
+        return int(declared["height"]), int(declared["width"])
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def _fits(img: np.ndarray, size: tuple[int, int] | None) -> bool:
+    """An RGB frame of the declared size (any size when none is declared)."""
+    if img.ndim != 3 or img.shape[2] != 3:
+        return False
+    return size is None or (int(img.shape[0]), int(img.shape[1])) == size
+
+
+def _resized(images: list[np.ndarray], out: tuple[int, int]) -> list[np.ndarray]:
+    """Every frame at `out`: those of another size resized by the model's own resize
+    (fleet.common.policy.model.resize_images), one call per source size."""
+    by_shape: dict[tuple[int, ...], list[int]] = {}
+    for i, img in enumerate(images):
+        if (int(img.shape[0]), int(img.shape[1])) != out:
+            by_shape.setdefault(img.shape, []).append(i)
+    result = list(images)
+    for idx in by_shape.values():
+        x = torch.from_numpy(np.stack([images[i] for i in idx])).permute(0, 3, 1, 2).float()
+        y = resize_images(x, out).round_().clamp_(0, 255).to(torch.uint8)
+        for i, img in zip(idx, y.permute(0, 2, 3, 1).numpy(), strict=True):
+            result[i] = img
+    return result

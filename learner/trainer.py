@@ -106,7 +106,8 @@ class Trainer:
             EpisodeStore(store_root),
             config.cameras,
             config.tasks,
-            config.sampler,
+            # Batches at the model's input size, whatever camera modes the cells run.
+            dataclasses.replace(config.sampler, image_size=tuple(self.policy_config.image_size)),
             decoder=self.decode_pool or decode_jpegs,
         )
         self.publisher = Publisher(

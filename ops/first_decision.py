@@ -111,7 +111,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     store = EpisodeStore(args.data / "store")
     if args.action_scale == "data" and not cfg.action_scale:
         sampler = EpisodeSampler(
-            store, cameras, MUJOCO_TASKS, SamplerConfig(min_steps=1, chunk_len=cfg.chunk_len)
+            store,
+            cameras,
+            MUJOCO_TASKS,
+            SamplerConfig(min_steps=1, chunk_len=cfg.chunk_len, image_size=tuple(cfg.image_size)),
         )
         sampler.refresh(force=True)
         scale = sampler.action_scale(cfg.joint_lower, cfg.joint_upper)

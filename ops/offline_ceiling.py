@@ -289,6 +289,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sampler_cfg = SamplerConfig(
         batch_size=args.batch_size,
         chunk_len=cfg.chunk_len,
+        image_size=tuple(cfg.image_size),
         min_steps=1,
         max_samples_per_insert=1e12,
     )

@@ -11,10 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import simplejpeg
+import torch
 from prometheus_client import CollectorRegistry
 from rich.console import Console
 
 from fleet.common import metrics
+from fleet.common.policy.model import resize_images
 from fleet.control.registry import Registry
 from fleet.control.status_view import render
 from learner.chunks import CameraColumn, DecodedChunk
@@ -256,3 +258,42 @@ def test_a_sampler_with_the_wrong_cameras_marks_nothing_and_the_right_ones_find_
     assert right.last_without_cameras == legacy_why
     assert sorted(right._by_task) == ["pick_cube", "touch_target"]
     assert right.quarantined == 0 and not store.quarantined()
+
+
+def test_a_cell_with_another_camera_mode_poisons_nothing(tmp_path: Path) -> None:
+    """One cell recording 64x48 beside cells at 128x96: its frames are resized to the model's
+    input as the model itself would resize them, and nobody's episodes are quarantined,
+    whichever episode the sampler happens to index first."""
+    store = EpisodeStore(tmp_path / "store")
+    record_expert_episodes(store, task="pick_cube", episodes=2, seed=1)
+    record_expert_episodes(store, task="touch_target", episodes=1, seed=2)
+    grey = np.full((48, 64, 3), 90, np.uint8)
+    grey[:, 32:] = 200  # a left/right edge, so a resize that loses the layout shows
+    small = simplejpeg.encode_jpeg(grey, colorspace="RGB")
+    odd = _write_episode(store, "ep-small", [small] * 20, side=(48, 64), cell_id="a-cell")
+    sampler = EpisodeSampler(
+        store,
+        CAMERAS,
+        TASKS,
+        SamplerConfig(batch_size=16, min_steps=1, image_size=(96, 128)),
+        seed=4,
+    )
+    sampler.refresh(force=True)
+    assert sampler._by_task["pick_cube"][0] == odd  # indexed first, as it once set the size
+    odd_rows = 0
+    want = resize_images(
+        torch.from_numpy(simplejpeg.decode_jpeg(small, colorspace="RGB"))
+        .permute(2, 0, 1)[None]
+        .float(),
+        (96, 128),
+    )[0].permute(1, 2, 0)
+    for _ in range(30):
+        batch = sampler.sample()
+        assert batch["images"].shape == (16, 2, 96, 128, 3)
+        for row, q in enumerate(batch["joint_pos"]):
+            if not q.any():  # the odd cell's rows (its joints are all zero)
+                odd_rows += 1
+                got = torch.from_numpy(batch["images"][row, 0]).float()
+                assert (got - want).abs().max() <= 0.5 + 1e-4  # rounded to uint8, no more
+    assert odd_rows > 0
+    assert sampler.quarantined == 0 and not store.quarantined()

@@ -65,6 +65,15 @@ class SpatialSoftmax(nn.Module):
         return weights @ grid
 
 
+def resize_images(x: Tensor, size: tuple[int, int]) -> Tensor:
+    """(N, C, H, W) float images to `size`, as the model sees every frame: the one resize both
+    the forward pass (a cell's full-size frames) and the learner's sampler (a batch from cells
+    with other camera modes) use, so training sees what inference sees."""
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
+
+
 def random_shift(x: Tensor, pad: int) -> Tensor:
     """Each image of (N, C, H, W) moved by its own random whole-pixel offset in [-pad, pad],
     edges replicated (DrQ's augmentation). One slice per image: a gather over every pixel
@@ -224,9 +233,7 @@ class UnifiedPolicy(nn.Module):
     def _image_tokens(self, images: Tensor) -> Tensor:
         b, n_cams, h, w, _ = images.shape
         x = images.reshape(b * n_cams, h, w, 3).permute(0, 3, 1, 2).float().div_(255.0)
-        size = (int(self.config.image_size[0]), int(self.config.image_size[1]))
-        if (h, w) != size:
-            x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
+        x = resize_images(x, (int(self.config.image_size[0]), int(self.config.image_size[1])))
         if self.training and self.config.shift_augment:
             x = random_shift(x, int(self.config.shift_augment))
         x = (x - _PIXEL_MEAN) / _PIXEL_STD
