@@ -26,6 +26,7 @@ import torch
 
 from fleet.common.policy.model import resize_images
 from learner.store import EpisodeData, EpisodeRef, EpisodeStore
+from protos.joint_layout import JOINT_NAMES
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,13 @@ class SamplerConfig:
     # its PolicyConfig). Frames of another size, from cells with other camera modes, are
     # resized to it as the model would; empty: the size of the first indexed episode.
     image_size: tuple[int, ...] = ()
+    # The model's joint range (the trainer sets it from its PolicyConfig; empty: no check).
+    # A step whose joints, or any target of its chunk, lie beyond it by more than
+    # joint_margin of the joint's span is not trained on: one miscalibrated arm (a joint read
+    # a turn off) or a glitching read must not teach the fleet's model its numbers.
+    joint_lower: tuple[float, ...] = ()
+    joint_upper: tuple[float, ...] = ()
+    joint_margin: float = 0.25
     # AWR-style outcome weighting (off until it shows a gain): weight *= clip(exp(A / beta))
     # with A = the episode's return (success = 1.0) minus its task's mean return.
     # Which steps the policy drove (not the operator) are trained on: "successful" = only
@@ -82,6 +90,39 @@ Decoder = Callable[[list[bytes]], list[np.ndarray]]
 def decode_jpegs(jpegs: list[bytes]) -> list[np.ndarray]:
     """In-process decoding: the default on a 2-core machine (see learner/decode_pool.py)."""
     return [simplejpeg.decode_jpeg(j, colorspace="RGB") for j in jpegs]
+
+
+def steps_in_range(
+    joint_pos: np.ndarray,
+    action: np.ndarray,
+    steps: np.ndarray,
+    lower: np.ndarray,
+    upper: np.ndarray,
+    margin: float,
+    chunk_len: int,
+) -> tuple[np.ndarray, str | None]:
+    """Per step of `steps`: are its joints and the targets of its chunk (the next
+    `chunk_len` actions) within [lower, upper] widened by `margin` of each joint's span?
+    And, if any is not, the first offending value in words."""
+    span = upper - lower
+    lo, hi = lower - margin * span, upper + margin * span
+    joints_ok = ((joint_pos >= lo) & (joint_pos <= hi)).all(1)
+    action_bad = ~((action >= lo) & (action <= hi)).all(1)
+    before = np.concatenate([[0], np.cumsum(action_bad)])  # bad actions before each index
+    ends = np.minimum(steps + chunk_len, len(action))
+    ok = joints_ok[steps] & (before[ends] - before[steps] == 0)
+    if ok.all():
+        return ok, None
+    for name, rows in (("joint", joint_pos), ("target", action)):
+        outside = (rows < lo) | (rows > hi)
+        if outside.any():
+            t, j = (int(x) for x in np.argwhere(outside)[0])
+            worst = (
+                f"{JOINT_NAMES[j]} {name} {float(rows[t, j]):.3f} at step {t}, outside "
+                f"{lo[j]:.2f}..{hi[j]:.2f} (the model's range and {margin:.0%} of it)"
+            )
+            return ok, worst
+    return ok, "out of range"  # not reached: a step is only refused for a value outside
 
 
 def trainable_steps(data: EpisodeData, policy_steps: str) -> np.ndarray:
@@ -165,6 +206,10 @@ class EpisodeSampler:
         self.without_cameras = 0
         self.last_without_cameras = ""  # "cell/episode: lacks ...; has ..." of the newest one
         self._camera_mismatches_logged: set[tuple[tuple[str, ...], tuple[str, ...]]] = set()
+        # Steps not trained on because a joint or target is outside the model's range.
+        self.out_of_range_steps = 0
+        self.last_out_of_range = ""  # "cell/episode: joint value, range, step" of the newest
+        self._out_of_range_logged: set[tuple[str, str]] = set()
 
     @property
     def steps_available(self) -> int:
@@ -241,7 +286,9 @@ class EpisodeSampler:
                 self._episodes[ref] = _Episode(data, task, 0)
                 self._set_aside(ref, sorted(declared))
                 continue
-            steps = trainable_steps(data, self.config.policy_steps)
+            steps = self._within_joint_range(
+                ref, data, trainable_steps(data, self.config.policy_steps)
+            )
             self._episodes[ref] = _Episode(data, task, n, episode_return(dict(data.attrs)), steps)
             if len(steps) == 0:
                 log.info(
@@ -321,6 +368,41 @@ class EpisodeSampler:
                     self._quarantine(ref, bad.reason)
                 if not self._by_task:
                     raise RuntimeError("every episode left to sample from was quarantined") from bad
+
+    def _within_joint_range(
+        self, ref: EpisodeRef, data: EpisodeData, steps: np.ndarray
+    ) -> np.ndarray:
+        """`steps` less those whose joints or chunk targets leave the model's joint range
+        (SamplerConfig.joint_lower/upper, widened by joint_margin), counted and named."""
+        cfg = self.config
+        if not cfg.joint_lower or not len(steps):
+            return steps
+        ok, worst = steps_in_range(
+            np.asarray(data.joint_pos),
+            np.asarray(data.action),
+            steps,
+            np.asarray(cfg.joint_lower, np.float64),
+            np.asarray(cfg.joint_upper, np.float64),
+            cfg.joint_margin,
+            cfg.chunk_len,
+        )
+        if worst is None:
+            return steps
+        self.out_of_range_steps += int((~ok).sum())
+        self.last_out_of_range = f"{ref.cell_id}/{ref.episode_id}: {worst}"[:500]
+        joint = worst.split(" ", 1)[0]
+        if (ref.cell_id, joint) not in self._out_of_range_logged:
+            self._out_of_range_logged.add((ref.cell_id, joint))
+            log.warning(
+                "cell %s episode %s: %d of %d steps not trained on, %s (check the cell's "
+                "calibration; further episodes of this cell like it are counted, not logged)",
+                ref.cell_id,
+                ref.episode_id,
+                int((~ok).sum()),
+                len(steps),
+                worst,
+            )
+        return steps[ok]
 
     def _set_aside(self, ref: EpisodeRef, has: Sequence[str]) -> None:
         """Count an episode recorded without one of the model's cameras and say why, once

@@ -106,8 +106,14 @@ class Trainer:
             EpisodeStore(store_root),
             config.cameras,
             config.tasks,
-            # Batches at the model's input size, whatever camera modes the cells run.
-            dataclasses.replace(config.sampler, image_size=tuple(self.policy_config.image_size)),
+            # Batches at the model's input size, whatever camera modes the cells run, and
+            # only of steps within the model's joint range.
+            dataclasses.replace(
+                config.sampler,
+                image_size=tuple(self.policy_config.image_size),
+                joint_lower=tuple(self.policy_config.joint_lower),
+                joint_upper=tuple(self.policy_config.joint_upper),
+            ),
             decoder=self.decode_pool or decode_jpegs,
         )
         self.publisher = Publisher(
@@ -168,6 +174,8 @@ class Trainer:
             "last_quarantined": self.sampler.last_quarantined,
             "episodes_without_cameras": self.sampler.without_cameras,
             "last_without_cameras": self.sampler.last_without_cameras,
+            "steps_out_of_range": self.sampler.out_of_range_steps,
+            "last_out_of_range": self.sampler.last_out_of_range,
             "trainer_restarts": self.restarts,
             "trainer_error": self.last_error,
         }

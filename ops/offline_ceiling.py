@@ -290,6 +290,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         batch_size=args.batch_size,
         chunk_len=cfg.chunk_len,
         image_size=tuple(cfg.image_size),
+        joint_lower=tuple(cfg.joint_lower),
+        joint_upper=tuple(cfg.joint_upper),
         min_steps=1,
         max_samples_per_insert=1e12,
     )

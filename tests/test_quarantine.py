@@ -20,9 +20,10 @@ from fleet.common.policy.model import resize_images
 from fleet.control.registry import Registry
 from fleet.control.status_view import render
 from learner.chunks import CameraColumn, DecodedChunk
-from learner.sampler import EpisodeSampler, SamplerConfig
+from learner.sampler import EpisodeSampler, SamplerConfig, steps_in_range
 from learner.store import EpisodeRef, EpisodeStore
 from learner.trainer import Trainer, TrainerConfig
+from protos.joint_layout import JOINT_LOWER, JOINT_UPPER
 from tests.expert_episodes import CAMERAS, record_expert_episodes
 from tests.waiting import wait_for
 
@@ -42,10 +43,12 @@ def _write_episode(
     side: tuple[int, int],
     cameras: tuple[str, ...] = CAMERAS,
     cell_id: str = "cell-bad",
+    joints: np.ndarray | None = None,
 ) -> EpisodeRef:
-    """A complete operator episode of `len(frames)` steps with the given frames."""
+    """A complete operator episode of `len(frames)` steps with the given frames (joints and
+    actions all `joints`, default zeros)."""
     n = len(frames)
-    q = np.zeros((n, 14), np.float32)
+    q = np.zeros((n, 14), np.float32) if joints is None else joints.astype(np.float32)
     h, w = side
     store.append(
         DecodedChunk(
@@ -92,6 +95,10 @@ def test_undecodable_episode_is_quarantined_and_training_goes_on(
     one_camera = _write_episode(
         store, "ep-overhead", [GREY] * 30, side=(96, 128), cameras=("overhead",), cell_id="c1"
     )
+    # A cell whose left waist reads a turn off (a calibration gone wrong): not trained on.
+    turned = np.zeros((30, 14), np.float32)
+    turned[:, 0] = 2 * np.pi
+    _write_episode(store, "ep-turned", [GREY] * 30, side=(96, 128), cell_id="c2", joints=turned)
     prefix = f"q{time.time_ns()}:"
     registry = Registry(redis_server, prefix=prefix)
     trainer = _trainer(tmp_path, redis_server, prefix)
@@ -116,6 +123,7 @@ def test_undecodable_episode_is_quarantined_and_training_goes_on(
         text = metrics.fleet_text(scrape_registry)
         assert "fleet_trainer_quarantined_episodes 1.0" in text
         assert "fleet_trainer_episodes_without_cameras 1.0" in text
+        assert "fleet_trainer_steps_out_of_range 30.0" in text
         assert trainer.sampler.without_cameras == 1
         wait_for(
             lambda: registry.learner_stats().get("episodes_without_cameras") == 1,
@@ -135,11 +143,14 @@ def test_undecodable_episode_is_quarantined_and_training_goes_on(
     assert "cell-bad/ep-poison" in text
     assert "not trained on: 1 episodes without a camera the model sees" in text
     assert "c1/ep-overhead: lacks camera front; has overhead" in text
+    assert "not trained on: 30 steps outside the model's joint range" in text
+    assert "c2/ep-turned: left_waist joint 6.283 at step 0" in text
     # A fresh sampler (a restarted learner) never indexes it again, and still counts it.
-    fresh = EpisodeSampler(EpisodeStore(tmp_path / "store"), CAMERAS, TASKS, SamplerConfig())
+    fresh = EpisodeSampler(EpisodeStore(tmp_path / "store"), CAMERAS, TASKS, trainer.sampler.config)
     fresh.refresh(force=True)
     assert fresh.quarantined == 1 and fresh.without_cameras == 1
-    assert fresh.episodes_available == 4  # indexed, two of them not sampled
+    assert fresh.out_of_range_steps == 30
+    assert fresh.episodes_available == 5  # indexed, three of them not sampled
     assert sorted(fresh._by_task["pick_cube"] + fresh._by_task["touch_target"]) == [
         EpisodeRef("cell-t", "ep-3-0000"),
         EpisodeRef("cell-t", "ep-4-0000"),
@@ -297,3 +308,40 @@ def test_a_cell_with_another_camera_mode_poisons_nothing(tmp_path: Path) -> None
                 assert (got - want).abs().max() <= 0.5 + 1e-4  # rounded to uint8, no more
     assert odd_rows > 0
     assert sampler.quarantined == 0 and not store.quarantined()
+
+
+def test_steps_outside_the_joint_range_are_not_trained_on(tmp_path: Path) -> None:
+    """A glitching read drops only the steps it touches (its own, and those whose chunk
+    reaches a bad target); a miscalibrated cell's episode drops out whole; nothing else."""
+    lower, upper = JOINT_LOWER.astype(np.float64), JOINT_UPPER.astype(np.float64)
+    n, k = 40, 10
+    q = np.zeros((n, 14))
+    a = np.zeros((n, 14))
+    a[25, 13] = 1.5  # right gripper target past 1 + 0.25: steps 16..25 reach it
+    q[5, 2] = -2.5  # left elbow read at -2.5 (range -1.6..1.6, margin 0.8): step 5 only
+    ok, worst = steps_in_range(q, a, np.arange(n), lower, upper, 0.25, k)
+    assert sorted(np.flatnonzero(~ok)) == [5, *range(16, 26)]
+    assert worst is not None and worst.startswith("left_elbow joint -2.500 at step 5")
+    ok, worst = steps_in_range(q[:5], a[:5], np.arange(5), lower, upper, 0.25, k)
+    assert ok.all() and worst is None
+
+    store = EpisodeStore(tmp_path / "store")
+    record_expert_episodes(store, task="pick_cube", episodes=1, seed=1)
+    turned = np.zeros((30, 14), np.float32)
+    turned[:, 7] = -2 * np.pi  # right waist a turn off, every step
+    bad = _write_episode(store, "ep-turned", [GREY] * 30, side=(96, 128), joints=turned)
+    limits = {"joint_lower": tuple(lower), "joint_upper": tuple(upper)}
+    sampler = EpisodeSampler(
+        store, CAMERAS, TASKS, SamplerConfig(batch_size=8, min_steps=1, **limits), seed=2
+    )
+    sampler.refresh(force=True)
+    assert sampler._by_task["pick_cube"] == [EpisodeRef("cell-t", "ep-1-0000")]
+    assert sampler.out_of_range_steps == 30
+    assert sampler.last_out_of_range.startswith("cell-bad/ep-turned: right_waist joint -6.283")
+    for _ in range(5):
+        assert np.abs(sampler.sample()["joint_pos"][:, 7]).max() < 4.5
+    assert bad not in store.quarantined() and sampler.quarantined == 0
+    # Without the model's range (a sampler not told it), nothing is dropped.
+    unchecked = EpisodeSampler(store, CAMERAS, TASKS, SamplerConfig(batch_size=8, min_steps=1))
+    unchecked.refresh(force=True)
+    assert len(unchecked._by_task["pick_cube"]) == 2 and unchecked.out_of_range_steps == 0

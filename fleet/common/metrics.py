@@ -309,6 +309,12 @@ TRAINER_STATS = (
         "episodes not trained on because they lack a camera the model sees",
     ),
     Stat(
+        "steps_out_of_range",
+        "fleet_trainer_steps_out_of_range",
+        "gauge",
+        "steps not trained on because a joint or target is outside the model's joint range",
+    ),
+    Stat(
         "trainer_restarts",
         "fleet_trainer_restarts",
         "counter",

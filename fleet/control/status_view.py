@@ -109,6 +109,12 @@ def render(registry: Registry) -> Group:
             if stats.get("last_without_cameras")
             else ""
         ),
+        (
+            f"not trained on: {stats['steps_out_of_range']} steps outside the model's joint "
+            f"range (check calibration), e.g. {stats['last_out_of_range']}"
+            if stats.get("last_out_of_range")
+            else ""
+        ),
     ]
     if any(problems):
         learner.caption = "\n".join(p for p in problems if p)
