@@ -103,6 +103,8 @@ def build_world(registry: Registry, root: Path) -> World:
         updates_per_s=6.5,
         replay_ratio=2.25,
         latest_version="v0003",
+        episodes_without_cameras=7,
+        steps_out_of_range=4321,
     )
     registry.add_store_totals(steps=1000, episodes=3)
     registry.log_event(

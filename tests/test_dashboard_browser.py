@@ -92,6 +92,11 @@ def test_learning_view_draws_charts_from_the_sampled_stats(page: Page, world: Wo
     page.goto("/?poll=300#learning")
     expect(page.locator("#learner-summary")).to_contain_text("321")
     expect(page.locator("#learner-summary")).to_contain_text("0.0421")
+    # Data the trainer could not use from some cell, counted where people look.
+    cameras = page.locator("#learner-summary .card").filter(has_text="without the model's cameras")
+    expect(cameras.locator(".value")).to_have_text("7")
+    joints = page.locator("#learner-summary .card").filter(has_text="outside the joint range")
+    expect(joints.locator(".value")).to_have_text("4321")
     for chart in ("loss", "ups", "throughput", "replay", "success"):
         expect(page.locator(f"#chart-{chart} .main-svg").first).to_be_visible()
     expect(page.locator("#chart-success .legendtext").first).to_be_visible(timeout=10_000)

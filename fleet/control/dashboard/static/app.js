@@ -136,6 +136,8 @@ async function refreshLearning() {
     card("latest version", s.latest_version || "-"), card("store steps", d.store.steps),
     card("store episodes", d.store.episodes),
     card("quarantined episodes", s.quarantined_episodes ?? 0),
+    card("episodes without the model's cameras", s.episodes_without_cameras ?? 0),
+    card("steps outside the joint range", s.steps_out_of_range ?? 0),
     card("trainer restarts", s.trainer_restarts ?? 0),
   ].join("");
   Plotly.react("chart-loss", [series("loss")], layout("loss", "loss"));
