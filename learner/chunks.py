@@ -93,18 +93,27 @@ def _where(msg: trajectory_pb2.StepChunk) -> str:
     return f"cell {show(msg.cell_id)} episode {show(msg.episode_id)} seq {msg.seq}"
 
 
+# Steps one episode may hold (30 min at 20 Hz, 12 at 50 Hz). The trainer reads an episode's
+# frames whole when it first samples it: one cell whose episode never ends (an operator who
+# left it in teleop, an actor whose time limit is off) must not grow one episode past what
+# the learner's memory holds, nor stall training while it is read.
+MAX_EPISODE_STEPS = 36_000
+
+
 def decode_chunk(
     msg: trajectory_pb2.StepChunk,
     *,
     known_tasks: Collection[str] | None,
     max_steps: int = 1000,
     max_bytes: int = 64 << 20,
+    max_episode_steps: int = MAX_EPISODE_STEPS,
     full_decode: bool = False,
 ) -> DecodedChunk:
     """Check `msg` against the contract and return its columns; raises ChunkRejected.
 
     `known_tasks=None` accepts any non-empty task name. `full_decode` decodes every JPEG
     frame besides checking its header (learner/frame_checks.py says why it is off).
+    `max_episode_steps` bounds an episode: steps past it are refused (see MAX_EPISODE_STEPS).
     """
     where = _where(msg)
 
@@ -153,6 +162,14 @@ def decode_chunk(
         raise reject(
             "timestamp",
             f"{n} steps exceeds the limit of {max_steps} per chunk; send smaller chunks",
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+        )
+    if msg.first_step + n > max_episode_steps:
+        raise reject(
+            "first_step",
+            f"steps {msg.first_step}..{msg.first_step + n - 1} go past the learner's limit of "
+            f"{max_episode_steps} steps an episode (fleet learner --max-episode-steps); end "
+            "episodes sooner (the cell's max_episode_s). The steps before the limit are kept",
             grpc.StatusCode.RESOURCE_EXHAUSTED,
         )
     joint_pos = _column(msg, "joint_pos", "float32", (n, JOINT_DIM), reject)

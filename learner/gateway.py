@@ -21,7 +21,7 @@ from fleet.control.registry import Registry
 from learner import ingest, policy_service
 from learner.admission import Admission, StreamLimits
 from learner.auth import TokensFile
-from learner.chunks import DecodedChunk
+from learner.chunks import MAX_EPISODE_STEPS, DecodedChunk
 from learner.ingest import IngestServicer
 from learner.policy_service import PolicyServicer
 from learner.shadow_scoring import shadow_score
@@ -50,6 +50,7 @@ class Gateway:
         tls_dir: Path | None = None,
         require_client_cert: bool = False,
         truncate_after_s: float | None = None,
+        max_episode_steps: int = MAX_EPISODE_STEPS,
         reuse_port: bool = False,
         alive: Callable[[], bool] | None = None,
     ) -> None:
@@ -80,6 +81,7 @@ class Gateway:
         self.ingest = IngestServicer(
             self.store,
             known_tasks=tasks,
+            max_episode_steps=max_episode_steps,
             admission=self.admission,
             on_chunk=self._on_chunk,
             on_episode_end=self._on_episode_end,

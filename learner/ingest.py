@@ -22,7 +22,7 @@ from prometheus_client import Counter, Histogram
 from fleet.common.metrics import ACK_LATENCY_BUCKETS
 from learner.admission import Admission
 from learner.auth import Caller
-from learner.chunks import ChunkRejected, DecodedChunk, decode_chunk
+from learner.chunks import MAX_EPISODE_STEPS, ChunkRejected, DecodedChunk, decode_chunk
 from learner.grpc_handlers import add_servicer
 from learner.read_ahead import StreamIdle, read_ahead
 from learner.store import AppendResult, EpisodeStore, EpisodeSummary
@@ -64,6 +64,7 @@ class IngestServicer(trajectory_pb2_grpc.TrajectoryServiceServicer):
         on_chunk: Callable[[DecodedChunk], None] | None = None,
         max_steps: int = 1000,
         max_bytes: int = 64 << 20,
+        max_episode_steps: int = MAX_EPISODE_STEPS,
         admission: Admission | None = None,
         full_decode: bool = False,
         alive: Callable[[], bool] | None = None,
@@ -80,6 +81,7 @@ class IngestServicer(trajectory_pb2_grpc.TrajectoryServiceServicer):
         self.on_chunk = on_chunk
         self.max_steps = max_steps
         self.max_bytes = max_bytes
+        self.max_episode_steps = max_episode_steps
         self._lock = threading.Lock()
         self._stats = {"chunks_acked": 0, "duplicates": 0, "rejected": 0, "steps_stored": 0}
 
@@ -139,6 +141,7 @@ class IngestServicer(trajectory_pb2_grpc.TrajectoryServiceServicer):
                 known_tasks=self.known_tasks,
                 max_steps=self.max_steps,
                 max_bytes=self.max_bytes,
+                max_episode_steps=self.max_episode_steps,
                 full_decode=self.full_decode,
             )
             result = self.store.append(chunk)

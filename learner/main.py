@@ -188,6 +188,7 @@ def main(argv: list[str] | None = None) -> int:
             tls_dir=args.tls_dir.resolve() if args.tls_dir else None,
             require_client_cert=args.mtls,
             truncate_after_s=args.truncate_after_s if index == 0 else None,
+            max_episode_steps=args.max_episode_steps,
             reuse_port=n_servers > 1,
             lease=Lease(lease_path),
         )

@@ -16,6 +16,7 @@ from fleet.common.metrics import MetricsOptions
 from fleet.common.scenes import SimBackend
 from fleet.control.connection import REDIS_URL_ENV
 from learner.admission import StreamLimits
+from learner.chunks import MAX_EPISODE_STEPS
 from learner.sampler import SamplerConfig
 from learner.trainer import TrainerConfig
 
@@ -93,6 +94,11 @@ class LearnerOptions(MetricsOptions):
     idle_timeout_s: float = Field(
         StreamLimits.idle_timeout_s,
         description="close an upload stream that sends nothing for this long",
+    )
+    max_episode_steps: int = Field(
+        MAX_EPISODE_STEPS,
+        description="steps one episode may hold; later ones are refused with the reason (a "
+        "cell whose episode never ends must not exhaust the learner)",
     )
     truncate_after_s: float = Field(
         60.0,

@@ -320,3 +320,25 @@ def test_a_takeover_that_spans_chunks_counts_once(served: Served) -> None:
     assert summary.takeovers == 3  # steps 2-7, step 10, step 17
     attrs = served.store.read_episode(EpisodeRef("c1", "e1")).attrs
     assert attrs["takeovers"] == 3
+
+
+def test_an_episode_past_the_step_limit_is_refused_and_what_came_before_is_kept(
+    served: Served,
+) -> None:
+    """A cell whose episode never ends cannot grow it without bound: chunks past the limit
+    are refused (RESOURCE_EXHAUSTED: final, the cell does not resend them) with the limit,
+    the flag that sets it and what to do; earlier steps and other episodes are untouched."""
+    served.servicer.max_episode_steps = 2 * T + 1
+    acks = served.upload([make_msg(0), make_msg(1), make_msg(2), make_msg(3, last=True)])
+    assert [a.durable for a in acks] == [True, True, False, False]
+    refused = acks[2]
+    assert refused.code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
+    assert f"limit of {2 * T + 1} steps an episode" in refused.message
+    assert "--max-episode-steps" in refused.message and "max_episode_s" in refused.message
+    assert "c1" in refused.message and "e1" in refused.message
+    data = served.store.read_episode(EpisodeRef("c1", "e1"))
+    assert len(data.joint_pos) == 2 * T and not data.attrs.get("complete")
+    # The next episode starts from zero again.
+    acks = served.upload([make_msg(0, episode="e2"), make_msg(1, episode="e2", last=True)])
+    assert all(a.durable for a in acks)
+    assert served.store.read_episode(EpisodeRef("c1", "e2")).attrs["complete"]
