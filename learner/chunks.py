@@ -93,10 +93,10 @@ def _where(msg: trajectory_pb2.StepChunk) -> str:
     return f"cell {show(msg.cell_id)} episode {show(msg.episode_id)} seq {msg.seq}"
 
 
-# Steps one episode may hold (30 min at 20 Hz, 12 at 50 Hz). The trainer reads an episode's
-# frames whole when it first samples it: one cell whose episode never ends (an operator who
-# left it in teleop, an actor whose time limit is off) must not grow one episode past what
-# the learner's memory holds, nor stall training while it is read.
+# Steps one episode may hold (30 min at 20 Hz, 12 at 50 Hz). One cell whose episode never
+# ends (an operator who left it in teleop, an actor whose time limit is off) must not fill
+# the store with an episode that is never complete, so never trained on: past the limit its
+# chunks are refused, and the sweeper marks what came before truncated (trainable).
 MAX_EPISODE_STEPS = 36_000
 
 

@@ -47,6 +47,9 @@ class SamplerConfig:
     # frames were dropped is read from the store again when it is next sampled. Bounds the
     # sampler's memory however much data the store holds (joint columns are always kept).
     frame_cache_mb: int = 2048
+    # Frames are read from the store and cached this many rows of an episode at a time: a
+    # long episode costs what its sampled blocks hold, never all of it at once.
+    frame_block_rows: int = 512
     # (height, width) of the batch's frames: the model's input size (the trainer sets it from
     # its PolicyConfig). Frames of another size, from cells with other camera modes, are
     # resized to it as the model would; empty: the size of the first indexed episode.
@@ -193,9 +196,10 @@ class EpisodeSampler:
             )
         self._rng = np.random.default_rng(self.seed)
         self._episodes: dict[EpisodeRef, _Episode] = {}
-        self._frames: OrderedDict[EpisodeRef, dict[str, list[bytes]]] = OrderedDict()
+        # (episode, block) -> each camera's frames of that block of rows.
+        self._frames: OrderedDict[tuple[EpisodeRef, int], dict[str, list[bytes]]] = OrderedDict()
         self._frame_bytes = 0
-        self.frame_reads = 0  # times an episode's frames were read from the store
+        self.frame_reads = 0  # blocks of frames read from the store
         self._by_task: dict[str, list[EpisodeRef]] = {}
         self._last_refresh = 0.0
         self.limiter = RateLimiter(self.config.max_samples_per_insert, self.config.min_steps)
@@ -303,24 +307,28 @@ class EpisodeSampler:
             added += 1
         return added
 
-    def _cache_frames(self, ref: EpisodeRef, frames: dict[str, list[bytes]]) -> None:
-        self._frames[ref] = frames
+    def _cache_frames(self, key: tuple[EpisodeRef, int], frames: dict[str, list[bytes]]) -> None:
+        self._frames[key] = frames
         self._frame_bytes += sum(len(f) for column in frames.values() for f in column)
         budget = self.config.frame_cache_mb << 20
         while self._frame_bytes > budget and len(self._frames) > 1:
             _, dropped = self._frames.popitem(last=False)
             self._frame_bytes -= sum(len(f) for column in dropped.values() for f in column)
 
-    def episode_frames(self, ref: EpisodeRef) -> dict[str, list[bytes]]:
-        """An episode's encoded frames per camera: from memory, else read from the store."""
-        frames = self._frames.get(ref)
+    def frames_at(self, ref: EpisodeRef, t: int) -> tuple[dict[str, list[bytes]], int]:
+        """The encoded frames per camera of the block of rows holding step `t`, and the
+        block's first row: from memory, else read from the store."""
+        rows = max(1, self.config.frame_block_rows)
+        first = t // rows * rows
+        key = (ref, first)
+        frames = self._frames.get(key)
         if frames is not None:
-            self._frames.move_to_end(ref)
-            return frames
-        frames = self.store.read_episode(ref).frames
+            self._frames.move_to_end(key)
+            return frames, first
+        frames = self.store.read_frames(ref, first, first + rows)
         self.frame_reads += 1
-        self._cache_frames(ref, frames)
-        return frames
+        self._cache_frames(key, frames)
+        return frames, first
 
     @property
     def frame_cache_bytes(self) -> int:
@@ -437,8 +445,8 @@ class EpisodeSampler:
                 del self._by_task[ep.task]
             self.limiter.inserted -= len(ep.steps)
             self._episodes[ref] = _Episode(ep.data, ep.task, 0)
-        dropped = self._frames.pop(ref, None)
-        if dropped is not None:
+        for key in [key for key in self._frames if key[0] == ref]:
+            dropped = self._frames.pop(key)
             self._frame_bytes -= sum(len(f) for column in dropped.values() for f in column)
 
     def _quarantine(self, ref: EpisodeRef, reason: str) -> None:
@@ -451,9 +459,9 @@ class EpisodeSampler:
         except Exception as exc:  # still out of this sampler; a restart will meet it again
             log.error("episode %s/%s: quarantine not recorded: %s", *_ids(ref), exc)
 
-    def _frames_of(self, ref: EpisodeRef) -> dict[str, list[bytes]]:
+    def _frames_at(self, ref: EpisodeRef, t: int) -> tuple[dict[str, list[bytes]], int]:
         try:
-            return self.episode_frames(ref)
+            return self.frames_at(ref, t)
         except Exception as exc:
             raise _Unreadable([ref], f"frames cannot be read: {type(exc).__name__}: {exc}") from exc
 
@@ -463,7 +471,7 @@ class EpisodeSampler:
         size = _declared_size(self._episodes[ref].data.attrs, self.cameras[0])
         if size is not None:
             return size
-        frames = self._frames_of(ref)
+        frames, _ = self._frames_at(ref, 0)
         if self.cameras[0] not in frames:
             raise _WithoutCamera(ref, sorted(frames))
         try:
@@ -565,11 +573,11 @@ class EpisodeSampler:
             ep = self._episodes[ref]
             t = int(ep.steps[int(self._rng.integers(len(ep.steps)))])
             data = ep.data
-            frames = self._frames_of(ref)
+            frames, first = self._frames_at(ref, t)
             if any(cam not in frames for cam in self.cameras):
                 raise _WithoutCamera(ref, sorted(frames))
             try:
-                jpegs.extend(bytes(frames[cam][t]) for cam in self.cameras)
+                jpegs.extend(bytes(frames[cam][t - first]) for cam in self.cameras)
             except (KeyError, IndexError) as exc:
                 raise _Unreadable([ref], f"missing frames: {exc!r}") from exc
             sizes.extend(_declared_size(data.attrs, cam) for cam in self.cameras)

@@ -554,6 +554,21 @@ class EpisodeStore:
             camera_frames[name] = [bytes(f) for f in arr[:n]] if arr is not None else []
         return EpisodeData(ref=ref, attrs=attrs, frames=camera_frames, **columns)
 
+    def read_frames(self, ref: EpisodeRef, start: int, stop: int) -> dict[str, list[bytes]]:
+        """Each camera's encoded frames of rows [start, stop), clipped to the committed rows:
+        the trainer reads frames a block at a time, so no episode is ever held whole."""
+        group = self._open(ref, mode="r")
+        if group is None:
+            raise KeyError(f"no episode {ref.cell_id}/{ref.episode_id} in {self.root}")
+        attrs = group.attrs.asdict()
+        stop = min(stop, int(attrs.get("n_steps", 0)))
+        start = min(max(start, 0), stop)
+        frames: dict[str, list[bytes]] = {}
+        for name in attrs.get("cameras", {}):
+            arr = _array(group, f"{CAMERAS}/{name}") if stop > start else None
+            frames[name] = [bytes(f) for f in arr[start:stop]] if arr is not None else []
+        return frames
+
     def _listed(self) -> list[EpisodeRef]:
         """Episode directories with group metadata, straight from the file system."""
         base = self.root / EPISODES

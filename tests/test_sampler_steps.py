@@ -127,3 +127,58 @@ def test_frames_stay_within_the_cache_and_come_back_from_the_store(tmp_path) -> 
         expected = simplejpeg.decode_jpeg(big, colorspace="RGB")
         np.testing.assert_array_equal(batch["images"][0, 0], expected)
     assert sampler.frame_reads > 8  # more reads than episodes: evicted ones were re-read
+
+
+def test_a_long_episode_is_read_and_kept_a_block_at_a_time(tmp_path) -> None:
+    """An episode far longer than the frame cache is sampled from blocks of rows: only the
+    blocks a batch touches are read, the cache stays within its budget, and every image is
+    its own step's frame."""
+    n, rows = 600, 50
+    frames = [
+        simplejpeg.encode_jpeg(np.full((8, 8, 3), t % 250, np.uint8), quality=100) for t in range(n)
+    ]
+    store = EpisodeStore(tmp_path / "store")
+    for start in range(0, n, 200):  # three chunks, as a cell sends them
+        steps = np.arange(start, start + 200)
+        q = np.zeros((200, 14), np.float32)
+        q[:, 0] = steps
+        store.append(
+            DecodedChunk(
+                cell_id="cell-a",
+                episode_id="ep-long",
+                seq=start // 200,
+                first_step=start,
+                task="pick_cube",
+                policy_version="",
+                timestamp=steps * 0.05,
+                joint_pos=q,
+                action=q.copy(),
+                intervention=np.ones(200, bool),
+                reward=np.zeros(200, np.float32),
+                cameras={
+                    "overhead": CameraColumn(
+                        "overhead", "jpeg", 8, 8, 3, frames[start : start + 200]
+                    )
+                },
+                last=start + 200 == n,
+                outcome={"success": True, "reason": "success", "started_at": 0.0, "ended_at": 30.0}
+                if start + 200 == n
+                else None,
+            )
+        )
+    block_bytes = max(sum(len(f) for f in frames[b : b + rows]) for b in range(0, n, rows))
+    cfg = SamplerConfig(batch_size=4, min_steps=1, frame_block_rows=rows, frame_cache_mb=0)
+    sampler = EpisodeSampler(store, CAMERAS, TASKS, cfg, seed=5)
+    sampler.refresh(force=True)
+    blocks: set[int] = set()
+    for _ in range(10):
+        batch = sampler.sample()
+        for q, img in zip(batch["joint_pos"], batch["images"][:, 0], strict=True):
+            t = int(q[0])
+            blocks.add(t // rows)
+            assert abs(int(img.mean()) - t % 250) <= 1  # the frame of step t, not another
+        # A budget of 0 keeps only the newest block: never the episode.
+        assert sampler.frame_cache_bytes <= block_bytes
+    # Only touched blocks are read, each at most once a sample (the cache holds one).
+    assert len(blocks) > 1 and len(blocks) <= sampler.frame_reads <= 40
+    assert all(first % rows == 0 for _ref, first in sampler._frames)
