@@ -325,7 +325,7 @@ class EpisodeSampler:
         if frames is not None:
             self._frames.move_to_end(key)
             return frames, first
-        frames = self.store.read_frames(ref, first, first + rows)
+        frames = self.store.read_frames(ref, first, first + rows, self.cameras)
         self.frame_reads += 1
         self._cache_frames(key, frames)
         return frames, first

@@ -44,6 +44,7 @@ import threading
 import time
 import weakref
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -554,9 +555,13 @@ class EpisodeStore:
             camera_frames[name] = [bytes(f) for f in arr[:n]] if arr is not None else []
         return EpisodeData(ref=ref, attrs=attrs, frames=camera_frames, **columns)
 
-    def read_frames(self, ref: EpisodeRef, start: int, stop: int) -> dict[str, list[bytes]]:
-        """Each camera's encoded frames of rows [start, stop), clipped to the committed rows:
-        the trainer reads frames a block at a time, so no episode is ever held whole."""
+    def read_frames(
+        self, ref: EpisodeRef, start: int, stop: int, cameras: Sequence[str] | None = None
+    ) -> dict[str, list[bytes]]:
+        """Encoded frames of rows [start, stop), clipped to the committed rows, of each of
+        `cameras` the episode has (default: all it has). The trainer reads the model's
+        cameras a block at a time, so no episode is ever held whole, nor a camera it does
+        not use (a depth stream)."""
         group = self._open(ref, mode="r")
         if group is None:
             raise KeyError(f"no episode {ref.cell_id}/{ref.episode_id} in {self.root}")
@@ -565,6 +570,8 @@ class EpisodeStore:
         start = min(max(start, 0), stop)
         frames: dict[str, list[bytes]] = {}
         for name in attrs.get("cameras", {}):
+            if cameras is not None and name not in cameras:
+                continue
             arr = _array(group, f"{CAMERAS}/{name}") if stop > start else None
             frames[name] = [bytes(f) for f in arr[start:stop]] if arr is not None else []
         return frames
