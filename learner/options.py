@@ -98,7 +98,7 @@ class LearnerOptions(MetricsOptions):
     max_episode_steps: int = Field(
         MAX_EPISODE_STEPS,
         description="steps one episode may hold; later ones are refused with the reason (a "
-        "cell whose episode never ends must not exhaust the learner)",
+        "cell whose episode never ends must not fill the store with one never trained on)",
     )
     truncate_after_s: float = Field(
         60.0,
