@@ -218,12 +218,11 @@ def main(argv: list[str] | None = None) -> int:
         action_scale=args.action_scale,
         action_scale_wait_s=args.action_scale_wait_s,
         sampler=SamplerConfig(
-            chunk_len=model_config.chunk_len,
             batch_size=args.batch_size,
             min_steps=args.min_steps,
             max_samples_per_insert=args.max_samples_per_insert,
             advantage_weighting=args.advantage_weighting,
-        ),
+        ).for_model(model_config),
     )
     trainer = ray.remote(num_cpus=1, max_concurrency=2)(TrainerActor).remote(
         trainer_cfg, store_root, versions_dir, redis_url, lease=Lease(lease_path)

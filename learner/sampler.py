@@ -12,6 +12,7 @@ stop training (see EpisodeSampler.sample).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -24,6 +25,7 @@ import numpy as np
 import simplejpeg
 import torch
 
+from fleet.common.policy.config import PolicyConfig
 from fleet.common.policy.model import resize_images
 from learner.store import EpisodeData, EpisodeRef, EpisodeStore
 from protos.joint_layout import JOINT_NAMES
@@ -50,11 +52,11 @@ class SamplerConfig:
     # Frames are read from the store and cached this many rows of an episode at a time: a
     # long episode costs what its sampled blocks hold, never all of it at once.
     frame_block_rows: int = 512
-    # (height, width) of the batch's frames: the model's input size (the trainer sets it from
-    # its PolicyConfig). Frames of another size, from cells with other camera modes, are
-    # resized to it as the model would; empty: the size of the first indexed episode.
+    # (height, width) of the batch's frames: the model's input size (for_model sets it).
+    # Frames of another size, from cells with other camera modes, are resized to it as the
+    # model would; empty: the size of the first indexed episode.
     image_size: tuple[int, ...] = ()
-    # The model's joint range (the trainer sets it from its PolicyConfig; empty: no check).
+    # The model's joint range (for_model sets it; empty: no check).
     # A step whose joints, or any target of its chunk, lie beyond it by more than
     # joint_margin of the joint's span is not trained on: one miscalibrated arm (a joint read
     # a turn off) or a glitching read must not teach the fleet's model its numbers.
@@ -71,6 +73,17 @@ class SamplerConfig:
     advantage_weighting: bool = False
     advantage_beta: float = 1.0
     advantage_max_weight: float = 20.0
+
+    def for_model(self, model: PolicyConfig) -> SamplerConfig:
+        """These knobs with what the model decides: its chunk length, input size and joint
+        range (the one place they are taken from a PolicyConfig)."""
+        return dataclasses.replace(
+            self,
+            chunk_len=model.chunk_len,
+            image_size=tuple(model.image_size),
+            joint_lower=tuple(model.joint_lower),
+            joint_upper=tuple(model.joint_upper),
+        )
 
 
 def episode_return(attrs: dict) -> float:

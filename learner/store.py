@@ -540,19 +540,14 @@ class EpisodeStore:
 
     def read_episode(self, ref: EpisodeRef, *, frames: bool = True) -> EpisodeData:
         """The committed rows of one episode; `frames=False` skips the camera arrays."""
-        group = self._open(ref, mode="r")
-        if group is None:
-            raise KeyError(f"no episode {ref.cell_id}/{ref.episode_id} in {self.root}")
+        group = self._open_existing(ref)
         attrs = group.attrs.asdict()
         n = int(attrs.get("n_steps", 0))
         columns: dict[str, np.ndarray] = {}
         for name, (dtype, tail) in _COLUMNS.items():
             arr = _array(group, name) if n else None
             columns[name] = np.asarray(arr[:n]) if arr is not None else np.zeros((0, *tail), dtype)
-        camera_frames: dict[str, list[bytes]] = {}
-        for name in attrs.get("cameras", {}) if frames else ():
-            arr = _array(group, f"{CAMERAS}/{name}") if n else None
-            camera_frames[name] = [bytes(f) for f in arr[:n]] if arr is not None else []
+        camera_frames = _frame_rows(group, attrs, 0, n, None) if frames else {}
         return EpisodeData(ref=ref, attrs=attrs, frames=camera_frames, **columns)
 
     def read_frames(
@@ -562,19 +557,16 @@ class EpisodeStore:
         `cameras` the episode has (default: all it has). The trainer reads the model's
         cameras a block at a time, so no episode is ever held whole, nor a camera it does
         not use (a depth stream)."""
+        group = self._open_existing(ref)
+        attrs = group.attrs.asdict()
+        stop = min(stop, int(attrs.get("n_steps", 0)))
+        return _frame_rows(group, attrs, min(max(start, 0), stop), stop, cameras)
+
+    def _open_existing(self, ref: EpisodeRef) -> zarr.Group:
         group = self._open(ref, mode="r")
         if group is None:
             raise KeyError(f"no episode {ref.cell_id}/{ref.episode_id} in {self.root}")
-        attrs = group.attrs.asdict()
-        stop = min(stop, int(attrs.get("n_steps", 0)))
-        start = min(max(start, 0), stop)
-        frames: dict[str, list[bytes]] = {}
-        for name in attrs.get("cameras", {}):
-            if cameras is not None and name not in cameras:
-                continue
-            arr = _array(group, f"{CAMERAS}/{name}") if stop > start else None
-            frames[name] = [bytes(f) for f in arr[start:stop]] if arr is not None else []
-        return frames
+        return group
 
     def _listed(self) -> list[EpisodeRef]:
         """Episode directories with group metadata, straight from the file system."""
@@ -740,6 +732,23 @@ class _HeldLock:
 
     def __exit__(self, *exc: object) -> None:
         self.holder.lock.release()
+
+
+def _frame_rows(
+    group: zarr.Group,
+    attrs: dict[str, Any],
+    start: int,
+    stop: int,
+    cameras: Sequence[str] | None,
+) -> dict[str, list[bytes]]:
+    """Rows [start, stop) of each declared camera's frames (of `cameras` only, if given)."""
+    frames: dict[str, list[bytes]] = {}
+    for name in attrs.get("cameras", {}):
+        if cameras is not None and name not in cameras:
+            continue
+        arr = _array(group, f"{CAMERAS}/{name}") if stop > start else None
+        frames[name] = [bytes(f) for f in arr[start:stop]] if arr is not None else []
+    return frames
 
 
 def _array(group: zarr.Group, name: str) -> zarr.Array | None:

@@ -108,12 +108,7 @@ class Trainer:
             config.tasks,
             # Batches at the model's input size, whatever camera modes the cells run, and
             # only of steps within the model's joint range.
-            dataclasses.replace(
-                config.sampler,
-                image_size=tuple(self.policy_config.image_size),
-                joint_lower=tuple(self.policy_config.joint_lower),
-                joint_upper=tuple(self.policy_config.joint_upper),
-            ),
+            config.sampler.for_model(self.policy_config),
             decoder=self.decode_pool or decode_jpegs,
         )
         self.publisher = Publisher(

@@ -114,7 +114,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             store,
             cameras,
             MUJOCO_TASKS,
-            SamplerConfig(min_steps=1, chunk_len=cfg.chunk_len, image_size=tuple(cfg.image_size)),
+            SamplerConfig(min_steps=1).for_model(cfg),
         )
         sampler.refresh(force=True)
         scale = sampler.action_scale(cfg.joint_lower, cfg.joint_upper)

@@ -287,14 +287,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     overrides = parse_overrides(args.set)
     cfg: PolicyConfig = policy_config(args.preset, MUJOCO_TASKS, cameras, **overrides)
     sampler_cfg = SamplerConfig(
-        batch_size=args.batch_size,
-        chunk_len=cfg.chunk_len,
-        image_size=tuple(cfg.image_size),
-        joint_lower=tuple(cfg.joint_lower),
-        joint_upper=tuple(cfg.joint_upper),
-        min_steps=1,
-        max_samples_per_insert=1e12,
-    )
+        batch_size=args.batch_size, min_steps=1, max_samples_per_insert=1e12
+    ).for_model(cfg)
     result: dict[str, Any] = {
         "config": cfg.to_dict(),
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
