@@ -17,6 +17,15 @@ safety gate bounds the rest).
 The loop never waits on the network: recorded chunks go to the uplink's queue, and new
 versions come from the watcher's `take_new()`, which never blocks.
 
+On a real cell the follower arms tick in a servo process of their own
+(actors/servo_process.py, fronted by actors/servo_client.ServoProcess): there the loop keeps
+no time itself. It takes each tick the servo process ran (joints read, target sent, how late
+it started), reads the cameras, decides exactly as above, and sends back the plan from the
+next tick on (the blended plan's remaining targets, or the operator's action as a one-tick
+plan, held until the next). What it records for a tick is what the servo process read and
+sent on it, so a slow moment here delays the plan, never a tick; an operator's action
+reaches the arms one tick after the leader arms were read.
+
 Shadow evaluation: while the watcher offers a `shadow_runner` (a candidate in stage
 "shadow"), the loop keeps a second plan executor for it, on the same observations and the
 same tick stamps: its own inference worker (low CPU priority), its own blender of the acting
@@ -51,6 +60,7 @@ from actors.config import ActorConfig
 from actors.inference import Inference, Snapshot, ThreadedInference
 from actors.plan_executor import PlanExecutor
 from actors.recorder import EpisodeRecorder, RecordingThread
+from actors.servo_wire import Plan
 from drivers.cell import CellFault
 from drivers.interfaces import Clock, DriverFault, Observation, Operator, TaskScene
 from fleet.common.metrics import TICK_LATENESS_BUCKETS
@@ -58,6 +68,7 @@ from fleet.common.scenes import training_seed
 from protos.fleetlearn.v1 import trajectory_pb2
 
 if TYPE_CHECKING:
+    from actors.servo_client import ServoProcess
     from drivers.cell import CellHardware
     from fleet.common.policy.runtime import PolicyRunner
 
@@ -163,13 +174,17 @@ class ControlLoop:
         `lookahead`: request the next chunk once the plan has this many ticks left (default:
         half the last chunk, at least twice the recent inference latency in ticks)."""
         self.config = config
-        self.hardware = hardware
+        self.hardware: Any = hardware
         self.scene = scene
         self.operator = operator
         self.clock = clock
         self.uplink = uplink
         self.watcher = watcher
         self.on_fault = on_fault
+        # A real cell's follower arms tick in a servo process: the loop follows its ticks.
+        self._servo: ServoProcess | None = (
+            hardware if getattr(hardware, "ticks_itself", False) else None  # type: ignore[assignment]
+        )
         self.tasks: tuple[str, ...] = config.tasks or tuple(scene.tasks)
         if not self.tasks:
             raise ValueError(f"cell {config.cell_id}: no tasks to run (config and scene empty)")
@@ -352,21 +367,22 @@ class ControlLoop:
         failed = getattr(self.scene, "failed", None)
         lateness = TICK_LATENESS.labels(cell=self.config.cell_id)
         pending: tuple[Any, ...] | None = None  # the last tick's step, recorded next tick
+        servo = self._servo
+        if servo is not None:
+            servo.skip_to_now()  # the episode starts with the servo process's next tick
         try:
             next_tick = started
             while not stop.is_set():
-                now = self.clock.now()
-                lateness.observe(max(0.0, now - next_tick))
-                if now - next_tick > self.period:
-                    with self._lock:
-                        self._counts["late_ticks"] += 1
-                    next_tick = now  # resync: never burst to catch up
-                with self._lock:
-                    self._tick_starts.append(now)
+                if servo is None:
+                    now = self.clock.now()
+                    next_tick = self._tick_started(now, now - next_tick, lateness, next_tick)
                 try:
-                    obs = self.hardware.observe()
-                    action, intervention, version = self._act(obs)
-                    sent = self.hardware.command(action)
+                    if servo is None:
+                        obs = self.hardware.observe()
+                        action, intervention, version = self._act(obs)
+                        sent = self.hardware.command(action)
+                    else:
+                        obs, sent, intervention, version = self._follow(servo, lateness)
                     self._last_target = np.asarray(sent, np.float32)
                     shadow = self._shadow_act(obs)  # logged beside `sent`, never commanded
                 except (CellFault, DriverFault) as exc:
@@ -382,9 +398,10 @@ class ControlLoop:
                     # frames) now that this tick's command is out; the tick only queues it.
                     self._record(recorder, *pending)
                     pending = None
-                self._tick += 1
-                next_tick += self.period
-                self.clock.sleep_until(next_tick)
+                if servo is None:
+                    self._tick += 1
+                    next_tick += self.period
+                    self.clock.sleep_until(next_tick)
                 # The step's reward is the one its action earned (read after the physics or
                 # the real arms moved), so the success step itself carries the success reward.
                 success = bool(self.scene.success())
@@ -428,6 +445,41 @@ class ControlLoop:
                     self._version,
                 )
         return EpisodeOutcome(episode_id, task, seed, success, reason, steps, interventions, reward)
+
+    def _tick_started(self, now: float, late: float, lateness: Any, next_tick: float) -> float:
+        """Count a tick that started `late` s after its schedule; returns the schedule
+        (moved to `now` after a missed tick: never burst to catch up)."""
+        lateness.observe(max(0.0, late))
+        with self._lock:
+            self._tick_starts.append(now)
+            if late > self.period:
+                self._counts["late_ticks"] += 1
+                return now
+        return next_tick
+
+    def _follow(
+        self, servo: ServoProcess, lateness: Any
+    ) -> tuple[Observation, np.ndarray, bool, str]:
+        """One tick the servo process ran (actors/servo_process.py): what it read and sent,
+        where that came from, and the plan it follows from the next tick on, sent back.
+
+        The target chosen from this tick's observation can only act from the next tick on
+        (the servo process has already commanded this one), so the plan sent starts there;
+        an operator's action is a one-tick plan the servo process holds until the next."""
+        step = servo.next_step()
+        self._tick = step.tick
+        self._tick_started(step.stamp, step.lateness, lateness, 0.0)
+        obs = Observation(joint_pos=step.joints, frames=servo.frames(), stamp=step.stamp)
+        self._last_target = step.sent
+        action, intervention, version = self._act(obs)
+        ahead = self._tick + 1
+        if intervention or self.acting.target(ahead) is None:
+            targets = np.asarray(action, np.float32)[None]
+        else:
+            n = max(1, self.acting.remaining(ahead))
+            targets = np.stack([self.acting.target(ahead + i) for i in range(n)])  # type: ignore[misc]
+        servo.send_plan(Plan(ahead, targets, intervention, version))
+        return obs, step.sent, step.intervention, step.version
 
     def _record(
         self,

@@ -431,8 +431,9 @@ def check_learner(cell_id: str, opts: DoctorOptions) -> list[Check]:
 
 
 def check_realtime(priority: int) -> Check:
-    """The loop's real-time priority (the config's `realtime_priority`) must be allowed; a
-    refusal is a warning, not a failure: the cell runs, its loop as an ordinary thread."""
+    """The tick's real-time priority (the config's `realtime_priority`, taken by the servo
+    process) must be allowed; a refusal is a warning, not a failure: the cell runs, its tick
+    as an ordinary thread."""
     part = "control loop"
     if priority <= 0:
         return Check(part, "real-time priority", OK, "off (realtime_priority = 0)")
@@ -442,9 +443,9 @@ def check_realtime(priority: int) -> Check:
             part,
             "real-time priority",
             WARN,
-            f"SCHED_FIFO {priority} refused ({reason}); the loop would run as an ordinary "
-            f"thread. Run the actor under ops/systemd/fleet-actor@.service (LimitRTPRIO) or "
-            "grant CAP_SYS_NICE.",
+            f"SCHED_FIFO {priority} refused ({reason}); the servo process's tick would run "
+            "as an ordinary thread. Run the actor under ops/systemd/fleet-actor@.service "
+            "(LimitRTPRIO) or grant CAP_SYS_NICE.",
         )
     return Check(part, "real-time priority", OK, f"SCHED_FIFO {priority} allowed")
 

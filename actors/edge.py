@@ -204,9 +204,14 @@ def run_actor(
     switch_interval = sys.getswitchinterval()
     sys.setswitchinterval(min(switch_interval, GIL_SWITCH_INTERVAL_S))
     # This thread runs the loop: under SCHED_FIFO if the cell asks (threads it starts later,
-    # inference and recording, stay ordinary: see actors/thread_priority.py).
-    realtime = config.realtime_priority > 0 and realtime_this_thread(
-        config.realtime_priority, cell_id=config.cell_id
+    # inference and recording, stay ordinary: see actors/thread_priority.py). A real cell's
+    # arms tick in a servo process, which took the priority itself: the loop here only
+    # follows its ticks and stays ordinary.
+    servo_ticks = bool(getattr(cell.hardware, "ticks_itself", False))
+    realtime = (
+        config.realtime_priority > 0
+        and not servo_ticks
+        and realtime_this_thread(config.realtime_priority, cell_id=config.cell_id)
     )
     flushed = False
     drain_s = 0.0
@@ -262,7 +267,13 @@ def run_actor(
         "drain_s": round(drain_s, 3),
         "late_ticks": stats["late_ticks"],
         "loop_hz": stats["loop_hz"],
-        "realtime_priority": config.realtime_priority if realtime else 0,
+        "realtime_priority": (
+            int(getattr(cell.hardware, "realtime_priority", 0))
+            if servo_ticks
+            else config.realtime_priority
+            if realtime
+            else 0
+        ),
         "policy_errors": stats["policy_errors"],
         "faults": faults.count,
         "last_fault": faults.last,

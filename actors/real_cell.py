@@ -1,10 +1,13 @@
 """A real cell from its config: the same driver classes drivers/sim/sdk_cell.py assembles
 for the MuJoCo cell, on real serial ports and RealSense serials.
 
-The scene is the person at the cell (drivers/operator_console.py); the operator is the
-leader arms plus the console's takeover toggle (or nobody, without leaders); the clock is
-the wall clock. Construction is all-or-nothing: a failure half way closes every port and
-camera already opened, so a retry never finds a port still held by a dead attempt.
+The follower arms tick in a servo process of their own (actors/servo_process.py), under
+the config's real-time priority, fronted here by actors/servo_client.ServoProcess; the
+cameras, the leader arms and the console stay in the actor's process. The scene is the
+person at the cell (drivers/operator_console.py); the operator is the leader arms plus the
+console's takeover toggle (or nobody, without leaders); the clock is the wall clock.
+Construction is all-or-nothing: a failure half way closes every port and camera already
+opened, so a retry never finds a port still held by a dead attempt.
 """
 
 from __future__ import annotations
@@ -16,8 +19,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from actors.cell_config import CellConfig
+from actors.servo_client import ServoProcess
 from drivers.calibration import CellCalibration
-from drivers.cell import CellHardware, close_each
+from drivers.cell import close_each
 from drivers.clock import WallClock
 from drivers.dynamixel.arm_bus import DynamixelArmBus
 from drivers.dynamixel.leader import LeaderArms
@@ -34,7 +38,7 @@ log = logging.getLogger(__name__)
 class RealCell:
     """A cell's drivers behind the CellLike shape run_actor takes; close() makes it safe."""
 
-    hardware: CellHardware
+    hardware: ServoProcess
     scene: OperatorConsole
     operator: Operator
     clock: Clock
@@ -58,36 +62,48 @@ class RealCell:
         log.info("cell %s: torque off, devices closed", self.cell_id)
 
 
+def servo_spec(config: CellConfig, bus_kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """What the servo process opens: the follower ports, the calibration, the rate."""
+    return {
+        "cell_id": config.cell_id,
+        "control_hz": config.control_hz,
+        "realtime_priority": config.realtime_priority,
+        "calibration": str(config.calibration),
+        "arms": {
+            side: {"port": arm.port, "baud": arm.baud, "calibration_arm": arm.calibration_arm}
+            for side, arm in config.followers.items()
+        },
+        "bus": dict(bus_kwargs),
+    }
+
+
 def make_real_cell(
     config: CellConfig,
     *,
     stop: threading.Event | None = None,
     console_source: Any = None,
-    watchdog: bool = True,
     bus_kwargs: dict[str, Any] | None = None,
     camera_devices: Mapping[str, Any] | None = None,
 ) -> RealCell:
     """Open the cell `config` describes. `stop` is the actor's stop event (the console's
-    waits end on it); `console_source` overrides the config's operator input (tests).
-    `camera_devices` maps a serial to a RealSense device already held (a simulated
-    `rs.software_device`, which the SDK does not list); other cameras are found by serial."""
+    waits end on it); `console_source` overrides the config's operator input (tests);
+    `bus_kwargs`: DynamixelArmBus options for every arm (JSON values: they also reach the
+    servo process). `camera_devices` maps a serial to a RealSense device already held (a
+    simulated `rs.software_device`, which the SDK does not list); other cameras are found
+    by serial. The follower arms tick in a servo process of their own
+    (actors/servo_process.py); leaders, cameras and the console stay in this process."""
     cal = CellCalibration.load(config.calibration)
     clock = WallClock()
     extra = dict(bus_kwargs or {})
     opened: list[Any] = []  # everything with a close(), in opening order
     try:
-        arms: dict[str, DynamixelArmBus] = {}
-        for side in ARM_SIDES:
-            spec = config.followers[side]
-            arms[side] = DynamixelArmBus(
-                side,
-                spec.port,
-                cal.arm(spec.calibration_arm),
-                baud=spec.baud,
-                clock=clock,
-                **extra,
-            )
-            opened.append(arms[side])
+        gate = SafetyGate(
+            JOINT_LOWER,
+            JOINT_UPPER,
+            max_step=step_bound(config.control_hz, len(ARM_SIDES)),
+        )
+        hardware = ServoProcess(servo_spec(config, extra), (), gate)
+        opened.append(hardware)
         cams: list[Camera] = []
         if config.cameras:
             from drivers.realsense import RealSenseCamera  # only cells with cameras need it
@@ -107,6 +123,8 @@ def make_real_cell(
                 )
                 cams.append(cam)
                 opened.append(cam)
+        hardware.cameras = tuple(cams)
+        hardware.camera_names = tuple(c.name for c in cams)
         leaders: LeaderArms | None = None
         if config.leaders is not None:
             leader_arms: dict[str, DynamixelArmBus] = {}
@@ -131,20 +149,11 @@ def make_real_cell(
             can_take_over=leaders is not None,
         )
         opened.append(console)
-        gate = SafetyGate(
-            JOINT_LOWER,
-            JOINT_UPPER,
-            max_step=step_bound(config.control_hz, len(ARM_SIDES)),
-        )
-        hardware = CellHardware(arms=arms, cameras=cams, clock=clock, gate=gate)
         operator: Operator = (
             TeleopOperator(leaders, console.takeover)
             if leaders is not None
             else NoTakeover(hardware.read_joints)
         )
-        hardware.enable()
-        if watchdog:
-            hardware.start_watchdog(1.0 / config.control_hz)
     except BaseException:
         for dev in reversed(opened):
             if isinstance(dev, DynamixelArmBus) and dev.torque_enabled:

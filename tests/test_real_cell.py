@@ -164,7 +164,7 @@ def test_real_cell_reads_commands_clamps_and_torques_off(tmp_path: Path, chains)
     leaders = {s: chains[f"leader_{s}"].port for s in ("left", "right")}
     cfg = CellConfig.load(_config(tmp_path, ports, leaders))
     r, w = os.pipe()
-    cell = make_real_cell(cfg, console_source=r, watchdog=False)
+    cell = make_real_cell(cfg, console_source=r)
     try:
         assert all(chains[s].register(1, ct.TORQUE_ENABLE) == 1 for s in ("left", "right"))
         q = cell.hardware.read_joints()
@@ -201,7 +201,7 @@ def test_real_cell_cameras_come_through_the_realsense_driver(tmp_path: Path, cha
     sim = SoftwareRealSense("SIM-OVERHEAD", 320, 240, 30)
     r, w = os.pipe()
     cell = make_real_cell(
-        cfg, console_source=r, watchdog=False, camera_devices={"SIM-OVERHEAD": sim.device}
+        cfg, console_source=r, camera_devices={"SIM-OVERHEAD": sim.device}
     )
     try:
         color = np.zeros((240, 320, 3), np.uint8)
@@ -224,7 +224,7 @@ def test_without_leaders_nobody_takes_over(tmp_path: Path, chains) -> None:
     ports = {s: chains[s].port for s in ("left", "right")}
     cfg = CellConfig.load(_config(tmp_path, ports, None))
     r, w = os.pipe()
-    cell = make_real_cell(cfg, console_source=r, watchdog=False)
+    cell = make_real_cell(cfg, console_source=r)
     try:
         assert isinstance(cell.operator, NoTakeover)
         os.write(w, b"t")
@@ -253,11 +253,24 @@ def test_a_failure_half_way_closes_what_was_opened(tmp_path: Path, chains, monke
     r, w = os.pipe()
     try:
         with pytest.raises(Exception, match="no-such-port"):
-            make_real_cell(cfg, console_source=r, watchdog=False)
+            make_real_cell(cfg, console_source=r)
     finally:
         os.close(w)
         os.close(r)
-    assert sorted(closed) == ["leader_left", "left", "right"]
+    # The leader opened here is closed; the followers' servo process stopped with torque
+    # off, so a retry finds every port free.
+    assert closed == ["leader_left"]
+    for side in ("left", "right"):
+        assert all(chains[side].register(sid, ct.TORQUE_ENABLE) == 0 for sid in range(1, 8))
+    leaders["right"] = chains["leader_right"].port
+    r, w = os.pipe()
+    cell = make_real_cell(CellConfig.load(_config(tmp_path, ports, leaders)), console_source=r)
+    try:
+        assert cell.hardware.read_joints().shape == (14,)
+    finally:
+        cell.close()
+        os.close(w)
+        os.close(r)
 
 
 # `fleet actor --cell-config` end to end ------------------------------------------------

@@ -259,6 +259,13 @@ EDGE_STATS = (
         "counter",
         "servo power losses found and restored",
     ),
+    # A real cell's servo process (actors/servo_process.py): ServoProcess.bus_stats.
+    Stat(
+        "servo_dropped_steps",
+        "fleet_edge_servo_dropped_steps",
+        "counter",
+        "ticks the servo process ran whose step the actor could not take in time",
+    ),
 )
 UPLINK_STATS = (
     Stat("steps_acked", "fleet_edge_steps_sent", "counter", "steps acked durable by the learner"),
