@@ -12,15 +12,21 @@ each one in while it runs, and infers with it beside the loop.
 Why: ALOHA-class cells run at 50 Hz. A tick that starts late, or not at all, is a jerk on
 the arm and a gap in the data; a policy swap must not cause one.
 
-Measured on the loop's own thread: each tick's start minus its scheduled time (tick-start
-lateness, the jitter), the loop's missed ticks (a start later than a whole period), and
-the same figures in the 2 s after each swap. Baseline, measured first in the same run on
+Measured on the ticks the cell's servo process runs (actors/servo_process.py: the follower
+arms, under the config's real-time priority, in a process of their own), each reported with
+its step: each tick's start minus its scheduled time (tick-start lateness, the jitter), the
+missed ticks (a start later than a whole period), how long each tick's bus work took, and
+the same lateness in the 2 s after each swap. Baseline, measured first in the same run on
 the same machine: a bare 50 Hz sleep loop, i.e. what the OS gives any 50 Hz thread now.
 Loaded floor, measured during the run: the same bare loop in a process of its own, under the
-loop thread's scheduling (SCHED_FIFO when the loop runs it), beside the cell: what the
-machine gives a 50 Hz thread under the cell's load. When even that misses the goals
-(`floor_meets_goals` false) no loop can meet them on this machine at that moment; the loop's
-ratio to it is what the cell's own design adds.
+servo process's scheduling (SCHED_FIFO when it runs so), beside the cell: what the machine
+gives a 50 Hz thread under the cell's load. When even that misses the goals
+(`floor_meets_goals` false) no loop can meet them on this machine at that moment;
+`missed_at_the_same_moment` counts the cell's missed ticks that came while the floor too was
+held back. In-process floor: the same bare loop as a thread of the actor's process (where
+the tick ran before it had a process of its own), i.e. the floor plus the GIL.
+The simulated servo chains (processes standing in for hardware) run SCHED_FIFO as well
+(`--peer-priority`): real servos answer whatever the computer is doing.
 
 Goals (issue 13): 0 missed ticks; tick-start lateness p99 <= 1 ms.
 
@@ -70,7 +76,10 @@ def learner_side(args: argparse.Namespace) -> int:
     tasks = tuple(args.tasks.split(","))
     cameras = tuple(args.cameras.split(","))
     data = Path(args.data_dir)
-    torch.set_num_threads(1)  # the learner's machine is elsewhere: take little of this one
+    # The learner's machine is elsewhere in a lab: here it takes little of this one (one
+    # thread, and the CPU only when the cell's side leaves it).
+    os.nice(10)
+    torch.set_num_threads(1)
     registry = Registry(args.redis_url)
     # Every version is published before the cell starts, and a swap only makes the next
     # one stable: what the cell pays for a swap is then the cell's own work (fetch, verify,
@@ -184,6 +193,20 @@ def lateness_figures(
     }
 
 
+def like_hardware(pid: int, priority: int) -> None:
+    """Run a simulated servo chain's process (every thread) under SCHED_FIFO: on a real
+    cell the servos are hardware that answers whatever the computer is busy with, so their
+    stand-in must not wait behind the cell's inference for a core. No-op at 0 or where the
+    OS refuses (the run then measures a slower bus too)."""
+    if priority <= 0 or not hasattr(os, "sched_setscheduler"):
+        return
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            os.sched_setscheduler(int(tid), os.SCHED_FIFO, os.sched_param(priority))
+    except OSError as exc:
+        print(f"simulated servos stay ordinary ({exc})", flush=True)
+
+
 def example_config(tmp: Path, ports: dict[str, str], tasks: tuple[str, ...]) -> Any:
     """ops/cell.example.toml as shipped, with simulated ports, serials and this run's tasks."""
     from actors.cell_config import CellConfig
@@ -261,6 +284,13 @@ def main() -> int:
         default=None,
         help="override the example config's actor.realtime_priority (0 = ordinary thread)",
     )
+    p.add_argument(
+        "--peer-priority",
+        type=int,
+        default=60,
+        help="SCHED_FIFO priority of the simulated servo chains (stand-ins for hardware; 0 = "
+        "ordinary)",
+    )
     p.add_argument("--floor-side", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--floor-priority", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--hz", type=float, default=50.0, help=argparse.SUPPRESS)
@@ -295,6 +325,8 @@ def run(args: argparse.Namespace) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="bench-control-loop-"))
     peers = {n: ServoPeer(range(1, 8)).start() for n in ("left", "right")}
     peers |= {n: ServoPeer(range(1, 8)).start() for n in ("leader_left", "leader_right")}
+    for peer in peers.values():
+        like_hardware(peer.pid, args.peer_priority)
     config = example_config(tmp, {n: peer.port for n, peer in peers.items()}, hz_tasks)
     cost = inference_cost(args.preset, hz_tasks, config)
     print(f"model {args.preset}: {cost}", flush=True)
@@ -330,6 +362,9 @@ def run(args: argparse.Namespace) -> int:
     floor: subprocess.Popen[str] | None = None
     floor_samples: list[list[float]] = []
     gil_clock = MeasuringClock()
+    samples: list[tuple[float, float]] = []  # (tick stamp, lateness s) of every servo tick
+    busy: list[float] = []  # each tick's work (read, gate, write), s
+    servo: dict[str, Any] = {}
     try:
         assert learner.stdout is not None and learner.stdin is not None
         ready = learner.stdout.readline().split()
@@ -343,8 +378,12 @@ def run(args: argparse.Namespace) -> int:
             console_source=keys_r,
             camera_devices={s.serial: s.device for s in sims.values()},
         )
-        clock = MeasuringClock()
-        cell.clock = clock  # the loop ticks on it; the arms keep the wall clock they had
+        # The follower arms tick in the cell's servo process: every tick it runs comes back
+        # with how late it started.
+        cell.hardware.on_step = lambda step: (
+            samples.append((step.stamp, step.lateness)),
+            busy.append(step.busy),
+        )
         actor = ActorConfig(
             cell_id=config.cell_id,
             learner_address=address,
@@ -378,8 +417,8 @@ def run(args: argparse.Namespace) -> int:
             t0 = time.monotonic()
             while not stop.wait(10.0):
                 done = time.monotonic() - t0
-                late = sum(1 for _, x in clock.samples if x > 1.0 / config.control_hz)
-                print(f"  {done:5.0f} s: {len(clock.samples)} ticks, {late} missed", flush=True)
+                late = sum(1 for _, x in samples if x > 1.0 / config.control_hz)
+                print(f"  {done:5.0f} s: {len(samples)} ticks, {late} missed", flush=True)
                 if done >= args.duration:
                     stop.set()
 
@@ -433,6 +472,7 @@ def run(args: argparse.Namespace) -> int:
                 floor_samples = json.loads(out.strip().splitlines()[-1])["samples"]
         if cell is not None:
             cell.close()
+            servo = cell.hardware.servo_stats()  # its last counts, sent as it closed
         os.close(keys_w)
         os.close(keys_r)
         if learner.stdin is not None:
@@ -447,12 +487,52 @@ def run(args: argparse.Namespace) -> int:
             peer.close()
         shutil.rmtree(tmp, ignore_errors=True)
     period = 1.0 / config.control_hz
-    window = (clock.samples[0][0], clock.samples[-1][0]) if clock.samples else (0.0, 0.0)
+    window = (samples[0][0], samples[-1][0]) if samples else (0.0, 0.0)
     own_process = lateness_figures(floor_samples, period, window)
     in_process = lateness_figures(gil_clock.samples, period, window)
-    return report(
-        args, base, own_process, in_process, clock.samples, summary, cost, config.control_hz
-    )
+    summary["servo_process"] = {
+        k: servo.get(k, -1) for k in ("ticks", "late_ticks", "dropped_steps", "overruns")
+    }
+    summary["servo_process"]["bus"] = servo.get("bus", {})
+    work = np.asarray(busy)
+    summary["servo_process"]["busy_ms"] = {
+        "p50": pct(work, 50),
+        "p99": pct(work, 99),
+        "max": pct(work, 100),
+    }
+    own_process["after_swaps"] = after_swaps(floor_samples, summary["adoptions"])
+    own_process["missed_at_the_same_moment"] = coincident(samples, floor_samples, period)
+    return report(args, base, own_process, in_process, samples, summary, cost, config.control_hz)
+
+
+def swap_windows(starts: np.ndarray, adoptions: Sequence[dict[str, Any]]) -> np.ndarray:
+    """Which tick starts fall in the SWAP_WINDOW_S after a version was adopted."""
+    offset = time.time() - time.monotonic()  # adoption stamps are wall time; ticks monotonic
+    near = np.zeros(len(starts), bool)
+    for a in adoptions:
+        s = a["adopted_at"] - offset
+        near |= (starts >= s - 0.1) & (starts <= s + SWAP_WINDOW_S)
+    return near
+
+
+def after_swaps(
+    samples: Sequence[Sequence[float]], adoptions: Sequence[dict[str, Any]]
+) -> dict[str, Any]:
+    """Lateness (ms) of the ticks in the swap windows."""
+    starts = np.array([t for t, _ in samples])
+    late = np.array([x for _, x in samples])
+    near = swap_windows(starts, adoptions)
+    return {"ticks": int(near.sum()), "p99": pct(late[near], 99), "max": pct(late[near], 100)}
+
+
+def coincident(
+    samples: Sequence[Sequence[float]], floor: Sequence[Sequence[float]], period: float
+) -> int:
+    """How many of the loop's missed ticks came within 0.2 s of the floor's lateness
+    passing 5 ms: moments when the machine held back even a bare loop of its own process."""
+    floor_t = np.array([t for t, x in floor if x > 0.005])
+    missed = [t for t, x in samples if x > period]
+    return sum(1 for t in missed if len(floor_t) and np.abs(floor_t - t).min() <= 0.2)
 
 
 def report(
@@ -467,12 +547,7 @@ def report(
 ) -> int:
     starts = np.array([t for t, _ in samples])
     late = np.array([x for _, x in samples])
-    # adoption stamps are wall time (time.time); tick starts are monotonic
-    offset = time.time() - time.monotonic()
-    swaps = [a["adopted_at"] - offset for a in summary["adoptions"]]
-    near = np.zeros(len(starts), bool)
-    for s in swaps:
-        near |= (starts >= s - 0.1) & (starts <= s + SWAP_WINDOW_S)
+    near = swap_windows(starts, summary["adoptions"])
     period = 1.0 / hz
     missed = int((late > period).sum())
     figures = {
@@ -481,6 +556,10 @@ def report(
         "ticks": len(late),
         "missed_ticks": missed,
         "loop_late_ticks": summary["late_ticks"],
+        # The servo process's own counts over its whole life (between episodes too):
+        # ticks, ticks that started more than a period late, steps the actor could not
+        # take in time (never waited for).
+        "servo_process": summary["servo_process"],
         "lateness_ms": {"p50": pct(late, 50), "p99": pct(late, 99), "max": pct(late, 100)},
         "baseline_lateness_ms": {"p50": pct(base, 50), "p99": pct(base, 99), "max": pct(base, 100)},
         "p99_vs_baseline": round(pct(late, 99) / max(pct(base, 99), 1e-3), 2),
@@ -497,7 +576,7 @@ def report(
             and floor["missed_ticks"] <= GOAL_MISSED
             and floor["p99"] <= GOAL_P99_MS
         ),
-        "swaps": len(swaps),
+        "swaps": len(summary["adoptions"]),
         "versions_adopted": summary["versions_adopted"],
         "after_swap_lateness_ms": {
             "ticks": int(near.sum()),
@@ -517,7 +596,8 @@ def report(
     }
     goals = {"missed_ticks": GOAL_MISSED, "lateness_p99_ms_max": GOAL_P99_MS}
     met = {
-        "missed_ticks": missed <= GOAL_MISSED and summary["late_ticks"] <= GOAL_MISSED,
+        "missed_ticks": missed <= GOAL_MISSED
+        and summary["servo_process"]["late_ticks"] <= GOAL_MISSED,
         "lateness_p99": pct(late, 99) <= GOAL_P99_MS,
     }
     print(
