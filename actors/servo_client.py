@@ -54,6 +54,7 @@ START_TIMEOUT_S = 60.0  # imports, opening the ports, pinging and configuring 14
 REPLY_TIMEOUT_S = 10.0  # a control (enable, hold, torque off) answered
 MAX_QUEUED_STEPS = 6000  # two minutes at 50 Hz; older ones are dropped (between episodes)
 ROOT = Path(__file__).resolve().parents[1]
+DROPPED_STEPS_KEY = "servo_dropped_steps"  # in bus_stats, beside the bus counters
 
 
 class ServoProcess:
@@ -352,7 +353,7 @@ class ServoProcess:
     def bus_stats(self) -> dict[str, int]:
         with self._cond:
             bus = dict(self._stats.get("bus", {}))
-            bus["servo_dropped_steps"] = int(self._stats.get("dropped_steps", 0))
+            bus[DROPPED_STEPS_KEY] = int(self._stats.get("dropped_steps", 0))
         return {k: int(v) for k, v in bus.items()}
 
     def start_watchdog(self, period_s: float, ticks: int = 2) -> None:

@@ -148,21 +148,32 @@ def test_store_holds_exactly_the_steps_the_cells_sent(fleet_run: dict) -> None:
 
 
 def test_versions_are_published_and_every_cell_adopts_each_promptly(fleet_run: dict) -> None:
+    """Every cell follows the versions: within ADOPTION_LIMIT_S of each publication it runs
+    that version or a newer one (a version superseded before a cell fetched it may be
+    skipped: the cell goes straight to the newest, as it should)."""
     s = fleet_run["summary"]
     published = s["versions_published"]
     assert len(published) >= 2, f"only {published} published after {s['updates']} updates"
     assert s["updates"] >= PUBLISH_EVERY * len(published)
-    last_published = max(s["published_at"].values())
+    order = sorted(published, key=lambda v: s["published_at"][v])
+    last_published = s["published_at"][order[-1]]
     for cell_id, c in s["cells"].items():
-        adopted = {a["version"]: a["adopted_at"] for a in c["adoptions"]}
         assert c["versions_adopted"] == [a["version"] for a in c["adoptions"]]
-        for version in published:
+        assert c["adoptions"], f"{cell_id} never ran a version"
+        for i, version in enumerate(order[:-1]):  # the newest may land during shutdown
             published_at = s["published_at"][version]
-            if published_at == last_published:
-                continue  # the newest may land during shutdown; the older ones may not
-            assert version in adopted, f"{cell_id} never ran {version}: {c['adoptions']}"
-            delay = adopted[version] - published_at
-            assert 0 <= delay <= ADOPTION_LIMIT_S, f"{cell_id} took {delay:.1f}s for {version}"
+            if last_published - published_at < ADOPTION_LIMIT_S and not any(
+                a["version"] in order[i:] for a in c["adoptions"]
+            ):
+                continue  # published too close to the end to judge
+            caught_up = [
+                a["adopted_at"] - published_at
+                for a in c["adoptions"]
+                if a["version"] in order[i:] and a["adopted_at"] >= published_at
+            ]
+            assert caught_up, f"{cell_id} never ran {version} or newer: {c['adoptions']}"
+            delay = min(caught_up)
+            assert delay <= ADOPTION_LIMIT_S, f"{cell_id} took {delay:.1f}s to run {version}+"
 
 
 def test_no_command_line_shows_the_redis_password(fleet_run: dict) -> None:
