@@ -200,9 +200,7 @@ def test_real_cell_cameras_come_through_the_realsense_driver(tmp_path: Path, cha
     cfg = CellConfig.load(_config(tmp_path, ports, None, camera))
     sim = SoftwareRealSense("SIM-OVERHEAD", 320, 240, 30)
     r, w = os.pipe()
-    cell = make_real_cell(
-        cfg, console_source=r, camera_devices={"SIM-OVERHEAD": sim.device}
-    )
+    cell = make_real_cell(cfg, console_source=r, camera_devices={"SIM-OVERHEAD": sim.device})
     try:
         color = np.zeros((240, 320, 3), np.uint8)
         color[:, :, 1] = 200
