@@ -45,7 +45,7 @@ from drivers.sim.servo_peer import ServoPeer
 from fleet.common.wire import from_tensor
 from protos.joint_layout import GRIPPER_INDICES, JOINT_LOWER, JOINT_UPPER
 from tests.test_async_inference import Scene, SlowRunner
-from tests.waiting import wait_for
+from tests.waiting import wait_for, wait_until
 
 HZ = 20.0
 BOUND = np.asarray(step_bound(HZ, 2), np.float32)
@@ -205,6 +205,22 @@ def test_a_servo_fault_is_reported_safe_and_enable_brings_the_arms_back(servo, c
             servo.next_step(5.0)
     assert info.value.torque_off
     wait_for(lambda: _torque(chains) == {0}, 5.0, "torque off on every servo")
+
+
+def test_a_power_cycled_arm_is_a_fault_and_comes_back_holding_with_torque(servo, chains) -> None:
+    servo.skip_to_now()
+    servo.next_step(5.0)
+    chains["right"].power_cycle(off_ms=150)  # RAM reset: torque off, goals at power-on
+    with pytest.raises(CellFault) as info:  # silent while off, then found reset: either
+        while True:
+            servo.next_step(5.0)
+    assert not info.value.torque_off
+    servo.enable()
+    servo.skip_to_now()
+    q = servo.next_step(5.0).joints
+    assert _torque(chains) == {1}
+    assert np.allclose(servo.command(q + 0.01), q + 0.01, atol=1e-5)
+    assert wait_until(lambda: servo.bus_stats().get("bus_power_cycles", 0) >= 1, 5.0)
 
 
 def test_a_dead_servo_process_is_a_fault_and_enable_starts_another(servo, chains) -> None:
