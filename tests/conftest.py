@@ -1,9 +1,11 @@
-"""Shared fixtures: one private redis-server for the whole test session."""
+"""Shared fixtures: one private redis-server for the whole test session; two simulated
+follower chains."""
 
 from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -76,3 +78,19 @@ def _start_local_ray(attempts: int = 3) -> None:
             if attempt == attempts:
                 raise
             time.sleep(2.0 * attempt)
+
+
+@pytest.fixture
+def follower_chains() -> Iterator[dict[str, Any]]:
+    """Two simulated 7-servo follower chains ("left", "right"), each a ServoPeer process on
+    a pty, closed after the test."""
+    from drivers.sim.servo_peer import ServoPeer
+
+    peers: dict[str, ServoPeer] = {}
+    try:
+        for side in ("left", "right"):
+            peers[side] = ServoPeer(range(1, 8)).start()
+        yield peers
+    finally:
+        for p in peers.values():
+            p.close()

@@ -1,6 +1,6 @@
 """`fleet doctor` on simulated cells: a healthy one passes every check; each fault a new lab
 meets (missing or duplicated servo IDs, wrong model, firmware or baud, a calibration of
-other arms, a camera missing or without the mode, a full disk, a refused token, a learner
+other follower_chains, a camera missing or without the mode, a full disk, a refused token, a learner
 down, a skewed clock) fails its own row with what to do.
 
 Servos are ServoPeer chains on ptys behind the real dynamixel_sdk; cameras are the
@@ -26,7 +26,6 @@ from actors.doctor import FAIL, OK, Check, DoctorOptions, render, run_doctor
 from drivers.calibration import default_calibration
 from drivers.dynamixel import control_table as ct
 from drivers.sim.rs_software import SoftwareRealSense
-from drivers.sim.servo_peer import ServoPeer
 from fleet.common import tls
 from fleet.common.net import free_port
 from learner import policy_service
@@ -75,18 +74,6 @@ def learner(lab: Path, registry) -> Iterator[SkewedServicer]:
 
 
 @pytest.fixture
-def arms() -> Iterator[dict[str, ServoPeer]]:
-    peers: dict[str, ServoPeer] = {}
-    try:
-        for side in ("left", "right"):
-            peers[side] = ServoPeer(range(1, 8)).start()
-        yield peers
-    finally:
-        for p in peers.values():
-            p.close()
-
-
-@pytest.fixture
 def cameras() -> dict[str, SoftwareRealSense]:
     return {name: SoftwareRealSense(serial, 320, 240, 30) for name, serial in SERIALS.items()}
 
@@ -130,8 +117,8 @@ def _row(rows: list[Check], part: str, check: str) -> Check:
     return found[0]
 
 
-def test_healthy_cell_passes_every_check(tmp_path, arms, cameras, learner, lab) -> None:
-    ports = {s: p.port for s, p in arms.items()}
+def test_healthy_cell_passes_every_check(tmp_path, follower_chains, cameras, learner, lab) -> None:
+    ports = {s: p.port for s, p in follower_chains.items()}
     config = _config(tmp_path, ports, {"overhead": MODE, "front": MODE + "\ndepth = true"})
     rows = run_doctor(
         config,
@@ -152,19 +139,21 @@ def test_healthy_cell_passes_every_check(tmp_path, arms, cameras, learner, lab) 
     assert _row(rows, "learner", "clock offset").status == OK
     assert "ready for its first run" in _table(rows)
     # It only reads: no servo got torque or a setting from the doctor.
-    assert arms["left"].register(1, ct.TORQUE_ENABLE) == 0
-    assert arms["left"].register(1, ct.RETURN_DELAY_TIME) == 250
+    assert follower_chains["left"].register(1, ct.TORQUE_ENABLE) == 0
+    assert follower_chains["left"].register(1, ct.RETURN_DELAY_TIME) == 250
 
 
-def test_broken_cell_names_each_fault_and_what_to_do(tmp_path, arms, cameras, learner, lab) -> None:
-    left, right = arms["left"], arms["right"]
+def test_broken_cell_names_each_fault_and_what_to_do(
+    tmp_path, follower_chains, cameras, learner, lab
+) -> None:
+    left, right = follower_chains["left"], follower_chains["right"]
     left.set_fault(5, missing=True)
     left.set_fault(1, duplicate=True)  # a new servo still at factory ID 1
     right.set_register(3, ct.MODEL_NUMBER, 1190)  # an XL330: not an X-series arm servo
     right.set_register(4, ct.FIRMWARE_VERSION, 30)
     right.set_register(2, ct.BAUD_RATE, 1)  # 57600 in EEPROM (answers at 1M in the sim)
     right.move_shaft(2, 300)  # far outside the calibrated shoulder range
-    ports = {s: p.port for s, p in arms.items()}
+    ports = {s: p.port for s, p in follower_chains.items()}
     modes = {"overhead": "width = 320\nheight = 240\nfps = 60", "front": MODE}
     config = _config(tmp_path, ports, modes)
     rows = run_doctor(
@@ -199,8 +188,8 @@ def test_broken_cell_names_each_fault_and_what_to_do(tmp_path, arms, cameras, le
     assert "FAILED" in table
 
 
-def test_missing_port_and_a_learner_that_is_down(tmp_path, arms, lab) -> None:
-    ports = {"left": arms["left"].port, "right": str(tmp_path / "ttyUSB-gone")}
+def test_missing_port_and_a_learner_that_is_down(tmp_path, follower_chains, lab) -> None:
+    ports = {"left": follower_chains["left"].port, "right": str(tmp_path / "ttyUSB-gone")}
     config = _config(tmp_path, ports, {})
     opts = _options(tmp_path, None, lab, learner=f"127.0.0.1:{free_port()}", timeout_s=2.0)
     rows = run_doctor(config, opts)
@@ -212,9 +201,9 @@ def test_missing_port_and_a_learner_that_is_down(tmp_path, arms, lab) -> None:
     assert down.status == FAIL and "fleet learner" in down.detail
 
 
-def test_clock_offset_to_the_learner_is_measured(tmp_path, arms, learner, lab) -> None:
+def test_clock_offset_to_the_learner_is_measured(tmp_path, follower_chains, learner, lab) -> None:
     learner.skew_s = 5.0
-    ports = {s: p.port for s, p in arms.items()}
+    ports = {s: p.port for s, p in follower_chains.items()}
     started = time.time()
     rows = run_doctor(_config(tmp_path, ports, {}), _options(tmp_path, learner, lab))
     assert time.time() - started < 60
@@ -223,8 +212,10 @@ def test_clock_offset_to_the_learner_is_measured(tmp_path, arms, learner, lab) -
     assert clock.detail.startswith("+50") or clock.detail.startswith("+49"), clock.detail
 
 
-def test_fleet_doctor_command_prints_the_table_and_exits_by_the_result(tmp_path, arms) -> None:
-    ports = {s: p.port for s, p in arms.items()}
+def test_fleet_doctor_command_prints_the_table_and_exits_by_the_result(
+    tmp_path, follower_chains
+) -> None:
+    ports = {s: p.port for s, p in follower_chains.items()}
     _config(tmp_path, ports, {})
     cmd = [
         sys.executable,
@@ -238,7 +229,7 @@ def test_fleet_doctor_command_prints_the_table_and_exits_by_the_result(tmp_path,
     ok = subprocess.run(cmd + args, capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert ok.returncode == 0, ok.stdout + ok.stderr
     assert "ready for its first run" in ok.stdout and "not checked" in ok.stdout
-    arms["right"].set_fault(6, missing=True)
+    follower_chains["right"].set_fault(6, missing=True)
     bad = subprocess.run(cmd + args, capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert bad.returncode == 1 and "ID 6 does not answer" in bad.stdout
     (tmp_path / "cell.toml").write_text("[cell]\n")

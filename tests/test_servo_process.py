@@ -84,19 +84,7 @@ def test_steps_and_plans_round_trip_and_bad_frames_are_refused() -> None:
 # -- the servo process over simulated chains ------------------------------------------------
 
 
-@pytest.fixture
-def chains() -> Iterator[dict[str, ServoPeer]]:
-    peers: dict[str, ServoPeer] = {}
-    try:
-        for side in ("left", "right"):
-            peers[side] = ServoPeer(range(1, 8)).start()
-        yield peers
-    finally:
-        for p in peers.values():
-            p.close()
-
-
-def _spec(tmp_path: Any, chains: dict[str, ServoPeer]) -> dict[str, Any]:
+def _spec(tmp_path: Any, follower_chains: dict[str, ServoPeer]) -> dict[str, Any]:
     default_calibration("cell-s", leaders=False).save(tmp_path / "cal.json")
     return {
         "cell_id": "cell-s",
@@ -104,7 +92,7 @@ def _spec(tmp_path: Any, chains: dict[str, ServoPeer]) -> dict[str, Any]:
         "realtime_priority": 0,
         "calibration": str(tmp_path / "cal.json"),
         "arms": {
-            side: {"port": chains[side].port, "baud": 1_000_000, "calibration_arm": side}
+            side: {"port": follower_chains[side].port, "baud": 1_000_000, "calibration_arm": side}
             for side in ("left", "right")
         },
         "bus": {},
@@ -112,9 +100,9 @@ def _spec(tmp_path: Any, chains: dict[str, ServoPeer]) -> dict[str, Any]:
 
 
 @pytest.fixture
-def servo(tmp_path: Any, chains: dict[str, ServoPeer]) -> Iterator[ServoProcess]:
+def servo(tmp_path: Any, follower_chains: dict[str, ServoPeer]) -> Iterator[ServoProcess]:
     gate = SafetyGate(JOINT_LOWER, JOINT_UPPER, max_step=step_bound(HZ, 2))
-    proc = ServoProcess(_spec(tmp_path, chains), (), gate, step_timeout_s=2.0)
+    proc = ServoProcess(_spec(tmp_path, follower_chains), (), gate, step_timeout_s=2.0)
     try:
         yield proc
     finally:
@@ -129,11 +117,17 @@ def _steps_through(servo: ServoProcess, last_tick: int) -> dict[int, Step]:
     return out
 
 
-def _torque(chains: dict[str, ServoPeer]) -> set[int]:
-    return {chains[s].register(i, ct.TORQUE_ENABLE) for s in ("left", "right") for i in range(1, 8)}
+def _torque(follower_chains: dict[str, ServoPeer]) -> set[int]:
+    return {
+        follower_chains[s].register(i, ct.TORQUE_ENABLE)
+        for s in ("left", "right")
+        for i in range(1, 8)
+    }
 
 
-def test_it_follows_the_plan_by_tick_through_the_gate_and_then_holds(servo, chains) -> None:
+def test_it_follows_the_plan_by_tick_through_the_gate_and_then_holds(
+    servo, follower_chains
+) -> None:
     servo.skip_to_now()
     first = servo.next_step(5.0)
     q = first.joints
@@ -183,10 +177,12 @@ def test_ticks_go_on_while_the_actor_holds_its_interpreter(servo) -> None:
     assert inside, "the servo process ran no tick while the actor's interpreter was held"
 
 
-def test_a_servo_fault_is_reported_safe_and_enable_brings_the_arms_back(servo, chains) -> None:
+def test_a_servo_fault_is_reported_safe_and_enable_brings_the_arms_back(
+    servo, follower_chains
+) -> None:
     servo.skip_to_now()
     servo.next_step(5.0)
-    chains["left"].set_fault(3, missing=True)
+    follower_chains["left"].set_fault(3, missing=True)
     with pytest.raises(CellFault) as info:
         while True:
             servo.next_step(5.0)
@@ -194,23 +190,25 @@ def test_a_servo_fault_is_reported_safe_and_enable_brings_the_arms_back(servo, c
     assert servo.current_fault is not None
     with pytest.raises(CellFault):  # the fault stands until the cell is enabled again
         servo.next_step(0.2)
-    chains["left"].clear_faults()
+    follower_chains["left"].clear_faults()
     servo.enable()
     assert servo.current_fault is None
     servo.skip_to_now()
     assert servo.next_step(5.0).joints.shape == (14,)
-    chains["right"].set_fault(5, hardware_error=0x20)  # an overload: torque must go off
+    follower_chains["right"].set_fault(5, hardware_error=0x20)  # an overload: torque must go off
     with pytest.raises(CellFault) as info:
         while True:
             servo.next_step(5.0)
     assert info.value.torque_off
-    wait_for(lambda: _torque(chains) == {0}, 5.0, "torque off on every servo")
+    wait_for(lambda: _torque(follower_chains) == {0}, 5.0, "torque off on every servo")
 
 
-def test_a_power_cycled_arm_is_a_fault_and_comes_back_holding_with_torque(servo, chains) -> None:
+def test_a_power_cycled_arm_is_a_fault_and_comes_back_holding_with_torque(
+    servo, follower_chains
+) -> None:
     servo.skip_to_now()
     servo.next_step(5.0)
-    chains["right"].power_cycle(off_ms=150)  # RAM reset: torque off, goals at power-on
+    follower_chains["right"].power_cycle(off_ms=150)  # RAM reset: torque off, goals at power-on
     with pytest.raises(CellFault) as info:  # silent while off, then found reset: either
         while True:
             servo.next_step(5.0)
@@ -218,12 +216,12 @@ def test_a_power_cycled_arm_is_a_fault_and_comes_back_holding_with_torque(servo,
     servo.enable()
     servo.skip_to_now()
     q = servo.next_step(5.0).joints
-    assert _torque(chains) == {1}
+    assert _torque(follower_chains) == {1}
     assert np.allclose(servo.command(q + 0.01), q + 0.01, atol=1e-5)
     assert wait_until(lambda: servo.bus_stats().get("bus_power_cycles", 0) >= 1, 5.0)
 
 
-def test_a_dead_servo_process_is_a_fault_and_enable_starts_another(servo, chains) -> None:
+def test_a_dead_servo_process_is_a_fault_and_enable_starts_another(servo, follower_chains) -> None:
     servo.skip_to_now()
     servo.next_step(5.0)
     proc = servo._proc
@@ -237,46 +235,46 @@ def test_a_dead_servo_process_is_a_fault_and_enable_starts_another(servo, chains
     servo.skip_to_now()
     q = servo.next_step(5.0).joints
     assert np.allclose(servo.command(q + 0.01), q + 0.01, atol=1e-5)
-    assert _torque(chains) == {1}
+    assert _torque(follower_chains) == {1}
 
 
-def test_an_actor_that_goes_away_leaves_the_arms_holding(servo, chains) -> None:
+def test_an_actor_that_goes_away_leaves_the_arms_holding(servo, follower_chains) -> None:
     servo.skip_to_now()
     servo.next_step(5.0)
     proc = servo._proc
     assert proc is not None and proc.stdin is not None
     proc.stdin.close()  # the actor's end of the pipe closes without asking to stop
     assert proc.wait(10) == 0
-    assert _torque(chains) == {1}  # holding where it was, not dropped
+    assert _torque(follower_chains) == {1}  # holding where it was, not dropped
     with pytest.raises(CellFault, match="exited"):
         while True:
             servo.next_step(5.0)
 
 
-def test_garbage_from_the_actor_stops_the_servo_process_holding(servo, chains) -> None:
+def test_garbage_from_the_actor_stops_the_servo_process_holding(servo, follower_chains) -> None:
     proc = servo._proc
     assert proc is not None and proc.stdin is not None
     proc.stdin.write(b"\x05\x00\x00\x00\x03hello")  # a plan frame that is not a plan
     assert proc.wait(10) == 0
-    assert _torque(chains) == {1}
+    assert _torque(follower_chains) == {1}
 
 
-def test_close_turns_torque_off(tmp_path, chains) -> None:
+def test_close_turns_torque_off(tmp_path, follower_chains) -> None:
     gate = SafetyGate(JOINT_LOWER, JOINT_UPPER, max_step=step_bound(HZ, 2))
-    servo = ServoProcess(_spec(tmp_path, chains), (), gate)
-    assert _torque(chains) == {1}
+    servo = ServoProcess(_spec(tmp_path, follower_chains), (), gate)
+    assert _torque(follower_chains) == {1}
     servo.close()
-    assert _torque(chains) == {0}
+    assert _torque(follower_chains) == {0}
     assert servo._proc is not None and servo._proc.poll() == 0
 
 
-def test_ports_that_do_not_open_fail_the_start_with_the_reason(tmp_path, chains) -> None:
-    spec = _spec(tmp_path, chains)
+def test_ports_that_do_not_open_fail_the_start_with_the_reason(tmp_path, follower_chains) -> None:
+    spec = _spec(tmp_path, follower_chains)
     spec["arms"]["right"]["port"] = str(tmp_path / "no-such-port")
     gate = SafetyGate(JOINT_LOWER, JOINT_UPPER, max_step=step_bound(HZ, 2))
     with pytest.raises(CellFault, match="no-such-port"):
         ServoProcess(spec, (), gate)
-    assert _torque(chains) == {0}  # the left arm it had opened is closed again
+    assert _torque(follower_chains) == {0}  # the left arm it had opened is closed again
 
 
 # -- the control loop following the servo process's ticks -------------------------------
