@@ -30,6 +30,7 @@ import gc
 import json
 import logging
 import os
+import signal
 import sys
 import time
 from collections import deque
@@ -302,6 +303,11 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stderr,
         format=f"%(asctime)s %(levelname)s servo-process cell {cell_id}: %(message)s",
     )
+    # Its life is the actor's pipe: a Ctrl-C or a service stop signals the whole group, and
+    # the actor, stopping, asks for torque off; were this process to die first, it could not.
+    # (An actor that dies closes the pipe: the arms hold.)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     read_fd, write_fd = _pipes()
     try:
         hardware = open_followers(spec)

@@ -259,6 +259,20 @@ def test_garbage_from_the_actor_stops_the_servo_process_holding(servo, follower_
     assert _torque(follower_chains) == {1}
 
 
+def test_signals_to_the_group_leave_the_ending_to_the_actor(servo, follower_chains) -> None:
+    """Ctrl-C or a service stop reaches every process of the actor; the servo process
+    ticks on until the actor, stopping, asks it for torque off."""
+    proc = servo._proc
+    assert proc is not None
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        os.kill(proc.pid, sig)
+    servo.skip_to_now()
+    first = servo.next_step(5.0).tick
+    assert servo.next_step(5.0).tick == first + 1 and proc.poll() is None
+    servo.close()
+    assert proc.returncode == 0 and _torque(follower_chains) == {0}
+
+
 def test_close_turns_torque_off(tmp_path, follower_chains) -> None:
     gate = SafetyGate(JOINT_LOWER, JOINT_UPPER, max_step=step_bound(HZ, 2))
     servo = ServoProcess(_spec(tmp_path, follower_chains), (), gate)
