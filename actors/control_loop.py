@@ -419,6 +419,8 @@ class ControlLoop:
                     reason = "timeout"
                     break
         finally:
+            if servo is not None:
+                servo.hold_last()  # the plan in flight must not run on past its episode
             success = success and reason == "success"
             ended = self.clock.now()
             try:

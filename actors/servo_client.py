@@ -261,6 +261,16 @@ class ServoProcess:
         """Targets for the coming ticks; the servo process follows them until the next."""
         self._write(encode_plan(plan))
 
+    def hold_last(self) -> None:
+        """From the next tick on, hold the last commanded target (an episode ended: what is
+        left of its plan must not run on while the next scene is set up). Never raises."""
+        with self._cond:
+            latest = self._latest
+        if latest is None:
+            return
+        with contextlib.suppress(CellFault):
+            self.send_plan(Plan(latest.tick + 1, latest.sent[None], False, ""))
+
     def frames(self) -> dict[str, Any]:
         """Every camera's newest frame (read here, in the actor's process)."""
         return {cam.name: cam.read() for cam in self.cameras}

@@ -348,6 +348,10 @@ def test_the_loop_records_exactly_what_the_servo_process_commanded(servo) -> Non
         stop.set()
         thread.join(30)
     assert not thread.is_alive()
+    # The episode ended: what was left of its plan does not run on, the arms hold.
+    servo.skip_to_now()
+    after = [servo.next_step(5.0) for _ in range(2 * runner.k)]
+    assert all(np.array_equal(s.sent, after[0].sent) for s in after)
     stamps = np.concatenate([from_tensor(c.timestamp, "timestamp") for c in chunks])
     actions = np.concatenate([from_tensor(c.action, "action") for c in chunks])
     joints = np.concatenate([from_tensor(c.joint_pos, "joint_pos") for c in chunks])
