@@ -48,13 +48,11 @@ class RealCell:
     _closed: bool = False
 
     def close(self) -> None:
-        """Hold, torque off, close the buses, cameras, leaders and the console (each once;
-        one failing does not stop the rest)."""
+        """Torque off and close the servo process (it does both on its way out), then the
+        cameras, leaders and the console (each once; one failing does not stop the rest)."""
         if self._closed:
             return
         self._closed = True
-        self.hardware.stop_watchdog()
-        self.hardware.torque_off()  # logs, never raises
         closers: list[Callable[[], None]] = [self.hardware.close, self.scene.close]
         if isinstance(self.operator, TeleopOperator):
             closers.append(self.operator.close)

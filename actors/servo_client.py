@@ -84,7 +84,6 @@ class ServoProcess:
         self.period = 1.0 / float(spec["control_hz"])
         self.step_timeout_s = step_timeout_s
         self.current_fault: CellFault | None = None
-        self.watchdog_holds = 0
         self.realtime_priority = 0  # what the servo process got
         self.on_step: Callable[[Step], None] | None = None  # every step, on the reader thread
         self._cond = threading.Condition()
@@ -365,13 +364,6 @@ class ServoProcess:
             bus = dict(self._stats.get("bus", {}))
             bus[DROPPED_STEPS_KEY] = int(self._stats.get("dropped_steps", 0))
         return {k: int(v) for k, v in bus.items()}
-
-    def start_watchdog(self, period_s: float, ticks: int = 2) -> None:
-        """Nothing to start: the servo process commands every tick itself, whatever the
-        actor does (no plan: it holds the last command)."""
-
-    def stop_watchdog(self) -> None:
-        """See start_watchdog."""
 
     def close(self) -> None:
         """Torque off (the servo process does it on the way out), close it and the cameras."""

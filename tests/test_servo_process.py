@@ -44,7 +44,7 @@ from drivers.safety import SafetyGate, step_bound
 from drivers.sim.servo_peer import ServoPeer
 from fleet.common.wire import from_tensor
 from protos.joint_layout import GRIPPER_INDICES, JOINT_LOWER, JOINT_UPPER
-from tests.test_async_inference import Scene, SlowRunner
+from tests.test_async_inference import Scene, SlowRunner, Watcher
 from tests.waiting import wait_for, wait_until
 
 HZ = 20.0
@@ -307,15 +307,6 @@ class Takeover:
         return np.full(14, 0.3, np.float32)
 
 
-class Watcher:
-    def __init__(self, runner: SlowRunner) -> None:
-        self.runner: SlowRunner | None = runner
-
-    def take_new(self) -> SlowRunner | None:
-        runner, self.runner = self.runner, None
-        return runner
-
-
 def test_the_loop_records_exactly_what_the_servo_process_commanded(servo) -> None:
     chunks: list[Any] = []
     sink = type("Sink", (), {"submit": lambda self, c: chunks.append(c) or True})()
@@ -333,7 +324,7 @@ def test_the_loop_records_exactly_what_the_servo_process_commanded(servo) -> Non
         operator,  # type: ignore[arg-type]
         WallClock(),
         sink,
-        Watcher(runner),  # type: ignore[arg-type]
+        Watcher(WallClock(), [(0.0, runner)]),  # type: ignore[arg-type]
     )
     thread = threading.Thread(target=loop.run, args=(stop,))
     thread.start()
