@@ -30,7 +30,7 @@ from learner.auth import TokensFile
 from learner.chunks import DecodedChunk
 from learner.gateway import Gateway
 from learner.options import LearnerOptions
-from learner.sampler import SamplerConfig
+from learner.sampler import SamplerConfig, parse_task_weights
 from learner.store import EpisodeSummary
 from learner.trainer import Trainer, TrainerConfig
 
@@ -125,6 +125,10 @@ def main(argv: list[str] | None = None) -> int:
         policy_overrides = parse_overrides(args.policy_set)
     except ValueError as exc:
         parser.error(str(exc))
+    try:
+        task_weights = parse_task_weights(args.task_weight)
+    except ValueError as exc:
+        parser.error(str(exc))
     fixed = sorted({"tasks", "cameras", "preset"} & set(policy_overrides))
     if fixed:
         parser.error(f"--policy-set cannot set {fixed}: use --tasks, --cameras, --preset")
@@ -134,6 +138,9 @@ def main(argv: list[str] | None = None) -> int:
         model_config = policy_config(args.preset, tasks, cameras, **policy_overrides)
     except ValueError as exc:
         parser.error(str(exc))
+    unknown = sorted({t for t, _ in task_weights} - set(tasks))
+    if unknown:
+        parser.error(f"--task-weight names {unknown}, not tasks of this model: {list(tasks)}")
     problem = _security_problem(args)
     if problem is not None:
         raise SystemExit(problem)
@@ -222,6 +229,7 @@ def main(argv: list[str] | None = None) -> int:
             min_steps=args.min_steps,
             max_samples_per_insert=args.max_samples_per_insert,
             advantage_weighting=args.advantage_weighting,
+            task_weights=task_weights,
         ).for_model(model_config),
     )
     trainer = ray.remote(num_cpus=1, max_concurrency=2)(TrainerActor).remote(

@@ -142,6 +142,12 @@ class LearnerOptions(MetricsOptions):
         description="with --action-scale data: the first update waits up to this many seconds "
         "for an episode of every task (0 = measure at once on what is stored; fleet up: 120)",
     )
+    task_weight: list[str] = flag(
+        default_factory=list,
+        help="a task's share of each batch against the others' 1.0, e.g. place_cube=2"
+        " (0 leaves a task out of training; its episodes stay stored)",
+        metavar="TASK=WEIGHT",
+    )
     advantage_weighting: bool = Field(
         False,
         description="weight episodes by exp(advantage/beta) from their outcome (AWR-style)",

@@ -73,6 +73,10 @@ class SamplerConfig:
     advantage_weighting: bool = False
     advantage_beta: float = 1.0
     advantage_max_weight: float = 20.0
+    # Relative share of each task in a batch, by name; a task not named gets 1.0, and 0
+    # leaves a task out of training (its episodes stay in the store). Empty: tasks with
+    # episodes share every batch equally, whatever their count of episodes.
+    task_weights: tuple[tuple[str, float], ...] = ()
 
     def for_model(self, model: PolicyConfig) -> SamplerConfig:
         """These knobs with what the model decides: its chunk length, input size and joint
@@ -84,6 +88,22 @@ class SamplerConfig:
             joint_lower=tuple(model.joint_lower),
             joint_upper=tuple(model.joint_upper),
         )
+
+
+def parse_task_weights(pairs: Sequence[str]) -> tuple[tuple[str, float], ...]:
+    """Command-line TASK=WEIGHT pairs as SamplerConfig.task_weights (names are checked
+    against the model's tasks when the sampler is built)."""
+    out: list[tuple[str, float]] = []
+    for pair in pairs:
+        task, sep, value = pair.partition("=")
+        try:
+            weight = float(value)
+        except ValueError:
+            weight = float("nan")
+        if not sep or not task or not (math.isfinite(weight) and weight >= 0.0):
+            raise ValueError(f"task weight {pair!r}: want TASK=WEIGHT with WEIGHT a number >= 0")
+        out.append((task, weight))
+    return tuple(out)
 
 
 def episode_return(attrs: dict) -> float:
@@ -207,6 +227,13 @@ class EpisodeSampler:
             raise ValueError(
                 f"policy_steps must be 'successful' or 'all', not {self.config.policy_steps!r}"
             )
+        for task, w in self.config.task_weights:
+            if task not in self.tasks or not (math.isfinite(w) and w >= 0.0):
+                raise ValueError(
+                    f"task weight {task}={w}: the task must be one of {list(self.tasks)}"
+                    " and the weight a finite number >= 0"
+                )
+        self._task_weight = dict(self.config.task_weights)
         self._rng = np.random.default_rng(self.seed)
         self._episodes: dict[EpisodeRef, _Episode] = {}
         # (episode, block) -> each camera's frames of that block of rows.
@@ -561,9 +588,18 @@ class EpisodeSampler:
 
     def _draw(self) -> dict[str, np.ndarray]:
         cfg = self.config
-        tasks = sorted(self._by_task)
+        tasks = [t for t in sorted(self._by_task) if self._task_weight.get(t, 1.0) > 0.0]
         if not tasks:
-            raise RuntimeError("no complete episodes to sample from yet")
+            raise RuntimeError(
+                "no complete episodes to sample from yet"
+                + (
+                    f" (task weights {self._task_weight} leave out {sorted(self._by_task)})"
+                    if self._by_task
+                    else ""
+                )
+            )
+        shares = np.array([self._task_weight.get(t, 1.0) for t in tasks])
+        shares /= shares.sum()
         b, k = cfg.batch_size, cfg.chunk_len
         if cfg.image_size:
             h, w = int(cfg.image_size[0]), int(cfg.image_size[1])
@@ -580,7 +616,10 @@ class EpisodeSampler:
         jpegs: list[bytes] = []
         task_weights: dict[EpisodeRef, float] = {}
         for i in range(b):
-            task = tasks[int(self._rng.integers(len(tasks)))]
+            if self._task_weight:
+                task = tasks[int(self._rng.choice(len(tasks), p=shares))]
+            else:
+                task = tasks[int(self._rng.integers(len(tasks)))]
             refs = self._by_task[task]
             ref = refs[int(self._rng.integers(len(refs)))]
             ep = self._episodes[ref]

@@ -233,7 +233,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     ap.add_argument("--data", type=Path, required=True, help="demonstration cache directory")
     ap.add_argument("--demos", type=int, default=20, help="expert episodes per task")
-    ap.add_argument("--tasks", default=",".join(MUJOCO_TASKS))
+    ap.add_argument(
+        "--tasks",
+        default=",".join(MUJOCO_TASKS),
+        help="tasks to record demonstrations of, train on and evaluate (the model knows all)",
+    )
     ap.add_argument("--cameras", default=",".join(CAMERAS), help="cameras the policy sees")
     ap.add_argument("--updates", type=int, default=2000)
     ap.add_argument("--eval-every", type=int, default=1000, help="updates between evaluations")
@@ -286,8 +290,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     cameras = tuple(c for c in args.cameras.split(",") if c)
     overrides = parse_overrides(args.set)
     cfg: PolicyConfig = policy_config(args.preset, MUJOCO_TASKS, cameras, **overrides)
+    # Train on --tasks only: the cache may hold every task's demonstrations (the model's
+    # vocabulary stays all of MUJOCO_TASKS, so weights are comparable across runs).
     sampler_cfg = SamplerConfig(
-        batch_size=args.batch_size, min_steps=1, max_samples_per_insert=1e12
+        batch_size=args.batch_size,
+        min_steps=1,
+        max_samples_per_insert=1e12,
+        task_weights=tuple((t, 1.0 if t in tasks else 0.0) for t in MUJOCO_TASKS),
     ).for_model(cfg)
     result: dict[str, Any] = {
         "config": cfg.to_dict(),

@@ -101,6 +101,9 @@ def test_fleet_up_names_the_tasks_each_sim_backend_has() -> None:
     [
         (["--preset", "huge"], "unknown policy preset 'huge'"),
         (["--policy-set", "chunk_len=-1"], "chunk_len must be >= 1"),
+        (["--policy-set", "huber_beta=-0.5"], "huber_beta must be a finite number >= 0"),
+        (["--task-weight", "juggle=2"], "--task-weight names ['juggle']"),
+        (["--task-weight", "a=-1"], "want TASK=WEIGHT with WEIGHT a number >= 0"),
     ],
 )
 def test_learner_refuses_a_model_it_cannot_build_before_starting(

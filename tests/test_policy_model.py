@@ -326,6 +326,50 @@ def test_bc_loss_ignores_padding_and_honours_weights() -> None:
     assert model.bc_loss(ignored)[0].item() == pytest.approx(model.bc_loss(only_three)[0].item())
 
 
+def test_huber_arm_joints_keep_learning_where_most_samples_hold_still() -> None:
+    """With plain L1, a sample whose joint holds still pulls a small prediction back to zero
+    as hard as a moving one pulls it away (the right waist stayed dead in every MuJoCo run);
+    with huber_beta the pull of holding still fades near zero. Grippers stay L1."""
+    from protos.joint_layout import GRIPPER_INDICES
+
+    waist, gripper = 7, GRIPPER_INDICES[1]
+    grads = {}
+    for beta in (0.0, 1.0):
+        model = make_model(huber_beta=beta, action_scale=(0.05,) * JOINT_DIM).eval()
+        batch = _bc_batch()
+        with torch.no_grad():  # targets: exactly where the arm already is ...
+            batch["actions"][:] = batch["joint_pos"][:, None, :]
+            model.head.bias[waist] = 0.01  # ... and a small predicted motion of two joints
+            model.head.bias[gripper] = 0.01
+        loss, _ = model.bc_loss(batch)
+        loss.backward()
+        grads[beta] = [float(g) for g in model.head.bias.grad]
+    # L1: the pull back is the full sign; Huber: a hundredth of it (0.01 of beta 1).
+    assert grads[1.0][waist] == pytest.approx(grads[0.0][waist] * 0.01, rel=1e-3)
+    assert grads[1.0][gripper] == pytest.approx(grads[0.0][gripper], rel=1e-6)
+    # Far errors cost the same per unit either way (no squared blow-up on big misses).
+    big = _bc_batch()
+    model = make_model(huber_beta=1.0, action_scale=(0.05,) * JOINT_DIM).eval()
+    with torch.no_grad():
+        big["actions"][:] = big["joint_pos"][:, None, :]
+        big["actions"][..., waist] += 1.0  # 0.33 of the waist's range: 6.7 scale units
+    l1_model = make_model(huber_beta=0.0, action_scale=(0.05,) * JOINT_DIM).eval()
+    assert model.bc_loss(big)[0].item() == pytest.approx(
+        l1_model.bc_loss(big)[0].item() - 0.5 / JOINT_DIM, rel=1e-4
+    )
+
+
+def test_huber_beta_comes_with_the_preset_and_old_manifests_keep_l1() -> None:
+    assert policy_config("small", TASKS, CAMERAS).huber_beta == 1.0
+    assert tiny().huber_beta == 0.0
+    old = policy_config("small", TASKS, CAMERAS).to_dict()
+    old.pop("huber_beta")  # a version trained before the field existed was trained on L1
+    assert PolicyConfig.from_dict(old).huber_beta == 0.0
+    for bad in (-0.5, float("nan")):
+        with pytest.raises(ValueError, match="huber_beta"):
+            tiny(huber_beta=bad)
+
+
 # -- weights and manifests ------------------------------------------------------------------
 
 

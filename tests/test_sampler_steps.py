@@ -182,3 +182,31 @@ def test_a_long_episode_is_read_and_kept_a_block_at_a_time(tmp_path) -> None:
     # Only touched blocks are read, each at most once a sample (the cache holds one).
     assert len(blocks) > 1 and len(blocks) <= sampler.frame_reads <= 40
     assert all(first % rows == 0 for _ref, first in sampler._frames)
+
+
+def test_task_weights_set_each_tasks_share_of_a_batch(tmp_path) -> None:
+    """A lab can give a lagging task more of every batch, or leave one out (weight 0)
+    without deleting its episodes."""
+    s = EpisodeStore(tmp_path / "store")
+    _episode(s, "ep-1", np.ones(N, bool), success=True, task="pick_cube")
+    _episode(s, "ep-2", np.ones(N, bool), success=True, task="pick_cube")
+    _episode(s, "ep-3", np.ones(N, bool), success=True, task="touch_target")
+
+    def share_of_pick(weights: tuple[tuple[str, float], ...]) -> float:
+        cfg = SamplerConfig(batch_size=64, min_steps=1, task_weights=weights)
+        sampler = EpisodeSampler(s, CAMERAS, TASKS, cfg, seed=5)
+        sampler.refresh(force=True)
+        ids = np.concatenate([sampler.sample()["task_id"] for _ in range(30)])
+        return float(np.mean(ids == TASKS.index("pick_cube")))
+
+    assert share_of_pick(()) == pytest.approx(0.5, abs=0.05)  # equal, not by episode count
+    assert share_of_pick((("touch_target", 3.0),)) == pytest.approx(0.25, abs=0.05)
+    assert share_of_pick((("pick_cube", 0.0),)) == 0.0
+    cfg = SamplerConfig(min_steps=1, task_weights=(("pick_cube", 0.0), ("touch_target", 0.0)))
+    sampler = EpisodeSampler(s, CAMERAS, TASKS, cfg)
+    sampler.refresh(force=True)
+    with pytest.raises(RuntimeError, match="task weights"):
+        sampler.sample()
+    for bad in ((("juggle", 1.0),), (("pick_cube", -1.0),), (("pick_cube", float("inf")),)):
+        with pytest.raises(ValueError, match="task weight"):
+            EpisodeSampler(s, CAMERAS, TASKS, SamplerConfig(task_weights=bad))

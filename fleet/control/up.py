@@ -92,6 +92,11 @@ class UpOptions(BaseModel):
         help="model settings over the preset's (fleet learner --policy-set)",
         metavar="KEY=VALUE",
     )
+    task_weight: list[str] = flag(
+        default_factory=list,
+        help="each task's share of a batch (fleet learner --task-weight)",
+        metavar="TASK=WEIGHT",
+    )
     realtime_factor: float = Field(1.0, description="sim seconds per wall second in each cell")
     drain_timeout: float = Field(
         60.0, description="seconds a stopping cell may take to get its last steps acked"
@@ -271,6 +276,7 @@ def run_up(args: UpOptions) -> int:
                 "--preset",
                 args.preset or SIM_PRESETS[args.sim_backend],
                 *(["--policy-set", *args.policy_set] if args.policy_set else []),
+                *(["--task-weight", *args.task_weight] if args.task_weight else []),
                 *(["--lr", str(args.lr)] if args.lr is not None else []),
                 *(["--batch-size", str(args.batch_size)] if args.batch_size is not None else []),
                 "--publish-every",

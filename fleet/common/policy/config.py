@@ -34,6 +34,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "token_grid": (3, 4),
         "keypoints": 0,
         "shift_augment": 0,
+        "huber_beta": 0.0,
     },
     "base": {
         "chunk_len": 10,
@@ -48,6 +49,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "token_grid": (6, 8),
         "keypoints": 0,
         "shift_augment": 0,
+        "huber_beta": 0.0,
     },
     "large": {
         "chunk_len": 10,
@@ -62,6 +64,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "token_grid": (8, 10),
         "keypoints": 0,
         "shift_augment": 0,
+        "huber_beta": 0.0,
     },
 }
 
@@ -76,6 +79,7 @@ PRESETS["small"] = {
     "image_channels": (8, 16, 32, 64),
     "keypoints": 16,
     "shift_augment": 4,
+    "huber_beta": 1.0,
 }
 
 # The default each preset-filled field starts at; it means "take the preset's value".
@@ -92,6 +96,7 @@ _FROM_PRESET: dict[str, Any] = {
     "token_grid": (),
     "keypoints": -1,
     "shift_augment": -1,
+    "huber_beta": -1.0,
 }
 
 # Fields added after versions were first published, with the value that rebuilds those
@@ -101,6 +106,7 @@ _LEGACY: dict[str, Any] = {
     "shift_augment": 0,
     "action_scale": (),
     "keypoint_stage": -1,
+    "huber_beta": 0.0,
 }
 
 _TUPLE_FIELDS = (
@@ -153,6 +159,12 @@ class PolicyConfig:
     # joint that moves 0.01 of its range is fitted as precisely as a gripper that moves 0.5
     # of its range. () = 1.0 for every joint (versions published before the field existed).
     action_scale: tuple[float, ...] = ()
+    # The loss on arm joints: Huber (smooth L1) turning quadratic below this error, in
+    # action_scale units; 0 = plain L1. Grippers are always L1. With plain L1 a joint that
+    # holds still in most samples (the right waist: push_to_target never moves it) is
+    # pinned at "no motion": the samples that hold still pull its output to exactly zero
+    # as hard as the ones that move pull it away, and its head row never grows.
+    huber_beta: float = -1.0
 
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
@@ -186,6 +198,8 @@ class PolicyConfig:
         for name in ("image_blocks", "keypoints", "shift_augment"):
             if int(getattr(self, name)) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not (math.isfinite(self.huber_beta) and self.huber_beta >= 0.0):
+            raise ValueError(f"huber_beta must be a finite number >= 0, got {self.huber_beta}")
         for name in ("image_size", "token_grid"):
             value = getattr(self, name)
             if len(value) != 2 or min(value) < 1:

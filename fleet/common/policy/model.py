@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fleet.common.policy.config import PolicyConfig
-from protos.joint_layout import JOINT_DIM
+from protos.joint_layout import GRIPPER_INDICES, JOINT_DIM
 
 _PIXEL_MEAN = 0.5
 _PIXEL_STD = 0.25
@@ -267,7 +267,8 @@ class UnifiedPolicy(nn.Module):
     def bc_loss(
         self, batch: Mapping[str, Tensor], predicted: Tensor | None = None
     ) -> tuple[Tensor, dict[str, float]]:
-        """Weighted, masked L1 behaviour cloning on action chunks in normalised joint space.
+        """Weighted, masked behaviour cloning on action chunks in normalised joint space: L1,
+        or on arm joints Huber below the config's `huber_beta` (see PolicyConfig).
 
         `predicted` lets a caller that already ran forward_normalized (RLlib's forward_train)
         avoid a second forward pass. Padding past an episode's end (action_mask 0) is ignored;
@@ -291,7 +292,14 @@ class UnifiedPolicy(nn.Module):
 
         # In action_scale units: each joint's error relative to how far that joint moves.
         abs_err = (predicted - self.normalize_joints(actions)).abs()  # joint-limit units
-        step_err = (abs_err / self.action_scale).mean(-1)  # (B, K)
+        scaled = abs_err / self.action_scale
+        beta = float(self.config.huber_beta)
+        if beta > 0.0:
+            huber = torch.where(scaled < beta, 0.5 * scaled.square() / beta, scaled - 0.5 * beta)
+            arm = torch.ones(JOINT_DIM, dtype=torch.bool, device=scaled.device)
+            arm[list(GRIPPER_INDICES)] = False  # open or closed: L1 keeps the median
+            scaled = torch.where(arm, huber, scaled)
+        step_err = scaled.mean(-1)  # (B, K)
         valid = mask.sum(1)
         per_sample = (step_err * mask).sum(1) / valid.clamp_min(1.0)
         weight = weight * (valid > 0).float()
