@@ -388,10 +388,15 @@ class EpisodeSampler:
         """The model's tasks that no complete episode in the index has yet."""
         return [t for t in self.tasks if not self._by_task.get(t)]
 
+    def _weighted_tasks(self) -> list[str]:
+        """Tasks with episodes that task_weights does not leave out, in name order."""
+        return [t for t in sorted(self._by_task) if self._task_weight.get(t, 1.0) > 0.0]
+
     def ready(self) -> bool:
-        """True when the limiter allows one more batch (refreshing the index if due)."""
+        """True when the limiter allows one more batch (refreshing the index if due) and a
+        task the batches draw from has an episode."""
         self.refresh()
-        return bool(self._by_task) and self.limiter.may_sample(self.config.batch_size)
+        return bool(self._weighted_tasks()) and self.limiter.may_sample(self.config.batch_size)
 
     def sample(self) -> dict[str, np.ndarray]:
         """One task-balanced batch in the layout UnifiedPolicy.bc_loss expects.
@@ -588,7 +593,7 @@ class EpisodeSampler:
 
     def _draw(self) -> dict[str, np.ndarray]:
         cfg = self.config
-        tasks = [t for t in sorted(self._by_task) if self._task_weight.get(t, 1.0) > 0.0]
+        tasks = self._weighted_tasks()
         if not tasks:
             raise RuntimeError(
                 "no complete episodes to sample from yet"
