@@ -91,8 +91,8 @@ class SamplerConfig:
 
 
 def parse_task_weights(pairs: Sequence[str]) -> tuple[tuple[str, float], ...]:
-    """Command-line TASK=WEIGHT pairs as SamplerConfig.task_weights (names are checked
-    against the model's tasks when the sampler is built)."""
+    """Command-line TASK=WEIGHT pairs as SamplerConfig.task_weights, refused before anything
+    starts (the caller checks the names against the model's tasks)."""
     out: list[tuple[str, float]] = []
     for pair in pairs:
         task, sep, value = pair.partition("=")
