@@ -371,11 +371,16 @@ class ControlLoop:
         if servo is not None:
             servo.skip_to_now()  # the episode starts with the servo process's next tick
         try:
-            next_tick = started
+            # The schedule is anchor + ticks * period, never a running sum: summed periods
+            # drift off the sim's substep grid by more the older the cell's clock, and an
+            # episode must not depend on how long its cell has run (drivers/sim/world.py).
+            anchor, ticks = started, 0
             while not stop.is_set():
                 if servo is None:
                     now = self.clock.now()
-                    next_tick = self._tick_started(now, now - next_tick, lateness, next_tick)
+                    due = anchor + ticks * self.period
+                    if self._tick_started(now, now - due, lateness, due) != due:
+                        anchor, ticks = now, 0  # a missed tick: the schedule starts again
                 try:
                     if servo is None:
                         obs = self.hardware.observe()
@@ -400,8 +405,8 @@ class ControlLoop:
                     pending = None
                 if servo is None:
                     self._tick += 1
-                    next_tick += self.period
-                    self.clock.sleep_until(next_tick)
+                    ticks += 1
+                    self.clock.sleep_until(anchor + ticks * self.period)
                 # The step's reward is the one its action earned (read after the physics or
                 # the real arms moved), so the success step itself carries the success reward.
                 success = bool(self.scene.success())

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from rich.console import Console
 
 from actors.control_loop import episode_seed
-from actors.evaluate import PolicySpec, evaluate, run_jobs
+from actors.evaluate import CONTROL_HZ, EpisodeRunner, PolicySpec, evaluate, run_jobs, sim_cell
 from fleet.common.evaluation import EvalResult, wilson_interval
 from fleet.common.policy.config import policy_config
 from fleet.common.policy.manifest import Manifest
@@ -122,6 +122,44 @@ def test_worker_processes_give_the_same_episodes(version: Path) -> None:
     assert [(r.policy, r.task, r.seed, r.trace_sha256) for r in alone.records] == [
         (r.policy, r.task, r.seed, r.trace_sha256) for r in spread.records
     ]
+
+
+def test_an_episode_does_not_depend_on_how_long_its_cell_has_run(version: Path) -> None:
+    """A cell's sim clock runs on across episodes, so fleet eval's later scenes start on an
+    older clock: the same scene must play the same on a cell that has run for months as on
+    a new one. Every tick must take the same whole number of substeps; the loop's running
+    sum of periods once gave a tick an extra one (just past 2048 s, where the clock's float
+    spacing doubles, within the first 30 ticks)."""
+    text = version.read_text()
+    spec = PolicySpec(
+        "v0001", "version", str(version.with_suffix(".safetensors")), str(version), text
+    )
+    expert = PolicySpec("expert", "expert", manifest_json=text)
+    digests = []
+    for age_s in (0.0, 200.0, 2048.69, 3 * 86400.0, 90 * 86400.0):
+        with sim_cell("kinematic", "eval-0", CAMERAS) as cell:
+            world = cell.world
+            world.steps += round(age_s / world.dt)  # what that much running leaves
+            per_tick = round(1.0 / (CONTROL_HZ * world.dt))
+            taken: list[int] = []
+            sleep_until = cell.clock.sleep_until
+
+            def timed(t: float, sleep_until=sleep_until, world=world, taken=taken) -> None:
+                before = world.steps
+                sleep_until(t)
+                taken.append(world.steps - before)
+
+            cell.clock.sleep_until = timed
+            runner = EpisodeRunner("kinematic", cell, "eval-0")
+            digests.append(
+                [
+                    runner.run(p, task, heldout_seed(3)).trace_sha256
+                    for task in KINEMATIC_TASKS
+                    for p in (spec, expert)
+                ]
+            )
+            assert taken and set(taken) == {per_tick}, (age_s, sorted(set(taken)))
+    assert all(d == digests[0] for d in digests[1:]), digests
 
 
 def test_a_mujoco_episode_replays_step_for_step(tmp_path: Path) -> None:

@@ -148,6 +148,20 @@ def inverse_kinematics(
     return np.clip(q, ARM_LOWER, ARM_UPPER)
 
 
+# A time within this many substeps past a grid time counts as that grid time. A control loop
+# asks for `start + k * period` on the cell's absolute sim time, and the rounding of that sum
+# grows with the time: it must never cost a tick an extra substep, or the same scene plays
+# differently on a cell that has run longer (fleet eval's determinism; with the loop's old
+# running sum, a tick 200 s into a cell's life came out a substep long). 1e-4 substeps is
+# far above the rounding of a clock years old and far below any time a loop means to ask.
+GRID_TOLERANCE_STEPS = 1e-4
+
+
+def grid_index(t: float, dt: float) -> int:
+    """Index of the first substep time (k * dt) at or after `t`."""
+    return math.ceil(t / dt - GRID_TOLERANCE_STEPS)
+
+
 class SimWorld:
     """The state of one simulated cell, stepped in fixed substeps of `dt` seconds.
 
@@ -183,8 +197,7 @@ class SimWorld:
 
     def steps_until(self, t: float) -> int:
         """Substeps needed to reach the first grid time >= t (0 if already there)."""
-        n = math.ceil(t / self.dt - 1e-9)
-        return max(0, n - self.steps)
+        return max(0, grid_index(t, self.dt) - self.steps)
 
     # --- state ------------------------------------------------------------------------------
     def reset(self, task: str | None, seed: int) -> None:

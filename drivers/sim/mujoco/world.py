@@ -43,6 +43,7 @@ from drivers.sim.mujoco.tasks import (
     task_reward,
     task_success,
 )
+from drivers.sim.world import grid_index
 from protos.joint_layout import ARM_SIDES, JOINT_DIM, JOINTS_PER_ARM
 
 log = logging.getLogger(__name__)
@@ -133,8 +134,7 @@ class MujocoWorld:
 
     def steps_until(self, t: float) -> int:
         """Substeps needed to reach the first grid time >= t (0 if already there)."""
-        n = math.ceil(t / self.dt - 1e-9)
-        return max(0, n - self.steps)
+        return max(0, grid_index(t, self.dt) - self.steps)
 
     def step(self, n: int = 1) -> None:
         """Advance `n` physics substeps."""
@@ -149,10 +149,10 @@ class MujocoWorld:
         an episode runs the same whatever the world's absolute time."""
         if not dt >= 0:
             raise ValueError("dt must be >= 0")
-        if self.steps - self._clock_base > math.ceil(self._clock_t / self.dt - 1e-9):
+        if self.steps - self._clock_base > grid_index(self._clock_t, self.dt):
             self._clock_base, self._clock_t = self.steps, 0.0  # stepped by someone else
         self._clock_t += float(dt)
-        target = self._clock_base + math.ceil(self._clock_t / self.dt - 1e-9)
+        target = self._clock_base + grid_index(self._clock_t, self.dt)
         self.step(target - self.steps)
 
     # --- episode -----------------------------------------------------------------------------
