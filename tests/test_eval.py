@@ -18,7 +18,15 @@ from hypothesis import strategies as st
 from rich.console import Console
 
 from actors.control_loop import episode_seed
-from actors.evaluate import CONTROL_HZ, EpisodeRunner, PolicySpec, evaluate, run_jobs, sim_cell
+from actors.evaluate import (
+    CONTROL_HZ,
+    EpisodeRunner,
+    PolicySpec,
+    evaluate,
+    resolve_version,
+    run_jobs,
+    sim_cell,
+)
 from fleet.common.evaluation import EvalResult, wilson_interval
 from fleet.common.policy.config import policy_config
 from fleet.common.policy.manifest import Manifest
@@ -130,11 +138,8 @@ def test_an_episode_does_not_depend_on_how_long_its_cell_has_run(version: Path) 
     a new one. Every tick must take the same whole number of substeps; the loop's running
     sum of periods once gave a tick an extra one (just past 2048 s, where the clock's float
     spacing doubles, within the first 30 ticks)."""
-    text = version.read_text()
-    spec = PolicySpec(
-        "v0001", "version", str(version.with_suffix(".safetensors")), str(version), text
-    )
-    expert = PolicySpec("expert", "expert", manifest_json=text)
+    spec = PolicySpec.of_version(resolve_version(version))
+    expert = PolicySpec("expert", "expert", manifest_json=spec.manifest_json)
     digests = []
     for age_s in (0.0, 200.0, 2048.69, 3 * 86400.0, 90 * 86400.0):
         with sim_cell("kinematic", "eval-0", CAMERAS) as cell:
