@@ -148,6 +148,11 @@ class LearnerOptions(MetricsOptions):
         " (0 leaves a task out of training; its episodes stay stored)",
         metavar="TASK=WEIGHT",
     )
+    mask_after_success: bool = Field(
+        False,
+        description="mask chunk targets past the end of a successful episode instead of "
+        "training them as holding its last action (stop at the goal)",
+    )
     advantage_weighting: bool = Field(
         False,
         description="weight episodes by exp(advantage/beta) from their outcome (AWR-style)",

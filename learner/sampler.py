@@ -77,6 +77,13 @@ class SamplerConfig:
     # leaves a task out of training (its episodes stay in the store). Empty: tasks with
     # episodes share every batch equally, whatever their count of episodes.
     task_weights: tuple[tuple[str, float], ...] = ()
+    # Chunk targets past the end of an episode that ended in success are trained as holding
+    # its last action (the arm stays where the task was done) instead of masked out. The
+    # cell ends an episode the tick it succeeds, so without this nothing in the data says
+    # to stop at the goal: a chunk near the end teaches only its first few targets, and the
+    # policy pushes a block on past its target or never lets go of a cube it has set down.
+    # Episodes cut short (time limit, abort) stay masked: what came next is unknown.
+    hold_after_success: bool = True
 
     def for_model(self, model: PolicyConfig) -> SamplerConfig:
         """These knobs with what the model decides: its chunk length, input size and joint
@@ -191,6 +198,7 @@ class _Episode:
     n_steps: int
     ret: float = 0.0
     steps: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    succeeded: bool = False
 
 
 @dataclass
@@ -333,7 +341,10 @@ class EpisodeSampler:
             steps = self._within_joint_range(
                 ref, data, trainable_steps(data, self.config.policy_steps)
             )
-            self._episodes[ref] = _Episode(data, task, n, episode_return(dict(data.attrs)), steps)
+            succeeded = bool((data.attrs.get("outcome") or {}).get("success"))
+            self._episodes[ref] = _Episode(
+                data, task, n, episode_return(dict(data.attrs)), steps, succeeded
+            )
             if len(steps) == 0:
                 log.info(
                     "episode %s/%s (%s): the policy failed alone, nothing to imitate",
@@ -643,7 +654,7 @@ class EpisodeSampler:
             end = min(t + k, ep.n_steps)
             actions[i, : end - t] = data.action[t:end]
             actions[i, end - t :] = data.action[end - 1]
-            mask[i, : end - t] = 1.0
+            mask[i, : k if ep.succeeded and cfg.hold_after_success else end - t] = 1.0
             if bool(data.intervention[t]):
                 weight[i] = cfg.intervention_weight
             if cfg.advantage_weighting:

@@ -256,6 +256,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "demo_scenes; underfit or overfit?)",
     )
     ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument(
+        "--mask-after-success",
+        action="store_true",
+        help="mask chunk targets past a successful episode's end (the learner's flag)",
+    )
     ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument(
         "--lr-schedule", choices=["constant", "cosine"], default="constant", help="over --updates"
@@ -297,6 +302,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         min_steps=1,
         max_samples_per_insert=1e12,
         task_weights=tuple((t, 1.0 if t in tasks else 0.0) for t in MUJOCO_TASKS),
+        hold_after_success=not args.mask_after_success,
     ).for_model(cfg)
     result: dict[str, Any] = {
         "config": cfg.to_dict(),

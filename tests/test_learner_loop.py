@@ -163,3 +163,39 @@ def test_action_scale_stops_waiting_after_its_limit(
             trainer.stop()
     assert "no episode of pick_cube" in caplog.text
     assert trainer.policy_config.action_scale  # measured, on touch_target alone
+
+
+def _draws_at_the_end(sampler: EpisodeSampler, last_q: np.ndarray) -> list[tuple]:
+    """Rows drawn at the step whose joints are `last_q` (an episode's last), over batches."""
+    found: list[tuple] = []
+    for _ in range(200):
+        batch = sampler.sample()
+        for i in np.flatnonzero((batch["joint_pos"] == last_q).all(axis=1)):
+            found.append((batch["actions"][i], batch["action_mask"][i]))
+        if found:
+            return found
+    raise AssertionError("the last step was never drawn in 200 batches")
+
+
+def test_a_successful_episode_teaches_holding_still_at_its_end(tmp_path: Path) -> None:
+    """Past the end of an episode that succeeded the chunk holds the last action and is
+    trained on (stop at the goal); past one cut short by its time limit it stays masked."""
+    store = EpisodeStore(tmp_path / "store")
+    record_expert_episodes(store, task="pick_cube", episodes=1, seed=5)
+    record_expert_episodes(store, task="touch_target", episodes=1, seed=6, max_steps=6)
+    by_task = {}
+    for ref in store.episodes(complete_only=True):
+        data = store.read_episode(ref, frames=False)
+        by_task[data.attrs["task"]] = data
+    done, cut = by_task["pick_cube"], by_task["touch_target"]
+    assert done.attrs["outcome"]["success"] and not cut.attrs["outcome"]["success"]
+    k = 10
+    for hold in (True, False):
+        cfg = SamplerConfig(batch_size=64, min_steps=1, chunk_len=k, hold_after_success=hold)
+        sampler = EpisodeSampler(store, CAMERAS, TASKS, cfg, seed=1)
+        sampler.refresh(force=True)
+        actions, mask = _draws_at_the_end(sampler, done.joint_pos[-1])[0]
+        assert np.array_equal(actions, np.repeat(done.action[-1:], k, axis=0))
+        assert mask.tolist() == ([1.0] * k if hold else [1.0] + [0.0] * (k - 1))
+        actions, mask = _draws_at_the_end(sampler, cut.joint_pos[-1])[0]
+        assert mask.tolist() == [1.0] + [0.0] * (k - 1), "a cut episode's future is unknown"
