@@ -230,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
             max_samples_per_insert=args.max_samples_per_insert,
             advantage_weighting=args.advantage_weighting,
             task_weights=task_weights,
-            hold_after_success=not args.mask_after_success,
+            hold_after_success=args.hold_after_success,
         ).for_model(model_config),
     )
     trainer = ray.remote(num_cpus=1, max_concurrency=2)(TrainerActor).remote(

@@ -148,10 +148,10 @@ class LearnerOptions(MetricsOptions):
         " (0 leaves a task out of training; its episodes stay stored)",
         metavar="TASK=WEIGHT",
     )
-    mask_after_success: bool = Field(
+    hold_after_success: bool = Field(
         False,
-        description="mask chunk targets past the end of a successful episode instead of "
-        "training them as holding its last action (stop at the goal)",
+        description="train chunk targets past the end of a successful episode as holding "
+        "its last action instead of masking them (stop at the goal; hurt place_cube)",
     )
     advantage_weighting: bool = Field(
         False,

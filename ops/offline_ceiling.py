@@ -257,9 +257,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument(
-        "--mask-after-success",
+        "--hold-after-success",
         action="store_true",
-        help="mask chunk targets past a successful episode's end (the learner's flag)",
+        help="train chunk targets past a successful episode's end as holding its last action"
+        " (the learner's flag)",
     )
     ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument(
@@ -302,7 +303,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         min_steps=1,
         max_samples_per_insert=1e12,
         task_weights=tuple((t, 1.0 if t in tasks else 0.0) for t in MUJOCO_TASKS),
-        hold_after_success=not args.mask_after_success,
+        hold_after_success=args.hold_after_success,
     ).for_model(cfg)
     result: dict[str, Any] = {
         "config": cfg.to_dict(),

@@ -177,9 +177,10 @@ def _draws_at_the_end(sampler: EpisodeSampler, last_q: np.ndarray) -> list[tuple
     raise AssertionError("the last step was never drawn in 200 batches")
 
 
-def test_a_successful_episode_teaches_holding_still_at_its_end(tmp_path: Path) -> None:
-    """Past the end of an episode that succeeded the chunk holds the last action and is
-    trained on (stop at the goal); past one cut short by its time limit it stays masked."""
+def test_hold_after_success_trains_the_end_of_successful_episodes_only(tmp_path: Path) -> None:
+    """Past an episode's end chunk targets are masked by default; with hold_after_success
+    those of an episode that succeeded hold its last action and are trained on, while one cut
+    short by its time limit stays masked (what came next is unknown)."""
     store = EpisodeStore(tmp_path / "store")
     record_expert_episodes(store, task="pick_cube", episodes=1, seed=5)
     record_expert_episodes(store, task="touch_target", episodes=1, seed=6, max_steps=6)
@@ -190,6 +191,7 @@ def test_a_successful_episode_teaches_holding_still_at_its_end(tmp_path: Path) -
     done, cut = by_task["pick_cube"], by_task["touch_target"]
     assert done.attrs["outcome"]["success"] and not cut.attrs["outcome"]["success"]
     k = 10
+    assert not SamplerConfig().hold_after_success
     for hold in (True, False):
         cfg = SamplerConfig(batch_size=64, min_steps=1, chunk_len=k, hold_after_success=hold)
         sampler = EpisodeSampler(store, CAMERAS, TASKS, cfg, seed=1)

@@ -97,6 +97,9 @@ class UpOptions(BaseModel):
         help="each task's share of a batch (fleet learner --task-weight)",
         metavar="TASK=WEIGHT",
     )
+    hold_after_success: bool = Field(
+        False, description="fleet learner --hold-after-success (off: it hurt place_cube)"
+    )
     realtime_factor: float = Field(1.0, description="sim seconds per wall second in each cell")
     drain_timeout: float = Field(
         60.0, description="seconds a stopping cell may take to get its last steps acked"
@@ -277,6 +280,7 @@ def run_up(args: UpOptions) -> int:
                 args.preset or SIM_PRESETS[args.sim_backend],
                 *(["--policy-set", *args.policy_set] if args.policy_set else []),
                 *(["--task-weight", *args.task_weight] if args.task_weight else []),
+                *(["--hold-after-success"] if args.hold_after_success else []),
                 *(["--lr", str(args.lr)] if args.lr is not None else []),
                 *(["--batch-size", str(args.batch_size)] if args.batch_size is not None else []),
                 "--publish-every",
