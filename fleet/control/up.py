@@ -98,7 +98,7 @@ class UpOptions(BaseModel):
         metavar="TASK=WEIGHT",
     )
     hold_after_success: bool = Field(
-        False, description="fleet learner --hold-after-success (off: it hurt place_cube)"
+        False, description="fleet learner --hold-after-success (stop at the goal)"
     )
     realtime_factor: float = Field(1.0, description="sim seconds per wall second in each cell")
     drain_timeout: float = Field(
