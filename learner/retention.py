@@ -35,7 +35,7 @@ from rich.table import Table
 
 from fleet.common.logs import setup_logging
 from fleet.control.connection import redis_url
-from learner.sampler import trained_on
+from learner.sampler import episode_succeeded, trained_on
 from learner.store import EpisodeRef, EpisodeStore
 
 log = logging.getLogger("store")
@@ -78,7 +78,7 @@ def usage(store: EpisodeStore) -> list[EpisodeUsage]:
         ep_dir = store.root / ref.path
         size = sum(f.stat().st_size for f in ep_dir.rglob("*") if f.is_file())
         if attrs.get("complete"):
-            outcome = "success" if (attrs.get("outcome") or {}).get("success") else "failure"
+            outcome = "success" if episode_succeeded(attrs) else "failure"
         else:
             outcome = "truncated" if attrs.get("truncated") else "in progress"
         versions = attrs.get("policy_versions") or [""]

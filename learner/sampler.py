@@ -116,12 +116,17 @@ def parse_task_weights(pairs: Sequence[str]) -> tuple[tuple[str, float], ...]:
     return tuple(out)
 
 
+def episode_succeeded(attrs: dict) -> bool:
+    """Whether a finished episode's outcome (sent with its last chunk) says it succeeded."""
+    return bool((attrs.get("outcome") or {}).get("success"))
+
+
 def episode_return(attrs: dict) -> float:
     """An episode's outcome as a number: its "return" if the cell sent one, else success."""
     outcome = attrs.get("outcome") or {}
     if "return" in outcome:
         return float(outcome["return"])
-    return 1.0 if outcome.get("success") else 0.0
+    return 1.0 if episode_succeeded(attrs) else 0.0
 
 
 def advantage_weight(ret: float, task_mean: float, beta: float, max_weight: float) -> float:
@@ -177,8 +182,7 @@ def trainable_steps(data: EpisodeData, policy_steps: str) -> np.ndarray:
     if policy_steps == "all":
         return np.arange(n)
     operator = np.asarray(data.intervention[:n], dtype=bool)
-    outcome = data.attrs.get("outcome") or {}
-    if outcome.get("success") and not operator.any():
+    if episode_succeeded(data.attrs) and not operator.any():
         return np.arange(n)
     return np.flatnonzero(operator)
 
@@ -191,7 +195,7 @@ def trained_on(attrs: dict, policy_steps: str = "successful") -> bool:
         return True
     if int(attrs.get("intervention_steps", 0)) > 0:
         return True
-    return bool((attrs.get("outcome") or {}).get("success"))
+    return episode_succeeded(attrs)
 
 
 @dataclass
@@ -344,9 +348,9 @@ class EpisodeSampler:
             steps = self._within_joint_range(
                 ref, data, trainable_steps(data, self.config.policy_steps)
             )
-            succeeded = bool((data.attrs.get("outcome") or {}).get("success"))
+            attrs = dict(data.attrs)
             self._episodes[ref] = _Episode(
-                data, task, n, episode_return(dict(data.attrs)), steps, succeeded
+                data, task, n, episode_return(attrs), steps, episode_succeeded(attrs)
             )
             if len(steps) == 0:
                 log.info(

@@ -165,15 +165,14 @@ def test_action_scale_stops_waiting_after_its_limit(
     assert trainer.policy_config.action_scale  # measured, on touch_target alone
 
 
-def _draws_at_the_end(sampler: EpisodeSampler, last_q: np.ndarray) -> list[tuple]:
-    """Rows drawn at the step whose joints are `last_q` (an episode's last), over batches."""
-    found: list[tuple] = []
+def _draw_at_the_end(sampler: EpisodeSampler, last_q: np.ndarray) -> tuple:
+    """(actions, mask) of a row drawn at the step whose joints are `last_q` (an episode's
+    last), sampling batches until one holds it."""
     for _ in range(200):
         batch = sampler.sample()
-        for i in np.flatnonzero((batch["joint_pos"] == last_q).all(axis=1)):
-            found.append((batch["actions"][i], batch["action_mask"][i]))
-        if found:
-            return found
+        at = np.flatnonzero((batch["joint_pos"] == last_q).all(axis=1))
+        if len(at):
+            return batch["actions"][at[0]], batch["action_mask"][at[0]]
     raise AssertionError("the last step was never drawn in 200 batches")
 
 
@@ -196,8 +195,8 @@ def test_hold_after_success_trains_the_end_of_successful_episodes_only(tmp_path:
         cfg = SamplerConfig(batch_size=64, min_steps=1, chunk_len=k, hold_after_success=hold)
         sampler = EpisodeSampler(store, CAMERAS, TASKS, cfg, seed=1)
         sampler.refresh(force=True)
-        actions, mask = _draws_at_the_end(sampler, done.joint_pos[-1])[0]
+        actions, mask = _draw_at_the_end(sampler, done.joint_pos[-1])
         assert np.array_equal(actions, np.repeat(done.action[-1:], k, axis=0))
         assert mask.tolist() == ([1.0] * k if hold else [1.0] + [0.0] * (k - 1))
-        actions, mask = _draws_at_the_end(sampler, cut.joint_pos[-1])[0]
+        actions, mask = _draw_at_the_end(sampler, cut.joint_pos[-1])
         assert mask.tolist() == [1.0] + [0.0] * (k - 1), "a cut episode's future is unknown"
