@@ -224,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         policy_overrides=policy_overrides,
         action_scale=args.action_scale,
         action_scale_wait_s=args.action_scale_wait_s,
+        first_version_demos=args.first_version_demos,
         sampler=SamplerConfig(
             batch_size=args.batch_size,
             min_steps=args.min_steps,

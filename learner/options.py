@@ -142,6 +142,13 @@ class LearnerOptions(MetricsOptions):
         description="with --action-scale data: the first update waits up to this many seconds "
         "for an episode of every task (0 = measure at once on what is stored; fleet up: 120)",
     )
+    first_version_demos: int = flag(
+        TrainerConfig.first_version_demos,
+        "publish no version until the store holds N demonstrations (episodes an operator "
+        "drove whole) of every task; cells demonstrate until a version arrives",
+        metavar="N",
+        ge=0,
+    )
     task_weight: list[str] = flag(
         default_factory=list,
         help="a task's share of each batch against the others' 1.0, e.g. place_cube=2"

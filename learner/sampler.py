@@ -402,6 +402,17 @@ class EpisodeSampler:
         mean = float(np.mean([self._episodes[r].ret for r in refs])) if refs else ep.ret
         return advantage_weight(ep.ret, mean, cfg.advantage_beta, cfg.advantage_max_weight)
 
+    def demonstrations_by_task(self) -> dict[str, int]:
+        """Indexed episodes of each model task that the operator drove from the first step
+        to the last (demonstrations: whole episodes from the start pose, not takeovers)."""
+        counts = dict.fromkeys(self.tasks, 0)
+        for task, refs in self._by_task.items():
+            for ref in refs:
+                ep = self._episodes[ref]
+                if int(ep.data.attrs.get("intervention_steps", 0)) >= ep.n_steps:
+                    counts[task] += 1
+        return counts
+
     def tasks_without_episodes(self) -> list[str]:
         """The model's tasks that no complete episode in the index has yet."""
         return [t for t in self.tasks if not self._by_task.get(t)]

@@ -77,6 +77,11 @@ class TrainerConfig:
     # 0 = measure at once on what is stored: a lab whose operators demonstrate tasks one
     # after another sets how long the first version may wait for the rest.
     action_scale_wait_s: float = 0.0
+    # No version is published until the store holds this many demonstrations (episodes the
+    # operator drove whole) of every task: cells run no policy before the first version, so
+    # their operators keep demonstrating, and the trainer trains on the demonstrations
+    # meanwhile. 0 = publish after the first publish_every_updates, whatever is stored.
+    first_version_demos: int = 0
 
 
 class Trainer:
@@ -137,6 +142,7 @@ class Trainer:
         self._started = time.monotonic()
         self._last_stats = 0.0
         self._scale_wait_since: float | None = None  # see _wait_for_every_task
+        self._waiting_for = ""  # tasks short of first_version_demos (see _publish_due)
         self._last_checkpoint = time.monotonic()
         self._checkpoint_root = Path(config.checkpoint_dir) if config.checkpoint_dir else None
         self.resumed = self._resume()
@@ -215,11 +221,29 @@ class Trainer:
             metrics = update(self.learner_group, batch)
             self.updates += 1
             self.last_loss = float(metrics.get("loss", float("nan")))
-            if self.updates % self.config.publish_every_updates == 0:
+            if self._publish_due():
                 self.publish()
             else:
                 self._maybe_checkpoint()
             self._publish_stats()
+
+    def _publish_due(self) -> bool:
+        """Every publish_every_updates; the first version also waits for the operators'
+        demonstrations (first_version_demos of every task) and follows them at once."""
+        every = self.config.publish_every_updates
+        if self.versions:
+            return self.updates % every == 0
+        if self.updates < every:
+            return False
+        want = self.config.first_version_demos
+        short = {t: n for t, n in self.sampler.demonstrations_by_task().items() if n < want}
+        waiting = ", ".join(f"{t} {n}/{want}" for t, n in sorted(short.items()))
+        if waiting and waiting != self._waiting_for:
+            log.info("first version waits for demonstrations: %s", waiting)
+        elif not waiting and want:
+            log.info("%d demonstrations of every task stored: first version", want)
+        self._waiting_for = waiting
+        return not short
 
     def publish(self) -> str:
         """Checkpoint this version's weights under its id first, then publish it."""
@@ -384,7 +408,10 @@ class Trainer:
         if now - self._last_stats < 1.0:
             return
         self._last_stats = now
-        self.registry.set_learner_stats(trainer_state="training", **self.stats())
+        state = "training"
+        if self._waiting_for:
+            state += "; first version waits for demonstrations: " + self._waiting_for
+        self.registry.set_learner_stats(trainer_state=state, **self.stats())
 
     def _safe_stats(self, **extra: float | int | str) -> None:
         """Stats to the registry from the error path: a Redis outage must not end the

@@ -24,11 +24,14 @@ def record_expert_episodes(
     chunk_steps: int = 40,
     max_steps: int = 160,
     scene_seeds: Sequence[int] | None = None,
+    policy_first: int = 0,
 ) -> int:
     """Drive the sim cell with its expert for `episodes` episodes; returns steps stored.
 
     Episode `e` plays the scene `seed * 1000 + e`, or `scene_seeds[e]` when given (so a test
-    can replay exactly the scenes a ControlLoop will later reset to).
+    can replay exactly the scenes a ControlLoop will later reset to). `policy_first` > 0
+    stores the first that many steps as a policy version's (v0001) and the rest as an
+    operator's takeover: a takeover episode, not a demonstration.
     """
     if scene_seeds is not None and len(scene_seeds) < episodes:
         raise ValueError(f"{episodes} episodes need as many scene seeds, got {len(scene_seeds)}")
@@ -70,11 +73,11 @@ def record_expert_episodes(
                     seq=seq,
                     first_step=s,
                     task=task,
-                    policy_version="",
+                    policy_version="v0001" if policy_first else "",
                     timestamp=np.asarray(rows["t"][s:e_], np.float64),
                     joint_pos=np.asarray(rows["q"][s:e_], np.float32),
                     action=np.asarray(rows["a"][s:e_], np.float32),
-                    intervention=np.ones(e_ - s, bool),
+                    intervention=np.arange(s, e_) >= policy_first,
                     reward=np.asarray(rows["r"][s:e_], np.float32),
                     cameras={
                         cam: CameraColumn(cam, "jpeg", 96, 128, 3, rows[cam][s:e_])

@@ -165,6 +165,50 @@ def test_action_scale_stops_waiting_after_its_limit(
     assert trainer.policy_config.action_scale  # measured, on touch_target alone
 
 
+def test_first_version_waits_for_demonstrations_of_every_task(
+    tmp_path: Path, redis_server: str, ray_local: None
+) -> None:
+    """With first_version_demos the trainer trains on but publishes nothing (so the cells'
+    operators keep demonstrating) until every task has that many episodes an operator drove
+    whole; takeover episodes do not count. Then the first version follows at once."""
+    store_root = tmp_path / "store"
+    store = EpisodeStore(store_root)
+    record_expert_episodes(store, task="pick_cube", episodes=2, seed=9)
+    record_expert_episodes(store, task="touch_target", episodes=1, seed=10)
+    record_expert_episodes(store, task="touch_target", episodes=2, seed=11, policy_first=5)
+    registry = Registry(redis_server, prefix=f"t{time.time_ns()}:")
+    registry.set_rollout_mode("immediate")
+    cfg = TrainerConfig(
+        tasks=TASKS,
+        cameras=CAMERAS,
+        publish_every_updates=5,
+        first_version_demos=2,
+        sampler=SamplerConfig(batch_size=8, min_steps=1),
+    )
+    trainer = Trainer(
+        cfg, store_root, tmp_path / "versions", redis_server, registry_prefix=registry.prefix
+    )
+    trainer.start()
+    try:
+        wait_for(
+            lambda: (
+                "demonstrations: touch_target 1/2"
+                in str(registry.learner_stats().get("trainer_state", ""))
+            ),
+            60.0,
+            "the trainer to say the first version waits for touch_target",
+        )
+        wait_for(lambda: trainer.updates >= 12, 60.0, "training to go on while it waits")
+        assert not trainer.versions and not registry.versions()
+        record_expert_episodes(store, task="touch_target", episodes=1, seed=12)
+        wait_for(lambda: trainer.versions, 120.0, "the first version")
+    finally:
+        trainer.stop()
+    first = registry.versions()[0]
+    manifest = Manifest.from_json(Path(first.weights_path).with_suffix(".json").read_text())
+    assert first.version_id == "v0001" and manifest.training_step >= 12
+
+
 def _draw_at_the_end(sampler: EpisodeSampler, last_q: np.ndarray) -> tuple:
     """(actions, mask) of a row drawn at the step whose joints are `last_q` (an episode's
     last), sampling batches until one holds it."""

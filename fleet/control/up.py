@@ -100,6 +100,13 @@ class UpOptions(BaseModel):
     hold_after_success: bool = Field(
         False, description="fleet learner --hold-after-success (stop at the goal)"
     )
+    first_version_demos: int = flag(
+        0,
+        "fleet learner --first-version-demos: the operators demonstrate N episodes of every "
+        "task before the first version (0: the first version after --publish-every updates)",
+        metavar="N",
+        ge=0,
+    )
     realtime_factor: float = Field(1.0, description="sim seconds per wall second in each cell")
     drain_timeout: float = Field(
         60.0, description="seconds a stopping cell may take to get its last steps acked"
@@ -281,6 +288,8 @@ def run_up(args: UpOptions) -> int:
                 *(["--policy-set", *args.policy_set] if args.policy_set else []),
                 *(["--task-weight", *args.task_weight] if args.task_weight else []),
                 *(["--hold-after-success"] if args.hold_after_success else []),
+                "--first-version-demos",
+                str(args.first_version_demos),
                 *(["--lr", str(args.lr)] if args.lr is not None else []),
                 *(["--batch-size", str(args.batch_size)] if args.batch_size is not None else []),
                 "--publish-every",
