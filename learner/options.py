@@ -158,8 +158,8 @@ class LearnerOptions(MetricsOptions):
     hold_after_success: bool = Field(
         False,
         description="train chunk targets past the end of a successful episode as holding "
-        "its last action instead of masking them (stop at the goal; README: better offline,"
-        " place_cube worse in a fleet run)",
+        "its last action instead of masking them (stop at the goal; fleet up turns it on for"
+        " MuJoCo cells: README 'How well it learns')",
     )
     advantage_weighting: bool = Field(
         False,

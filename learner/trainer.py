@@ -143,6 +143,7 @@ class Trainer:
         self._last_stats = 0.0
         self._scale_wait_since: float | None = None  # see _wait_for_every_task
         self._waiting_for = ""  # tasks short of first_version_demos (see _publish_due)
+        self._short_tasks: list[str] = []
         self._last_checkpoint = time.monotonic()
         self._checkpoint_root = Path(config.checkpoint_dir) if config.checkpoint_dir else None
         self.resumed = self._resume()
@@ -238,11 +239,12 @@ class Trainer:
         want = self.config.first_version_demos
         short = {t: n for t, n in self.sampler.demonstrations_by_task().items() if n < want}
         waiting = ", ".join(f"{t} {n}/{want}" for t, n in sorted(short.items()))
-        if waiting and waiting != self._waiting_for:
+        if short and sorted(short) != self._short_tasks:  # logged as tasks reach it
             log.info("first version waits for demonstrations: %s", waiting)
-        elif not waiting and want:
+        elif not short and want:
             log.info("%d demonstrations of every task stored: first version", want)
-        self._waiting_for = waiting
+        self._short_tasks = sorted(short)
+        self._waiting_for = waiting  # the counts, shown in trainer_state
         return not short
 
     def publish(self) -> str:

@@ -62,6 +62,8 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Regis
                 "100",
                 "--preset",
                 "tiny",  # the suite's model: versions come out within the run
+                "--first-version-demos",
+                "0",  # and no 100 opening demonstrations a task first
                 "--redis-url",
                 redis.url,
                 "--data-dir",

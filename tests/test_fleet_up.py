@@ -88,6 +88,8 @@ def _run_fleet_up(
         "100",
         "--preset",
         "tiny",  # the suite's model: versions come out within the 75 s run
+        "--first-version-demos",
+        "0",  # and no 100 opening demonstrations a task first
         "--lr",
         "0.0005",
         "--batch-size",
@@ -190,12 +192,15 @@ def test_no_command_line_shows_the_redis_password(fleet_run: dict) -> None:
 
 
 def test_training_settings_reach_the_learner(fleet_run: dict) -> None:
-    """`fleet up --lr/--batch-size` are the learner's: a lab tunes learning from one command."""
+    """`fleet up --lr/--batch-size/--first-version-demos` are the learner's: a lab tunes
+    learning from one command; MuJoCo cells' targets past a success hold by default."""
     learners = [c for c in fleet_run["cmdlines"] if "learner.main" in " ".join(c)]
     assert learners, "never saw the learner running"
     for argv in learners:
         assert argv[argv.index("--lr") + 1] == "0.0005"
         assert argv[argv.index("--batch-size") + 1] == "16"
+        assert argv[argv.index("--first-version-demos") + 1] == "0"
+        assert "--hold-after-success" in argv
 
 
 def test_connection_details_are_written_owner_only_and_announced(fleet_run: dict) -> None:
