@@ -8,10 +8,12 @@ import time
 from pathlib import Path
 
 import numpy as np
+from rich.console import Console
 
 from fleet.common.policy.manifest import Manifest
 from fleet.common.policy.weights import load_version
 from fleet.control.registry import Registry
+from fleet.control.status_view import render
 from learner.sampler import EpisodeSampler, SamplerConfig
 from learner.store import EpisodeStore
 from learner.trainer import Trainer, TrainerConfig
@@ -200,6 +202,11 @@ def test_first_version_waits_for_demonstrations_of_every_task(
         )
         wait_for(lambda: trainer.updates >= 12, 60.0, "training to go on while it waits")
         assert not trainer.versions and not registry.versions()
+        console = Console(width=250, record=True)
+        console.print(render(registry))  # what `fleet status` shows the operators
+        waits = [x for x in console.export_text().splitlines() if "first version waits" in x]
+        # Only the task still short is named (pick_cube has its 2).
+        assert waits and waits[0].strip().endswith("demonstrations: touch_target 1/2"), waits
         record_expert_episodes(store, task="touch_target", episodes=1, seed=12)
         wait_for(lambda: trainer.versions, 120.0, "the first version")
     finally:

@@ -100,7 +100,10 @@ def render(registry: Registry) -> Group:
         num("trainer_restarts"),
     )
     # Why training last restarted, and which episode was last quarantined (if ever).
+    trainer_state = str(stats.get("trainer_state", ""))
     problems = [
+        # What the trainer waits for, if anything (tasks, the operators' demonstrations).
+        f"trainer: {trainer_state}" if trainer_state not in ("", "training") else "",
         f"trainer error: {stats['trainer_error']}" if stats.get("trainer_error") else "",
         f"quarantined: {stats['last_quarantined']}" if stats.get("last_quarantined") else "",
         (
