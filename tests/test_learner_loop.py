@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from rich.console import Console
@@ -57,23 +58,29 @@ def test_rate_limiter_throttles_the_trainer_not_ingest(tmp_path: Path) -> None:
     assert sampler.ready()
 
 
+def _trainer(tmp_path: Path, redis_server: str, **config: Any) -> tuple[Registry, Trainer]:
+    """A trainer on TASKS over tmp_path/store with the suite's small batches, publishing to
+    a fresh registry prefix with immediate rollout; `config` sets TrainerConfig fields."""
+    registry = Registry(redis_server, prefix=f"t{time.time_ns()}:")
+    registry.set_rollout_mode("immediate")
+    cfg = TrainerConfig(
+        tasks=TASKS,
+        cameras=CAMERAS,
+        sampler=SamplerConfig(batch_size=8, min_steps=1),
+        **config,
+    )
+    store_root, versions = tmp_path / "store", tmp_path / "versions"
+    trainer = Trainer(cfg, store_root, versions, redis_server, registry_prefix=registry.prefix)
+    return registry, trainer
+
+
 def test_trainer_publishes_loadable_versions_and_registers_them(
     tmp_path: Path, redis_server: str, ray_local: None
 ) -> None:
     store_root = tmp_path / "store"
     record_expert_episodes(EpisodeStore(store_root), task="touch_target", episodes=2, seed=5)
     record_expert_episodes(EpisodeStore(store_root), task="pick_cube", episodes=2, seed=6)
-    registry = Registry(redis_server, prefix=f"t{time.time_ns()}:")
-    registry.set_rollout_mode("immediate")
-    cfg = TrainerConfig(
-        tasks=TASKS,
-        cameras=CAMERAS,
-        publish_every_updates=10,
-        sampler=SamplerConfig(batch_size=8, min_steps=1),
-    )
-    trainer = Trainer(
-        cfg, store_root, tmp_path / "versions", redis_server, registry_prefix=registry.prefix
-    )
+    registry, trainer = _trainer(tmp_path, redis_server, publish_every_updates=10)
     trainer.start()
     deadline = time.monotonic() + 60
     while len(trainer.versions) < 2 and time.monotonic() < deadline:
@@ -110,17 +117,8 @@ def _touch_target_only(
     """A trainer on TASKS over a store holding touch_target episodes only."""
     store_root = tmp_path / "store"
     record_expert_episodes(EpisodeStore(store_root), task="touch_target", episodes=2, seed=7)
-    registry = Registry(redis_server, prefix=f"t{time.time_ns()}:")
-    registry.set_rollout_mode("immediate")
-    cfg = TrainerConfig(
-        tasks=TASKS,
-        cameras=CAMERAS,
-        publish_every_updates=publish_every,
-        sampler=SamplerConfig(batch_size=8, min_steps=1),
-        action_scale_wait_s=wait_s,
-    )
-    trainer = Trainer(
-        cfg, store_root, tmp_path / "versions", redis_server, registry_prefix=registry.prefix
+    registry, trainer = _trainer(
+        tmp_path, redis_server, publish_every_updates=publish_every, action_scale_wait_s=wait_s
     )
     return store_root, registry, trainer
 
@@ -178,17 +176,8 @@ def test_first_version_waits_for_demonstrations_of_every_task(
     record_expert_episodes(store, task="pick_cube", episodes=2, seed=9)
     record_expert_episodes(store, task="touch_target", episodes=1, seed=10)
     record_expert_episodes(store, task="touch_target", episodes=2, seed=11, policy_first=5)
-    registry = Registry(redis_server, prefix=f"t{time.time_ns()}:")
-    registry.set_rollout_mode("immediate")
-    cfg = TrainerConfig(
-        tasks=TASKS,
-        cameras=CAMERAS,
-        publish_every_updates=5,
-        first_version_demos=2,
-        sampler=SamplerConfig(batch_size=8, min_steps=1),
-    )
-    trainer = Trainer(
-        cfg, store_root, tmp_path / "versions", redis_server, registry_prefix=registry.prefix
+    registry, trainer = _trainer(
+        tmp_path, redis_server, publish_every_updates=5, first_version_demos=2
     )
     trainer.start()
     try:
