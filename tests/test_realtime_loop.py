@@ -100,6 +100,7 @@ def test_run_actor_runs_only_the_loop_thread_real_time(tmp_path, caplog) -> None
 
     runner = threading.Thread(target=actor, name="actor-under-test")
     started: dict[str, int] = {}
+    t0 = cell.clock.now()
     try:
         with caplog.at_level(logging.INFO, logger="actors.thread_priority"):
             runner.start()
@@ -113,6 +114,9 @@ def test_run_actor_runs_only_the_loop_thread_real_time(tmp_path, caplog) -> None
                 )
 
             wait_for(loop_threads_up, 30.0, "the loop's recorder and inference threads")
+            # Sim time moves only when the loop ticks: stop after ten ticks, not at once (on a
+            # loaded machine the threads can be up before the loop's first step).
+            wait_for(lambda: cell.clock.now() >= t0 + 0.5, 60.0, "the loop to run ten ticks")
             assert runner.native_id is not None
             loop_policy = _policy(runner.native_id)
     finally:
